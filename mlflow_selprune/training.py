@@ -1,0 +1,113 @@
+"""Train small tokenizers and causal language models from text, fully offline.
+
+The offline demo and the tests need a model with a real capability to remove,
+and the Hugging Face hub is not always reachable, so both are trained here from
+plain strings in seconds to minutes on a CPU.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from typing import Iterable, Sequence
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>"]
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, with EOS and PAD tokens set.
+
+    Byte-level means every input string is encodable, whatever it holds.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        padding_side="right",
+    )
+
+
+def pack_token_blocks(
+    tokenizer, texts: Sequence[str], block_len: int, seed: int = 0
+) -> torch.Tensor:
+    """All texts tokenized, joined with EOS and cut into [n_blocks, block_len] rows, shuffled."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids.append(tokenizer.eos_token_id)
+    n_blocks = len(ids) // block_len
+    if n_blocks == 0:
+        raise ValueError(f"only {len(ids)} tokens of training text; need at least {block_len}")
+    blocks = torch.tensor(ids[: n_blocks * block_len], dtype=torch.long).view(n_blocks, block_len)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(seed))
+    return blocks[order]
+
+
+def train_causal_lm(
+    model,
+    blocks: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    progress: bool = True,
+):
+    """Train ``model`` in place for ``steps`` AdamW steps on rows of ``blocks``.
+
+    Cosine schedule with a short warm-up; stops early once ``max_seconds`` have
+    passed so callers can bound wall time. Returns the final training loss.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress_frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+
+    start = time.monotonic()
+    loss_value = float("nan")
+    bar = tqdm(range(steps), desc="training", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        rows = [rng.randrange(blocks.shape[0]) for _ in range(batch_size)]
+        batch = blocks[rows]
+        out = model(input_ids=batch, labels=batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = float(out.loss)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            logger.info("training stopped after %d steps (time limit %.0fs)", step + 1, max_seconds)
+            break
+    model.eval()
+    return loss_value
