@@ -1,0 +1,212 @@
+"""Find the neurons selective pruning works on: per block, the MLP output
+projection and the attention output projection.
+
+A *feed-forward neuron* is an input feature of a block's MLP output projection
+(the post-activation hidden unit); an *attention neuron* is an input feature of
+the attention output projection (one dimension of one head, before W_O).
+
+Discovery is generic, so families we never named work unchanged:
+- the blocks are the ``nn.ModuleList`` with ``config.num_hidden_layers``
+  entries (or the longest one);
+- in each block, Linear-like modules (``nn.Linear`` or GPT-2's ``Conv1D``)
+  under a child whose name mentions attention belong to attention; the last of
+  those mapping onto the model width is its output projection (q/k/v come
+  first in every family we know);
+- outside attention, the module mapping a different width back onto the model
+  width is the MLP output projection.
+``ARCHITECTURE_OVERRIDES`` pins the two paths for a family whose modules defy
+that rule.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+FF = "ff"
+ATTN = "attn"
+KINDS = (FF, ATTN)
+
+# model_type -> (MLP output path, attention output path), relative to a block.
+ARCHITECTURE_OVERRIDES: dict[str, tuple[str, str]] = {}
+
+_ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's blocks do not have the two projections selective pruning needs."""
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One output projection whose input features are the neurons of one layer."""
+
+    layer: int
+    kind: str
+    name: str  # dotted path from the model root
+    module: nn.Module
+
+    @property
+    def transposed(self) -> bool:
+        """Conv1D stores its weight as [in, out], nn.Linear as [out, in]."""
+        return isinstance(self.module, Conv1D)
+
+    @property
+    def n_neurons(self) -> int:
+        return _in_out(self.module)[0]
+
+    def columns(self) -> torch.Tensor:
+        """The weight viewed as [out, in], so column i belongs to neuron i."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The prunable projections of a model, per kind and layer."""
+
+    model_class: str
+    blocks_path: str
+    ff: tuple[Projection, ...]
+    attn: tuple[Projection, ...]
+    n_heads: int | None
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.ff)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.ff[0].n_neurons
+
+    @property
+    def d_attn(self) -> int:
+        return self.attn[0].n_neurons
+
+    def projections(self, kind: str) -> tuple[Projection, ...]:
+        return self.ff if kind == FF else self.attn
+
+    def n_neurons(self, kind: str) -> int:
+        return self.projections(kind)[0].n_neurons
+
+    def shape(self, kind: str) -> tuple[int, int]:
+        return (self.n_layers, self.n_neurons(kind))
+
+    def describe(self) -> dict:
+        return {
+            "model_class": self.model_class,
+            "blocks": self.blocks_path,
+            "n_layers": self.n_layers,
+            "d_mlp": self.d_mlp,
+            "d_attn": self.d_attn,
+            "n_heads": self.n_heads,
+            "ff_projection": self.ff[0].name,
+            "attn_projection": self.attn[0].name,
+        }
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def _is_projection(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def _config_value(config, *names):
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    n_layers = _config_value(model.config, "num_hidden_layers", "n_layer", "num_layers")
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    matching = [item for item in lists if n_layers is not None and len(item[1]) == n_layers]
+    pool = matching or lists
+    if not pool:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: found no list of transformer blocks (an nn.ModuleList); "
+            "selective pruning needs a stack of blocks"
+        )
+    # Prefer the shallowest (the main stack), then the longest.
+    return min(pool, key=lambda item: (item[0].count("."), -len(item[1])))
+
+
+def _d_model(model: nn.Module) -> int | None:
+    return _config_value(model.config, "hidden_size", "n_embd", "d_model", "dim")
+
+
+def _find_in_block(block: nn.Module, d_model: int, model_type: str) -> tuple[str, str]:
+    if model_type in ARCHITECTURE_OVERRIDES:
+        return ARCHITECTURE_OVERRIDES[model_type]
+    attn_candidates, mlp_candidates = [], []
+    for name, module in block.named_modules():
+        if not name or not _is_projection(module):
+            continue
+        in_f, out_f = _in_out(module)
+        if out_f != d_model:
+            continue
+        if _ATTENTION_NAME.search(name):
+            attn_candidates.append(name)
+        else:
+            mlp_candidates.append((name, in_f))
+    wider = [name for name, in_f in mlp_candidates if in_f != d_model]
+    mlp = wider or [name for name, _ in mlp_candidates]
+    if len(mlp) != 1 or not attn_candidates:
+        raise LookupError(
+            f"MLP output projections found: {mlp or 'none'}; "
+            f"attention projections onto width {d_model} found: {attn_candidates or 'none'}"
+        )
+    return mlp[0], attn_candidates[-1]
+
+
+def find_architecture(model: nn.Module) -> Architecture:
+    """Locate every block's MLP and attention output projections.
+
+    Raises ``UnsupportedArchitectureError`` naming the model class and what
+    was looked for when they cannot be found.
+    """
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"expected a transformers PreTrainedModel, got {type(model).__name__}; "
+            "load the model with transformers (AutoModelFor...) first"
+        )
+    cls = type(model).__name__
+    d_model = _d_model(model)
+    if d_model is None:
+        raise UnsupportedArchitectureError(f"{cls}: its config names no model width (hidden_size, n_embd or d_model)")
+    blocks_path, blocks = _find_blocks(model)
+    model_type = getattr(model.config, "model_type", "")
+    ff, attn = [], []
+    for layer, block in enumerate(blocks):
+        try:
+            mlp_name, attn_name = _find_in_block(block, d_model, model_type)
+            mlp_module = block.get_submodule(mlp_name)
+            attn_module = block.get_submodule(attn_name)
+        except (LookupError, AttributeError) as exc:
+            raise UnsupportedArchitectureError(
+                f"{cls}: block {blocks_path}.{layer} has no single MLP output projection (a Linear/Conv1D "
+                f"mapping the MLP width back to {d_model}) and attention output projection ({exc}); "
+                "add an entry to mlflow_selprune.architecture.ARCHITECTURE_OVERRIDES for this family"
+            ) from None
+        ff.append(Projection(layer, FF, f"{blocks_path}.{layer}.{mlp_name}", mlp_module))
+        attn.append(Projection(layer, ATTN, f"{blocks_path}.{layer}.{attn_name}", attn_module))
+    for kind, projections in ((FF, ff), (ATTN, attn)):
+        widths = {p.n_neurons for p in projections}
+        if len(widths) != 1:
+            raise UnsupportedArchitectureError(
+                f"{cls}: {kind} projections differ in width across layers ({sorted(widths)}); "
+                "selective pruning needs the same width in every block"
+            )
+    n_heads = _config_value(model.config, "num_attention_heads", "n_head", "num_heads")
+    return Architecture(cls, blocks_path, tuple(ff), tuple(attn), n_heads)

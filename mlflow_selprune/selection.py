@@ -1,0 +1,47 @@
+"""Choose which neurons to prune this step: the top-k scores among those not yet pruned."""
+from __future__ import annotations
+
+import torch
+
+SELECTIONS = ("global", "per-layer")
+
+
+def _top_k(scores: torch.Tensor, available: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k best available scores; ties go to the lower flat index."""
+    k = min(k, int(available.sum()))
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long)
+    masked = torch.where(available, scores, torch.full_like(scores, -torch.inf))
+    # a stable sort keeps equal scores in index order
+    order = torch.sort(masked, descending=True, stable=True).indices
+    return order[:k]
+
+
+def select(
+    scores: torch.Tensor,
+    pruned: torch.Tensor,
+    frac: float,
+    *,
+    selection: str = "global",
+) -> torch.Tensor:
+    """A bool mask [n_layers, n_neurons] of the neurons to prune now.
+
+    ``k = round(frac * n_layers * n_neurons)`` across all layers (global), or
+    ``round(frac * n_neurons)`` in each layer (per-layer); already-pruned
+    neurons are never chosen again.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection '{selection}'; choose 'global' or 'per-layer'")
+    if torch.isnan(scores).any():
+        raise FloatingPointError("some scores are NaN: the activation statistics are not finite")
+    scores = scores.detach().to("cpu", torch.float64)
+    pruned = pruned.to("cpu")
+    chosen = torch.zeros_like(pruned)
+    if selection == "global":
+        k = round(frac * scores.numel())
+        chosen.view(-1)[_top_k(scores.reshape(-1), ~pruned.reshape(-1), k)] = True
+    else:
+        k = round(frac * scores.shape[1])
+        for layer in range(scores.shape[0]):
+            chosen[layer, _top_k(scores[layer], ~pruned[layer], k)] = True
+    return chosen

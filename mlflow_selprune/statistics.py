@@ -1,0 +1,215 @@
+"""Per-neuron activation statistics, collected with forward pre-hooks.
+
+Only sums are kept (never per-token values), so memory is O(neurons), shards
+from several processes merge by addition, and an all-reduce is exact up to
+float64 rounding. Each batch's sums are taken in float32 by one masked
+reduction per projection (padding is excluded by the attention mask) and added
+into float64 totals on the model's device: no per-token Python loop and no
+host sync per batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .architecture import ATTN, FF, KINDS, Architecture, find_architecture
+
+logger = logging.getLogger(__name__)
+
+# The sums a statistic set may hold; n (the token count) is always kept.
+SUM_NAMES = ("sum", "sum_sq", "sum_abs", "sum_sqrt", "count_pos")
+
+
+@dataclass
+class NeuronStatistics:
+    """Sums over non-padding tokens for every neuron of one kind: [n_layers, n_neurons] float64 each."""
+
+    n_tokens: int
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __add__(self, other: "NeuronStatistics") -> "NeuronStatistics":
+        if set(self.sums) != set(other.sums):
+            raise ValueError(f"cannot merge statistics holding {sorted(self.sums)} and {sorted(other.sums)}")
+        return NeuronStatistics(
+            self.n_tokens + other.n_tokens,
+            {name: self.sums[name] + other.sums[name].to(self.sums[name].device) for name in self.sums},
+        )
+
+    def to(self, device) -> "NeuronStatistics":
+        return NeuronStatistics(self.n_tokens, {k: v.to(device) for k, v in self.sums.items()})
+
+    def check_finite(self, label: str) -> None:
+        """NaN/inf activations (e.g. fp16 overflow) must never turn into a silent ranking."""
+        for name, value in self.sums.items():
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                layer = int(bad.nonzero()[0, 0])
+                raise FloatingPointError(
+                    f"non-finite {label} activations ({name}) in layer {layer}: the model overflowed or "
+                    "produced NaN; load it in float32 or bfloat16 instead of float16"
+                )
+
+
+@dataclass
+class ModelStatistics:
+    """Statistics of one dataset for feed-forward and attention neurons."""
+
+    ff: NeuronStatistics | None
+    attn: NeuronStatistics | None
+
+    def __getitem__(self, kind: str) -> NeuronStatistics | None:
+        return self.ff if kind == FF else self.attn
+
+    def __add__(self, other: "ModelStatistics") -> "ModelStatistics":
+        return ModelStatistics(
+            *(None if self[k] is None else self[k] + other[k] for k in KINDS)
+        )
+
+
+def _resolve_sums(sums: str | Sequence[str]) -> tuple[str, ...]:
+    if sums == "all":
+        return SUM_NAMES
+    if isinstance(sums, str):
+        sums = (sums,)
+    unknown = sorted(set(sums) - set(SUM_NAMES))
+    if unknown:
+        raise ValueError(f"unknown statistics {unknown}; choose from {list(SUM_NAMES)} or 'all'")
+    return tuple(name for name in SUM_NAMES if name in sums)
+
+
+class _Accumulator:
+    """Float64 running sums for one kind, filled by pre-hooks on its projections."""
+
+    def __init__(self, arch: Architecture, kind: str, sums: tuple[str, ...]):
+        self.sums = sums
+        self.projections = arch.projections(kind)
+        self.totals = [
+            {name: torch.zeros(p.n_neurons, dtype=torch.float64, device=p.module.weight.device) for name in sums}
+            for p in self.projections
+        ]
+
+    def hook(self, layer: int, state: dict):
+        totals = self.totals[layer]
+        sums = self.sums
+
+        def pre_hook(module, args):
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1]).float()
+            weights = state["weights"]  # 1.0 for real tokens, 0.0 for padding; None: no padding
+
+            def add(name, values):
+                totals[name] += values.sum(0) if weights is None else weights @ values
+
+            if "sum_abs" in sums or "sum_sqrt" in sums:
+                a = x.abs()
+                if "sum_abs" in sums:
+                    add("sum_abs", a)
+                if "sum_sqrt" in sums:
+                    add("sum_sqrt", a.sqrt_())
+            if "sum" in sums:
+                add("sum", x)
+            if "sum_sq" in sums:
+                add("sum_sq", x * x)
+            if "count_pos" in sums:
+                add("count_pos", (x > 0).float())
+
+        return pre_hook
+
+    def result(self, n_tokens: int) -> NeuronStatistics:
+        return NeuronStatistics(
+            n_tokens, {name: torch.stack([t[name] for t in self.totals]) for name in self.sums}
+        )
+
+
+def forward_body(model):
+    """The model without its output head: statistics never need the logits."""
+    body = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return body if isinstance(body, torch.nn.Module) else model
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def shard(batches: Sequence, accelerator) -> Sequence:
+    """This process's share of ``batches`` (every N-th batch), so uneven counts need no padding."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return batches
+    return batches[accelerator.process_index :: accelerator.num_processes]
+
+
+def collect_statistics(
+    model,
+    batches: Iterable[dict],
+    *,
+    sums: str | Sequence[str] = ("sum_abs",),
+    kinds: Sequence[str] = KINDS,
+    accelerator=None,
+    progress: bool = True,
+    desc: str = "collecting",
+) -> ModelStatistics:
+    """Per-neuron sums over the non-padding tokens of ``batches``.
+
+    ``batches``: dicts with ``input_ids`` and (optionally) ``attention_mask``,
+    as a Hugging Face tokenizer returns them. ``sums``: which sums to keep —
+    the default is what the default importance (abs) needs; ``"all"`` keeps
+    every one. With an ``accelerator`` of several processes, each process
+    takes every N-th batch and the sums are all-reduced, so every process
+    returns identical statistics.
+    """
+    sums = _resolve_sums(sums)
+    arch = find_architecture(model)
+    if accelerator is not None and accelerator.num_processes > 1:
+        batches = shard(list(batches), accelerator)
+    accumulators = {kind: _Accumulator(arch, kind, sums) for kind in kinds}
+    state: dict = {"weights": None}
+    handles = [
+        p.module.register_forward_pre_hook(acc.hook(p.layer, state))
+        for acc in accumulators.values()
+        for p in acc.projections
+    ]
+    body = forward_body(model)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    n_tokens = torch.zeros((), dtype=torch.int64, device=device)
+    n_batches = 0
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
+                input_ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                if mask is None:
+                    state["weights"] = None
+                    n_tokens += input_ids.numel()
+                else:
+                    mask = mask.to(device)
+                    # a masked reduction (one matrix-vector product) skips padding without a host sync
+                    state["weights"] = mask.reshape(-1).float()
+                    n_tokens += mask.sum()
+                body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                n_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if n_batches == 0 and (accelerator is None or accelerator.num_processes == 1):
+        raise ValueError("no batches to collect statistics from: the dataset is empty")
+    per_kind = {kind: acc.result(0) for kind, acc in accumulators.items()}
+    if accelerator is not None and accelerator.num_processes > 1:
+        from .distributed import all_reduce_sum
+
+        n_tokens = all_reduce_sum(accelerator, n_tokens)
+        for stats in per_kind.values():
+            stats.sums = {name: all_reduce_sum(accelerator, value) for name, value in stats.sums.items()}
+    total = int(n_tokens)
+    if total == 0:
+        raise ValueError("no non-padding tokens to collect statistics from: check the attention masks")
+    for stats in per_kind.values():
+        stats.n_tokens = total
+    return ModelStatistics(per_kind.get(FF), per_kind.get(ATTN))

@@ -1,0 +1,76 @@
+"""Weight surgery: prune neurons by zeroing their input columns in the output projections.
+
+The change lives in the weights themselves, so a pruned model is a plain
+Hugging Face model: ``save_pretrained``/``from_pretrained`` carry it anywhere,
+no hooks or masks needed at inference time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .architecture import Architecture
+
+
+@dataclass
+class Undo:
+    """What one surgery overwrote, so a step can be rolled back exactly."""
+
+    entries: list  # (projection, column indices, saved columns, saved bias or None)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for projection, index, columns, bias in self.entries:
+                projection.columns()[:, index.to(columns.device)] = columns
+                if bias is not None:
+                    projection.module.bias.copy_(bias)
+
+
+def prune_neurons(
+    arch: Architecture,
+    kind: str,
+    mask: torch.Tensor,
+    *,
+    mean_offset: torch.Tensor | None = None,
+) -> Undo:
+    """Zero the input columns of ``mask``'s neurons (bool [n_layers, n_neurons]).
+
+    With ``mean_offset`` (float [n_layers, n_neurons], the neurons' mean
+    activations), the pruned neurons' average contribution ``W[:, i] * mean_i``
+    is folded into the projection bias, so they output a constant instead of
+    nothing. That needs a bias: projections without one raise ``ValueError``
+    before any weight is touched.
+    """
+    projections = arch.projections(kind)
+    if mask.shape != arch.shape(kind):
+        raise ValueError(f"{kind} mask has shape {tuple(mask.shape)}, expected {arch.shape(kind)}")
+    if mean_offset is not None:
+        missing = [p.name for p, m in zip(projections, mask) if m.any() and p.module.bias is None]
+        if missing:
+            raise ValueError(
+                f"the mean offset folds into the projection bias, but {missing[0]} has none; "
+                "prune without the attention mean offset for this model"
+            )
+    entries = []
+    with torch.no_grad():
+        for projection, layer_mask in zip(projections, mask):
+            index = layer_mask.nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            columns = projection.columns()
+            index = index.to(columns.device)
+            saved_bias = None
+            if mean_offset is not None:
+                bias = projection.module.bias
+                saved_bias = bias.detach().clone()
+                means = mean_offset[projection.layer, index.cpu()].to(columns.device, torch.float64)
+                bias += (columns[:, index].double() @ means).to(bias.dtype)
+            entries.append((projection, index, columns[:, index].clone(), saved_bias))
+            columns[:, index] = 0
+    return Undo(entries)
+
+
+def pruned_columns(arch: Architecture, kind: str) -> torch.Tensor:
+    """Bool [n_layers, n_neurons]: which neurons' columns are all zero in the weights now."""
+    return torch.stack([(p.columns() == 0).all(dim=0).cpu() for p in arch.projections(kind)])
