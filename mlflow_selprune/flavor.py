@@ -1,0 +1,111 @@
+"""The ``selprune`` MLflow flavor.
+
+An unlearned model is saved with MLflow's standard ``transformers`` flavor (so
+``mlflow.transformers.load_model``, ``mlflow.pyfunc.load_model`` and ``mlflow
+models serve`` work unchanged) plus a ``selprune`` flavor entry that points at
+its pruning record, masks and scores inside the model directory.
+
+Follows MLflow's flavor conventions: ``save_model``, ``log_model``,
+``load_model``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+
+from . import __version__
+
+FLAVOR_NAME = "selprune"
+RECORD_DIR = "selprune"
+
+
+def task_for(model) -> str:
+    """The pipeline task MLflow needs so it never asks the hub: generation for causal LMs, fill-mask otherwise."""
+    return "text-generation" if model.can_generate() else "fill-mask"
+
+
+def default_pip_requirements() -> list[str]:
+    """Pinned to what is running, so MLflow never has to infer them (slow, and it imports the model)."""
+    import tokenizers
+    import torch
+    import transformers
+
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"transformers=={transformers.__version__}",
+        f"tokenizers=={tokenizers.__version__}",
+        "safetensors",
+        "accelerate",
+    ]
+
+
+def save_model(
+    transformers_model,
+    path,
+    *,
+    pruning_files: dict[str, str | Path] | None = None,
+    task: str | None = None,
+    mlflow_model: Model | None = None,
+    pip_requirements=None,
+    **kwargs,
+) -> None:
+    """Save ``{"model": ..., "tokenizer": ...}`` with the transformers flavor plus the selprune entry.
+
+    ``pruning_files``: name -> local file (``record``, ``masks``, ``scores``,
+    ...) copied under ``selprune/`` and listed in the flavor entry.
+    """
+    model = transformers_model["model"] if isinstance(transformers_model, dict) else transformers_model
+    if mlflow_model is None:
+        mlflow_model = Model()
+    mlflow.transformers.save_model(
+        transformers_model,
+        path,
+        task=task or task_for(model),
+        mlflow_model=mlflow_model,
+        pip_requirements=pip_requirements or default_pip_requirements(),
+        **kwargs,
+    )
+    record_dir = Path(path) / RECORD_DIR
+    record_dir.mkdir(exist_ok=True)
+    files = {}
+    for name, source in (pruning_files or {}).items():
+        target = record_dir / Path(source).name
+        shutil.copyfile(source, target)
+        files[name] = f"{RECORD_DIR}/{target.name}"
+    mlflow_model.add_flavor(FLAVOR_NAME, plugin_version=__version__, files=files)
+    mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
+
+
+def log_model(transformers_model, name: str = "model", *, pruning_files=None, task=None, pip_requirements=None, **kwargs):
+    """Log an unlearned model to the active run (``Model.log`` with this module as the flavor)."""
+    import mlflow_selprune.flavor as flavor
+
+    return Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=flavor,
+        transformers_model=transformers_model,
+        pruning_files=pruning_files,
+        task=task,
+        pip_requirements=pip_requirements,
+        **kwargs,
+    )
+
+
+def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwargs) -> dict:
+    """``{"model", "tokenizer", "record"}``: the weights through the transformers flavor, the pruning record if any."""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
+    components = mlflow.transformers.load_model(str(local), return_type="components", device=device, **kwargs)
+    flavors = Model.load(str(local / MLMODEL_FILE_NAME)).flavors
+    record = None
+    record_file = flavors.get(FLAVOR_NAME, {}).get("files", {}).get("record")
+    if record_file:
+        record = json.loads((local / record_file).read_text())
+    return {"model": components["model"], "tokenizer": components.get("tokenizer"), "record": record}
+
