@@ -37,6 +37,17 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+def _maybe_relaunch(num_processes: int) -> None:
+    """With --num-processes N > 1 outside a launcher, run this very command on N processes and exit with their code."""
+    if num_processes < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--num-processes")
+    if num_processes == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from .launch import launch, strip_option
+
+    sys.exit(launch(num_processes, strip_option(sys.argv[1:], "--num-processes")))
+
+
 def _rank_prefix() -> str:
     return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
@@ -126,6 +137,8 @@ def data_options(func):
         click.option("--trust-remote-code", is_flag=True, help="Allow model/dataset code from the source (off by default)."),
         click.option("--run-name", default=None, help="MLflow run name."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
+        click.option("--num-processes", type=int, default=1, show_default=True,
+                     help="Data-parallel processes (launched like torchrun; ignored inside a torchrun/accelerate launch)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -179,6 +192,7 @@ def prune(**kw):
     from .pruning import PruneConfig
     from .unlearn import format_summary, run_prune
 
+    _maybe_relaunch(kw["num_processes"])
     config = PruneConfig(
         ff_frac=kw["ff_frac"], attn_frac=kw["attn_frac"], steps=kw["steps"], scoring=kw["scoring"],
         attn_scoring=kw["attn_scoring"], selection=kw["selection"], ff_eps=kw["ff_eps"], attn_eps=kw["attn_eps"],
@@ -188,7 +202,7 @@ def prune(**kw):
     accelerator = _accelerator()
     result = run_prune(
         kw["model_uri"], kw["forget"], kw["retain"], config=config, data=_data(kw),
-        register=not kw["no_register"], register_as=kw["register_as"], alias=kw["alias"],
+        register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
         device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
         trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=not kw["no_progress"],
     )
@@ -206,6 +220,7 @@ def evaluate(**kw):
     """Forget/retain metrics of a model, logged to an MLflow run (nothing registered)."""
     from .unlearn import run_evaluate
 
+    _maybe_relaunch(kw["num_processes"])
     accelerator = _accelerator()
     result = run_evaluate(kw["model_uri"], kw["forget"], kw["retain"], data=_data(kw), device=kw["device"],
                           dtype=kw["dtype"], run_name=kw["run_name"], trust_remote_code=kw["trust_remote_code"],
@@ -228,7 +243,7 @@ def gate(model_uri, max_retain_drop, min_forget_drop, metric, set_alias):
     from .gate import gate as run_gate
 
     result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
-                      metric=metric, set_alias=set_alias)
+                      metric=metric, set_alias=set_alias or None)
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")
     if result.passed:
