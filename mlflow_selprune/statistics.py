@@ -120,8 +120,10 @@ class _Accumulator:
         return pre_hook
 
     def result(self, n_tokens: int) -> NeuronStatistics:
+        # with a device map, layers live on different devices: gather the rows on the first one
+        device = self.totals[0][self.sums[0]].device
         return NeuronStatistics(
-            n_tokens, {name: torch.stack([t[name] for t in self.totals]) for name in self.sums}
+            n_tokens, {name: torch.stack([t[name].to(device) for t in self.totals]) for name in self.sums}
         )
 
 
