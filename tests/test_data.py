@@ -1,0 +1,426 @@
+"""DATA specs load offline in every form; splitting, chunking, batching and digests behave."""
+import ast
+import copy
+import hashlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import tokenize
+
+import datasets
+import pandas as pd
+import pytest
+import torch
+
+from mlflow_selprune import corpora
+from mlflow_selprune.data import DataError, load_documents, prepare_data, split_documents
+
+_letters = torch.Generator().manual_seed(1)
+WORDS = ["".join(chr(97 + c) for c in torch.randint(26, (int(n),), generator=_letters).tolist())
+         for n in torch.randint(2, 8, (300,), generator=_letters)]
+
+
+def make_docs(n, words_per_doc=12, seed=0):
+    """``n`` distinct prose-like documents."""
+    rng = torch.Generator().manual_seed(seed)
+    docs = []
+    for i in range(n):
+        picks = torch.randint(len(WORDS), (words_per_doc,), generator=rng).tolist()
+        docs.append(f"Document {i}: " + " ".join(WORDS[p] for p in picks) + ".")
+    return docs
+
+
+def texts(dataset):
+    assert dataset.column_names == ["text"]
+    return list(dataset["text"])
+
+
+# --------------------------------------------------------------------------- input forms
+
+
+def test_txt_whole_file_and_paragraphs(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("First paragraph,\ntwo lines.\n\nSecond one.\n\nThird.\n")
+    assert texts(load_documents(str(path))) == [path.read_text()]
+    assert [t.strip() for t in texts(load_documents(str(path), paragraphs=True))] == [
+        "First paragraph,\ntwo lines.", "Second one.", "Third."]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_structured_files(tmp_path, suffix):
+    frame = pd.DataFrame({"id": [1, 2, 3], "text": ["one doc", "two doc", "three doc"]})
+    path = tmp_path / f"docs{suffix}"
+    if suffix == ".jsonl":
+        frame.to_json(path, orient="records", lines=True)
+    elif suffix == ".json":
+        path.write_text(json.dumps(frame.to_dict(orient="records")))
+    elif suffix == ".csv":
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_parquet(path)
+    assert texts(load_documents(str(path))) == ["one doc", "two doc", "three doc"]
+
+
+def test_directory_recursive_with_glob(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "pkg" / "a.py").write_text("x = 1\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "README.md").write_text("# Read me\n")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\x00\x01")
+    (tmp_path / ".git" / "hook.py").write_text("hidden = True\n")
+    assert texts(load_documents(str(tmp_path))) == ["# Read me\n", "x = 1\n", "y = 2\n"]
+    assert texts(load_documents(str(tmp_path), glob="*.py")) == ["x = 1\n", "y = 2\n"]
+    with pytest.raises(DataError, match=r"no files matching '\*\.rs'"):
+        load_documents(str(tmp_path), glob="*.rs")
+
+
+def test_directory_of_mixed_formats_needs_a_glob(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "from json"}\n')
+    (tmp_path / "b.txt").write_text("from text")
+    with pytest.raises(DataError, match="mixes file formats"):
+        load_documents(str(tmp_path), glob="*")
+    assert texts(load_documents(str(tmp_path), glob="*.jsonl")) == ["from json"]
+
+
+def test_saved_dataset_and_dataset_dict(tmp_path):
+    datasets.Dataset.from_dict({"content": ["saved a", "saved b"]}).save_to_disk(str(tmp_path / "ds"))
+    assert texts(load_documents(str(tmp_path / "ds"))) == ["saved a", "saved b"]
+
+    splits = datasets.DatasetDict({
+        "validation": datasets.Dataset.from_dict({"text": ["val doc"]}),
+        "train": datasets.Dataset.from_dict({"text": ["train doc"]}),
+    })
+    splits.save_to_disk(str(tmp_path / "dd"))
+    assert texts(load_documents(str(tmp_path / "dd"))) == ["train doc"]
+    assert texts(load_documents(str(tmp_path / "dd"), split="validation")) == ["val doc"]
+    with pytest.raises(DataError, match="no split 'test'; available splits: validation, train"):
+        load_documents(str(tmp_path / "dd"), split="test")
+
+    datasets.DatasetDict({"b": splits["validation"], "a": splits["train"]}).save_to_disk(str(tmp_path / "nt"))
+    assert texts(load_documents(str(tmp_path / "nt"))) == ["val doc"]  # no train: the first split
+
+
+def test_builtin_corpora():
+    code = texts(load_documents("builtin:stdlib-code"))
+    prose = texts(load_documents("builtin:stdlib-prose"))
+    assert len(code) > 200 and len(prose) > 500
+    assert code == corpora.builtin_documents("stdlib-code")  # deterministic, cached
+    for doc in code[::20]:  # valid Python without docstrings or comments
+        tree = ast.parse(doc)
+        nodes = [n for n in ast.walk(tree) if isinstance(n, corpora._DOC_OWNERS)]
+        assert all(ast.get_docstring(n, clean=False) is None for n in nodes)
+        assert not [t for t in tokenize.generate_tokens(io.StringIO(doc).readline)
+                    if t.type == tokenize.COMMENT]
+    for doc in prose[::20]:
+        assert len(doc) >= 200
+        assert not any(line.lstrip().startswith(">>>") for line in doc.splitlines())
+    assert any("identifier" in doc.lower() for doc in prose)  # pydoc topics are in
+    with pytest.raises(DataError, match="builtin:stdlib-code, builtin:stdlib-prose"):
+        load_documents("builtin:stdlib-poetry")
+
+
+def test_code_stripping_keeps_strings_and_layout():
+    source = (
+        '"""Module docstring."""\n'
+        "import re  # trailing comment\n"
+        'HASH = "# not a comment"\n'
+        "def f():\n"
+        '    """Only a docstring."""\n'
+        "class A:\n"
+        "    r'''Doc\n    on two lines.'''\n"
+        '    tmpl = f"{HASH!r} # kept"\n'
+        "    # a full-line comment\n"
+        "    x = '''tri # kept'''\n"
+    )
+    tree = ast.parse(source)
+    stripped = corpora._strip_code(source, list(corpora._docstrings(tree)))
+    assert stripped == (
+        "import re\n"
+        'HASH = "# not a comment"\n'
+        "def f():\n"
+        "    pass\n"
+        "class A:\n"
+        '    tmpl = f"{HASH!r} # kept"\n'
+        "\n"
+        "    x = '''tri # kept'''"
+    )
+
+
+def test_mlflow_artifact_uri_is_downloaded_then_loaded(tmp_path, monkeypatch):
+    import mlflow
+
+    (tmp_path / "forget.txt").write_text("downloaded text")
+    calls = []
+
+    def fake_download(artifact_uri):
+        calls.append(artifact_uri)
+        if "missing" in artifact_uri:
+            raise mlflow.exceptions.MlflowException("no such artifact")
+        return str(tmp_path / "forget.txt")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
+    assert texts(load_documents("runs:/abc123/forget.txt")) == ["downloaded text"]
+    assert calls == ["runs:/abc123/forget.txt"]
+    with pytest.raises(DataError, match="could not download DATA 'mlflow-artifacts:/missing'"):
+        load_documents("mlflow-artifacts:/missing")
+
+
+# --------------------------------------------------------------------------- columns and errors
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [({"id": [1, 2], "content": ["c1", "c2"], "text": ["t1", "t2"]}, ["t1", "t2"]),
+     ({"title": ["a", "b"], "body": ["b1", "b2"]}, ["b1", "b2"]),
+     ({"id": [1, 2], "snippet": ["s1", "s2"]}, ["s1", "s2"])],
+)
+def test_text_column_detection(tmp_path, columns, expected):
+    path = tmp_path / "d.jsonl"
+    pd.DataFrame(columns).to_json(path, orient="records", lines=True)
+    assert texts(load_documents(str(path))) == expected
+
+
+def test_text_column_option_and_errors(tmp_path):
+    path = tmp_path / "d.jsonl"
+    pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"], "n": [1, 2]}).to_json(
+        path, orient="records", lines=True)
+    assert texts(load_documents(str(path), text_column="answer")) == ["a1", "a2"]
+    with pytest.raises(DataError, match=r"available columns: question, answer, n.*--text-column"):
+        load_documents(str(path))
+    with pytest.raises(DataError, match=r"no column 'prompt'; available columns: question, answer, n"):
+        load_documents(str(path), text_column="prompt")
+    with pytest.raises(DataError, match="column 'n' .* not text"):
+        load_documents(str(path), text_column="n")
+
+
+def test_empty_documents_are_dropped_and_all_empty_is_an_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    pd.DataFrame({"text": ["kept", "", "  \n", None]}).to_json(path, orient="records", lines=True)
+    assert texts(load_documents(str(path))) == ["kept"]
+    pd.DataFrame({"text": ["", "   "]}).to_json(path, orient="records", lines=True)
+    with pytest.raises(DataError, match="no non-empty text documents"):
+        load_documents(str(path))
+
+
+@pytest.mark.parametrize("spec", ["./nope.txt", "nope.jsonl", "/no/such/dir", "some/deep/path"])
+def test_missing_local_path(spec):
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_documents(spec)
+
+
+def test_hub_dataset_offline_fails_fast_with_one_clear_line():
+    assert datasets.config.HF_HUB_OFFLINE  # conftest sets HF_DATASETS_OFFLINE=1
+    start = time.monotonic()
+    with pytest.raises(DataError) as info:
+        load_documents("someone/some-dataset")
+    assert time.monotonic() - start < 5
+    message = str(info.value)
+    assert "hub dataset 'someone/some-dataset'" in message and "not reachable (offline)" in message
+    assert "builtin:stdlib-code" in message and "\n" not in message
+
+
+def test_hub_unreachable_online_fails_fast(monkeypatch):
+    """Not offline but no network: one quick metadata request decides, no 25 s of retries."""
+    import huggingface_hub
+
+    def no_network(self, *args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", no_network)
+    with pytest.raises(DataError, match=r"the Hugging Face hub is not reachable \(OSError\)"):
+        load_documents("someone/some-dataset")
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def keys_of(docs):
+    return [hashlib.sha256(d.encode()).digest() for d in docs]
+
+
+def test_split_is_by_document_disjoint_and_deterministic():
+    docs = make_docs(400)
+    collect, evaluation = split_documents(keys_of(docs), 0.2)
+    assert not set(collect) & set(evaluation)
+    assert sorted(collect + evaluation) == list(range(400))
+    assert 0.12 < len(evaluation) / 400 < 0.28
+    assert (collect, evaluation) == split_documents(keys_of(docs), 0.2)
+    # A document's part depends on its own text only, not on the rest of the data.
+    sub_collect, sub_eval = split_documents(keys_of(docs[:100]), 0.2)
+    assert {docs[i] for i in sub_eval} == {docs[i] for i in evaluation if i < 100}
+
+
+def test_tiny_data_gets_both_parts_or_a_clear_error():
+    docs = make_docs(2)
+    for fraction in (0.001, 0.999):
+        collect, evaluation = split_documents(keys_of(docs), fraction)
+        assert len(collect) == len(evaluation) == 1
+    with pytest.raises(DataError, match="need at least 2 distinct documents"):
+        split_documents(keys_of(["same", "same"]), 0.5)
+
+
+def test_prepared_parts_share_no_document(tiny_tokenizer):
+    docs = make_docs(60)  # each document is shorter than max_length: one chunk each
+    prepared = prepare_data(docs, tiny_tokenizer, max_length=128, collect_tokens=10**6, eval_tokens=10**6)
+
+    def decoded(batches):
+        return {tiny_tokenizer.decode(row[mask.bool()]) for b in batches
+                for row, mask in zip(b["input_ids"], b["attention_mask"])}
+
+    collect, evaluation = decoded(prepared.collect_batches), decoded(prepared.eval_batches)
+    assert collect and evaluation and not collect & evaluation
+    assert collect | evaluation == set(docs)
+    assert prepared.n_documents == 60 and prepared.spec == "<list of 60 documents>"
+    assert sorted(texts(prepared.documents)) == sorted(docs)
+
+
+def test_prepare_is_deterministic(tiny_tokenizer):
+    docs = make_docs(80, words_per_doc=40)
+    a = prepare_data(docs, tiny_tokenizer, max_length=32, batch_size=4, collect_tokens=800, eval_tokens=300)
+    b = prepare_data(list(reversed(docs)), tiny_tokenizer, max_length=32, batch_size=4,
+                     collect_tokens=800, eval_tokens=300)
+    assert a.digest == b.digest  # order of the input does not matter: hash order does
+    for x, y in zip(a.collect_batches + a.eval_batches, b.collect_batches + b.eval_batches, strict=True):
+        assert torch.equal(x["input_ids"], y["input_ids"])
+        assert torch.equal(x["attention_mask"], y["attention_mask"])
+    assert a.skip_token_ids == b.skip_token_ids
+    assert (a.collect_tokens, a.eval_tokens, a.n_documents) == (b.collect_tokens, b.eval_tokens, b.n_documents)
+
+
+# --------------------------------------------------------------------------- digests
+
+
+def test_digest_is_sensitive_to_one_character(tiny_tokenizer):
+    docs = make_docs(30)
+    base = prepare_data(docs, tiny_tokenizer, collect_tokens=10**6, eval_tokens=10**6).digest
+    changed = list(docs)
+    changed[7] = changed[7].replace("Document", "Docvment")
+    assert prepare_data(changed, tiny_tokenizer, collect_tokens=10**6, eval_tokens=10**6).digest != base
+    assert prepare_data(docs, tiny_tokenizer, collect_tokens=10**6, eval_tokens=10**6).digest == base
+
+
+def test_digest_is_stable_across_processes(tiny_tokenizer, tmp_path):
+    docs = make_docs(30)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tiny_tokenizer.save_pretrained(str(tmp_path / "tok"))
+    here = prepare_data(str(tmp_path / "docs.jsonl"), tiny_tokenizer, max_length=16,
+                        collect_tokens=200, eval_tokens=100)
+    script = (
+        "import sys\n"
+        "from transformers import PreTrainedTokenizerFast\n"
+        "from mlflow_selprune.data import prepare_data\n"
+        "tok = PreTrainedTokenizerFast.from_pretrained(sys.argv[2])\n"
+        "print(prepare_data(sys.argv[1], tok, max_length=16, collect_tokens=200, eval_tokens=100).digest)\n"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "123", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "docs.jsonl"), str(tmp_path / "tok")],
+                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    assert out.stdout.strip().splitlines()[-1] == here.digest
+
+
+# --------------------------------------------------------------------------- chunking and batching
+
+
+def test_chunking_keeps_every_token_and_pads_only_with_pad(tiny_tokenizer):
+    docs = make_docs(25, words_per_doc=60)
+    max_length = 16
+    prepared = prepare_data(docs, tiny_tokenizer, max_length=max_length, batch_size=5,
+                            collect_tokens=10**6, eval_tokens=10**6)
+    lengths = {d: len(tiny_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs}
+    _, eval_idx = split_documents(keys_of(docs), 0.2)
+    eval_docs = {docs[i] for i in eval_idx}
+    # Eval drops a final 1-token chunk (it predicts nothing); collect keeps everything.
+    expected_eval = sum(n - (n % max_length == 1) for d, n in lengths.items() if d in eval_docs)
+    expected_collect = sum(n for d, n in lengths.items() if d not in eval_docs)
+    assert prepared.collect_tokens == expected_collect
+    assert prepared.eval_tokens == expected_eval
+    assert prepared.n_documents == len(docs)
+
+    for batches, count in ((prepared.collect_batches, prepared.collect_tokens),
+                           (prepared.eval_batches, prepared.eval_tokens)):
+        assert sum(int(b["attention_mask"].sum()) for b in batches) == count
+        lengths_in_order = []
+        for b in batches:
+            ids, mask = b["input_ids"], b["attention_mask"]
+            assert ids.dtype == mask.dtype == torch.long and ids.shape == mask.shape
+            assert ids.shape[0] <= 5 and ids.shape[1] <= max_length
+            row_lengths = mask.sum(1)
+            assert int(row_lengths.max()) == ids.shape[1]  # padded to the longest row only
+            positions = torch.arange(ids.shape[1])
+            assert torch.equal(mask.bool(), positions < row_lengths[:, None])  # right padding
+            assert (ids[~mask.bool()] == tiny_tokenizer.pad_token_id).all()
+            lengths_in_order += row_lengths.tolist()
+        assert lengths_in_order == sorted(lengths_in_order, reverse=True)
+
+
+def test_budget_takes_whole_chunks_in_hash_order(tiny_tokenizer):
+    docs = make_docs(50, words_per_doc=60)
+    prepared = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=300, eval_tokens=120)
+    assert 300 <= prepared.collect_tokens < 300 + 16
+    assert 120 <= prepared.eval_tokens < 120 + 16
+    assert not prepared.warnings
+    bigger = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=120)
+    assert bigger.n_documents > prepared.n_documents
+    assert bigger.digest != prepared.digest  # the digest covers the documents actually used
+
+
+def test_skip_token_ids_are_the_most_frequent_collect_tokens(tiny_tokenizer):
+    prepared = prepare_data(make_docs(40, words_per_doc=30), tiny_tokenizer, max_length=32)
+    ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in prepared.collect_batches])
+    counts = torch.bincount(ids)
+    expected = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))
+    expected = [i for i in expected if counts[i] > 0][:50]
+    assert prepared.skip_token_ids == expected and len(expected) == 50
+
+
+def test_too_few_tokens_warns_and_min_tokens_errors(tiny_tokenizer, caplog):
+    docs = make_docs(10)
+    with caplog.at_level(logging.WARNING, logger="mlflow_selprune.data"):
+        prepared = prepare_data(docs, tiny_tokenizer, collect_tokens=5000, eval_tokens=5000)
+    assert len(prepared.warnings) == 2
+    assert f"the collect part has only {prepared.collect_tokens} tokens" in prepared.warnings[0]
+    assert "fewer than the 5000 asked for" in prepared.warnings[0]
+    assert any("eval part has only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(DataError, match="fewer than the 1000 needed"):
+        prepare_data(docs, tiny_tokenizer, collect_tokens=5000, eval_tokens=5000, min_tokens=1000)
+    with pytest.raises(DataError, match="need at least 2 distinct documents"):
+        prepare_data(docs[:1], tiny_tokenizer)
+
+
+def test_one_token_documents_cannot_be_evaluated(tiny_tokenizer):
+    with pytest.raises(DataError, match="only 0 eval tokens"):
+        prepare_data(["a", "b", "c", "d"], tiny_tokenizer, eval_fraction=0.5)
+
+
+def test_dataset_input_and_missing_pad_token(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    dataset = datasets.Dataset.from_dict({"body": make_docs(20, words_per_doc=30)})
+    prepared = prepare_data(dataset, tokenizer, max_length=64, batch_size=8)
+    assert prepared.spec == "<Dataset of 20 rows>"
+    padded = [b for b in prepared.collect_batches if not b["attention_mask"].all()]
+    assert padded and all((b["input_ids"][~b["attention_mask"].bool()] == tokenizer.eos_token_id).all()
+                          for b in padded)
+
+
+def test_repeated_calls_reuse_the_tokenization(tiny_tokenizer, monkeypatch):
+    docs = make_docs(30, words_per_doc=25)
+    prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
+    calls = []
+    original = type(tiny_tokenizer).__call__
+
+    def counting_call(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_tokenizer), "__call__", counting_call)
+    prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
+    prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=300, eval_tokens=100)
+    assert calls == []
