@@ -4,7 +4,7 @@ The offline demo and the tests need two clearly different text sources that
 every Python installation has, without the Hugging Face hub:
 
 - ``builtin:stdlib-code``: the standard library's ``.py`` sources with
-  docstrings and comments removed, one document per file;
+  docstrings and comments removed, one document per top-level definition;
 - ``builtin:stdlib-prose``: the docstrings of those modules, classes and
   functions, plus the prose of ``pydoc_data.topics``, one document per
   docstring / per topic.
@@ -127,7 +127,32 @@ def _scan_stdlib(code: list[str], prose: list[str]) -> None:
                                    for _, d in docstrings)))
         stripped = _strip_code(source, docstrings)
         if stripped:
-            code.append(stripped)
+            code.extend(_top_level_units(stripped))
+
+
+_TOP_LEVEL_DEF = re.compile(r"^(?=@|def |class |async def )", re.MULTILINE)
+_MIN_UNIT_CHARS = 400
+
+
+def _top_level_units(source: str) -> list[str]:
+    """One document per top-level definition (small neighbours merged), not per file.
+
+    Files run to thousands of tokens; whole-file documents would let a token
+    budget be filled by a handful of modules. Definitions give a broad sample.
+    """
+    units: list[str] = []
+    pending = ""
+    for piece in _TOP_LEVEL_DEF.split(source):
+        pending += piece
+        if len(pending) >= _MIN_UNIT_CHARS:
+            units.append(pending.strip("\n"))
+            pending = ""
+    if pending.strip():
+        if units:
+            units[-1] += "\n" + pending.strip("\n")
+        else:
+            units.append(pending.strip("\n"))
+    return units
 
 
 def _docstrings(node: ast.AST):

@@ -230,11 +230,11 @@ def _log_and_register(model, tokenizer, parent, forget_data, retain_data, result
             mlflow.set_tag("selprune.data_warnings", " | ".join(warnings)[:4000])
         if result.baseline_metrics:
             mlflow.log_metrics(_finite(result.baseline_metrics), step=0)
-        for record in result.steps:
+        kept = [record for record in result.steps if record["kept"]]
+        for record in kept[:-1]:  # the last kept step is logged below, with the summary and the model
             step_metrics = {"ff_pruned_total": record["ff_pruned_total"], "attn_pruned_total": record["attn_pruned_total"]}
             step_metrics.update(record.get("metrics", {}))
-            if record["kept"]:
-                mlflow.log_metrics(_finite(step_metrics), step=record["step"])
+            mlflow.log_metrics(_finite(step_metrics), step=record["step"])
         with tempfile.TemporaryDirectory() as tmp:
             files = result.save(tmp)
             files["plot"] = _plot(result, Path(tmp) / "forget_vs_retain.png")
@@ -244,8 +244,9 @@ def _log_and_register(model, tokenizer, parent, forget_data, retain_data, result
 
             model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model",
                                    pruning_files={k: str(v) for k, v in files.items() if k != "plot"})
-        mlflow.log_metrics(_finite({k: v for k, v in metrics.items() if not k.startswith("parent_")}),
-                           model_id=model_info.model_id)
+        final = {"ff_pruned_total": result.ff_pruned, "attn_pruned_total": result.attn_pruned}
+        final.update({k: v for k, v in metrics.items() if not k.startswith("parent_")})
+        mlflow.log_metrics(_finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
         full_config = {"prune": config.to_dict(), "data": asdict(data)}
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,

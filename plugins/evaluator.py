@@ -2,7 +2,7 @@
 
     mlflow.models.evaluate(
         "models:/NAME/VERSION", data=df, model_type="selprune", evaluators=["selprune"],
-        evaluator_config={"max_length": 128},
+        evaluator_config={"selprune": {"max_length": 128}},
     )
 
 ``data`` is a DataFrame with a text column (``text_column``, default

@@ -1,0 +1,154 @@
+"""A real MLflow store (sqlite, or a real `mlflow server` on 127.0.0.1) with a tiny registered LM.
+
+Nothing is mocked: the model is a real transformers model built from a config,
+logged with the transformers flavor and registered like a user would.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from mlflow_selprune.flavor import default_pip_requirements
+
+TINY_NAME = "tiny-lm"
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPTNeoXForCausalLM(config).eval()
+
+
+def register_tiny(tokenizer, name: str = TINY_NAME, alias: str | None = "base") -> str:
+    """Log and register a tiny GPT-NeoX; returns ``models:/NAME/VERSION``."""
+    model = tiny_model(tokenizer)
+    with mlflow.start_run(run_name="register-tiny"):
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            pip_requirements=default_pip_requirements(),
+        )
+    mv = mlflow.register_model(info.model_uri, name)
+    if alias:
+        MlflowClient().set_registered_model_alias(name, alias, mv.version)
+    return f"models:/{name}/{mv.version}"
+
+
+def write_data_files(directory: Path) -> tuple[Path, Path]:
+    """Code to forget (jsonl, one function per row) and prose to keep (.txt, one paragraph per block)."""
+    import argparse
+    import json as json_module
+    import textwrap
+
+    code, prose = [], []
+    for module in (json_module, textwrap, argparse, inspect):
+        for _, obj in inspect.getmembers(module, inspect.isfunction):
+            if obj.__module__ != module.__name__:
+                continue
+            try:
+                source = inspect.getsource(obj)
+            except (OSError, TypeError):
+                continue
+            doc = inspect.getdoc(obj)
+            if doc and len(doc) > 80:
+                prose.append(" ".join(doc.split()))
+                source = source.replace(obj.__doc__, "")
+            code.append(source)
+    directory.mkdir(parents=True, exist_ok=True)
+    forget = directory / "forget.jsonl"
+    forget.write_text("".join(json.dumps({"code": c}) + "\n" for c in code))
+    retain = directory / "retain.txt"
+    retain.write_text("\n\n".join(prose) + "\n")
+    return forget, retain
+
+
+def registry_snapshot() -> dict:
+    """Every registered model's versions, their tags, and aliases: to prove a failed command wrote nothing."""
+    client = MlflowClient()
+    snapshot = {}
+    for rm in client.search_registered_models():
+        versions = {
+            mv.version: dict(sorted((mv.tags or {}).items()))
+            for mv in client.search_model_versions(f"name='{rm.name}'")
+        }
+        snapshot[rm.name] = {"versions": versions, "aliases": dict(sorted((rm.aliases or {}).items()))}
+    return snapshot
+
+
+def cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run the real console entry point in a fresh process."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow_selprune", *args], capture_output=True, text=True,
+        env=full_env, cwd=cwd, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, stopped on exit."""
+
+    def __init__(self, root: Path, app_name: str | None = None, extra_env: dict | None = None):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.app_name = app_name
+        self.extra_env = extra_env or {}
+        self.process = None
+
+    def __enter__(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+        ]
+        if self.app_name:
+            command += ["--app-name", self.app_name]
+        env = dict(os.environ, **self.extra_env)
+        self.log = open(self.root / "server.log", "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
+        deadline = time.monotonic() + 120
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {(self.root / 'server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__(None, None, None)
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
