@@ -21,6 +21,15 @@ from mlflow_selprune.unlearn import DataOptions, run_prune
 
 from mlflow_helpers import TINY_NAME, cli, register_tiny, registry_snapshot, write_data_files
 
+
+def invoke(*args):
+    """The real CLI in this process (click's runner): same code path as the console script, no start-up cost."""
+    from click.testing import CliRunner
+
+    from mlflow_selprune.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
 SMALL_DATA = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500", "--no-progress"]
 
 
@@ -223,8 +232,8 @@ def test_bad_input_exits_2_with_one_line_and_no_registry_change(store, pruned, c
     base.update(overrides)
     argv = [item for pair in base.items() for item in pair]
     before = registry_snapshot()
-    out = cli("prune", *argv, *SMALL_DATA, env=store["env"], cwd=store["root"])
-    assert out.returncode == 2, (out.stdout, out.stderr)
+    out = invoke("prune", *argv, *SMALL_DATA)
+    assert out.exit_code == 2, (out.stdout, out.stderr)
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], out.stderr
     assert registry_snapshot() == before
@@ -238,7 +247,7 @@ def test_bad_input_exits_2_with_one_line_and_no_registry_change(store, pruned, c
 def test_gate_bad_input(store, pruned, args, message):
     argv = args if "--model-uri" in args else ["--model-uri", pruned.model_uri, *args]
     before = registry_snapshot()
-    out = cli("gate", *argv, env=store["env"])
-    assert out.returncode == 2, out.stderr
+    out = invoke("gate", *argv)
+    assert out.exit_code == 2, out.stderr
     assert message in out.stderr
     assert registry_snapshot() == before
