@@ -5,6 +5,7 @@ logged with the transformers flavor and registered like a user would.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -74,6 +75,29 @@ def write_data_files(directory: Path) -> tuple[Path, Path]:
     retain = directory / "retain.txt"
     retain.write_text("\n\n".join(prose) + "\n")
     return forget, retain
+
+
+@contextlib.contextmanager
+def sqlite_store(root: Path, tokenizer):
+    """A sqlite tracking/registry store in ``root`` holding tiny-lm v1 (alias base) and forget/retain files.
+
+    The working directory moves to ``root`` (artifacts go to ./mlruns beside the database) and
+    MLFLOW_TRACKING_URI points at it, for this process and the CLI processes it starts.
+    """
+    import pytest
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        try:
+            base = register_tiny(tokenizer)
+            forget, retain = write_data_files(root / "data")
+            yield {"root": root, "uri": uri, "base": base, "forget": str(forget), "retain": str(retain),
+                   "env": {"MLFLOW_TRACKING_URI": uri}}
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def registry_snapshot() -> dict:

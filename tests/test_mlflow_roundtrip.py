@@ -19,7 +19,7 @@ from mlflow_selprune.architecture import find_architecture
 from mlflow_selprune.pruning import PruneConfig
 from mlflow_selprune.unlearn import DataOptions, run_prune
 
-from mlflow_helpers import TINY_NAME, cli, register_tiny, registry_snapshot, write_data_files
+from mlflow_helpers import TINY_NAME, cli, registry_snapshot, sqlite_store
 
 
 def invoke(*args):
@@ -36,17 +36,8 @@ SMALL_DATA = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--coll
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer):
     """A sqlite store with tiny-lm v1 (alias base) and forget/retain files."""
-    root = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)  # artifacts go to ./mlruns beside the database
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        base = register_tiny(tiny_tokenizer)
-        forget, retain = write_data_files(root / "data")
-        yield {"root": root, "uri": uri, "base": base, "forget": str(forget), "retain": str(retain),
-               "env": {"MLFLOW_TRACKING_URI": uri}}
-    mlflow.set_tracking_uri(None)
+    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

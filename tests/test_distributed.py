@@ -1,0 +1,107 @@
+"""Data parallel through Accelerate on CPU: torchrun with 2 processes (gloo) equals 1 process."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from mlflow_helpers import TINY_NAME, cli, registry_snapshot, sqlite_store
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+# Sums are float64 all-reduced in a different order than one process adds them: equal to ~1e-12.
+SUM_RTOL = 1e-10
+METRIC_TOL = 1e-9
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args],
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def load(out: Path):
+    return load_file(str(out / "result.safetensors")), json.loads((out / "result.json").read_text())
+
+
+def test_two_processes_equal_one_with_uneven_shards(tmp_path):
+    sys.path.insert(0, str(WORKER.parent))
+    import distributed_worker
+
+    distributed_worker.main(str(tmp_path / "one"))
+    out = torchrun(str(tmp_path / "two"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    one_tensors, one = load(tmp_path / "one")
+    two_tensors, two = load(tmp_path / "two")
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert one["n_tokens"] == two["n_tokens"]  # 5 batches over 2 ranks: nothing dropped or counted twice
+    for name in ("ff_mask", "attn_mask"):
+        assert torch.equal(one_tensors[name], two_tensors[name]), name
+        assert one_tensors[name].any()
+    for name in one_tensors:
+        if name.startswith("ff_sum") or name == "ff_count_pos":
+            torch.testing.assert_close(two_tensors[name], one_tensors[name], rtol=SUM_RTOL, atol=0)
+    for key, value in one["final_metrics"].items():
+        assert two["final_metrics"][key] == pytest.approx(value, rel=METRIC_TOL, abs=METRIC_TOL), key
+
+
+def test_a_failing_rank_ends_the_whole_launch_with_its_message(tmp_path):
+    start = time.monotonic()
+    out = torchrun(str(tmp_path / "fail"), "--fail-rank", "1", timeout=180)
+    assert out.returncode != 0
+    assert "rank 1 was told to fail" in out.stderr
+    assert time.monotonic() - start < 120, "the surviving rank must not hang"
+    assert not (tmp_path / "fail" / "result.json").exists()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer):
+    with sqlite_store(tmp_path_factory.mktemp("dist-store"), tiny_tokenizer) as s:
+        yield s
+
+
+SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
+         "--eval-tokens", "1000", "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", "--no-progress"]
+
+
+def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store):
+    client = MlflowClient()
+    base = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"], "--retain", store["retain"], *SMALL]
+    one = cli(*base, "--no-register", env=store["env"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    before = set(registry_snapshot()[TINY_NAME]["versions"])
+    two = cli(*base, "--num-processes", "2", env=store["env"])
+    assert two.returncode == 0, two.stderr[-3000:]
+    after = set(registry_snapshot()[TINY_NAME]["versions"])
+    assert len(after - before) == 1, "exactly one version from a 2-process prune"
+    version = (after - before).pop()
+    mv = client.get_model_version(TINY_NAME, version)
+    runs = client.search_runs([client.get_run(mv.run_id).info.experiment_id], order_by=["attributes.start_time DESC"])
+    one_run = next(r for r in runs if r.info.run_id != mv.run_id and r.data.params.get("forget") == store["forget"])
+    masks = {}
+    for label, run_id in (("one", one_run.info.run_id), ("two", mv.run_id)):
+        path = client.download_artifacts(run_id, "selprune/masks.safetensors", str(store["root"] / label))
+        masks[label] = load_file(path)
+    for name in ("ff_mask", "attn_mask"):
+        assert torch.equal(masks["one"][name], masks["two"][name]), name
+    one_metrics, two_metrics = one_run.data.metrics, client.get_run(mv.run_id).data.metrics
+    for key in ("forget_top1", "retain_top1", "forget_loss", "retain_loss"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], rel=METRIC_TOL, abs=METRIC_TOL)
+
+
+def test_bad_input_under_the_launcher_keeps_exit_code_2(store):
+    before = registry_snapshot()
+    out = cli("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", "./no-such.jsonl",
+              "--retain", store["retain"], "--num-processes", "2", *SMALL, env=store["env"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "no-such.jsonl" in out.stderr
+    assert registry_snapshot() == before
