@@ -140,6 +140,11 @@ def _load_directory(path: Path, *, split, glob, paragraphs) -> datasets.Dataset:
         and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts)
         and (glob is not None or p.suffix.lower() in TEXT_EXTENSIONS)
     )
+    root = path.resolve()
+    escaping = [f for f in files if not f.resolve().is_relative_to(root)]
+    if escaping:
+        raise DataError(f"{str(escaping[0])!r} in DATA directory {str(path)!r} links outside it; "
+                        "remove the link or copy the file into the directory")
     if not files:
         wanted = f"files matching {glob!r}" if glob else "text or source files"
         raise DataError(f"no {wanted} under directory {str(path)!r}; pass a glob such as '*.py'")

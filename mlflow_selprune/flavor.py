@@ -106,6 +106,8 @@ def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwarg
     record = None
     record_file = flavors.get(FLAVOR_NAME, {}).get("files", {}).get("record")
     if record_file:
-        record = json.loads((local / record_file).read_text())
+        from .registry import inside
+
+        record = json.loads(inside(local, record_file, model_uri).read_text())
     return {"model": components["model"], "tokenizer": components.get("tokenizer"), "record": record}
 

@@ -71,8 +71,29 @@ def model_version(name: str, version: str):
         ) from None
 
 
+def check_tracking_server() -> None:
+    """Fail in seconds, not after minutes of retries, when an HTTP tracking server is down."""
+    import urllib.error
+    import urllib.request
+
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered: authentication and the rest are checked by the real requests
+    except (OSError, ValueError) as exc:
+        raise BadInputError(
+            f"the MLflow tracking server at {uri} is not reachable ({getattr(exc, 'reason', exc)}); "
+            "start it or point MLFLOW_TRACKING_URI at a running server"
+        ) from None
+
+
 def resolve(uri: str) -> ResolvedModel:
     """Turn ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/...``, ``models:/m-...`` or a directory into a ``ResolvedModel``."""
+    check_tracking_server()
     if not uri or not isinstance(uri, str):
         raise BadInputError("no model URI given; pass models:/NAME/VERSION, models:/NAME@ALIAS, runs:/... or a directory")
     local = Path(uri).expanduser()
@@ -159,9 +180,8 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
                 f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
                 "log it with mlflow.transformers.log_model"
             )
-        components = path / flavors["transformers"].get("model_binary", "model")
-        model_dir = components
-        tokenizer_dir = path / "components" / "tokenizer"
+        model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
+        tokenizer_dir = inside(path, "components/tokenizer", resolved.uri)
         if not (model_dir / "config.json").is_file():
             raise BadInputError(
                 f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
@@ -195,6 +215,14 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refusing paths (``..``, absolute, symlinks) that lead out of ``root``."""
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise BadInputError(f"'{what}' points at '{relative}', outside its model directory; refusing to load it")
+    return candidate
 
 
 def _dtype(name: str | None):

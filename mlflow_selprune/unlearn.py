@@ -89,6 +89,7 @@ def make_evaluate_fn(forget: PreparedData, retain: PreparedData, accelerator=Non
     """Forget and retain metrics on the eval parts (documents that never feed the statistics)."""
 
     def evaluate_fn(model) -> dict:
+        logger.info("evaluating forget and retain metrics")
         metrics = evaluate_model(model, forget.eval_batches, skip_token_ids=forget.skip_token_ids,
                                  prefix="forget_", accelerator=accelerator, progress=progress)
         metrics.update(evaluate_model(model, retain.eval_batches, skip_token_ids=retain.skip_token_ids,
@@ -235,6 +236,7 @@ def _log_and_register(model, tokenizer, parent, forget_data, retain_data, result
             step_metrics = {"ff_pruned_total": record["ff_pruned_total"], "attn_pruned_total": record["attn_pruned_total"]}
             step_metrics.update(record.get("metrics", {}))
             mlflow.log_metrics(_finite(step_metrics), step=record["step"])
+        logger.info("logging the unlearned model to run %s", run_id)
         with tempfile.TemporaryDirectory() as tmp:
             files = result.save(tmp)
             files["plot"] = _plot(result, Path(tmp) / "forget_vs_retain.png")
@@ -258,6 +260,7 @@ def _log_and_register(model, tokenizer, parent, forget_data, retain_data, result
         if target_name:
             mv = _existing_version(target_name, run_id)
             if mv is None:
+                logger.info("registering a new version of '%s' with its lineage tags", target_name)
                 mv = mlflow.register_model(model_info.model_uri, target_name, tags=tags)
             else:
                 logger.info("run %s already registered %s version %s; not registering again", run_id, target_name, mv.version)
