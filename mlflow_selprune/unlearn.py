@@ -74,6 +74,8 @@ def load_datasets(tokenizer, forget: str, retain: str, options: DataOptions, tru
         text_column=options.text_column, glob=options.glob, paragraphs=options.paragraphs,
         split=options.split, config=options.config, revision=options.revision,
         trust_remote_code=trust_remote_code,
+        # fewer tokens than one full batch cannot give meaningful statistics or metrics
+        min_tokens=min(options.batch_size * options.max_length, options.collect_tokens, options.eval_tokens),
     )
     forget_data = prepare_data(forget, tokenizer, **kwargs)
     retain_data = prepare_data(retain, tokenizer, **kwargs)
@@ -194,10 +196,24 @@ def run_prune(
     result = prune(model, forget_data.collect_batches, retain_data.collect_batches,
                    evaluate_fn=evaluate_fn, accelerator=accelerator, progress=progress, **asdict(config))
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
+    _check_budget_met(config, metrics, result)
     if not _is_main(accelerator):
         return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
     return _log_and_register(model, tokenizer, parent, forget_data, retain_data, result, metrics, config, data,
                              target_name, alias, run_name)
+
+
+def _check_budget_met(config: PruneConfig, metrics: dict, result: PruneResult) -> None:
+    """A budget run that stopped short of its forget target registers nothing."""
+    if config.target_forget_drop is None:
+        return
+    reached = metrics[f"forget_{config.budget_metric}_drop"]
+    if reached < config.target_forget_drop:
+        raise BadInputError(
+            f"the budget cannot be met: forget {config.budget_metric} dropped {reached:.1%} "
+            f"(target {config.target_forget_drop:.1%}) when pruning stopped ({result.stop_reason}); "
+            "raise --max-retain-drop or --max-steps, or lower --target-forget-drop"
+        )
 
 
 def _load(parent, device, dtype, trust_remote_code, accelerator):
