@@ -300,14 +300,16 @@ def auth_server(tmp_path_factory, tiny_tokenizer):
             mlflow.set_tracking_uri(srv.uri)
             register_tiny(tiny_tokenizer)
             forget, retain = write_data_files(root / "data")
-            auth = mlflow.server.get_app_client("basic-auth", tracking_uri=srv.uri)
+            from mlflow.server import get_app_client
+
+            auth = get_app_client("basic-auth", tracking_uri=srv.uri)
             experiment_id = MlflowClient().get_experiment_by_name("Default").experiment_id
             users = {"reader": "reader-Pa55word", "editor": "editor-Pa55word"}
             for user, password in users.items():
                 auth.create_user(user, password)
-                auth.create_experiment_permission(experiment_id, user, "EDIT")  # both may log runs
-            auth.create_registered_model_permission(TINY_NAME, "reader", "READ")
-            auth.create_registered_model_permission(TINY_NAME, "editor", "EDIT")
+                auth.grant_user_permission(user, "experiment", experiment_id, "EDIT")  # both may log runs
+            auth.grant_user_permission("reader", "registered_model", TINY_NAME, "READ")
+            auth.grant_user_permission("editor", "registered_model", TINY_NAME, "EDIT")
             yield {"srv": srv, "root": root, "forget": str(forget), "retain": str(retain), "users": users}
             mlflow.set_tracking_uri(None)
 
