@@ -106,10 +106,10 @@ def registry_snapshot() -> dict:
     snapshot = {}
     for rm in client.search_registered_models():
         versions = {
-            mv.version: dict(sorted((mv.tags or {}).items()))
+            str(mv.version): dict(sorted((mv.tags or {}).items()))
             for mv in client.search_model_versions(f"name='{rm.name}'")
         }
-        snapshot[rm.name] = {"versions": versions, "aliases": dict(sorted((rm.aliases or {}).items()))}
+        snapshot[rm.name] = {"versions": versions, "aliases": {k: str(v) for k, v in sorted((rm.aliases or {}).items())}}
     return snapshot
 
 
