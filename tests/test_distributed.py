@@ -105,3 +105,23 @@ def test_bad_input_under_the_launcher_keeps_exit_code_2(store):
     assert out.returncode == 2, out.stderr[-3000:]
     assert "no-such.jsonl" in out.stderr
     assert registry_snapshot() == before
+
+
+def test_bfloat16_with_a_device_map_prunes_and_keeps_float64_statistics(store):
+    """--dtype bfloat16 --device auto: Accelerate's big-model loading path (all on CPU here)."""
+    from mlflow_selprune import collect_statistics
+    from mlflow_selprune.pruning import PruneConfig
+    from mlflow_selprune.registry import load_components, resolve
+    from mlflow_selprune.unlearn import DataOptions, run_prune
+
+    model, _ = load_components(resolve(f"models:/{TINY_NAME}/1"), device="auto", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    batch = {"input_ids": torch.randint(2, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    stats = collect_statistics(model, [batch], sums="all", progress=False)
+    assert all(v.dtype == torch.float64 for v in stats.ff.sums.values())
+    result = run_prune(f"models:/{TINY_NAME}/1", store["forget"], store["retain"], register=False,
+                       config=PruneConfig(ff_frac=0.1, steps=1), device="auto", dtype="bfloat16",
+                       data=DataOptions(max_length=64, batch_size=4, collect_tokens=1000, eval_tokens=500, paragraphs=True),
+                       progress=False)
+    assert result.pruning.ff_pruned == round(0.1 * 2 * 64)
+    assert result.model_uri is None and 0 <= result.metrics["forget_top1"] <= 1

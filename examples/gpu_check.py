@@ -1,0 +1,115 @@
+"""GPU check: the CUDA path end to end, with figures to paste into the README.
+
+    python examples/gpu_check.py            # one GPU (falls back to CPU when there is none)
+    python examples/gpu_check.py --shard    # several GPUs: load with device_map="auto" across them
+
+Checks, on a randomly initialised GPT-NeoX of the demo's shape (or --layers/--width):
+1. bf16 load, and that statistics are still float64;
+2. pruning in bf16 and save/reload equality of the logits;
+3. collection throughput (tokens/s) vs a plain forward, and peak CUDA memory.
+Offline: no hub access. Prints one line per figure; exits 1 if a check fails.
+"""
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from mlflow_selprune import collect_statistics, find_architecture, prune
+
+
+def timed(fn, sync):
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--shard", action="store_true", help="device_map='auto' across all visible GPUs")
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = torch.cuda.get_device_name(0) if cuda else "CPU (no CUDA device)"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    print(f"device: {name}; GPUs visible: {torch.cuda.device_count()}; torch {torch.__version__}")
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=args.width, num_hidden_layers=args.layers,
+                           num_attention_heads=args.width // 64, intermediate_size=4 * args.width,
+                           max_position_embeddings=2048)
+    torch.manual_seed(0)
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        GPTNeoXForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
+        kwargs = {"dtype": torch.bfloat16}
+        if args.shard and cuda:
+            kwargs["device_map"] = "auto"
+        model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs).eval()
+        if "device_map" not in kwargs:
+            model.to(device)
+        devices = sorted({str(p.device) for p in model.parameters()})
+        print(f"loaded bf16 model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {devices}")
+        first = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        batches = [{"input_ids": torch.randint(0, 50304, (args.batch, args.seq), generator=g),
+                    "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)} for _ in range(args.batches)]
+        batches = [{k: v.to(first) for k, v in b.items()} for b in batches]
+        n_tokens = args.batches * args.batch * args.seq
+
+        stats = collect_statistics(model, batches[:2], progress=False)
+        dtype_ok = stats.ff.sums["sum_abs"].dtype == torch.float64
+        print(f"statistics dtype: {stats.ff.sums['sum_abs'].dtype} ({'ok' if dtype_ok else 'FAIL'})")
+        failures += [] if dtype_ok else ["statistics not float64"]
+
+        def plain():
+            with torch.inference_mode():
+                for b in batches:
+                    model(**b)
+
+        def collect():
+            collect_statistics(model, batches, progress=False)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        plain()  # warm-up
+        pairs = [(timed(plain, sync), timed(collect, sync)) for _ in range(3)]
+        ratio = statistics.median(c / p for p, c in pairs)
+        best_plain, best_collect = min(p for p, _ in pairs), min(c for _, c in pairs)
+        print(f"plain forward: {n_tokens / best_plain:,.0f} tokens/s; collection: {n_tokens / best_collect:,.0f} tokens/s; "
+              f"collection/forward time ratio (median of 3): {ratio:.2f}")
+        if cuda:
+            print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+
+        half = max(1, len(batches) // 2)
+        result = prune(model, batches[:half], batches[half:] or batches, ff_frac=0.02, steps=2, progress=False)
+        arch = find_architecture(model)
+        zeroed = all(bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, result.ff_mask))
+        print(f"pruned {result.ff_pruned} FF neurons in bf16; columns zeroed: {'ok' if zeroed else 'FAIL'}")
+        failures += [] if zeroed else ["columns not zeroed"]
+        with torch.inference_mode():
+            before = model(**batches[0]).logits.float().cpu()
+        model.save_pretrained(f"{tmp}/pruned")
+        reloaded = AutoModelForCausalLM.from_pretrained(f"{tmp}/pruned", **kwargs).eval()
+        if "device_map" not in kwargs:
+            reloaded.to(device)
+        with torch.inference_mode():
+            after = reloaded(**batches[0]).logits.float().cpu()
+        same = torch.equal(before, after)
+        print(f"save/reload logits identical: {'ok' if same else 'FAIL (max diff %.3g)' % (before - after).abs().max()}")
+        failures += [] if same else ["reload differs"]
+    print("all checks passed" if not failures else f"FAILED: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
