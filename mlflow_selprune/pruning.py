@@ -169,8 +169,20 @@ class PruneResult:
         }
         save_file({k: v.contiguous() for k, v in self.masks().items()}, str(paths["masks"]))
         save_file({k: v.contiguous() for k, v in self.scores().items()}, str(paths["scores"]))
-        paths["record"].write_text(json.dumps(self.record(), indent=2, default=_json_default))
+        record = _finite(self.record())
+        paths["record"].write_text(json.dumps(record, indent=2, default=_json_default, allow_nan=False))
         return paths
+
+
+def _finite(value):
+    """Non-finite floats (an infinite perplexity, say) as None: strict JSON has no NaN/Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value):
@@ -254,6 +266,8 @@ def prune(
         start = time.perf_counter()
         baseline = dict(evaluate_fn(model))
         logger.info("baseline metrics (%.1fs): %s", time.perf_counter() - start, _brief(baseline))
+        if config.budget_mode:
+            _budget_drops(config, baseline, baseline)  # a missing budget metric fails now, before any surgery
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
 
@@ -372,7 +386,7 @@ def _budget_drops(config: PruneConfig, baseline: dict, metrics: dict) -> tuple[f
     key_f, key_r = f"forget_{config.budget_metric}", f"retain_{config.budget_metric}"
     for key in (key_f, key_r):
         if key not in baseline or key not in metrics:
-            raise KeyError(f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}")
+            raise ValueError(f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}")
     return (
         relative_drop(baseline[key_f], metrics[key_f]),
         relative_drop(baseline[key_r], metrics[key_r]),
