@@ -124,7 +124,7 @@ def run_demo(train_seconds: float = 210, retrain: bool = False, progress: bool =
     result = run_prune(
         f"models:/{DEMO_MODEL}@{BASE_ALIAS}", FORGET, RETAIN,
         config=PruneConfig(ff_frac=0.03, steps=6),
-        data=DataOptions(max_length=128, batch_size=32, collect_tokens=30_000, eval_tokens=20_000),
+        data=DataOptions(max_length=128, batch_size=32, collect_tokens=20_000, eval_tokens=10_000),
         run_name="selprune-demo-unlearn", progress=progress,
     )
     print(format_summary(result))

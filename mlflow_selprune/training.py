@@ -104,7 +104,7 @@ def train_causal_lm(
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        loss_value = float(out.loss)
+        loss_value = out.loss.detach().item()
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if max_seconds is not None and time.monotonic() - start > max_seconds:
             logger.info("training stopped after %d steps (time limit %.0fs)", step + 1, max_seconds)
