@@ -123,6 +123,15 @@ def cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     )
 
 
+def invoke(*args):
+    """The real CLI in this process (click's runner): the console script's code path without its start-up cost."""
+    from click.testing import CliRunner
+
+    from mlflow_selprune.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

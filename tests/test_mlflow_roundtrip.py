@@ -19,16 +19,8 @@ from mlflow_selprune.architecture import find_architecture
 from mlflow_selprune.pruning import PruneConfig
 from mlflow_selprune.unlearn import DataOptions, run_prune
 
-from mlflow_helpers import TINY_NAME, cli, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot, sqlite_store
 
-
-def invoke(*args):
-    """The real CLI in this process (click's runner): same code path as the console script, no start-up cost."""
-    from click.testing import CliRunner
-
-    from mlflow_selprune.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 SMALL_DATA = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500", "--no-progress"]
 

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune import lineage
 
 from mlflow_helpers import (
-    TINY_NAME, MlflowServer, cli, free_port, register_tiny, registry_snapshot, sqlite_store, tiny_model,
+    TINY_NAME, MlflowServer, cli, free_port, invoke, register_tiny, registry_snapshot, sqlite_store, tiny_model,
     write_data_files,
 )
 
@@ -33,13 +33,6 @@ LINEAGE_TAGS = (lineage.PARENT, lineage.ROOT, lineage.RUN_ID, lineage.FORGET_DAT
                 lineage.RETAIN_DATA, lineage.RETAIN_DIGEST, lineage.CONFIG_SHA, lineage.WEIGHTS_SHA,
                 lineage.FF_PRUNED, lineage.ATTN_PRUNED, lineage.COMPLETE, lineage.METRIC_PREFIX + "forget_top1_drop")
 
-
-def invoke(*args):
-    from click.testing import CliRunner
-
-    from mlflow_selprune.cli import main
-
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
 # ---------------------------------------------------------------- bad input
