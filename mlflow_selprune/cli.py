@@ -235,15 +235,16 @@ def evaluate(**kw):
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION (or @ALIAS) of an unlearned version.")
 @click.option("--max-retain-drop", type=float, default=None, help="Highest acceptable relative retain drop, e.g. 0.05.")
 @click.option("--min-forget-drop", type=float, default=None, help="Lowest acceptable relative forget drop, e.g. 0.2.")
+@click.option("--min-selectivity", type=float, default=None, help="Lowest acceptable forget drop / retain drop, e.g. 3.")
 @click.option("--metric", type=click.Choice(["top1", "top10", "skip50_top1"]), default="top1", show_default=True)
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @handle_errors
-def gate(model_uri, max_retain_drop, min_forget_drop, metric, set_alias):
+def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, metric, set_alias):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; the verdict is tagged either way."""
     from .gate import gate as run_gate
 
     result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
-                      metric=metric, set_alias=set_alias or None)
+                      min_selectivity=min_selectivity, metric=metric, set_alias=set_alias or None)
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")
     if result.passed:
@@ -296,7 +297,7 @@ def lineage_command(model_uri, as_json, verify):
 
 
 @main.command()
-@click.option("--train-seconds", type=float, default=210, show_default=True, help="Wall-time cap for training the demo model.")
+@click.option("--train-seconds", type=float, default=180, show_default=True, help="Wall-time cap for training the demo model.")
 @click.option("--retrain", is_flag=True, help="Train a new base model even if 'selprune-demo@base' exists.")
 @click.option("--no-progress", is_flag=True)
 @handle_errors

@@ -38,12 +38,15 @@ def _check_fraction(name: str, value: float | None) -> None:
 
 
 def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_drop: float | None = None,
-         metric: str = "top1", set_alias: str | None = None) -> GateResult:
-    """Pass if ``retain_<metric>_drop <= max_retain_drop`` and ``forget_<metric>_drop >= min_forget_drop``."""
+         min_selectivity: float | None = None, metric: str = "top1", set_alias: str | None = None) -> GateResult:
+    """Pass if ``retain_<metric>_drop <= max_retain_drop``, ``forget_<metric>_drop >= min_forget_drop``
+    and ``selectivity >= min_selectivity`` (each only when given)."""
     _check_fraction("max_retain_drop", max_retain_drop)
     _check_fraction("min_forget_drop", min_forget_drop)
-    if max_retain_drop is None and min_forget_drop is None:
-        raise BadInputError("give at least one threshold: --max-retain-drop and/or --min-forget-drop")
+    if min_selectivity is not None and (math.isnan(min_selectivity) or min_selectivity < 0):
+        raise BadInputError(f"min_selectivity must be >= 0 (forget drop / retain drop), got {min_selectivity}")
+    if max_retain_drop is None and min_forget_drop is None and min_selectivity is None:
+        raise BadInputError("give at least one threshold: --max-retain-drop, --min-forget-drop or --min-selectivity")
     resolved = resolve(model_uri)
     if not resolved.is_registered:
         raise BadInputError(f"'{model_uri}' is not a registered model version; gate works on models:/NAME/VERSION")
@@ -56,6 +59,8 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
         wanted[f"retain_{metric}_drop"] = MetricThreshold(threshold=max_retain_drop, greater_is_better=False)
     if min_forget_drop is not None:
         wanted[f"forget_{metric}_drop"] = MetricThreshold(threshold=min_forget_drop, greater_is_better=True)
+    if min_selectivity is not None:
+        wanted["selectivity"] = MetricThreshold(threshold=min_selectivity, greater_is_better=True)
     missing = [name for name in wanted if name not in metrics]
     if missing:
         raise BadInputError(
@@ -67,7 +72,8 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
         mlflow_validate(wanted, metrics)
     except ModelValidationFailedException as exc:
         failures = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop, "metric": metric}
+    thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop,
+                  "min_selectivity": min_selectivity, "metric": metric}
     passed = not failures
     c = client()
     name, version = resolved.registered_name, resolved.version
