@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 

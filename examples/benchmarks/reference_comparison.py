@@ -152,7 +152,7 @@ def main(argv=None):
           f"median over {args.repeats} interleaved rounds; ratio = median of per-round time ratios")
     rows = [[name, t.median(name), real / t.median(name), t.ratio(name, "plain forward (full)"),
              t.ratio(name, "plain forward (body)")] for name in contenders]
-    rows.append([f"reference as quoted in issue 7 (not measured here)", "", "", QUOTED_REFERENCE_RATIO, ""])
+    rows.append(["reference as quoted in issue 7 (not measured here)", "", "", QUOTED_REFERENCE_RATIO, ""])
     table(rows, ["contender", "s/round", "tokens/s", "x full forward", "x body forward"])
     ours, ref = t.ratio("ours: collect (abs)", "plain forward (full)"), t.ratio("reference: Welford hooks (float32)", "plain forward (full)")
     print(f"   ours (abs) {ours:.2f}x vs reference {ref:.2f}x a plain full forward (measured here); "
