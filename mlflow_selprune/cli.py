@@ -53,8 +53,6 @@ def _rank_prefix() -> str:
 
 
 def _bad_input_types():
-    from mlflow.exceptions import MlflowException  # noqa: F401
-
     from .architecture import UnsupportedArchitectureError
     from .data import DataError
     from .lineage import LineageError

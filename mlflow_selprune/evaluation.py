@@ -126,15 +126,10 @@ def relative_drops(parent: dict, new: dict, prefix: str) -> dict[str, float]:
     def value(metrics: dict, name: str) -> float:
         return float(metrics[prefix + name] if prefix + name in metrics else metrics[name])
 
-    def ratio(change: float, base: float) -> float:
-        return 0.0 if base == 0 else change / base
+    from .pruning import relative_drop  # the one definition the budget mode uses too
 
-    drops = {}
-    for m in ACCURACY_METRICS:
-        before, after = value(parent, m), value(new, m)
-        drops[f"{prefix}{m}_drop"] = ratio(before - after, before)
-    before, after = value(parent, "loss"), value(new, "loss")
-    drops[f"{prefix}loss_increase"] = ratio(after - before, before)
+    drops = {f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m)) for m in ACCURACY_METRICS}
+    drops[f"{prefix}loss_increase"] = -relative_drop(value(parent, "loss"), value(new, "loss")) + 0.0
     return drops
 
 

@@ -186,8 +186,6 @@ def _finite(value):
 
 
 def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
