@@ -20,7 +20,7 @@ import sys
 import mlflow
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mlflow_selprune.flavor import default_pip_requirements
+from mlflow_selprune.registry.flavor import default_pip_requirements
 
 
 def save_samples(n_documents: int) -> tuple[str, str]:

@@ -12,7 +12,8 @@ import argparse
 import mlflow
 
 import mlflow_selprune as sp
-from mlflow_selprune.registry import load_components, resolve
+from mlflow_selprune.registry.loading import load_components
+from mlflow_selprune.registry.resolve import resolve
 from mlflow_selprune.unlearn import DataOptions, format_summary, run_prune
 
 

@@ -1,49 +1,53 @@
 """mlflow-selprune: machine unlearning by selective pruning, as an MLflow plugin.
 
-Public Python API (stable names):
+Public Python API (stable names, imported on first use so that ``import
+mlflow_selprune`` and the CLI's ``--help`` stay fast):
 - ``collect_statistics(model, batches)``: per-neuron activation sums
-- ``prune(model, forget_batches, retain_batches, ...)``: prune in place, get masks and records
+- ``prune(model, forget_batches, retain_batches, PruneConfig(...))``: prune in place, get masks and records
 - ``find_architecture(model)``: the projections whose inputs are the neurons
 - ``evaluate_model(model, batches, ...)``: next-token metrics (``evaluate`` module)
-- ``prepare_data(DATA, tokenizer, ...)``: forget/retain DATA to disjoint collect/eval batches
+- ``prepare_data(DATA, tokenizer, DataOptions(...))``: forget/retain DATA to disjoint collect/eval batches
 - ``log_model`` / ``save_model`` / ``load_model``: the ``selprune`` MLflow flavor
+- ``run_prune(model_uri, forget, retain, ...)``: the whole registry round trip
 """
-__version__ = "0.1.0"
+from ._version import __version__
+from .config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
+from .errors import BadInputError, ConfigError
 
-from .architecture import (  # noqa: E402
-    Architecture,
-    UnsupportedArchitectureError,
-    find_architecture,
-)
-from .data import DataError, PreparedData, prepare_data  # noqa: E402
-from .evaluation import evaluate_model  # noqa: E402
-from .flavor import load_model, log_model, save_model  # noqa: E402
-from .pruning import PruneConfig, PruneResult, prune  # noqa: E402
-from .scoring import SCORINGS, importance, score  # noqa: E402
-from .selection import select  # noqa: E402
-from .statistics import ModelStatistics, NeuronStatistics, collect_statistics  # noqa: E402
-from .surgery import prune_neurons  # noqa: E402
+_LAZY = {
+    "Architecture": "engine.architecture",
+    "UnsupportedArchitectureError": "engine.architecture",
+    "find_architecture": "engine.architecture",
+    "ModelStatistics": "engine.statistics",
+    "NeuronStatistics": "engine.statistics",
+    "collect_statistics": "engine.statistics",
+    "PruneResult": "engine.result",
+    "prune": "engine.loop",
+    "SCORINGS": "engine.scoring",
+    "importance": "engine.scoring",
+    "score": "engine.scoring",
+    "select": "engine.selection",
+    "prune_neurons": "engine.surgery",
+    "DataError": "data.sources",
+    "PreparedData": "data.batching",
+    "prepare_data": "data.batching",
+    "evaluate_model": "evaluation.next_token",
+    "load_model": "registry.flavor",
+    "log_model": "registry.flavor",
+    "save_model": "registry.flavor",
+    "run_prune": "unlearn",
+    "run_evaluate": "unlearn",
+}
 
-__all__ = [
-    "Architecture",
-    "ModelStatistics",
-    "NeuronStatistics",
-    "PruneConfig",
-    "PruneResult",
-    "SCORINGS",
-    "UnsupportedArchitectureError",
-    "DataError",
-    "PreparedData",
-    "collect_statistics",
-    "evaluate_model",
-    "load_model",
-    "log_model",
-    "prepare_data",
-    "save_model",
-    "find_architecture",
-    "importance",
-    "prune",
-    "prune_neurons",
-    "score",
-    "select",
-]
+__all__ = ["BadInputError", "ConfigError", "DataOptions", "EvidenceOptions", "PruneConfig", "SourceOptions",
+           "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

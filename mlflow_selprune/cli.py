@@ -1,10 +1,19 @@
 """The ``mlflow-selprune`` command line: prune, evaluate, gate, lineage, demo.
 
-Exit codes: 0 success, 1 gate failed, 2 bad input (one line on stderr saying
-what is wrong and what to do; the registry is untouched), 3 unexpected error.
+Exit codes: 0 success, 1 gate failed (or ``lineage --verify`` found a
+mismatch), 2 bad input (one line on stderr saying what is wrong and what to
+do; nothing is written to the registry), 3 unexpected error.
+
+Only the project's own error types (``errors.BadInputError`` and its
+subclasses) and MLflow's "no such resource / invalid parameter" answers mean
+bad input; anything else is a bug or an environment failure and exits 3.
+Options come from the config dataclasses' fields, so a default is written
+once. torch, transformers and mlflow are imported inside the commands:
+``--help`` and option errors answer at once.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -13,7 +22,8 @@ import sys
 
 import click
 
-from . import __version__
+from ._version import __version__
+from .config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 logger = logging.getLogger("mlflow_selprune")
@@ -25,6 +35,10 @@ def _setup_logging(verbose: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+    if not verbose:
+        # What an offline registry user cannot act on: hub model cards, license look-ups.
+        for name in ("mlflow.transformers", "mlflow.transformers.model_io", "mlflow.models.model"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _accelerator():
@@ -52,31 +66,22 @@ def _rank_prefix() -> str:
     return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
-def _bad_input_types():
-    from .architecture import UnsupportedArchitectureError
-    from .data import DataError
-    from .lineage import LineageError
-    from .registry import BadInputError
-
-    return (BadInputError, DataError, UnsupportedArchitectureError, LineageError, ValueError, TypeError,
-            FileNotFoundError, FloatingPointError)
-
-
 def _connection_message(exc: BaseException) -> str | None:
     """A tracking server that is down or refuses us, in one line."""
-    from mlflow.exceptions import MlflowException
-
     text = str(exc)
-    if isinstance(exc, MlflowException):
-        if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "Unauthorized" in text:
-            return (f"the MLflow server refused the request (permission denied): {text.splitlines()[0][:300]}; "
-                    "check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD and the user's permissions")
-        if "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text:
-            import mlflow
+    if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "Unauthorized" in text:
+        return (f"the MLflow server refused the request (permission denied): {text.splitlines()[0][:300]}; "
+                "check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD and the user's permissions")
+    if "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text:
+        import mlflow
 
-            return (f"the MLflow tracking server at {mlflow.get_tracking_uri()} is not reachable; "
-                    "start it or set MLFLOW_TRACKING_URI to a running server")
+        return (f"the MLflow tracking server at {mlflow.get_tracking_uri()} is not reachable; "
+                "start it or set MLFLOW_TRACKING_URI to a running server")
     return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def handle_errors(func):
@@ -84,102 +89,158 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
+        from .errors import BadInputError
 
         try:
             return func(*args, **kwargs)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.ClickException):
             raise
-        except click.ClickException:
-            raise
-        except MlflowException as exc:
-            message = _connection_message(exc)
-            if message is None and exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                message = exc.message.splitlines()[0]
-            if message is None:
-                click.echo(f"{_rank_prefix()}error: MLflow failed: {str(exc).splitlines()[0]}", err=True)
-                sys.exit(EXIT_ERROR)
-            click.echo(f"{_rank_prefix()}error: {message}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-        except _bad_input_types() as exc:
-            click.echo(f"{_rank_prefix()}error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", err=True)
+        except BadInputError as exc:
+            click.echo(f"{_rank_prefix()}error: {_first_line(exc)}", err=True)
             sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was registered", err=True)
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a traceback
-            if os.environ.get("SELPRUNE_DEBUG"):
+            if _debug():
                 raise
-            click.echo(f"{_rank_prefix()}error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                       "(set SELPRUNE_DEBUG=1 for the traceback)", err=True)
-            sys.exit(EXIT_ERROR)
+            message, code = _classify(exc)
+            click.echo(f"{_rank_prefix()}error: {message}", err=True)
+            sys.exit(code)
 
     return wrapper
 
 
+def _classify(exc: Exception) -> tuple[str, int]:
+    """MLflow's own answers about the user's input are bad input; everything else is unexpected."""
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:  # pragma: no cover - mlflow is a dependency
+        MlflowException = ()  # noqa: N806
+    if isinstance(exc, MlflowException):
+        message = _connection_message(exc)
+        if message is not None:
+            return message, EXIT_BAD_INPUT
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return exc.message.splitlines()[0], EXIT_BAD_INPUT
+        return f"MLflow failed: {_first_line(exc)} (rerun with --debug for the traceback)", EXIT_ERROR
+    return (f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
+            EXIT_ERROR)
+
+
+def _debug() -> bool:
+    return bool(os.environ.get("SELPRUNE_DEBUG"))
+
+
+# ----------------------------------------------------------------------------- options from the configs
+
+
+def config_options(cls, prefix: str = "", only: tuple[str, ...] | None = None):
+    """click options for the fields of config dataclass ``cls`` (``prefix``: ``forget_`` gives --forget-...)."""
+
+    def decorator(func):
+        for f in reversed(dataclasses.fields(cls)):
+            meta = f.metadata
+            if "help" not in meta or (only is not None and f.name not in only):
+                continue
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            if prefix:
+                flag = "--" + prefix.replace("_", "-") + flag[2:]
+            param = prefix + f.name
+            kwargs = {"help": meta["help"]}
+            if "/" in flag:
+                option = click.option(flag, param, default=f.default, show_default=True, **kwargs)
+            elif meta.get("is_flag"):
+                option = click.option(flag, param, is_flag=True, default=False, **kwargs)
+            else:
+                if meta.get("choices"):
+                    kwargs["type"] = click.Choice(meta["choices"])
+                elif meta.get("type") is not None:
+                    kwargs["type"] = meta["type"]
+                option = click.option(flag, param, default=f.default, show_default=f.default is not None, **kwargs)
+            func = option(func)
+        return func
+
+    return decorator
+
+
+def config_from(cls, kw: dict, prefix: str = ""):
+    """Build config ``cls`` from click's keyword arguments (an unset flag of a SourceOptions is None)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if prefix + f.name not in kw:
+            continue
+        value = kw[prefix + f.name]
+        if cls is SourceOptions and value is False:
+            value = None
+        values[f.name] = value
+    return cls(**values)
+
+
 def data_options(func):
-    """Options that turn forget/retain DATA into token batches."""
-    options = [
-        click.option("--max-length", type=int, default=128, show_default=True, help="Tokens per sequence; longer documents are cut into chunks."),
-        click.option("--batch-size", type=int, default=16, show_default=True),
-        click.option("--collect-tokens", type=int, default=20_000, show_default=True, help="Token budget per dataset for statistics (paper: 100000)."),
-        click.option("--eval-tokens", type=int, default=10_000, show_default=True, help="Token budget per dataset for metrics (paper: 100000)."),
-        click.option("--text-column", default=None, help="Column holding the text (default: detect text/content/code/...)."),
-        click.option("--glob", "glob_pattern", default=None, help="For a directory DATA: which files to read, e.g. '*.py'."),
-        click.option("--paragraphs", is_flag=True, help="For .txt DATA: one document per blank-line-separated block."),
-        click.option("--split", default=None, help="Dataset split (hub datasets, DatasetDicts)."),
-        click.option("--data-config", default=None, help="Hub dataset configuration, e.g. Python-all."),
-        click.option("--revision", default=None, help="Hub dataset revision."),
+    """DataOptions, shared SourceOptions, and per-side SourceOptions (--forget-*, --retain-*)."""
+    for decorator in (
+        config_options(DataOptions),
+        config_options(SourceOptions),
+        config_options(SourceOptions, prefix="forget_"),
+        config_options(SourceOptions, prefix="retain_"),
         click.option("--device", default=None, help="cpu, cuda, cuda:1, or auto (shard a big model across GPUs)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Load the model in this dtype (statistics stay float64)."),
-        click.option("--trust-remote-code", is_flag=True, help="Allow model/dataset code from the source (off by default)."),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+                     help="Load the model in this dtype (statistics stay float64)."),
+        click.option("--trust-remote-code", is_flag=True, help="Allow model code from the source (off by default)."),
         click.option("--run-name", default=None, help="MLflow run name."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
         click.option("--num-processes", type=int, default=1, show_default=True,
                      help="Data-parallel processes (launched like torchrun; ignored inside a torchrun/accelerate launch)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    ):
+        func = decorator(func)
     return func
 
 
-def _data(kwargs):
-    from .unlearn import DataOptions
+def data_from(kw: dict) -> DataOptions:
+    data = config_from(DataOptions, kw)
+    data.source = config_from(SourceOptions, kw)
+    data.forget_source = config_from(SourceOptions, kw, prefix="forget_")
+    data.retain_source = config_from(SourceOptions, kw, prefix="retain_")
+    return data
 
-    return DataOptions(
-        max_length=kwargs["max_length"], batch_size=kwargs["batch_size"],
-        collect_tokens=kwargs["collect_tokens"], eval_tokens=kwargs["eval_tokens"],
-        text_column=kwargs["text_column"], glob=kwargs["glob_pattern"], paragraphs=kwargs["paragraphs"],
-        split=kwargs["split"], config=kwargs["data_config"], revision=kwargs["revision"],
-    )
+
+def _announce_store(require_existing: bool = False) -> str:
+    """Say which tracking store is used (first output line); refuse to create one where a model must exist."""
+    import mlflow
+
+    from .errors import BadInputError
+
+    uri = mlflow.get_tracking_uri()
+    if require_existing and uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not os.path.exists(path):
+            raise BadInputError(f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
+                                "or set MLFLOW_TRACKING_URI")
+    click.echo(f"tracking: {uri}", err=True)
+    return uri
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="mlflow-selprune")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose):
+@click.option("-v", "--verbose", is_flag=True, help="Detail: per-step metrics and debug logging.")
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error.")
+def main(verbose, debug):
     """Machine unlearning by selective pruning for models in the MLflow Model Registry."""
     _setup_logging(verbose)
+    if debug:
+        os.environ["SELPRUNE_DEBUG"] = "1"
 
 
 @main.command()
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/..., or a model directory.")
 @click.option("--forget", required=True, help="DATA to forget: file, directory, builtin:..., hub dataset, or MLflow dataset URI.")
 @click.option("--retain", required=True, help="DATA to keep.")
-@click.option("--ff-frac", type=float, default=0.02, show_default=True, help="Fraction of all FF neurons pruned per step.")
-@click.option("--attn-frac", type=float, default=0.0, show_default=True, help="Fraction of all attention neurons pruned per step.")
-@click.option("--steps", type=int, default=None, help="Fixed number of steps (default 1 unless a budget is given).")
-@click.option("--target-forget-drop", type=float, default=None, help="Budget mode: stop once forget top1 dropped this much (relative).")
-@click.option("--max-retain-drop", type=float, default=None, help="Budget mode: never keep a step past this retain top1 drop.")
-@click.option("--max-steps", type=int, default=50, show_default=True, help="Budget mode: give up after this many steps.")
-@click.option("--scoring", default="abs", show_default=True, help="Importance: abs, freq, rms, std, sqrt, mean, random.")
-@click.option("--attn-scoring", default=None, help="Importance for attention neurons (default: --scoring).")
-@click.option("--selection", type=click.Choice(["global", "per-layer"]), default="global", show_default=True)
-@click.option("--ff-eps", type=float, default=1e-3, show_default=True)
-@click.option("--attn-eps", type=float, default=1e-4, show_default=True)
-@click.option("--attn-mean-offset", is_flag=True, help="Fold pruned attention neurons' mean into the bias.")
-@click.option("--eval-every", type=int, default=1, show_default=True, help="Evaluate every k steps (the last step always).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@config_options(PruneConfig)
+@config_options(EvidenceOptions)
 @click.option("--register-as", default=None, help="Registered model name for the result (default: the parent's).")
 @click.option("--no-register", is_flag=True, help="Log the run and model but register nothing.")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
@@ -187,45 +248,56 @@ def main(verbose):
 @handle_errors
 def prune(**kw):
     """Prune a model so it forgets FORGET data and keeps RETAIN data; register the result."""
-    from .pruning import PruneConfig
-    from .unlearn import format_summary, run_prune
+    config = config_from(PruneConfig, kw).validate()
+    data = data_from(kw).validate()
+    evidence = config_from(EvidenceOptions, kw).validate()
+    from .registry.resolve import check_alias, check_registered_name
 
+    check_alias(kw["alias"] or None)
+    check_registered_name(kw["register_as"] or None)
     _maybe_relaunch(kw["num_processes"])
-    config = PruneConfig(
-        ff_frac=kw["ff_frac"], attn_frac=kw["attn_frac"], steps=kw["steps"], scoring=kw["scoring"],
-        attn_scoring=kw["attn_scoring"], selection=kw["selection"], ff_eps=kw["ff_eps"], attn_eps=kw["attn_eps"],
-        attn_mean_offset=kw["attn_mean_offset"], target_forget_drop=kw["target_forget_drop"],
-        max_retain_drop=kw["max_retain_drop"], max_steps=kw["max_steps"], eval_every=kw["eval_every"], seed=kw["seed"],
-    )
+    from .report import format_summary
+    from .unlearn import run_prune
+
     accelerator = _accelerator()
+    if accelerator is None or accelerator.is_main_process:
+        _announce_store()
     result = run_prune(
-        kw["model_uri"], kw["forget"], kw["retain"], config=config, data=_data(kw),
+        kw["model_uri"], kw["forget"], kw["retain"], config=config, data=data, evidence=evidence,
         register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
         device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
         trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=not kw["no_progress"],
     )
     if accelerator is None or accelerator.is_main_process:
-        click.echo(format_summary(result))
+        click.echo(format_summary(result.metrics, result.model_uri, result.run_id))
 
 
 @main.command()
 @click.option("--model-uri", required=True)
 @click.option("--forget", required=True)
 @click.option("--retain", required=True)
+@click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
+@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr"))
+@config_options(PruneConfig, only=("seed",))
 @data_options
 @handle_errors
 def evaluate(**kw):
     """Forget/retain metrics of a model, logged to an MLflow run (nothing registered)."""
+    data = data_from(kw).validate()
+    evidence = dataclasses.replace(config_from(EvidenceOptions, kw), control=False).validate()
+    _maybe_relaunch(kw["num_processes"])
     from .unlearn import run_evaluate
 
-    _maybe_relaunch(kw["num_processes"])
     accelerator = _accelerator()
-    result = run_evaluate(kw["model_uri"], kw["forget"], kw["retain"], data=_data(kw), device=kw["device"],
+    if accelerator is None or accelerator.is_main_process:
+        _announce_store()
+    result = run_evaluate(kw["model_uri"], kw["forget"], kw["retain"], data=data, evidence=evidence,
+                          parent_model_uri=kw["parent_model_uri"], seed=kw["seed"], device=kw["device"],
                           dtype=kw["dtype"], run_name=kw["run_name"], trust_remote_code=kw["trust_remote_code"],
                           accelerator=accelerator, progress=not kw["no_progress"])
     if accelerator is None or accelerator.is_main_process:
         for key, value in sorted(result.metrics.items()):
-            click.echo(f"{key:<24}{value:.4f}")
+            click.echo(f"{key:<28}{value:.4f}")
         click.echo(f"run: {result.run_id}")
 
 
@@ -233,22 +305,31 @@ def evaluate(**kw):
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION (or @ALIAS) of an unlearned version.")
 @click.option("--max-retain-drop", type=float, default=None, help="Highest acceptable relative retain drop, e.g. 0.05.")
 @click.option("--min-forget-drop", type=float, default=None, help="Lowest acceptable relative forget drop, e.g. 0.2.")
-@click.option("--min-selectivity", type=float, default=None, help="Lowest acceptable forget drop / retain drop, e.g. 3.")
+@click.option("--min-selectivity", type=float, default=None,
+              help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.")
+@click.option("--max-relearn-recovery", type=float, default=None,
+              help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.")
 @click.option("--metric", type=click.Choice(["top1", "top10", "skip50_top1"]), default="top1", show_default=True)
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
+@click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
 @handle_errors
-def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, metric, set_alias):
-    """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; the verdict is tagged either way."""
-    from .gate import gate as run_gate
+def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, metric, set_alias,
+         dry_run):
+    """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
+    from .registry.gate import gate as run_gate
 
+    _announce_store(require_existing=True)
     result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
-                      min_selectivity=min_selectivity, metric=metric, set_alias=set_alias or None)
+                      min_selectivity=min_selectivity, max_relearn_recovery=max_relearn_recovery, metric=metric,
+                      set_alias=set_alias or None, dry_run=dry_run)
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")
+    suffix = " (dry run: nothing written)" if dry_run else ""
     if result.passed:
-        click.echo(f"gate PASSED for {result.model_uri}" + (f"; alias '{result.alias_set}' now points to it" if result.alias_set else ""))
+        click.echo(f"gate PASSED for {result.model_uri}" + (f"; alias '{result.alias_set}' now points to it"
+                                                            if result.alias_set else "") + suffix)
         sys.exit(EXIT_OK)
-    click.echo(f"gate FAILED for {result.model_uri}: " + "; ".join(result.failures), err=True)
+    click.echo(f"gate FAILED for {result.model_uri}: " + "; ".join(result.failures) + suffix, err=True)
     sys.exit(EXIT_GATE_FAILED)
 
 
@@ -258,9 +339,10 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, metric, s
 @click.option("--verify", is_flag=True, help="Recompute each unlearned version's weights digest.")
 @handle_errors
 def lineage_command(model_uri, as_json, verify):
-    """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate verdicts."""
-    from . import lineage
+    """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions."""
+    from .registry import lineage
 
+    _announce_store(require_existing=True)
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
     mismatches = 0
@@ -271,39 +353,62 @@ def lineage_command(model_uri, as_json, verify):
                 row["verified"] = ok
                 row["actual_weights_sha256"] = actual
                 mismatches += not ok
+    for hop, row in zip(hops, rows):
+        row["aliases"] = lineage.aliases_of(hop)
+        row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         for i, row in enumerate(rows):
-            head = "root" if not row["unlearned"] else f"hop {i}"
-            click.echo(f"{head}: {row['model_uri']}  (run {row['run_id']})")
-            if row["unlearned"]:
-                click.echo(f"  parent:  {row['parent_model_uri']}")
-                click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
-                click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
-                click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons")
-                m = row["metrics"]
-                if m:
-                    click.echo("  metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in
-                                                         ("forget_top1_drop", "retain_top1_drop", "selectivity") if k in m))
-                click.echo(f"  gate:    {row['gate_verdict'] or 'not gated'}")
-                if "verified" in row:
-                    click.echo(f"  weights: {'verified' if row['verified'] else 'MISMATCH: recorded ' + str(row['weights_sha256'])[:16] + ', actual ' + row['actual_weights_sha256'][:16]}")
+            _print_hop(i, row)
     if mismatches:
         click.echo(f"error: {mismatches} version(s) do not match their recorded weights digest", err=True)
         sys.exit(EXIT_GATE_FAILED)
 
 
+def _print_hop(i: int, row: dict) -> None:
+    head = "root" if not row["unlearned"] else f"hop {i}"
+    aliases = f"  @{', @'.join(row['aliases'])}" if row["aliases"] else ""
+    click.echo(f"{head}: {row['model_uri']}{aliases}  (run {row['run_id']})")
+    if not row["unlearned"]:
+        return
+    click.echo(f"  parent:  {row['parent_model_uri']}")
+    click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
+    click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
+    click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons"
+               f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}")
+    m = row["metrics"]
+    shown = ("forget_top1_drop", "retain_top1_drop", "selectivity", "control_forget_top1_drop", "relearn_recovery")
+    if m:
+        click.echo("  metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
+    decisions = row["gate_decisions"]
+    deciding = row["deciding_gate"]
+    if deciding:
+        click.echo(f"  gate:    {deciding['verdict']} at {deciding['time']} by {deciding['user']}, moved "
+                   f"@{deciding['alias_moved']} ({len(decisions)} decision(s) recorded)")
+    elif decisions:
+        last = decisions[-1]
+        click.echo(f"  gate:    last decision {last['verdict']} at {last['time']} "
+                   f"({len(decisions)} decision(s) recorded)")
+    else:
+        click.echo("  gate:    not gated")
+    if "verified" in row:
+        status = "verified" if row["verified"] else (f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, "
+                                                     f"actual {row['actual_weights_sha256'][:16]}")
+        click.echo(f"  weights: {status}")
+
+
 @main.command()
-@click.option("--train-seconds", type=float, default=180, show_default=True, help="Wall-time cap for training the demo model.")
+@click.option("--train-steps", type=int, default=None, help="Optimizer steps for the demo model (default: the recipe's).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training and the pruning.")
 @click.option("--retrain", is_flag=True, help="Train a new base model even if 'selprune-demo@base' exists.")
 @click.option("--no-progress", is_flag=True)
 @handle_errors
-def demo(train_seconds, retrain, no_progress):
+def demo(train_steps, seed, retrain, no_progress):
     """Offline end to end: train a small LM, register it, unlearn Python code, gate, promote."""
     from .demo import run_demo
 
-    sys.exit(run_demo(train_seconds=train_seconds, retrain=retrain, progress=not no_progress))
+    sys.exit(run_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
 
 
 if __name__ == "__main__":

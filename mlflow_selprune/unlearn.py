@@ -1,62 +1,33 @@
-"""One unlearning run end to end: registry model in, pruned and registered version out.
+"""One unlearning job end to end: registry model in, pruned and registered version out.
 
-Order matters for the registry's integrity: every input is checked and
-loaded before a run starts; the model, its artifacts and metrics are logged
-before anything is registered; the version is created with all of its lineage
-tags in one request; the alias moves last. A failure at any point leaves no
-version, or a complete one.
+The data flow, in order: check every input (options, aliases, names, data
+paths, the model URI) → load the parent and the data → open the MLflow run →
+prune (steps logged live) → the random control and the relearning check →
+log the model and artifacts → register the version with all of its lineage
+tags in one request → move the alias. Anything that fails before the run
+opens writes nothing; anything after it leaves a FAILED run and no version.
 """
 from __future__ import annotations
 
 import logging
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import mlflow
-from mlflow.entities import LoggedModelInput
-
-from . import __version__, lineage
-from .data import PreparedData, prepare_data
-from .evaluation import evaluate_model, relative_drops, selectivity
-from .pruning import PruneConfig, PruneResult, prune
-from .registry import BadInputError, ResolvedModel, client, load_components, resolve
+from ._version import __version__
+from .config import SIDES, DataOptions, EvidenceOptions, PruneConfig
+from .errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DataOptions:
-    """How forget/retain DATA become token batches (shared by both datasets)."""
-
-    max_length: int = 128
-    batch_size: int = 16
-    collect_tokens: int = 20_000
-    eval_tokens: int = 10_000
-    text_column: str | None = None
-    glob: str | None = None
-    paragraphs: bool = False
-    split: str | None = None
-    config: str | None = None
-    revision: str | None = None
-
-    def validate(self) -> None:
-        for name in ("max_length", "batch_size", "collect_tokens", "eval_tokens"):
-            if getattr(self, name) < 1:
-                raise BadInputError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_length < 2:
-            raise BadInputError("max-length must be >= 2: next-token metrics need two tokens")
-
-
-@dataclass
 class UnlearnResult:
-    """What a finished run produced (``model_uri`` is None when nothing was registered)."""
+    """What a finished job produced (``model_uri`` is None when nothing was registered)."""
 
     run_id: str | None
     model_uri: str | None
     parent_uri: str
     metrics: dict
-    pruning: PruneResult | None = None
+    pruning: object | None = None  # engine.PruneResult
     tags: dict = field(default_factory=dict)
     alias: str | None = None
 
@@ -65,100 +36,44 @@ def _is_main(accelerator) -> bool:
     return accelerator is None or accelerator.is_main_process
 
 
-def load_datasets(tokenizer, forget: str, retain: str, options: DataOptions, trust_remote_code: bool = False):
-    """Prepare forget and retain data; refuse the same data on both sides."""
-    kwargs = dict(
-        max_length=options.max_length, batch_size=options.batch_size,
-        collect_tokens=options.collect_tokens, eval_tokens=options.eval_tokens,
-        text_column=options.text_column, glob=options.glob, paragraphs=options.paragraphs,
-        split=options.split, config=options.config, revision=options.revision,
-        trust_remote_code=trust_remote_code,
-        # fewer tokens than one full batch cannot give meaningful statistics or metrics
-        min_tokens=min(options.batch_size * options.max_length, options.collect_tokens, options.eval_tokens),
-    )
-    forget_data = prepare_data(forget, tokenizer, **kwargs)
-    retain_data = prepare_data(retain, tokenizer, **kwargs)
-    if forget_data.digest == retain_data.digest:
+def check_data_specs(forget: str, retain: str, data: DataOptions) -> None:
+    """Fail on a missing file or unknown built-in corpus in seconds, before any model is loaded."""
+    from .data.sources import check_spec
+
+    for side, spec in zip(SIDES, (forget, retain)):
+        check_spec(spec, side)
+
+
+def load_datasets(tokenizer, forget: str, retain: str, data: DataOptions, trust_remote_code: bool = False):
+    """Prepare forget and retain data (each with its own source options); refuse the same data on both sides."""
+    from .data.batching import prepare_data
+
+    prepared = [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,
+                             trust_remote_code=trust_remote_code)
+                for side, spec in zip(SIDES, (forget, retain))]
+    if prepared[0].digest == prepared[1].digest:
         raise BadInputError(
-            f"forget and retain are the same data ({forget} and {retain} have digest {forget_data.digest[:12]}); "
+            f"forget and retain are the same data ({forget} and {retain} have digest {prepared[0].digest[:12]}); "
             "pass different datasets"
         )
-    return forget_data, retain_data
+    return prepared[0], prepared[1]
 
 
-def make_evaluate_fn(forget: PreparedData, retain: PreparedData, accelerator=None, progress: bool = True):
-    """Forget and retain metrics on the eval parts (documents that never feed the statistics)."""
+def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES):
+    """Metrics on the eval parts (documents that never feed the statistics), prefixed ``forget_``/``retain_``."""
+    from .evaluation.next_token import evaluate_model
+
+    prepared = {"forget": forget, "retain": retain}
 
     def evaluate_fn(model) -> dict:
-        logger.info("evaluating forget and retain metrics")
-        metrics = evaluate_model(model, forget.eval_batches, skip_token_ids=forget.skip_token_ids,
-                                 prefix="forget_", accelerator=accelerator, progress=progress)
-        metrics.update(evaluate_model(model, retain.eval_batches, skip_token_ids=retain.skip_token_ids,
-                                      prefix="retain_", accelerator=accelerator, progress=progress))
+        metrics = {}
+        for side in sides:
+            metrics.update(evaluate_model(model, prepared[side].eval_batches,
+                                          skip_token_ids=prepared[side].skip_token_ids, prefix=f"{side}_",
+                                          accelerator=accelerator, progress=progress))
         return metrics
 
     return evaluate_fn
-
-
-def summary_metrics(baseline: dict, final: dict) -> dict:
-    """Final metrics plus relative drops vs the parent and the selectivity figure."""
-    out = {k: v for k, v in final.items()}
-    out.update({f"parent_{k}": v for k, v in baseline.items()})
-    out.update(relative_drops(baseline, final, "forget_"))
-    out.update(relative_drops(baseline, final, "retain_"))
-    out["selectivity"] = selectivity(out["forget_top1_drop"], out["retain_top1_drop"])
-    return out
-
-
-def _log_dataset(data: PreparedData, context: str) -> None:
-    dataset = mlflow.data.from_huggingface(data.documents, name=data.spec, digest=data.digest[:32])
-    mlflow.log_input(dataset, context=context, tags={"selprune.digest": data.digest})
-
-
-def _plot(result: PruneResult, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps, forget, retain = [0], [result.baseline_metrics.get("forget_top1")], [result.baseline_metrics.get("retain_top1")]
-    for record in result.steps:
-        if "metrics" in record and record["kept"]:
-            steps.append(record["step"])
-            forget.append(record["metrics"]["forget_top1"])
-            retain.append(record["metrics"]["retain_top1"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, forget, "o-", color="tab:red", label="forget top-1")
-    ax.plot(steps, retain, "s-", color="tab:blue", label="retain top-1")
-    ax.set_xlabel("pruning step")
-    ax.set_ylabel("next-token top-1 accuracy")
-    ax.set_title("Selective pruning: forget vs retain")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _existing_version(name: str, run_id: str):
-    """A version this run already registered (a retried job must not register twice)."""
-    for mv in client().search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-        if mv.tags.get(lineage.COMPLETE) == "true" and mv.tags.get(lineage.RUN_ID) == run_id:
-            return mv
-    return None
-
-
-def _target_name(parent: ResolvedModel, register_as: str | None, register: bool) -> str | None:
-    if not register:
-        return None
-    name = register_as or parent.registered_name
-    if not name:
-        raise BadInputError(
-            f"'{parent.uri}' is not a registered model, so there is no name to register the result under; "
-            "pass --register-as NAME (or --no-register)"
-        )
-    return name
 
 
 def run_prune(
@@ -168,6 +83,7 @@ def run_prune(
     *,
     config: PruneConfig | None = None,
     data: DataOptions | None = None,
+    evidence: EvidenceOptions | None = None,
     register: bool = True,
     register_as: str | None = None,
     alias: str | None = None,
@@ -179,35 +95,99 @@ def run_prune(
     progress: bool = True,
 ) -> UnlearnResult:
     """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result."""
-    config = config or PruneConfig()
-    data = data or DataOptions()
-    config.validate(has_evaluate=True)
-    data.validate()
+    from .registry.resolve import check_alias, check_registered_name, resolve
+
+    config = (config or PruneConfig()).validate(has_evaluate=True)
+    data = (data or DataOptions()).validate()
+    evidence = (evidence or EvidenceOptions()).validate()
+    check_alias(alias)
+    check_registered_name(register_as)
+    check_data_specs(forget, retain, data)
     parent = resolve(model_uri)
     target_name = _target_name(parent, register_as, register)
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
-    from .architecture import find_architecture
-
-    find_architecture(model)  # an unsupported architecture fails here, before any run exists
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
+    full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
+                   "trust_remote_code": trust_remote_code}
+
+    from .registry import lineage, tracking
+
+    with tracking.job_run(run_name, "prune", enabled=_is_main(accelerator)) as run:
+        if run is not None:
+            tracking.log_inputs(parent=parent, forget=forget_data, retain=retain_data,
+                                params=_params(parent, forget, retain, full_config))
+        result, metrics = _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator,
+                                               progress, on_step=tracking.log_step if run is not None else None)
+        _check_budget_met(config, metrics, result)
+        if run is None:
+            return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
+        run_id = run.info.run_id
+        logger.info("logging the unlearned model to run %s", run_id)
+        model_info = tracking.log_unlearned_model(model, tokenizer, result, metrics,
+                                                  extra_record={"evidence": _evidence_record(metrics, evidence)})
+        tags = lineage.build_tags(
+            parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
+            weights_digest=lineage.weights_sha256(model), ff_pruned=result.ff_pruned,
+            attn_pruned=result.attn_pruned, metrics=metrics, plugin_version=__version__,
+            trust_remote_code=trust_remote_code,
+        )
+        import mlflow
+
+        mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
+        registered = tracking.register(model_info, target_name, run_id, tags, alias) if target_name else None
+    return UnlearnResult(run_id, registered, parent.canonical_uri, metrics, result, tags, alias)
+
+
+def _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator, progress, on_step):
+    """Prune, then measure the random control and (opt-in) the relearning check beside the result."""
+    from .engine import parent_restored, prune, randomly_pruned, relearn
+    from .evaluation.drops import control_metrics, relearn_recovery, summary_metrics
 
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
-    result = prune(model, forget_data.collect_batches, retain_data.collect_batches,
-                   evaluate_fn=evaluate_fn, accelerator=accelerator, progress=progress, **asdict(config))
+    result = prune(model, forget_data.collect_batches, retain_data.collect_batches, config,
+                   evaluate_fn=evaluate_fn, on_step=on_step, accelerator=accelerator, progress=progress)
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
-    _check_budget_met(config, metrics, result)
-    if not _is_main(accelerator):
-        return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
-    return _log_and_register(model, tokenizer, parent, forget_data, retain_data, result, metrics, config, data,
-                             target_name, alias, run_name)
+    if evidence.control:
+        with randomly_pruned(model, result, seed=config.seed):
+            metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
+    if evidence.relearn_steps:
+        forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
+        settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=config.seed)
+        relearned = relearn(model, forget_data.collect_batches, **settings)
+        metrics["relearn_forget_top1"] = forget_only(relearned)["forget_top1"]
+        del relearned
+        with parent_restored(model, result):
+            relearned_parent = relearn(model, forget_data.collect_batches, **settings)
+        metrics["relearn_parent_forget_top1"] = forget_only(relearned_parent)["forget_top1"]
+        del relearned_parent
+        metrics["relearn_recovery"] = relearn_recovery(metrics["parent_forget_top1"], metrics["forget_top1"],
+                                                       metrics["relearn_forget_top1"])
+    return result, metrics
 
 
-def _check_budget_met(config: PruneConfig, metrics: dict, result: PruneResult) -> None:
+def _evidence_record(metrics: dict, evidence: EvidenceOptions) -> dict:
+    return {"options": evidence.to_dict(),
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))}}
+
+
+def _target_name(parent, register_as: str | None, register: bool) -> str | None:
+    if not register:
+        return None
+    name = register_as or parent.registered_name
+    if not name:
+        raise BadInputError(
+            f"'{parent.uri}' is not a registered model, so there is no name to register the result under; "
+            "pass --register-as NAME (or --no-register)"
+        )
+    return name
+
+
+def _check_budget_met(config: PruneConfig, metrics: dict, result) -> None:
     """A budget run that stopped short of its forget target registers nothing."""
     if config.target_forget_drop is None:
         return
     reached = metrics[f"forget_{config.budget_metric}_drop"]
-    if reached < config.target_forget_drop:
+    if not reached >= config.target_forget_drop:
         raise BadInputError(
             f"the budget cannot be met: forget {config.budget_metric} dropped {reached:.1%} "
             f"(target {config.target_forget_drop:.1%}) when pruning stopped ({result.stop_reason}); "
@@ -216,119 +196,93 @@ def _check_budget_met(config: PruneConfig, metrics: dict, result: PruneResult) -
 
 
 def _load(parent, device, dtype, trust_remote_code, accelerator):
+    """The parent's model and tokenizer; an unsupported architecture fails here, before any run exists."""
+    from .engine.architecture import find_architecture
+    from .registry.loading import load_components
+
+    def load():
+        return load_components(parent, device=device or (str(accelerator.device) if accelerator else None),
+                               dtype=dtype, trust_remote_code=trust_remote_code)
+
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.main_process_first():
-            model, tokenizer = load_components(parent, device=device or str(accelerator.device), dtype=dtype,
-                                               trust_remote_code=trust_remote_code)
-        return model, tokenizer
-    return load_components(parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            model, tokenizer = load()
+    else:
+        model, tokenizer = load()
+    find_architecture(model)
+    return model, tokenizer
 
 
-def _params(model_uri, forget, retain, config: PruneConfig, data: DataOptions) -> dict:
-    params = {"model_uri": model_uri, "forget": forget, "retain": retain}
-    params.update({k: v for k, v in config.to_dict().items()})
-    params.update({f"data_{k}": v for k, v in asdict(data).items()})
-    return {k: ("None" if v is None else v) for k, v in params.items()}
-
-
-def _log_and_register(model, tokenizer, parent, forget_data, retain_data, result, metrics, config, data,
-                      target_name, alias, run_name) -> UnlearnResult:
-    with mlflow.start_run(run_name=run_name) as run:
-        run_id = run.info.run_id
-        mlflow.set_tags({"selprune.parent_model_uri": parent.canonical_uri, "selprune.kind": "prune"})
-        mlflow.log_params(_params(parent.uri, forget_data.spec, retain_data.spec, config, data))
-        _log_dataset(forget_data, "forget")
-        _log_dataset(retain_data, "retain")
-        if parent.model_id:
-            mlflow.log_input(model=LoggedModelInput(model_id=parent.model_id))
-        warnings = forget_data.warnings + retain_data.warnings
-        if warnings:
-            mlflow.set_tag("selprune.data_warnings", " | ".join(warnings)[:4000])
-        if result.baseline_metrics:
-            mlflow.log_metrics(_finite(result.baseline_metrics), step=0)
-        kept = [record for record in result.steps if record["kept"]]
-        for record in kept[:-1]:  # the last kept step is logged below, with the summary and the model
-            step_metrics = {"ff_pruned_total": record["ff_pruned_total"], "attn_pruned_total": record["attn_pruned_total"]}
-            step_metrics.update(record.get("metrics", {}))
-            mlflow.log_metrics(_finite(step_metrics), step=record["step"])
-        logger.info("logging the unlearned model to run %s", run_id)
-        with tempfile.TemporaryDirectory() as tmp:
-            files = result.save(tmp)
-            files["plot"] = _plot(result, Path(tmp) / "forget_vs_retain.png")
-            for path in files.values():
-                mlflow.log_artifact(str(path), artifact_path="selprune")
-            from .flavor import log_model
-
-            model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model",
-                                   pruning_files={k: str(v) for k, v in files.items() if k != "plot"})
-        final = {"ff_pruned_total": result.ff_pruned, "attn_pruned_total": result.attn_pruned}
-        final.update({k: v for k, v in metrics.items() if not k.startswith("parent_")})
-        mlflow.log_metrics(_finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
-        full_config = {"prune": config.to_dict(), "data": asdict(data)}
-        tags = lineage.build_tags(
-            parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
-            weights_digest=lineage.weights_sha256(model), ff_pruned=result.ff_pruned,
-            attn_pruned=result.attn_pruned, metrics=metrics, plugin_version=__version__,
-        )
-        mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
-        model_uri = None
-        if target_name:
-            mv = _existing_version(target_name, run_id)
-            if mv is None:
-                logger.info("registering a new version of '%s' with its lineage tags", target_name)
-                mv = mlflow.register_model(model_info.model_uri, target_name, tags=tags)
-            else:
-                logger.info("run %s already registered %s version %s; not registering again", run_id, target_name, mv.version)
-            model_uri = f"models:/{mv.name}/{mv.version}"
-            mlflow.set_tag("selprune.registered_model_uri", model_uri)
-            if alias:
-                client().set_registered_model_alias(mv.name, alias, mv.version)
-    return UnlearnResult(run_id, model_uri, parent.canonical_uri, metrics, result, tags, alias)
-
-
-def _finite(metrics: dict) -> dict:
-    import math
-
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+def _params(parent, forget: str, retain: str, full_config: dict) -> dict:
+    """Run params: the inputs as typed, the version an alias resolved to, and every setting."""
+    params = {"model_uri": parent.uri, "model_version_uri": parent.canonical_uri, "forget": forget,
+              "retain": retain, "trust_remote_code": full_config["trust_remote_code"]}
+    params.update(full_config["prune"])
+    for key, value in full_config["data"].items():
+        if isinstance(value, dict):
+            params.update({f"data_{key}_{k}": v for k, v in value.items() if v is not None})
+        else:
+            params[f"data_{key}"] = value
+    params.update({f"evidence_{k}": v for k, v in full_config["evidence"].items()})
+    return params
 
 
 def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions | None = None,
-                 device: str | None = None, dtype: str | None = None, run_name: str | None = None,
-                 trust_remote_code: bool = False, accelerator=None, progress: bool = True) -> UnlearnResult:
-    """Forget/retain metrics of one model, logged to a run; nothing is registered."""
-    data = data or DataOptions()
-    data.validate()
+                 evidence: EvidenceOptions | None = None, parent_model_uri: str | None = None,
+                 seed: int = 0, device: str | None = None, dtype: str | None = None,
+                 run_name: str | None = None, trust_remote_code: bool = False, accelerator=None,
+                 progress: bool = True) -> UnlearnResult:
+    """Forget/retain metrics of one model, logged to a run; nothing is registered.
+
+    With ``evidence.relearn_steps``, the relearning check runs too (against
+    ``parent_model_uri`` when given, for the recovery figure).
+    """
+    from .registry import tracking
+    from .registry.resolve import resolve
+
+    data = (data or DataOptions()).validate()
+    evidence = (evidence or EvidenceOptions(control=False)).validate()
+    check_data_specs(forget, retain, data)
     resolved = resolve(model_uri)
+    parent = resolve(parent_model_uri) if parent_model_uri else None
     model, tokenizer = _load(resolved, device, dtype, trust_remote_code, accelerator)
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
-    metrics = make_evaluate_fn(forget_data, retain_data, accelerator, progress)(model)
-    if not _is_main(accelerator):
-        return UnlearnResult(None, None, resolved.canonical_uri, metrics)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.set_tags({"selprune.kind": "evaluate", "selprune.evaluated_model_uri": resolved.canonical_uri})
-        mlflow.log_params(_params(resolved.uri, forget_data.spec, retain_data.spec, PruneConfig(), data))
-        _log_dataset(forget_data, "forget")
-        _log_dataset(retain_data, "retain")
-        if resolved.model_id:
-            mlflow.log_input(model=LoggedModelInput(model_id=resolved.model_id))
-        mlflow.log_metrics(_finite(metrics))
-    return UnlearnResult(run.info.run_id, None, resolved.canonical_uri, metrics)
+    evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
+    with tracking.job_run(run_name, "evaluate", enabled=_is_main(accelerator)) as run:
+        if run is not None:
+            import mlflow
+
+            mlflow.set_tag("selprune.evaluated_model_uri", resolved.canonical_uri)
+            full_config = {"data": data.to_dict(), "evidence": evidence.to_dict(), "trust_remote_code": trust_remote_code,
+                           "prune": {"seed": seed}}
+            tracking.log_inputs(parent=resolved, forget=forget_data, retain=retain_data,
+                                params=_params(resolved, forget, retain, full_config))
+        metrics = evaluate_fn(model)
+        if parent is not None:
+            from .evaluation.drops import summary_metrics
+
+            parent_model, _ = _load(parent, device, dtype, trust_remote_code, accelerator)
+            metrics = summary_metrics(evaluate_fn(parent_model), metrics)
+        if evidence.relearn_steps:
+            metrics.update(_relearn_only(model, parent_model if parent is not None else None, forget_data,
+                                         retain_data, evidence, seed, metrics, accelerator, progress))
+        if run is not None:
+            import mlflow
+
+            mlflow.log_metrics(tracking.finite(metrics))
+    return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
 
 
-def format_summary(result: UnlearnResult) -> str:
-    """A small table of parent vs unlearned metrics for the terminal."""
-    m = result.metrics
-    lines = [f"{'metric':<22}{'parent':>10}{'unlearned':>11}{'change':>10}"]
-    for name in ("top1", "top10", "skip50_top1", "loss"):
-        for side in ("forget", "retain"):
-            key = f"{side}_{name}"
-            if key not in m:
-                continue
-            before, after = m.get(f"parent_{key}"), m[key]
-            change = "" if not before else f"{(after - before) / before:+.1%}"
-            lines.append(f"{key:<22}{'' if before is None else f'{before:.4f}':>10}{after:>11.4f}{change:>10}")
-    if "selectivity" in m:
-        lines.append(f"selectivity (forget top1 drop / retain top1 drop): {m['selectivity']:.2f}")
-    if result.model_uri:
-        lines.append(f"registered: {result.model_uri} (run {result.run_id})")
-    return "\n".join(lines)
+def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed, metrics, accelerator, progress):
+    from .engine import relearn
+    from .evaluation.drops import relearn_recovery
+
+    forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
+    settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=seed)
+    out = {"relearn_forget_top1": forget_only(relearn(model, forget_data.collect_batches, **settings))["forget_top1"]}
+    if parent_model is not None:
+        out["relearn_parent_forget_top1"] = forget_only(
+            relearn(parent_model, forget_data.collect_batches, **settings))["forget_top1"]
+        out["relearn_recovery"] = relearn_recovery(metrics["parent_forget_top1"], metrics["forget_top1"],
+                                                   out["relearn_forget_top1"])
+    return out

@@ -7,7 +7,8 @@
 
 ``data`` is a DataFrame with a text column (``text_column``, default
 ``text``) and a role column (``role_column``, default ``role``) whose values
-are ``forget`` or ``retain``. Alternatively ``evaluator_config`` names the two
+are ``forget`` or ``retain``; every row is evaluated (up to ``eval_tokens``
+tokens per role). Alternatively ``evaluator_config`` names the two
 datasets as DATA specs (``forget``/``retain``: a file, a directory,
 ``builtin:stdlib-code``, ...) and ``data`` only satisfies MLflow's signature.
 With ``parent_model_uri`` in the config, relative drops vs that model are
@@ -60,25 +61,27 @@ class SelpruneEvaluator(ModelEvaluator):
                  custom_artifacts=None, predictions=None, **kwargs) -> EvaluationResult:
         from mlflow.tracking import MlflowClient
 
+        from mlflow_selprune.config import DataOptions
         from mlflow_selprune.data import prepare_data
-        from mlflow_selprune.registry import load_components, resolve
-        from mlflow_selprune.unlearn import make_evaluate_fn, summary_metrics
+        from mlflow_selprune.evaluation.drops import summary_metrics
+        from mlflow_selprune.registry.loading import load_components
+        from mlflow_selprune.registry.resolve import resolve
+        from mlflow_selprune.unlearn import make_evaluate_fn
 
         if model is None:
             raise ValueError("the selprune evaluator needs a model, not only predictions")
         config = dict(evaluator_config or {})
         hf_model, tokenizer = _hf_components(model)
-        options = {k: config[k] for k in ("max_length", "batch_size", "collect_tokens", "eval_tokens") if k in config}
-        prepared = {
-            role: prepare_data(_documents(dataset, config, role), tokenizer, eval_fraction=config.get("eval_fraction", 0.5), **options)
-            for role in ("forget", "retain")
-        }
+        options = DataOptions(**{k: config[k] for k in ("max_length", "batch_size", "eval_tokens") if k in config})
+        # An evaluator evaluates every row it is given: nothing is held back for statistics.
+        prepared = {role: prepare_data(_documents(dataset, config, role), tokenizer, options, eval_only=True)
+                    for role in ("forget", "retain")}
         evaluate_fn = make_evaluate_fn(prepared["forget"], prepared["retain"], progress=False)
         metrics = evaluate_fn(hf_model)
         if config.get("parent_model_uri"):
             parent, _ = load_components(resolve(config["parent_model_uri"]))
             metrics = summary_metrics(evaluate_fn(parent), metrics)
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics = {k: float(v) for k, v in metrics.items() if v == v}  # NaN: not meaningful, not logged
         client = MlflowClient()
         for key, value in metrics.items():
             client.log_metric(run_id, key, value)

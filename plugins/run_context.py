@@ -9,6 +9,6 @@ class SelpruneRunContextProvider(RunContextProvider):
         return True
 
     def tags(self) -> dict:
-        from mlflow_selprune import __version__
+        from mlflow_selprune._version import __version__
 
         return {"selprune.plugin_version": __version__}

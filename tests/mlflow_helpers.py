@@ -20,7 +20,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mlflow_selprune.flavor import default_pip_requirements
+from mlflow_selprune.registry.flavor import default_pip_requirements
 
 TINY_NAME = "tiny-lm"
 

@@ -15,7 +15,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from mlflow_selprune import UnsupportedArchitectureError, find_architecture, prune, prune_neurons
-from mlflow_selprune.surgery import pruned_columns
+from mlflow_selprune.engine.surgery import pruned_columns
 from model_zoo import FAMILIES
 
 FAMILY_NAMES = sorted(FAMILIES)

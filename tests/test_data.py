@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from mlflow_selprune import corpora
+from mlflow_selprune.data import corpora
 from mlflow_selprune.data import DataError, load_documents, prepare_data, split_documents
 
 _letters = torch.Generator().manual_seed(1)
@@ -381,7 +381,7 @@ def test_skip_token_ids_are_the_most_frequent_collect_tokens(tiny_tokenizer):
 
 def test_too_few_tokens_warns_and_min_tokens_errors(tiny_tokenizer, caplog):
     docs = make_docs(10)
-    with caplog.at_level(logging.WARNING, logger="mlflow_selprune.data"):
+    with caplog.at_level(logging.WARNING, logger="mlflow_selprune.data.batching"):
         prepared = prepare_data(docs, tiny_tokenizer, collect_tokens=5000, eval_tokens=5000)
     assert len(prepared.warnings) == 2
     assert f"the collect part has only {prepared.collect_tokens} tokens" in prepared.warnings[0]

@@ -110,9 +110,11 @@ def test_bad_input_under_the_launcher_keeps_exit_code_2(store):
 def test_bfloat16_with_a_device_map_prunes_and_keeps_float64_statistics(store):
     """--dtype bfloat16 --device auto: Accelerate's big-model loading path (all on CPU here)."""
     from mlflow_selprune import collect_statistics
-    from mlflow_selprune.pruning import PruneConfig
-    from mlflow_selprune.registry import load_components, resolve
-    from mlflow_selprune.unlearn import DataOptions, run_prune
+    from mlflow_selprune.config import PruneConfig
+    from mlflow_selprune.registry.loading import load_components
+    from mlflow_selprune.registry.resolve import resolve
+    from mlflow_selprune.config import DataOptions, SourceOptions
+    from mlflow_selprune.unlearn import run_prune
 
     model, _ = load_components(resolve(f"models:/{TINY_NAME}/1"), device="auto", dtype="bfloat16")
     assert model.dtype == torch.bfloat16
@@ -121,7 +123,7 @@ def test_bfloat16_with_a_device_map_prunes_and_keeps_float64_statistics(store):
     assert all(v.dtype == torch.float64 for v in stats.ff.sums.values())
     result = run_prune(f"models:/{TINY_NAME}/1", store["forget"], store["retain"], register=False,
                        config=PruneConfig(ff_frac=0.1, steps=1), device="auto", dtype="bfloat16",
-                       data=DataOptions(max_length=64, batch_size=4, collect_tokens=1000, eval_tokens=500, paragraphs=True),
+                       data=DataOptions(max_length=64, batch_size=4, collect_tokens=1000, eval_tokens=500, source=SourceOptions(paragraphs=True)),
                        progress=False)
     assert result.pruning.ff_pruned == round(0.1 * 2 * 64)
     assert result.model_uri is None and 0 <= result.metrics["forget_top1"] <= 1

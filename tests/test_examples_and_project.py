@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from mlflow_selprune import lineage
+from mlflow_selprune.registry import lineage
 
 from mlflow_helpers import TINY_NAME, registry_snapshot, sqlite_store
 

@@ -216,8 +216,8 @@ def test_relative_drops_arithmetic():
     parent = {"forget_top1": 0.5, "forget_top10": 0.8, "forget_skip50_top1": 0.0, "forget_loss": 2.0}
     new = {"forget_top1": 0.25, "forget_top10": 0.88, "forget_skip50_top1": 0.1, "forget_loss": 3.0}
     drops = relative_drops(parent, new, "forget_")
-    assert drops == pytest.approx({"forget_top1_drop": 0.5, "forget_top10_drop": -0.1,
-                                   "forget_skip50_top1_drop": 0.0, "forget_loss_increase": 0.5})
+    assert math.isnan(drops.pop("forget_skip50_top1_drop"))  # a parent value of 0: no relative change
+    assert drops == pytest.approx({"forget_top1_drop": 0.5, "forget_top10_drop": -0.1, "forget_loss_increase": 0.5})
     unprefixed = relative_drops({"top1": 0.4, "top10": 0.5, "skip50_top1": float("nan"), "loss": 1.0},
                                 {"top1": 0.3, "top10": 0.5, "skip50_top1": 0.2, "loss": 0.5}, "retain_")
     assert unprefixed["retain_top1_drop"] == pytest.approx(0.25)
@@ -228,6 +228,20 @@ def test_relative_drops_arithmetic():
 
 def test_selectivity_floors_the_retain_drop():
     assert selectivity(0.3, 0.1) == pytest.approx(3.0)
-    assert selectivity(0.3, 0.0) == pytest.approx(300.0)
-    assert selectivity(0.3, -0.2) == pytest.approx(300.0)  # retain improved: still finite, positive
+    assert selectivity(0.3, 0.0) == pytest.approx(30.0)  # a retain drop under 1% counts as 1%
+    # retain improved: no reward beyond what a 1% drop would give (the old floor of 0.1% gave 36.5 here)
+    assert selectivity(0.0365, -0.004) == pytest.approx(3.65)
+    assert selectivity(-0.05, 0.02) < 0  # forget improved: negative, never rewarded
     assert math.isnan(selectivity(float("nan"), 0.1))
+
+
+def test_near_zero_values_give_no_relative_change():
+    """retain_skip50_top1 0.0002 -> 0.0 is not a "-100%" effect: NaN, shown as an absolute change."""
+    from mlflow_selprune.evaluation.drops import format_change, relative_drop, relearn_recovery
+
+    assert math.isnan(relative_drop(0.0002, 0.0))
+    assert relative_drop(0.2, 0.1) == pytest.approx(0.5)
+    assert format_change(0.0002, 0.0) == "-0.0002 abs"
+    assert format_change(0.2, 0.1) == "-50.0%"
+    assert relearn_recovery(0.4, 0.2, 0.3) == pytest.approx(0.5)
+    assert math.isnan(relearn_recovery(0.4, 0.395, 0.4))  # unlearning removed ~nothing: no ratio

@@ -14,10 +14,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mlflow_selprune import lineage
-from mlflow_selprune.architecture import find_architecture
-from mlflow_selprune.pruning import PruneConfig
-from mlflow_selprune.unlearn import DataOptions, run_prune
+from mlflow_selprune.registry import lineage
+from mlflow_selprune.engine.architecture import find_architecture
+from mlflow_selprune.config import PruneConfig
+from mlflow_selprune.config import DataOptions, SourceOptions
+from mlflow_selprune.unlearn import run_prune
 
 from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot, sqlite_store
 
@@ -38,7 +39,7 @@ def pruned(store):
     result = run_prune(
         f"models:/{TINY_NAME}@base", store["forget"], store["retain"],
         config=PruneConfig(ff_frac=0.1, attn_frac=0.05, steps=2),
-        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, paragraphs=True),
+        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)),
         progress=False,
     )
     return result
@@ -97,7 +98,7 @@ def test_transformers_flavor_loads_the_pruned_weights(store, pruned):
         assert torch.all(projection.columns()[:, row] == 0)
         assert torch.any(projection.columns()[:, ~row] != 0)
     assert lineage.weights_sha256(model) == pruned.tags[lineage.WEIGHTS_SHA]
-    from mlflow_selprune.flavor import load_model
+    from mlflow_selprune.registry.flavor import load_model
 
     loaded = load_model(pruned.model_uri)
     assert loaded["record"]["ff_pruned"] == pruned.pruning.ff_pruned
@@ -111,7 +112,7 @@ def test_retried_run_does_not_register_twice(store, pruned, monkeypatch):
     again = run_prune(
         f"models:/{TINY_NAME}@base", store["forget"], store["retain"],
         config=PruneConfig(ff_frac=0.1, attn_frac=0.05, steps=2),
-        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, paragraphs=True), progress=False,
+        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)), progress=False,
     )
     assert again.model_uri == pruned.model_uri
     assert registry_snapshot()[TINY_NAME]["versions"].keys() == before[TINY_NAME]["versions"].keys()
@@ -123,14 +124,15 @@ def test_cli_gate_pass_and_fail(store, pruned):
                "--set-alias", "prod", env=store["env"])
     assert fail.returncode == 1, fail.stderr
     client = MlflowClient()
-    mv = client.get_model_version(TINY_NAME, "2")
-    assert mv.tags[lineage.GATE_VERDICT] == "fail"
+    decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
+    assert [d["verdict"] for d in decisions] == ["fail"] and decisions[0]["alias_moved"] is None
     assert "prod" not in client.get_registered_model(TINY_NAME).aliases
     passing = cli("gate", "--model-uri", uri, "--min-forget-drop", "-1", "--max-retain-drop", "1",
                   "--set-alias", "prod", env=store["env"])
     assert passing.returncode == 0, passing.stderr
-    assert client.get_model_version(TINY_NAME, "2").tags[lineage.GATE_VERDICT] == "pass"
-    assert json.loads(client.get_model_version(TINY_NAME, "2").tags[lineage.GATE_THRESHOLDS])["max_retain_drop"] == 1
+    decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
+    assert [d["verdict"] for d in decisions] == ["fail", "pass"]  # appended, never overwritten
+    assert decisions[1]["thresholds"]["max_retain_drop"] == 1 and decisions[1]["alias_moved"] == "prod"
     assert str(client.get_registered_model(TINY_NAME).aliases["prod"]) == "2"
 
 
@@ -151,7 +153,7 @@ def test_cli_two_hop_lineage_and_verify(store, pruned):
     hops = json.loads(chain.stdout)
     assert [h["model_uri"] for h in hops] == [uri, pruned.model_uri, f"models:/{TINY_NAME}/1"]
     assert hops[0]["verified"] and hops[1]["verified"] and not hops[2]["unlearned"]
-    assert hops[1]["gate_verdict"] in ("pass", "fail", None)
+    assert isinstance(hops[1]["gate_decisions"], list)
 
     client.set_model_version_tag(TINY_NAME, "2", lineage.WEIGHTS_SHA, "0" * 64)
     try:
@@ -197,10 +199,10 @@ BAD_INPUTS = [
     ("unknown alias", ["--model-uri", f"models:/{TINY_NAME}@nope"], "has no alias"),
     ("unknown run", ["--model-uri", "runs:/0123456789abcdef/model"], "does not exist"),
     ("not a model directory", ["--model-uri", "./nowhere"], "neither a model URI nor a model directory"),
-    ("fraction out of range", ["--ff-frac", "1.5"], "ff_frac must be in [0, 1)"),
+    ("fraction out of range", ["--ff-frac", "1.5"], "--ff-frac must be in [0, 1)"),
     ("nothing to prune", ["--ff-frac", "0", "--attn-frac", "0"], "both 0"),
     ("steps and budget", ["--steps", "2", "--target-forget-drop", "0.3"], "not both"),
-    ("unknown scoring", ["--scoring", "magic"], "unknown scoring"),
+    ("unknown scoring", ["--scoring", "magic"], "unknown --scoring"),
     ("missing data", ["--forget", "./missing.jsonl"], "missing.jsonl"),
     ("same data twice", ["--retain", "@forget"], "same data"),
 ]

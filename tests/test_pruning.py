@@ -10,8 +10,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from mlflow_selprune.errors import ConfigError
 from mlflow_selprune import PruneResult, collect_statistics, find_architecture, prune
-from mlflow_selprune.surgery import pruned_columns
+from mlflow_selprune.engine.surgery import pruned_columns
 from model_zoo import FAMILIES
 from trained_model import full_batches, top1_accuracy, trained_model
 
@@ -136,29 +137,29 @@ def _evaluate_constant(model):
 
 
 BAD_INPUTS = {
-    "ff_frac_one": (dict(ff_frac=1.0, steps=1), ValueError, "ff_frac"),
-    "ff_frac_negative": (dict(ff_frac=-0.1, steps=1), ValueError, "ff_frac"),
-    "ff_frac_nan": (dict(ff_frac=float("nan"), steps=1), ValueError, "ff_frac"),
-    "attn_frac_above_one": (dict(attn_frac=1.5, steps=1), ValueError, "attn_frac"),
+    "ff_frac_one": (dict(ff_frac=1.0, steps=1), ConfigError, "--ff-frac"),
+    "ff_frac_negative": (dict(ff_frac=-0.1, steps=1), ConfigError, "--ff-frac"),
+    "ff_frac_nan": (dict(ff_frac=float("nan"), steps=1), ConfigError, "--ff-frac"),
+    "attn_frac_above_one": (dict(attn_frac=1.5, steps=1), ConfigError, "--attn-frac"),
     "both_fracs_zero": (dict(ff_frac=0.0, attn_frac=0.0, steps=1), ValueError, "both 0"),
     "steps_zero": (dict(steps=0), ValueError, "steps"),
     "steps_negative": (dict(steps=-2), ValueError, "steps"),
     "steps_not_integer": (dict(steps=2.5), ValueError, "steps"),
     "steps_and_target": (dict(steps=2, target_forget_drop=0.5, evaluate_fn=_evaluate_constant), ValueError, "not both"),
     "steps_and_retain_budget": (dict(steps=2, max_retain_drop=0.1, evaluate_fn=_evaluate_constant), ValueError, "not both"),
-    "unknown_scoring": (dict(scoring="l2", steps=1), ValueError, "unknown scoring"),
-    "unknown_attn_scoring": (dict(attn_scoring="l2", attn_frac=0.1, steps=1), ValueError, "unknown scoring"),
-    "unknown_selection": (dict(selection="per-head", steps=1), ValueError, "unknown selection"),
+    "unknown_scoring": (dict(scoring="l2", steps=1), ValueError, "unknown --scoring"),
+    "unknown_attn_scoring": (dict(attn_scoring="l2", attn_frac=0.1, steps=1), ConfigError, "unknown --attn-scoring"),
+    "unknown_selection": (dict(selection="per-head", steps=1), ValueError, "unknown --selection"),
     "budget_without_evaluate": (dict(target_forget_drop=0.5), ValueError, "evaluation function"),
     "retain_budget_without_evaluate": (dict(max_retain_drop=0.1), ValueError, "evaluation function"),
-    "target_zero": (dict(target_forget_drop=0.0, evaluate_fn=_evaluate_constant), ValueError, "target_forget_drop"),
-    "retain_budget_one": (dict(max_retain_drop=1.0, evaluate_fn=_evaluate_constant), ValueError, "max_retain_drop"),
-    "max_steps_zero": (dict(max_retain_drop=0.1, max_steps=0, evaluate_fn=_evaluate_constant), ValueError, "max_steps"),
-    "eps_zero": (dict(ff_eps=0.0, steps=1), ValueError, "ff_eps"),
-    "eval_every_zero": (dict(eval_every=0, steps=1, evaluate_fn=_evaluate_constant), ValueError, "eval_every"),
+    "target_zero": (dict(target_forget_drop=0.0, evaluate_fn=_evaluate_constant), ValueError, "--target-forget-drop"),
+    "retain_budget_one": (dict(max_retain_drop=1.0, evaluate_fn=_evaluate_constant), ValueError, "--max-retain-drop"),
+    "max_steps_zero": (dict(max_retain_drop=0.1, max_steps=0, evaluate_fn=_evaluate_constant), ValueError, "--max-steps"),
+    "eps_zero": (dict(ff_eps=0.0, steps=1), ValueError, "--ff-eps"),
+    "eval_every_zero": (dict(eval_every=0, steps=1, evaluate_fn=_evaluate_constant), ValueError, "--eval-every"),
     # the budget metric the evaluation never returns: found at the baseline, not after a step
     "budget_metric_missing": (
-        dict(target_forget_drop=0.5, budget_metric="top5", evaluate_fn=_evaluate_constant), ValueError, "forget_top5",
+        dict(target_forget_drop=0.5, budget_metric="top5", evaluate_fn=_evaluate_constant), ConfigError, "--budget-metric",
     ),
 }
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlflow_selprune import lineage
+from mlflow_selprune.registry import lineage
 
 from mlflow_helpers import (
     TINY_NAME, MlflowServer, cli, free_port, invoke, register_tiny, registry_snapshot, sqlite_store, tiny_model,
@@ -95,7 +95,7 @@ def _cases(store):
                                  "--text-column", "content"], "content"),
         "fewer tokens than one batch": (["prune", "--model-uri", base, "--forget", str(root / "data/short.txt"),
                                          "--retain", retain], "fewer than"),
-        "fraction out of range": ([*prune, "--model-uri", base, "--attn-frac", "-0.1"], "attn_frac must be in [0, 1)"),
+        "fraction out of range": ([*prune, "--model-uri", base, "--attn-frac", "-0.1"], "--attn-frac must be in [0, 1)"),
         "fractions summing to nothing": ([*prune, "--model-uri", base, "--ff-frac", "0"], "both 0"),
         "steps below one": ([*prune, "--model-uri", base, "--steps", "0"], "steps must be"),
         "budget that cannot be met": ([*prune, "--model-uri", base, "--target-forget-drop", "0.99",
@@ -264,7 +264,8 @@ def test_four_concurrent_prunes_get_four_versions_and_only_passing_gates_move_al
             assert str(aliases[f"job{i}"]) == version
         else:
             assert f"job{i}" not in aliases
-        assert client.get_model_version(TINY_NAME, version).tags[lineage.GATE_VERDICT] == ("pass" if passing else "fail")
+        decisions = lineage.gate_records(client.get_model_version(TINY_NAME, version).tags)
+        assert [d["verdict"] for d in decisions] == ["pass" if passing else "fail"]
 
 
 # ---------------------------------------------------------------- access control

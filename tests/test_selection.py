@@ -127,7 +127,7 @@ def test_selection_is_deterministic_and_validates():
     scores = random_scores((3, 33), seed=4)
     masks = [select(scores.clone(), no_pruned((3, 33)), 0.1) for _ in range(3)]
     assert all(torch.equal(m, masks[0]) for m in masks)
-    with pytest.raises(ValueError, match="unknown selection"):
+    with pytest.raises(ValueError, match="unknown --selection"):
         select(scores, no_pruned((3, 33)), 0.1, selection="per-head")
     scores[1, 2] = float("nan")
     with pytest.raises(FloatingPointError):

@@ -91,7 +91,7 @@ def model_config(vocab_size: int, pad_token_id: int) -> T.GPTNeoXConfig:
 
 
 def train_tiny_model(
-    directory: Path, *, steps: int = TRAIN_STEPS, max_seconds: float | None = None, seed: int = 0
+    directory: Path, *, steps: int = TRAIN_STEPS, seed: int = 0
 ) -> TrainedModel:
     """Train the two-source model and save it (model + tokenizer) into ``directory``."""
     forget_train = make_documents(seed, 160, "counting")
@@ -113,7 +113,7 @@ def train_tiny_model(
     start = time.monotonic()
     try:
         loss = train_causal_lm(model, blocks, steps=steps, batch_size=16, lr=3e-3, seed=seed,
-                               max_seconds=max_seconds, progress=False)
+                               progress=False)
     finally:
         torch.set_num_threads(threads)
     seconds = time.monotonic() - start

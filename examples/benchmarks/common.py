@@ -185,7 +185,7 @@ def plain_forward(model, batches, body: bool = False):
     ``body=True`` runs the model without its LM head (``model.<base_model_prefix>``),
     as ``collect_statistics`` does.
     """
-    from mlflow_selprune.statistics import forward_body
+    from mlflow_selprune.engine.statistics import forward_body
 
     target = forward_body(model) if body else model
 

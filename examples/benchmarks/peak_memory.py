@@ -53,8 +53,8 @@ def worker(tokens: int, threads: int | None) -> dict:
     from common import batches_for_tokens, build_neox, n_positions, n_real_tokens
     from mlflow_selprune import collect_statistics, evaluate_model, find_architecture, score
     from mlflow_selprune.evaluation import next_token_metric
-    from mlflow_selprune.selection import select
-    from mlflow_selprune.surgery import prune_neurons
+    from mlflow_selprune.engine.selection import select
+    from mlflow_selprune.engine.surgery import prune_neurons
 
     next_token_metric()  # import and load the evaluate module before measuring
     after_imports = max_rss()

@@ -30,8 +30,8 @@ from mlflow_selprune import collect_statistics, corpora, evaluate_model, find_ar
 from mlflow_selprune.data import prepare_data
 from mlflow_selprune.demo import FORGET, RETAIN, train_demo_model
 from mlflow_selprune.evaluation import next_token_metric
-from mlflow_selprune.selection import select
-from mlflow_selprune.surgery import prune_neurons
+from mlflow_selprune.engine.selection import select
+from mlflow_selprune.engine.surgery import prune_neurons
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ import torch
 
 from common import build_neox, footer, header, interleaved, make_batches, n_real_tokens, plain_forward, table
 from mlflow_selprune import collect_statistics, find_architecture, importance
-from mlflow_selprune.selection import select
+from mlflow_selprune.engine.selection import select
 
 QUOTED_REFERENCE_RATIO = 2.4  # issue 7: the reference on a 4-layer 256-wide GPT-NeoX on this machine
 FRAC = 0.02

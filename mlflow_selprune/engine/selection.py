@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-SELECTIONS = ("global", "per-layer")
+from ..config import SELECTIONS  # noqa: F401 - re-exported
+from ..errors import ConfigError, NonFiniteActivationsError
 
 
 def _top_k(scores: torch.Tensor, available: torch.Tensor, k: int) -> torch.Tensor:
@@ -31,9 +32,9 @@ def select(
     neurons are never chosen again.
     """
     if selection not in SELECTIONS:
-        raise ValueError(f"unknown selection '{selection}'; choose 'global' or 'per-layer'")
+        raise ConfigError(f"unknown --selection '{selection}'; choose 'global' or 'per-layer'")
     if torch.isnan(scores).any():
-        raise FloatingPointError("some scores are NaN: the activation statistics are not finite")
+        raise NonFiniteActivationsError("some scores are NaN: the activation statistics are not finite")
     scores = scores.detach().to("cpu", torch.float64)
     pruned = pruned.to("cpu")
     chosen = torch.zeros_like(pruned)

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-FF = "ff"
-ATTN = "attn"
-KINDS = (FF, ATTN)
+from ..config import ATTN, FF, KINDS  # noqa: F401 - re-exported for the engine
+from ..errors import BadInputError
+
 
 # model_type -> (MLP output path, attention output path), relative to a block.
 ARCHITECTURE_OVERRIDES: dict[str, tuple[str, str]] = {}
@@ -36,7 +36,7 @@ ARCHITECTURE_OVERRIDES: dict[str, tuple[str, str]] = {}
 _ATTENTION_NAME = re.compile(r"attn|attention", re.IGNORECASE)
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(BadInputError):
     """The model's blocks do not have the two projections selective pruning needs."""
 
 

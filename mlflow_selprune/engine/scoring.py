@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .architecture import ATTN, FF
+from ..config import DEFAULT_EPS, SCORINGS, canonical_scoring  # noqa: F401 - re-exported
+from ..errors import ConfigError
 from .statistics import NeuronStatistics
 
 # importance name -> the sums it needs
@@ -22,13 +23,14 @@ REQUIRED_SUMS: dict[str, tuple[str, ...]] = {
     "mean": ("sum",),
     "random": (),
 }
-SCORINGS = tuple(REQUIRED_SUMS)
-DEFAULT_EPS = {FF: 1e-3, ATTN: 1e-4}
+assert tuple(REQUIRED_SUMS) == SCORINGS
 
 
 def check_scoring(name: str) -> str:
+    """The canonical name of a known scoring (``rand`` is ``random``), or a ``ConfigError``."""
+    name = canonical_scoring(name)
     if name not in REQUIRED_SUMS:
-        raise ValueError(f"unknown scoring '{name}'; choose one of {', '.join(SCORINGS)}")
+        raise ConfigError(f"unknown scoring '{name}'; choose one of {', '.join(SCORINGS)}")
     return name
 
 
@@ -40,6 +42,7 @@ def required_sums(*names: str) -> tuple[str, ...]:
 
 def importance(stats: NeuronStatistics, name: str) -> torch.Tensor:
     """I(D, neuron) for every neuron, float64 [n_layers, n_neurons]."""
+    name = check_scoring(name)
     n = float(stats.n_tokens)
     s = stats.sums
     if name == "abs":
@@ -67,7 +70,7 @@ def score(
     seed: int = 0,
 ) -> torch.Tensor:
     """Score every neuron for pruning (higher: more specific to the forget data)."""
-    check_scoring(name)
+    name = check_scoring(name)
     if name == "random":
         shape = next(iter(forget.sums.values())).shape
         generator = torch.Generator().manual_seed(seed)

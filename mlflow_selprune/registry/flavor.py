@@ -18,7 +18,7 @@ import mlflow
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 
-from . import __version__
+from .._version import __version__
 
 FLAVOR_NAME = "selprune"
 RECORD_DIR = "selprune"
@@ -45,6 +45,34 @@ def default_pip_requirements() -> list[str]:
     ]
 
 
+# Served generation is greedy and short unless a request says otherwise: the same request, the same answer.
+GENERATION_DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0}
+
+
+def model_card(model, license: str = "unknown"):
+    """A model card from what we know, so MLflow never asks the hub for one (offline registries)."""
+    from huggingface_hub import ModelCard
+
+    name = type(model).__name__
+    return ModelCard(f"---\nlicense: {license}\nlibrary_name: transformers\n---\n\n# {name}\n\n"
+                     "Logged by mlflow-selprune. See the selprune/ record for what was pruned and why.\n")
+
+
+def signature_for(task: str):
+    """Text in, text out, with the inference params a serving request may set (greedy by default)."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    if task != "text-generation":
+        return None
+    params = ParamSchema([
+        ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
+        ParamSpec("do_sample", "boolean", GENERATION_DEFAULTS["do_sample"]),
+        ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),
+    ])
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
+
+
 def save_model(
     transformers_model,
     path,
@@ -63,10 +91,15 @@ def save_model(
     model = transformers_model["model"] if isinstance(transformers_model, dict) else transformers_model
     if mlflow_model is None:
         mlflow_model = Model()
+    task = task or task_for(model)
+    kwargs.setdefault("model_card", model_card(model))
+    if task == "text-generation":
+        kwargs.setdefault("signature", signature_for(task))
+        kwargs.setdefault("model_config", dict(GENERATION_DEFAULTS))
     mlflow.transformers.save_model(
         transformers_model,
         path,
-        task=task or task_for(model),
+        task=task,
         mlflow_model=mlflow_model,
         pip_requirements=pip_requirements or default_pip_requirements(),
         **kwargs,
@@ -84,7 +117,7 @@ def save_model(
 
 def log_model(transformers_model, name: str = "model", *, pruning_files=None, task=None, pip_requirements=None, **kwargs):
     """Log an unlearned model to the active run (``Model.log`` with this module as the flavor)."""
-    import mlflow_selprune.flavor as flavor
+    import mlflow_selprune.registry.flavor as flavor
 
     return Model.log(
         artifact_path=None,
@@ -106,7 +139,7 @@ def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwarg
     record = None
     record_file = flavors.get(FLAVOR_NAME, {}).get("files", {}).get("record")
     if record_file:
-        from .registry import inside
+        from .loading import inside
 
         record = json.loads(inside(local, record_file, model_uri).read_text())
     return {"model": components["model"], "tokenizer": components.get("tokenizer"), "record": record}

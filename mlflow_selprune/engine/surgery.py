@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import BadInputError
 from .architecture import Architecture
 
 
@@ -48,7 +49,7 @@ def prune_neurons(
     if mean_offset is not None:
         missing = [p.name for p, m in zip(projections, mask) if m.any() and p.module.bias is None]
         if missing:
-            raise ValueError(
+            raise BadInputError(
                 f"the mean offset folds into the projection bias, but {missing[0]} has none; "
                 "prune without the attention mean offset for this model"
             )
@@ -74,3 +75,19 @@ def prune_neurons(
 def pruned_columns(arch: Architecture, kind: str) -> torch.Tensor:
     """Bool [n_layers, n_neurons]: which neurons' columns are all zero in the weights now."""
     return torch.stack([(p.columns() == 0).all(dim=0).cpu() for p in arch.projections(kind)])
+
+
+def capture(arch: Architecture, kind: str, mask: torch.Tensor) -> Undo:
+    """The current columns of ``mask``'s neurons (and their projections' biases), to put back later."""
+    entries = []
+    with torch.no_grad():
+        for projection, layer_mask in zip(arch.projections(kind), mask):
+            index = layer_mask.nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            columns = projection.columns()
+            index = index.to(columns.device)
+            bias = projection.module.bias
+            entries.append((projection, index, columns[:, index].clone(),
+                            None if bias is None else bias.detach().clone()))
+    return Undo(entries)

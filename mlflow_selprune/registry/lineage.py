@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import BadInputError
 
 PREFIX = "selprune."
 PARENT = PREFIX + "parent_model_uri"
@@ -29,9 +32,9 @@ ATTN_PRUNED = PREFIX + "attn_pruned"
 PLUGIN_VERSION = PREFIX + "plugin_version"
 COMPLETE = PREFIX + "complete"
 METRIC_PREFIX = PREFIX + "metric."
-GATE_VERDICT = PREFIX + "gate.verdict"
-GATE_THRESHOLDS = PREFIX + "gate.thresholds"
-GATE_FAILED = PREFIX + "gate.failed"
+# One tag per gate decision, never overwritten: selprune.gate.<UTC time>-<random>, a JSON record.
+GATE_RECORD_PREFIX = PREFIX + "gate."
+TRUST_REMOTE_CODE = PREFIX + "trust_remote_code"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
 HEADLINE_METRICS = (
@@ -39,11 +42,13 @@ HEADLINE_METRICS = (
     "forget_skip50_top1", "retain_skip50_top1", "forget_loss", "retain_loss",
     "forget_top1_drop", "retain_top1_drop", "forget_top10_drop", "retain_top10_drop",
     "forget_skip50_top1_drop", "retain_skip50_top1_drop",
-    "forget_loss_increase", "retain_loss_increase", "selectivity",
+    "forget_loss_increase", "retain_loss_increase", "selectivity", "top10_selectivity", "skip50_top1_selectivity",
+    "control_forget_top1_drop", "control_retain_top1_drop", "control_forget_skip50_top1_drop", "control_selectivity",
+    "relearn_forget_top1", "relearn_parent_forget_top1", "relearn_recovery",
 )
 
 
-class LineageError(ValueError):
+class LineageError(BadInputError):
     """A version's lineage is missing or inconsistent."""
 
 
@@ -63,7 +68,9 @@ def config_sha256(config: dict) -> str:
 
 
 def metric_tags(metrics: dict) -> dict[str, str]:
-    return {METRIC_PREFIX + k: repr(float(metrics[k])) for k in HEADLINE_METRICS if k in metrics}
+    """Headline metrics as tags; a not-meaningful (NaN) value is left out, never written as 'nan'."""
+    return {METRIC_PREFIX + k: repr(float(metrics[k])) for k in HEADLINE_METRICS
+            if k in metrics and math.isfinite(float(metrics[k]))}
 
 
 def metrics_from_tags(tags: dict) -> dict[str, float]:
@@ -71,7 +78,8 @@ def metrics_from_tags(tags: dict) -> dict[str, float]:
 
 
 def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_digest: str,
-               ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str) -> dict[str, str]:
+               ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
+               trust_remote_code: bool = False) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``)."""
     root = parent.tags.get(ROOT) or parent.canonical_uri
     tags = {
@@ -87,6 +95,7 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
         FF_PRUNED: str(ff_pruned),
         ATTN_PRUNED: str(attn_pruned),
         PLUGIN_VERSION: plugin_version,
+        TRUST_REMOTE_CODE: str(bool(trust_remote_code)).lower(),
         **metric_tags(metrics),
     }
     tags[COMPLETE] = "true"
@@ -124,14 +133,33 @@ class Hop:
             "weights_sha256": t.get(WEIGHTS_SHA),
             "config_sha256": t.get(CONFIG_SHA),
             "metrics": metrics_from_tags(t),
-            "gate_verdict": t.get(GATE_VERDICT),
-            "gate_thresholds": json.loads(t[GATE_THRESHOLDS]) if GATE_THRESHOLDS in t else None,
+            "trust_remote_code": t.get(TRUST_REMOTE_CODE),
+            "gate_decisions": gate_records(t),
         }
+
+
+def gate_records(tags: dict) -> list[dict]:
+    """Every gate decision recorded on a version, oldest first."""
+    records = []
+    for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
+        try:
+            records.append(json.loads(tags[key]))
+        except ValueError:
+            continue
+    return records
+
+
+def deciding_record(tags: dict, aliases: list[str]) -> dict | None:
+    """The latest decision that moved one of ``aliases`` (those now pointing at the version) there."""
+    for record in reversed(gate_records(tags)):
+        if record.get("alias_moved") and record["alias_moved"] in aliases:
+            return record
+    return None
 
 
 def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
     """From ``model_uri`` back to its root, following ``selprune.parent_model_uri``."""
-    from .registry import resolve
+    from .resolve import resolve
 
     hops: list[Hop] = []
     uri = model_uri
@@ -151,9 +179,19 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
 
 def verify(hop: Hop) -> tuple[bool, str | None, str]:
     """Recompute the weights digest of ``hop``'s model: (matches, recorded, actual)."""
-    from .registry import load_components, resolve
+    from .loading import load_components
+    from .resolve import resolve
 
     model, _ = load_components(resolve(hop.uri))
     actual = weights_sha256(model)
     recorded = hop.tags.get(WEIGHTS_SHA)
     return recorded == actual, recorded, actual
+
+
+def aliases_of(hop: Hop) -> list[str]:
+    """The aliases that point at ``hop``'s version now."""
+    if not hop.name or not hop.version:
+        return []
+    from .resolve import client
+
+    return sorted(client().get_model_version(hop.name, hop.version).aliases or [])

@@ -1,4 +1,4 @@
-"""Resolve a model URI (registry, run, logged model or local directory) and load it.
+"""Resolve a model URI (registry, run, logged model or local directory) to what it names.
 
 Everything here only reads: nothing is written to the registry, so a bad URI
 fails before any run or version exists.
@@ -14,14 +14,14 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ..errors import BadInputError
+
 logger = logging.getLogger(__name__)
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 _LOGGED_MODEL_SOURCE = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)")
 
 
-class BadInputError(ValueError):
-    """The user asked for something that cannot work; the message says what to do instead."""
 
 
 @dataclass
@@ -63,12 +63,38 @@ def model_version(name: str, version: str):
             versions = []
         if not versions:
             raise BadInputError(
-                f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}; "
+                f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}{did_you_mean(name)}; "
                 "check the name or register it first"
             ) from None
         raise BadInputError(
             f"registered model '{name}' has no version {version}; it has versions {versions}"
         ) from None
+
+
+def _missing_alias(name: str, alias: str) -> BadInputError:
+    """Why ``models:/name@alias`` resolves to nothing: no such model (with a guess), or no such alias."""
+    try:
+        model = client().get_registered_model(name)
+    except MlflowException as exc:
+        if not _not_found(exc):
+            raise
+        return BadInputError(f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}"
+                             f"{did_you_mean(name)}; check the name or register it first")
+    aliases = sorted(getattr(model, "aliases", {}) or {})
+    known = f"; its aliases: {', '.join(aliases)}" if aliases else "; it has no aliases"
+    return BadInputError(f"registered model '{name}' has no alias '{alias}'{known}")
+
+
+def did_you_mean(name: str) -> str:
+    """`` (did you mean 'x'?)`` for the closest registered model name, or an empty string."""
+    import difflib
+
+    try:
+        names = [m.name for m in client().search_registered_models(max_results=1000)]
+    except MlflowException:
+        return ""
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def check_tracking_server() -> None:
@@ -116,8 +142,7 @@ def resolve(uri: str) -> ResolvedModel:
             except MlflowException as exc:
                 if not _not_found(exc):
                     raise
-                model_version(name, "1")  # says whether the model itself exists
-                raise BadInputError(f"registered model '{name}' has no alias '{match['alias']}'") from None
+                raise _missing_alias(name, match["alias"]) from None
         elif match["version"] == "latest":
             versions = client().search_model_versions(f"name='{name}'")
             if not versions:
@@ -151,86 +176,27 @@ def resolve(uri: str) -> ResolvedModel:
     return ResolvedModel(uri=uri, load_uri=uri, canonical_uri=uri, model_id=id_match["model_id"] if id_match else None)
 
 
-def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
-    """The model's files on local disk (a no-op for a local directory)."""
-    if Path(resolved.load_uri).is_dir():
-        return Path(resolved.load_uri)
+def check_alias(alias: str | None, flag: str = "--alias") -> None:
+    """Refuse an alias MLflow would refuse (``latest``, ``v<N>``, bad characters) before anything is written."""
+    if alias is None:
+        return
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved.load_uri, dst_path=dst_path))
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
     except MlflowException as exc:
-        raise BadInputError(f"cannot download '{resolved.uri}': {exc.message.splitlines()[0]}") from None
-    except OSError as exc:
-        raise BadInputError(f"cannot download '{resolved.uri}': {exc}") from None
+        raise BadInputError(f"{flag} {alias!r} cannot be used: {exc.message.splitlines()[0]} "
+                            "Choose another alias name, e.g. 'candidate'") from None
 
 
-def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype: str | None = None,
-                    trust_remote_code: bool = False, local_dir: Path | None = None):
-    """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+def check_registered_name(name: str | None, flag: str = "--register-as") -> None:
+    """Refuse a registered-model name MLflow would refuse, before anything is written."""
+    if name is None:
+        return
+    from mlflow.utils.validation import _validate_model_name
 
-    path = local_dir or download(resolved)
-    model_dir, tokenizer_dir = path, path
-    if (path / "MLmodel").is_file():
-        from mlflow.models import Model
-
-        flavors = Model.load(str(path / "MLmodel")).flavors
-        if "transformers" not in flavors:
-            raise BadInputError(
-                f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
-                "log it with mlflow.transformers.log_model"
-            )
-        model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
-        tokenizer_dir = inside(path, "components/tokenizer", resolved.uri)
-        if not (model_dir / "config.json").is_file():
-            raise BadInputError(
-                f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
-                "log the model with its weights"
-            )
-    elif not (path / "config.json").is_file():
-        raise BadInputError(f"'{resolved.uri}' is not a Hugging Face model (no MLmodel or config.json)")
-    if not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
-        raise BadInputError(
-            f"'{resolved.uri}' has no tokenizer; log the model together with its tokenizer "
-            "({'model': ..., 'tokenizer': ...})"
-        )
-    torch_dtype = _dtype(dtype)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-    auto = AutoModelForCausalLM
-    if not any(a.endswith(("CausalLM", "LMHeadModel")) for a in (config.architectures or [])) and any(
-        a.endswith("MaskedLM") for a in (config.architectures or [])
-    ):
-        auto = AutoModelForMaskedLM
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
-    if device == "auto":
-        kwargs["device_map"] = "auto"
     try:
-        model = auto.from_pretrained(model_dir, **kwargs)
-    except ValueError as exc:
-        raise BadInputError(f"'{resolved.uri}' cannot be loaded as a language model: {str(exc).splitlines()[0]}") from None
-    if device not in (None, "auto"):
-        model.to(torch.device(device))
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-    return model, tokenizer
-
-
-def inside(root: Path, relative: str, what: str) -> Path:
-    """``root / relative``, refusing paths (``..``, absolute, symlinks) that lead out of ``root``."""
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root.resolve()):
-        raise BadInputError(f"'{what}' points at '{relative}', outside its model directory; refusing to load it")
-    return candidate
-
-
-def _dtype(name: str | None):
-    import torch
-
-    if name in (None, "auto", "float32", "fp32"):
-        return None if name in (None, "auto") else torch.float32
-    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise BadInputError(f"unknown dtype '{name}'; choose float32, bfloat16 or float16")
-    return table[name]
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise BadInputError(f"{flag} {name!r} cannot be used: {exc.message.splitlines()[0]}") from None

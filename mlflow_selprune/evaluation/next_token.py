@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,10 +19,8 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("top1", "top10", "skip50_top1", "loss", "perplexity")
-ACCURACY_METRICS = ("top1", "top10", "skip50_top1")
 TOKEN_STATISTICS = ("target_rank", "target_logprob", "target_id")
 NEXT_TOKEN_METRIC_PATH = Path(__file__).parent / "metrics" / "next_token"
-SELECTIVITY_FLOOR = 1e-3
 
 # Rows of logits reduced at a time: bounds the float32 copy to rows x vocab.
 _ROWS_PER_CHUNK = 4096
@@ -112,34 +109,3 @@ def evaluate_model(
     result = next_token_metric().compute(**arrays, skip_token_ids=[int(i) for i in skip_token_ids])
     logger.debug("next-token metrics %s: %s", prefix or "(no prefix)", result)
     return {prefix + name: result[name] for name in (*METRIC_NAMES, "n_tokens")}
-
-
-def relative_drops(parent: dict, new: dict, prefix: str) -> dict[str, float]:
-    """Relative change of ``new`` metrics versus ``parent`` metrics.
-
-    ``{prefix}{m}_drop = (parent - new) / parent`` for the accuracies and
-    ``{prefix}loss_increase = (new - parent) / parent``; 0.0 where the parent
-    value is 0. Keys of ``parent``/``new`` may carry ``prefix`` (as returned by
-    ``evaluate_model(..., prefix=prefix)``) or not.
-    """
-
-    def value(metrics: dict, name: str) -> float:
-        return float(metrics[prefix + name] if prefix + name in metrics else metrics[name])
-
-    from .pruning import relative_drop  # the one definition the budget mode uses too
-
-    drops = {f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m)) for m in ACCURACY_METRICS}
-    drops[f"{prefix}loss_increase"] = -relative_drop(value(parent, "loss"), value(new, "loss")) + 0.0
-    return drops
-
-
-def selectivity(forget_drop: float, retain_drop: float) -> float:
-    """How much more the forget set lost than the retain set: forget_drop / retain_drop.
-
-    The retain drop is floored at SELECTIVITY_FLOOR (1e-3, i.e. 0.1%) so that a
-    negligible or negative retain drop (retain improved) gives a large, finite
-    score instead of a division by ~0 or a sign flip.
-    """
-    if math.isnan(forget_drop) or math.isnan(retain_drop):
-        return float("nan")
-    return forget_drop / max(retain_drop, SELECTIVITY_FLOOR)

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import BadInputError, NonFiniteActivationsError
 from .architecture import ATTN, FF, KINDS, Architecture, find_architecture
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class NeuronStatistics:
             bad = ~torch.isfinite(value)
             if bad.any():
                 layer = int(bad.nonzero()[0, 0])
-                raise FloatingPointError(
+                raise NonFiniteActivationsError(
                     f"non-finite {label} activations ({name}) in layer {layer}: the model overflowed or "
                     "produced NaN; load it in float32 or bfloat16 instead of float16"
                 )
@@ -202,7 +203,7 @@ def collect_statistics(
             handle.remove()
         model.train(was_training)
     if n_batches == 0 and (accelerator is None or accelerator.num_processes == 1):
-        raise ValueError("no batches to collect statistics from: the dataset is empty")
+        raise BadInputError("no batches to collect statistics from: the dataset is empty")
     per_kind = {kind: acc.result(0) for kind, acc in accumulators.items()}
     if accelerator is not None and accelerator.num_processes > 1:
         from .distributed import all_reduce_sum
@@ -212,7 +213,7 @@ def collect_statistics(
             stats.sums = {name: all_reduce_sum(accelerator, value) for name, value in stats.sums.items()}
     total = int(n_tokens)
     if total == 0:
-        raise ValueError("no non-padding tokens to collect statistics from: check the attention masks")
+        raise BadInputError("no non-padding tokens to collect statistics from: check the attention masks")
     for stats in per_kind.values():
         stats.n_tokens = total
     return ModelStatistics(per_kind.get(FF), per_kind.get(ATTN))

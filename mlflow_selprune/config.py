@@ -1,0 +1,226 @@
+"""Every setting of an unlearning run, each spelled out once.
+
+``PruneConfig`` decides which neurons are pruned, ``DataOptions`` how
+forget/retain DATA become batches (``SourceOptions`` how one DATA spec is
+read), ``EvidenceOptions`` which checks run beside the pruning. The objects
+are passed whole through the library; the CLI builds its options from these
+fields (flag, help and default live in the field's metadata), and a test
+checks the MLproject's defaults against them. ``validate()`` names the flag a
+user typed, so the same message serves the CLI and the Python API.
+
+Importing this module is cheap (no torch): the CLI reads it for ``--help``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+FF = "ff"
+ATTN = "attn"
+KINDS = (FF, ATTN)
+
+SCORINGS = ("abs", "freq", "rms", "std", "sqrt", "mean", "random")
+# Names the reference implementation uses for the same importance functions.
+SCORING_ALIASES = {"rand": "random"}
+SELECTIONS = ("global", "per-layer")
+BUDGET_METRICS = ("top1", "top10", "skip50_top1")
+DEFAULT_EPS = {FF: 1e-3, ATTN: 1e-4}
+
+
+def option(default, help: str, *, flag: str | None = None, type=None, choices=None, is_flag: bool = False):
+    """A dataclass field that also describes its CLI option (``flag`` defaults to ``--field-name``)."""
+    meta = {"help": help, "flag": flag, "type": type, "choices": choices, "is_flag": is_flag}
+    return field(default=default, metadata=meta)
+
+
+def flag_of(cls, name: str) -> str:
+    """The CLI flag of field ``name`` of config class ``cls``."""
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}[name]
+    return meta.get("flag") or "--" + name.replace("_", "-")
+
+
+def canonical_scoring(name: str | None) -> str | None:
+    """``rand`` -> ``random``; any other name unchanged (checked by ``validate``)."""
+    return SCORING_ALIASES.get(name, name) if name is not None else None
+
+
+def _fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+@dataclass
+class PruneConfig:
+    """Every choice that determines which neurons get pruned (recorded with the result)."""
+
+    ff_frac: float = option(0.02, "Fraction of all FF neurons pruned per step.", type=float)
+    attn_frac: float = option(0.0, "Fraction of all attention neurons pruned per step.", type=float)
+    steps: int | None = option(None, "Fixed number of steps (default 1 unless a budget is given).", type=int)
+    target_forget_drop: float | None = option(
+        None, "Budget mode: stop once the forget drop (relative, --budget-metric) reaches this.", type=float)
+    max_retain_drop: float | None = option(
+        None, "Budget mode: never keep a step that pushes the retain drop past this.", type=float)
+    max_steps: int = option(50, "Budget mode: give up after this many steps.", type=int)
+    budget_metric: str = option("top1", "The metric whose relative drops the budget reads.", choices=BUDGET_METRICS)
+    scoring: str = option("abs", "Importance: " + ", ".join(SCORINGS) + " (rand = random).")
+    attn_scoring: str | None = option(None, "Importance for attention neurons (default: --scoring).")
+    selection: str = option("global", "Rank neurons across all layers or within each layer.", choices=SELECTIONS)
+    ff_eps: float = option(DEFAULT_EPS[FF], "eps in I(forget) / (I(retain) + eps) for FF neurons.", type=float)
+    attn_eps: float = option(DEFAULT_EPS[ATTN], "eps for attention neurons.", type=float)
+    attn_mean_offset: bool = option(False, "Fold pruned attention neurons' mean activation into the bias.",
+                                    is_flag=True)
+    eval_every: int = option(1, "Evaluate every k steps (the last step always).", type=int)
+    seed: int = option(0, "Seed for random scoring, the random control and the relearning check.", type=int)
+
+    def __post_init__(self):
+        self.scoring = canonical_scoring(self.scoring)
+        self.attn_scoring = canonical_scoring(self.attn_scoring)
+
+    @property
+    def budget_mode(self) -> bool:
+        return self.target_forget_drop is not None or self.max_retain_drop is not None
+
+    @property
+    def n_steps(self) -> int:
+        """Steps to run: the fixed count, or the budget mode's ceiling."""
+        if self.budget_mode:
+            return self.max_steps
+        return 1 if self.steps is None else self.steps
+
+    def scoring_for(self, kind: str) -> str:
+        return self.scoring if kind == FF else (self.attn_scoring or self.scoring)
+
+    def frac(self, kind: str) -> float:
+        return self.ff_frac if kind == FF else self.attn_frac
+
+    def eps(self, kind: str) -> float:
+        return self.ff_eps if kind == FF else self.attn_eps
+
+    def active_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for kind in KINDS if self.frac(kind) > 0)
+
+    def validate(self, has_evaluate: bool = True) -> "PruneConfig":
+        """Reject bad settings with one sentence naming the flag, before any weight is touched."""
+        flag = lambda name: flag_of(PruneConfig, name)  # noqa: E731
+        for name in ("ff_frac", "attn_frac"):
+            value = getattr(self, name)
+            if not _fraction(value) or not 0 <= value < 1:
+                raise ConfigError(f"{flag(name)} must be in [0, 1), got {value}")
+        if self.ff_frac == 0 and self.attn_frac == 0:
+            raise ConfigError("--ff-frac and --attn-frac are both 0: nothing would be pruned; set one above 0")
+        for name in ("scoring", "attn_scoring"):
+            value = getattr(self, name)
+            if value is not None and value not in SCORINGS:
+                raise ConfigError(f"unknown {flag(name)} '{value}'; choose one of {', '.join(SCORINGS)}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown --selection '{self.selection}'; choose 'global' or 'per-layer'")
+        if self.budget_metric not in BUDGET_METRICS:
+            raise ConfigError(f"unknown --budget-metric '{self.budget_metric}'; choose one of {', '.join(BUDGET_METRICS)}")
+        for name in ("ff_eps", "attn_eps"):
+            if not _fraction(getattr(self, name)) or not getattr(self, name) > 0:
+                raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        if not isinstance(self.eval_every, int) or self.eval_every < 1:
+            raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
+        if self.budget_mode:
+            if self.steps is not None:
+                raise ConfigError("choose either --steps or a budget (--target-forget-drop / --max-retain-drop), not both")
+            if self.target_forget_drop is not None and not (_fraction(self.target_forget_drop)
+                                                            and 0 < self.target_forget_drop <= 1):
+                raise ConfigError(f"--target-forget-drop must be in (0, 1], got {self.target_forget_drop}")
+            if self.max_retain_drop is not None and not (_fraction(self.max_retain_drop) and 0 <= self.max_retain_drop < 1):
+                raise ConfigError(f"--max-retain-drop must be in [0, 1), got {self.max_retain_drop}")
+            if not isinstance(self.max_steps, int) or self.max_steps < 1:
+                raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
+            if not has_evaluate:
+                raise ConfigError("budget mode needs an evaluation function to measure forget and retain drops")
+        elif self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1):
+            raise ConfigError(f"--steps must be an integer >= 1, got {self.steps}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SourceOptions:
+    """How one DATA spec is read. ``None`` means: not set here (fall back to the shared value)."""
+
+    text_column: str | None = option(None, "Column holding the text (default: detect text/content/code/...).")
+    glob: str | None = option(None, "For a directory DATA: which files to read, e.g. '*.py'.")
+    paragraphs: bool | None = option(None, "For .txt DATA: one document per blank-line-separated block.",
+                                     is_flag=True)
+    split: str | None = option(None, "Dataset split (hub datasets, DatasetDicts).")
+    data_config: str | None = option(None, "Hub dataset configuration, e.g. Python-all.")
+    revision: str | None = option(None, "Hub dataset revision.")
+
+    def over(self, shared: "SourceOptions") -> "SourceOptions":
+        """These options, with unset fields taken from ``shared``."""
+        return SourceOptions(**{f.name: getattr(shared, f.name) if getattr(self, f.name) is None
+                                else getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+SIDES = ("forget", "retain")
+
+
+@dataclass
+class DataOptions:
+    """How forget/retain DATA become token batches."""
+
+    max_length: int = option(128, "Tokens per sequence; longer documents are cut into chunks.", type=int)
+    batch_size: int = option(16, "Sequences per batch.", type=int)
+    collect_tokens: int = option(20_000, "Token budget per dataset for statistics (paper: 100000).", type=int)
+    eval_tokens: int = option(10_000, "Token budget per dataset for metrics (paper: 100000).", type=int)
+    eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).",
+                                  type=float)
+    # how DATA is read: for both sides, and per side (--forget-text-column, --retain-split, ...)
+    source: SourceOptions = field(default_factory=SourceOptions)
+    forget_source: SourceOptions = field(default_factory=SourceOptions)
+    retain_source: SourceOptions = field(default_factory=SourceOptions)
+
+    def source_for(self, side: str) -> SourceOptions:
+        return getattr(self, f"{side}_source").over(self.source)
+
+    @property
+    def min_tokens(self) -> int:
+        """Fewer tokens than one full batch cannot give meaningful statistics or metrics."""
+        return min(self.batch_size * self.max_length, self.collect_tokens, self.eval_tokens)
+
+    def validate(self) -> "DataOptions":
+        for name in ("max_length", "batch_size", "collect_tokens", "eval_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{flag_of(DataOptions, name)} must be an integer >= 1, got {value}")
+        if self.max_length < 2:
+            raise ConfigError("--max-length must be >= 2: next-token metrics need two tokens")
+        if not _fraction(self.eval_fraction) or not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"--eval-fraction must be strictly between 0 and 1, got {self.eval_fraction}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class EvidenceOptions:
+    """The checks that make a drop mean something: a random control and an opt-in relearning test."""
+
+    control: bool = option(True, "Also prune the same number of neurons per kind and layer at random "
+                                 "and report its drops (--no-control skips it).", flag="--control/--no-control")
+    relearn_steps: int = option(0, "Relearning check: fine-tune the unlearned model (and the parent) this many "
+                                   "steps on forget collect documents, then measure forget top-1 (0: off).", type=int)
+    relearn_lr: float = option(1e-3, "Learning rate of the relearning check.", type=float)
+    relearn_batch_size: int = option(8, "Sequences per relearning step.", type=int)
+
+    def validate(self) -> "EvidenceOptions":
+        if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:
+            raise ConfigError(f"--relearn-steps must be an integer >= 0, got {self.relearn_steps}")
+        if not _fraction(self.relearn_lr) or not 0 < self.relearn_lr < 1:
+            raise ConfigError(f"--relearn-lr must be in (0, 1), got {self.relearn_lr}")
+        if not isinstance(self.relearn_batch_size, int) or self.relearn_batch_size < 1:
+            raise ConfigError(f"--relearn-batch-size must be an integer >= 1, got {self.relearn_batch_size}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,341 @@
+"""Documents to token batches: split by document, tokenize, chunk, batch.
+
+Documents are split into a *collect* part (activation statistics for
+pruning) and an *eval* part (metrics) by a hash of their text, so the split is
+the same on every machine and run, and no document is in both parts. Each
+chunk starts with the special tokens the model's tokenizer puts before a text
+(a BOS for OPT or Llama, nothing for GPT-2), so the model sees inputs shaped
+like those it was trained on.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import datasets
+import torch
+
+from ..config import DataOptions, SourceOptions
+from .sources import DataError, iter_texts, load_documents, text_documents
+
+logger = logging.getLogger(__name__)
+
+_TOKENIZE_GROUP = 32  # documents per batched tokenizer call
+
+
+@dataclass
+class PreparedData:
+    """Token batches of one DATA spec, split by document into collect and eval parts."""
+
+    spec: str
+    digest: str
+    collect_batches: list[dict]
+    eval_batches: list[dict]
+    collect_tokens: int
+    eval_tokens: int
+    skip_token_ids: list[int]
+    n_documents: int
+    warnings: list[str] = field(default_factory=list)
+    documents: datasets.Dataset | None = None
+
+
+
+class _TokenCache:
+    """LRU of token ids per (tokenizer, document hash), bounded by the total number of tokens.
+
+    Keyed per document, so calls with other budgets, fractions or chunk
+    lengths on the same data reuse the tokenization too.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.entries: collections.OrderedDict[tuple, torch.Tensor] = collections.OrderedDict()
+        self.size = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        ids = self.entries.get(key)
+        if ids is not None:
+            self.entries.move_to_end(key)
+        return ids
+
+    def put(self, key: tuple, ids: torch.Tensor) -> None:
+        if key in self.entries:
+            return
+        self.entries[key] = ids
+        self.size += len(ids)
+        while self.size > self.max_tokens and len(self.entries) > 1:
+            _, evicted = self.entries.popitem(last=False)
+            self.size -= len(evicted)
+
+
+_TOKEN_CACHE = _TokenCache(max_tokens=4_000_000)
+
+
+def prepare_data(
+    spec_or_dataset,
+    tokenizer,
+    options: DataOptions | None = None,
+    *,
+    source: SourceOptions | None = None,
+    min_tokens: int | None = None,
+    eval_only: bool = False,
+    trust_remote_code: bool = False,
+    **option_fields,
+) -> PreparedData:
+    """Load, split by document, tokenize, chunk and batch one DATA spec.
+
+    ``options`` (or its fields as keywords: ``max_length=64``, ...) sets the
+    budgets; ``source`` (default ``options.source``, or source fields as
+    keywords: ``paragraphs=True``) says how to read the spec. Each part takes
+    whole documents in hash order until its token budget is met; long
+    documents are cut into chunks of at most ``max_length`` tokens and every
+    token of a taken document is kept, except that the last taken document
+    stops at the first chunk boundary that meets the budget (so a part may
+    exceed its budget by less than ``max_length`` tokens). Eval chunks of
+    fewer than 2 tokens predict nothing and are dropped. ``min_tokens``
+    (default 1) is the fewest tokens each part may end with. ``eval_only``:
+    every document is evaluated (nothing is held back for statistics); the
+    skip-50 tokens then come from the eval part itself.
+    """
+    source_names = set(SourceOptions.__dataclass_fields__)
+    source_fields = {k: option_fields.pop(k) for k in list(option_fields) if k in source_names}
+    options = (options or DataOptions(**option_fields)).validate()
+    source = source or (SourceOptions(**source_fields) if source_fields else options.source)
+    spec, documents = _as_documents(spec_or_dataset, source, trust_remote_code)
+    pad_id = _pad_token_id(tokenizer)
+    keys = [hashlib.sha256(text.encode("utf-8")).digest() for text in iter_texts(documents)]
+    if eval_only:
+        collect_order, eval_order = [], sorted(range(len(keys)), key=lambda i: (keys[i], i))
+    else:
+        collect_order, eval_order = split_documents(keys, options.eval_fraction, spec)
+    tokenizer_key = _tokenizer_key(tokenizer)
+    prefix = special_prefix(tokenizer)
+    min_tokens = 1 if min_tokens is None else min_tokens
+    warnings: list[str] = []
+
+    def take(part: str, order: list[int], budget: int, min_chunk: int):
+        used, chunks = _take_chunks(documents, order, keys, tokenizer, tokenizer_key, prefix=prefix,
+                                    budget=budget, max_length=options.max_length, min_chunk=min_chunk)
+        n_tokens = sum(len(c) for c in chunks)
+        if n_tokens < min_tokens:
+            raise DataError(f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
+                            f"{min_tokens} needed; add more documents")
+        if n_tokens < budget:
+            message = (f"DATA {spec!r}: the {part} part has only {n_tokens} tokens "
+                       f"({len(used)} documents), fewer than the {budget} asked for")
+            logger.warning(message)
+            warnings.append(message)
+        return used, chunks, n_tokens
+
+    if eval_only:
+        collect_used, collect_chunks, n_collect = [], [], 0
+    else:
+        collect_used, collect_chunks, n_collect = take("collect", collect_order, options.collect_tokens, 1)
+    eval_used, eval_chunks, n_eval = take("eval", eval_order, options.eval_tokens, 2)
+    texts = {"collect": documents[collect_used]["text"] if collect_used else [],
+             "eval": documents[eval_used]["text"]}
+    frequent_from = eval_chunks if eval_only else collect_chunks
+    prepared = PreparedData(
+        spec=spec,
+        digest=documents_digest(texts["collect"], texts["eval"]),
+        collect_batches=make_batches(collect_chunks, options.batch_size, pad_id),
+        eval_batches=make_batches(eval_chunks, options.batch_size, pad_id),
+        collect_tokens=n_collect,
+        eval_tokens=n_eval,
+        skip_token_ids=most_frequent_tokens([c[len(prefix):] for c in frequent_from], 50),
+        n_documents=len(collect_used) + len(eval_used),
+        warnings=warnings,
+        documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"]}),
+    )
+    logger.debug("DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
+                 spec, n_collect, len(collect_used), n_eval, len(eval_used), prepared.digest[:12])
+    return prepared
+
+
+_PREFIXES: dict[tuple, list[int]] = {}
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The token ids the tokenizer puts before a text (``[bos]`` for OPT/Llama, ``[]`` for GPT-2)."""
+    key = _tokenizer_key(tokenizer)
+    if key not in _PREFIXES:
+        _PREFIXES[key] = _probe_prefix(tokenizer)
+    return list(_PREFIXES[key])
+
+
+def _probe_prefix(tokenizer) -> list[int]:
+    probe = "hello world"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _as_documents(spec_or_dataset, source: SourceOptions, trust_remote_code: bool) -> tuple[str, datasets.Dataset]:
+    """(spec name, documents) for a DATA spec string, a Dataset or a list of strings."""
+    if isinstance(spec_or_dataset, (str, os.PathLike)):
+        spec = os.fspath(spec_or_dataset)
+        return spec, load_documents(spec, source, trust_remote_code=trust_remote_code)
+    if isinstance(spec_or_dataset, datasets.Dataset):
+        spec = f"<Dataset of {len(spec_or_dataset)} rows>"
+        return spec, text_documents(spec_or_dataset, spec, source.text_column)
+    if isinstance(spec_or_dataset, (list, tuple)) and all(isinstance(t, str) for t in spec_or_dataset):
+        spec = f"<list of {len(spec_or_dataset)} documents>"
+        return spec, text_documents(datasets.Dataset.from_dict({"text": list(spec_or_dataset)}), spec, None)
+    raise DataError(f"DATA must be a spec string, a datasets.Dataset or a list of strings, "
+                    f"not {type(spec_or_dataset).__name__}")
+
+
+def _pad_token_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        logger.info("the tokenizer has no pad token; padding with its EOS token (id %d)", tokenizer.eos_token_id)
+        return tokenizer.eos_token_id
+    raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+
+
+def split_documents(keys: Sequence[bytes], eval_fraction: float, spec: str = "DATA") -> tuple[list[int], list[int]]:
+    """(collect indices, eval indices), each in hash order, from the documents' sha256 digests.
+
+    A document goes to eval when the first 4 bytes of its hash, read as a
+    fraction of 2**32, are below ``eval_fraction``. Identical documents share
+    a hash, hence a part. If a part would be empty, the documents nearest the
+    threshold move over, so both parts get at least one document.
+    """
+    order = sorted(range(len(keys)), key=lambda i: (keys[i], i))
+    threshold = eval_fraction * 2**32
+    n_eval = sum(1 for i in order if int.from_bytes(keys[i][:4], "big") < threshold)
+    if n_eval == 0:
+        n_eval = _group_end(order, keys, 0)  # the lowest-hash document(s) move to eval
+    elif n_eval == len(order):
+        n_eval = _group_start(order, keys, len(order) - 1)  # the highest-hash ones move to collect
+    if n_eval == 0 or n_eval == len(order):
+        raise DataError(f"{spec!r}: need at least 2 distinct documents (one to collect statistics "
+                        f"on, one to evaluate on); found {len(set(keys))}")
+    return order[n_eval:], order[:n_eval]
+
+
+def _group_end(order, keys, position) -> int:
+    """End of the run of identical documents starting at ``position`` in ``order``."""
+    end = position + 1
+    while end < len(order) and keys[order[end]] == keys[order[position]]:
+        end += 1
+    return end
+
+
+def _group_start(order, keys, position) -> int:
+    """Start of the run of identical documents ending at ``position`` in ``order``."""
+    start = position
+    while start > 0 and keys[order[start - 1]] == keys[order[position]]:
+        start -= 1
+    return start
+
+
+def _tokenizer_key(tokenizer) -> tuple:
+    """Identifies a tokenizer's behaviour for the token cache (name alone is not enough)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
+            hashlib.sha256(definition.encode("utf-8")).hexdigest())
+
+
+def _token_ids(tokenizer, tokenizer_key, texts: list[str], keys: list[bytes]) -> list[torch.Tensor]:
+    """Token ids of each text, from the in-process cache or one batched tokenizer call."""
+    ids = [_TOKEN_CACHE.get((tokenizer_key, key)) for key in keys]
+    missing = [i for i, cached in enumerate(ids) if cached is None]
+    if missing:
+        encoded = tokenizer([texts[i] for i in missing], add_special_tokens=False,
+                            return_attention_mask=False, verbose=False)["input_ids"]
+        for i, new in zip(missing, encoded):
+            ids[i] = torch.tensor(new, dtype=torch.long)
+            _TOKEN_CACHE.put((tokenizer_key, keys[i]), ids[i])
+    return ids
+
+
+def _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
+    """(index, token ids) of the documents in ``order``, tokenized lazily a group at a time."""
+    for start in range(0, len(order), _TOKENIZE_GROUP):
+        group = order[start:start + _TOKENIZE_GROUP]
+        texts = documents[group]["text"]
+        yield from zip(group, _token_ids(tokenizer, tokenizer_key, texts, [keys[i] for i in group]))
+
+
+def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, budget, max_length, min_chunk):
+    """(indices of the documents used, their chunks) until ``budget`` tokens are taken.
+
+    Each chunk is ``prefix`` plus up to ``max_length - len(prefix)`` document
+    tokens. Chunks shorter than ``min_chunk`` are dropped; a document none of
+    whose chunks is kept does not count as used.
+    """
+    used: list[int] = []
+    chunks: list[torch.Tensor] = []
+    total = dropped = 0
+    head = torch.tensor(prefix, dtype=torch.long)
+    body_length = max(1, max_length - len(prefix))
+    for index, ids in _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
+        if total >= budget:
+            break
+        n_before = len(chunks)
+        for piece in ids.split(body_length):
+            chunk = torch.cat([head, piece]) if prefix else piece
+            if len(chunk) < min_chunk:
+                dropped += 1
+                continue
+            chunks.append(chunk)
+            total += len(chunk)
+            if total >= budget:
+                break
+        if len(chunks) > n_before:
+            used.append(index)
+    if dropped:
+        logger.debug("dropped %d chunk(s) shorter than %d tokens", dropped, min_chunk)
+    return used, chunks
+
+
+def make_batches(chunks: Sequence[torch.Tensor], batch_size: int, pad_id: int) -> list[dict]:
+    """Right-padded batches of chunks sorted by length (longest first), to waste little on padding."""
+    by_length = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i]), i))
+    batches = []
+    for start in range(0, len(by_length), batch_size):
+        rows = [chunks[i] for i in by_length[start:start + batch_size]]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, ids in enumerate(rows):
+            input_ids[row, :len(ids)] = ids
+            attention_mask[row, :len(ids)] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
+    return batches
+
+
+def most_frequent_tokens(chunks: Sequence[torch.Tensor], k: int = 50) -> list[int]:
+    """The ``k`` most frequent token ids in ``chunks`` (ties broken by lower id)."""
+    if not chunks:
+        return []
+    counts = torch.bincount(torch.cat(list(chunks)))
+    ids = torch.sort(counts, descending=True, stable=True).indices  # stable: equal counts keep id order
+    return ids[:min(k, int((counts > 0).sum()))].tolist()
+
+
+def documents_digest(collect_texts: Sequence[str], eval_texts: Sequence[str]) -> str:
+    """sha256 of the documents used, part by part, each length-prefixed UTF-8.
+
+    Independent of the tokenizer and of the machine; any change to a used
+    document, or to which part it is in, changes it.
+    """
+    digest = hashlib.sha256()
+    for part, texts in (("collect", collect_texts), ("eval", eval_texts)):
+        digest.update(part.encode("ascii"))
+        digest.update(len(texts).to_bytes(8, "big"))
+        for text in texts:
+            data = text.encode("utf-8")
+            digest.update(len(data).to_bytes(8, "big"))
+            digest.update(data)
+    return digest.hexdigest()

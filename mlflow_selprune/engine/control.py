@@ -1,0 +1,98 @@
+"""Evidence beside a result: the random control and the relearning check.
+
+The random control prunes, from the parent, the same number of neurons per
+kind and per layer as the selective run did, chosen at random (seeded). A
+selective drop far above the control's shows the *selection* did the work,
+not the sparsity. The relearning check fine-tunes a copy on forget data for a
+few steps: a capability that returns at once was hidden, not removed.
+
+Both work on the pruned model in place and leave it exactly as they found it
+(the parent is restored from the pruning run's saved columns, never reloaded).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import random
+
+import torch
+
+from ..config import ATTN, FF, KINDS
+from .architecture import find_architecture
+from .result import PruneResult
+from .surgery import capture, prune_neurons
+
+
+def random_masks_like(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """A bool mask with the same number of True per row (layer) as ``mask``, at seeded random positions."""
+    generator = torch.Generator().manual_seed(seed)
+    out = torch.zeros_like(mask, dtype=torch.bool)
+    for layer, count in enumerate(mask.sum(1).tolist()):
+        if count:
+            out[layer, torch.randperm(mask.shape[1], generator=generator)[:count]] = True
+    return out
+
+
+@contextlib.contextmanager
+def parent_restored(model, result: PruneResult):
+    """Inside: ``model`` holds its parent's weights again. On exit: exactly the pruned weights."""
+    with _swapped(model, result, {kind: torch.zeros_like(m) for kind, m in _masks(result).items()}):
+        yield model
+
+
+@contextlib.contextmanager
+def randomly_pruned(model, result: PruneResult, seed: int):
+    """Inside: the parent with as many random neurons per kind and layer pruned. On exit: the pruned model."""
+    random_masks = {kind: random_masks_like(mask, seed * 2 + (kind == ATTN)) for kind, mask in _masks(result).items()}
+    with _swapped(model, result, random_masks):
+        yield random_masks
+
+
+def _masks(result: PruneResult) -> dict:
+    return {FF: result.ff_mask, ATTN: result.attn_mask}
+
+
+@contextlib.contextmanager
+def _swapped(model, result: PruneResult, replacement: dict):
+    arch = find_architecture(model)
+    masks = _masks(result)
+    saved = [capture(arch, kind, masks[kind] | replacement[kind]) for kind in KINDS]
+    try:
+        for undo in reversed(result.parent_undos):
+            undo.restore()
+        for kind in KINDS:
+            if replacement[kind].any():
+                prune_neurons(arch, kind, replacement[kind])
+        yield
+    finally:
+        for state in saved:
+            state.restore()
+
+
+def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int):
+    """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order).
+
+    Causal-LM loss on the non-padding tokens. The original model is untouched.
+    """
+    torch.manual_seed(seed)
+    tuned = copy.deepcopy(model)
+    tuned.train()
+    device = next(tuned.parameters()).device
+    optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
+    order: list[int] = []
+    rng = random.Random(seed)
+    for _ in range(steps):
+        if not order:
+            order = list(range(len(batches)))
+            rng.shuffle(order)
+        batch = batches[order.pop()]
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        loss = tuned(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)
+        optimizer.step()
+    tuned.eval()
+    return tuned

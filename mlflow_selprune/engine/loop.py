@@ -1,0 +1,220 @@
+"""The iterative selective-pruning loop.
+
+Each step re-collects statistics on the already-pruned model (the paper's
+default), scores every neuron forget-vs-retain, prunes the top ones in the
+weights, and optionally evaluates. It stops after a fixed number of steps, or
+by a budget: once the forget drop reaches its target, or — rolling that step
+back — as soon as a step would push the retain drop past its budget.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from ..config import ATTN, FF, KINDS, PruneConfig
+from ..errors import BadInputError
+from ..evaluation.drops import relative_drop
+from .architecture import find_architecture
+from .result import PruneResult
+from .scoring import required_sums, score
+from .selection import select
+from .statistics import collect_statistics
+from .surgery import prune_neurons
+
+logger = logging.getLogger(__name__)
+
+EvaluateFn = Callable[[torch.nn.Module], dict]
+StepCallback = Callable[[dict], None]
+
+
+def prune(
+    model,
+    forget_batches: Sequence[dict],
+    retain_batches: Sequence[dict],
+    config: PruneConfig | None = None,
+    *,
+    evaluate_fn: EvaluateFn | None = None,
+    on_step: StepCallback | None = None,
+    accelerator=None,
+    progress: bool = True,
+    **legacy_options,
+) -> PruneResult:
+    """Selectively prune ``model`` in place so it forgets what ``forget_batches`` show.
+
+    ``forget_batches``/``retain_batches``: dicts with ``input_ids`` and
+    ``attention_mask`` (used for statistics only). ``evaluate_fn(model)``
+    returns metrics such as ``forget_top1``/``retain_top1``; it runs before
+    the first step (the baseline) and after every ``config.eval_every`` steps,
+    and budget mode reads ``forget_<budget_metric>``/``retain_<budget_metric>``
+    from it. ``on_step(record)`` sees the baseline (step 0) and each kept step as it
+    finishes (live logging). Passing ``PruneConfig`` fields as keywords (``ff_frac=...``) is
+    deprecated: pass ``config=PruneConfig(...)``.
+    """
+    if legacy_options:
+        if config is not None:
+            raise TypeError("pass either config=PruneConfig(...) or its fields as keywords, not both")
+        warnings.warn("prune(..., ff_frac=...) is deprecated; pass config=PruneConfig(ff_frac=...)",
+                      DeprecationWarning, stacklevel=2)
+        config = PruneConfig(**legacy_options)
+    config = (config or PruneConfig()).validate(has_evaluate=evaluate_fn is not None)
+    arch = find_architecture(model)
+    forget_batches = _check_batches(forget_batches, "forget")
+    retain_batches = _check_batches(retain_batches, "retain")
+    kinds = config.active_kinds()
+    if config.attn_mean_offset and ATTN in kinds:
+        no_bias = [p.name for p in arch.attn if p.module.bias is None]
+        if no_bias:
+            raise BadInputError(
+                f"the attention mean offset folds into the projection bias, but {no_bias[0]} has none; "
+                "prune without --attn-mean-offset for this model"
+            )
+    masks = {kind: torch.zeros(arch.shape(kind), dtype=torch.bool) for kind in KINDS}
+    last_scores: dict[str, torch.Tensor | None] = {kind: None for kind in KINDS}
+    records: list[dict] = []
+    kept_undos: list = []
+
+    baseline: dict = {}
+    if evaluate_fn is not None:
+        start = time.perf_counter()
+        baseline = dict(evaluate_fn(model))
+        logger.debug("baseline metrics (%.1fs): %s", time.perf_counter() - start, _brief(baseline))
+        if config.budget_mode:
+            _budget_drops(config, baseline, baseline)  # a missing budget metric fails now, before any surgery
+        if on_step is not None:
+            on_step({"step": 0, "ff_pruned_total": 0, "attn_pruned_total": 0, "kept": True, "metrics": baseline})
+    latest_metrics = dict(baseline)
+    stop_reason = f"completed {config.n_steps} step(s)"
+
+    for step in range(1, config.n_steps + 1):
+        step_start = time.perf_counter()
+        chosen, thresholds, undos, collect_seconds = _prune_step(model, arch, masks, last_scores, forget_batches,
+                                                                 retain_batches, config, kinds, accelerator,
+                                                                 progress, step)
+        record = _step_record(step, chosen, thresholds, masks, collect_seconds)
+        if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps):
+            eval_start = time.perf_counter()
+            record["metrics"] = dict(evaluate_fn(model))
+            record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
+        record["seconds"] = round(time.perf_counter() - step_start, 3)
+
+        if config.budget_mode:
+            record["forget_drop"], record["retain_drop"] = _budget_drops(config, baseline, record["metrics"])
+            if config.max_retain_drop is not None and record["retain_drop"] > config.max_retain_drop:
+                for undo in reversed(undos):
+                    undo.restore()
+                for kind in KINDS:
+                    masks[kind] &= ~chosen[kind]
+                record["kept"] = False
+                records.append(record)
+                stop_reason = (f"step {step} rolled back: retain {config.budget_metric} drop "
+                               f"{record['retain_drop']:.4f} exceeds the budget {config.max_retain_drop}")
+                break
+        records.append(record)
+        kept_undos.extend(undos)
+        latest_metrics = record.get("metrics", latest_metrics)
+        _log_step(record)
+        if on_step is not None:
+            on_step(record)
+        if config.budget_mode:
+            if config.target_forget_drop is not None and record["forget_drop"] >= config.target_forget_drop:
+                stop_reason = (f"forget {config.budget_metric} drop {record['forget_drop']:.4f} reached the target "
+                               f"{config.target_forget_drop} after {step} step(s)")
+                break
+            if step == config.n_steps:
+                stop_reason = f"max_steps ({config.max_steps}) reached before the forget target"
+        if not any(chosen[k].any() for k in KINDS):
+            stop_reason = f"no neurons left to prune after step {step}"
+            break
+
+    logger.info("stopped: %s", stop_reason)
+    return PruneResult(
+        ff_mask=masks[FF], attn_mask=masks[ATTN], ff_scores=last_scores[FF], attn_scores=last_scores[ATTN],
+        steps=records, config=config, architecture=arch.describe(), baseline_metrics=baseline,
+        final_metrics=latest_metrics, stop_reason=stop_reason, parent_undos=kept_undos,
+    )
+
+
+def _prune_step(model, arch, masks, last_scores, forget_batches, retain_batches, config, kinds, accelerator,
+                progress, step):
+    """Collect, score, select and zero one step's neurons; masks are updated in place."""
+    forget_stats, retain_stats, collect_seconds = _collect_both(
+        model, forget_batches, retain_batches, config, kinds, accelerator, progress, step
+    )
+    chosen, thresholds, undos = {}, {}, []
+    for kind in KINDS:
+        if kind not in kinds:
+            chosen[kind] = torch.zeros(arch.shape(kind), dtype=torch.bool)
+            continue
+        scores = score(
+            forget_stats[kind], retain_stats[kind], config.scoring_for(kind),
+            eps=config.eps(kind), seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
+        ).cpu()
+        last_scores[kind] = scores
+        chosen[kind] = select(scores, masks[kind], config.frac(kind), selection=config.selection)
+        thresholds[kind] = float(scores[chosen[kind]].min()) if chosen[kind].any() else None
+        offset = None
+        if kind == ATTN and config.attn_mean_offset:
+            stats = retain_stats[kind]
+            offset = stats.sums["sum"] / stats.n_tokens
+        undos.append(prune_neurons(arch, kind, chosen[kind], mean_offset=offset))
+    for kind in KINDS:
+        masks[kind] |= chosen[kind]
+    return chosen, thresholds, undos, collect_seconds
+
+
+def _step_record(step, chosen, thresholds, masks, collect_seconds) -> dict:
+    return {
+        "step": step,
+        "ff_pruned": int(chosen[FF].sum()),
+        "attn_pruned": int(chosen[ATTN].sum()),
+        "ff_pruned_per_layer": chosen[FF].sum(1).tolist(),
+        "attn_pruned_per_layer": chosen[ATTN].sum(1).tolist(),
+        "ff_threshold": thresholds.get(FF),
+        "attn_threshold": thresholds.get(ATTN),
+        "ff_pruned_total": int(masks[FF].sum()),
+        "attn_pruned_total": int(masks[ATTN].sum()),
+        "kept": True,
+        "seconds_collect": round(collect_seconds, 3),
+    }
+
+
+def _check_batches(batches, label: str) -> list:
+    batches = list(batches)
+    if not batches:
+        raise BadInputError(f"the {label} batches are empty: give {label} data with at least one document")
+    return batches
+
+
+def _collect_both(model, forget_batches, retain_batches, config, kinds, accelerator, progress, step):
+    start = time.perf_counter()
+    sums = set(required_sums(*(config.scoring_for(kind) for kind in kinds)))
+    if config.attn_mean_offset and ATTN in kinds:
+        sums.add("sum")
+    common = dict(sums=tuple(sorted(sums)), kinds=kinds, accelerator=accelerator, progress=progress)
+    forget_stats = collect_statistics(model, forget_batches, desc=f"step {step}: forget", **common)
+    retain_stats = collect_statistics(model, retain_batches, desc=f"step {step}: retain", **common)
+    return forget_stats, retain_stats, time.perf_counter() - start
+
+
+def _budget_drops(config: PruneConfig, baseline: dict, metrics: dict) -> tuple[float, float]:
+    key_f, key_r = f"forget_{config.budget_metric}", f"retain_{config.budget_metric}"
+    for key in (key_f, key_r):
+        if key not in baseline or key not in metrics:
+            raise BadInputError(f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}")
+    return relative_drop(baseline[key_f], metrics[key_f]), relative_drop(baseline[key_r], metrics[key_r])
+
+
+def _brief(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def _log_step(record: dict) -> None:
+    logger.debug(
+        "step %d: pruned %d FF and %d attention neurons (%.1fs)%s",
+        record["step"], record["ff_pruned"], record["attn_pruned"], record["seconds"],
+        f"; {_brief(record['metrics'])}" if "metrics" in record else "",
+    )

@@ -1,0 +1,18 @@
+"""The project's own error types: the only ones the CLI reports as bad input (exit 2).
+
+Anything else that escapes is a bug or an environment failure and exits 3, so a
+programming error is never dressed up as the user's mistake.
+"""
+from __future__ import annotations
+
+
+class BadInputError(ValueError):
+    """The user asked for something that cannot work; the message says what to do instead."""
+
+
+class ConfigError(BadInputError):
+    """An option out of range or options that conflict; the message names the flag."""
+
+
+class NonFiniteActivationsError(BadInputError, FloatingPointError):
+    """Activations overflowed (fp16) or the weights hold NaNs: the statistics cannot rank neurons."""

@@ -1,0 +1,102 @@
+"""Load a resolved model: its files on disk, then the transformers model and tokenizer.
+
+A model directory may come from anywhere, so every path read from it is
+checked to stay inside it, and what cannot be pruned fails with one line.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from ..errors import BadInputError
+from .resolve import ResolvedModel
+
+logger = logging.getLogger(__name__)
+
+
+def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
+    """The model's files on local disk (a no-op for a local directory)."""
+    if Path(resolved.load_uri).is_dir():
+        return Path(resolved.load_uri)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved.load_uri, dst_path=dst_path))
+    except MlflowException as exc:
+        raise BadInputError(f"cannot download '{resolved.uri}': {exc.message.splitlines()[0]}") from None
+    except OSError as exc:
+        raise BadInputError(f"cannot download '{resolved.uri}': {exc}") from None
+
+
+def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype: str | None = None,
+                    trust_remote_code: bool = False, local_dir: Path | None = None):
+    """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    path = local_dir or download(resolved)
+    model_dir, tokenizer_dir = path, path
+    if (path / "MLmodel").is_file():
+        from mlflow.models import Model
+
+        flavors = Model.load(str(path / "MLmodel")).flavors
+        if "transformers" not in flavors:
+            raise BadInputError(
+                f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
+                "log it with mlflow.transformers.log_model"
+            )
+        model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
+        tokenizer_dir = inside(path, "components/tokenizer", resolved.uri)
+        if not (model_dir / "config.json").is_file():
+            raise BadInputError(
+                f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
+                "log the model with its weights"
+            )
+    elif not (path / "config.json").is_file():
+        raise BadInputError(f"'{resolved.uri}' is not a Hugging Face model (no MLmodel or config.json)")
+    if not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
+        raise BadInputError(
+            f"'{resolved.uri}' has no tokenizer; log the model together with its tokenizer "
+            "({'model': ..., 'tokenizer': ...})"
+        )
+    torch_dtype = _dtype(dtype)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    auto = AutoModelForCausalLM
+    if not any(a.endswith(("CausalLM", "LMHeadModel")) for a in (config.architectures or [])) and any(
+        a.endswith("MaskedLM") for a in (config.architectures or [])
+    ):
+        auto = AutoModelForMaskedLM
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        model = auto.from_pretrained(model_dir, **kwargs)
+    except ValueError as exc:
+        raise BadInputError(f"'{resolved.uri}' cannot be loaded as a language model: {str(exc).splitlines()[0]}") from None
+    if device not in (None, "auto"):
+        model.to(torch.device(device))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refusing paths (``..``, absolute, symlinks) that lead out of ``root``."""
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root.resolve()):
+        raise BadInputError(f"'{what}' points at '{relative}', outside its model directory; refusing to load it")
+    return candidate
+
+
+def _dtype(name: str | None):
+    import torch
+
+    if name in (None, "auto", "float32", "fp32"):
+        return None if name in (None, "auto") else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise BadInputError(f"unknown dtype '{name}'; choose float32, bfloat16 or float16")
+    return table[name]
