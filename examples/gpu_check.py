@@ -18,7 +18,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
-from mlflow_selprune import collect_statistics, find_architecture, prune
+from mlflow_selprune import PruneConfig, collect_statistics, find_architecture, prune
 
 
 def timed(fn, sync):
@@ -91,7 +91,7 @@ def main() -> int:
             print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
         half = max(1, len(batches) // 2)
-        result = prune(model, batches[:half], batches[half:] or batches, ff_frac=0.02, steps=2, progress=False)
+        result = prune(model, batches[:half], batches[half:] or batches, PruneConfig(ff_frac=0.02, steps=2), progress=False)
         arch = find_architecture(model)
         zeroed = all(bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, result.ff_mask))
         print(f"pruned {result.ff_pruned} FF neurons in bf16; columns zeroed: {'ok' if zeroed else 'FAIL'}")

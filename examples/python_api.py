@@ -14,7 +14,7 @@ import mlflow
 import mlflow_selprune as sp
 from mlflow_selprune.registry.loading import load_components
 from mlflow_selprune.registry.resolve import resolve
-from mlflow_selprune.unlearn import DataOptions, format_summary, run_prune
+from mlflow_selprune.report import format_summary
 
 
 def main() -> None:
@@ -31,24 +31,21 @@ def main() -> None:
 
     # 1. The engine on its own: a model, token batches, masks. Nothing is logged.
     model, tokenizer = load_components(resolve(args.model_uri))
-    forget = sp.prepare_data(args.forget, tokenizer, collect_tokens=args.tokens, eval_tokens=args.tokens // 2)
-    retain = sp.prepare_data(args.retain, tokenizer, collect_tokens=args.tokens, eval_tokens=args.tokens // 2)
+    data = sp.DataOptions(collect_tokens=args.tokens, eval_tokens=args.tokens // 2)
+    forget = sp.prepare_data(args.forget, tokenizer, data)
+    retain = sp.prepare_data(args.retain, tokenizer, data)
     print("architecture:", sp.find_architecture(model).describe())
     before = sp.evaluate_model(model, forget.eval_batches, prefix="forget_", progress=False)
-    result = sp.prune(model, forget.collect_batches, retain.collect_batches, ff_frac=args.ff_frac,
-                      steps=args.steps, progress=False)
+    config = sp.PruneConfig(ff_frac=args.ff_frac, steps=args.steps)
+    result = sp.prune(model, forget.collect_batches, retain.collect_batches, config, progress=False)
     after = sp.evaluate_model(model, forget.eval_batches, prefix="forget_", progress=False)
     print(f"engine only: pruned {result.ff_pruned} FF neurons; forget top1 {before['forget_top1']:.4f} -> "
           f"{after['forget_top1']:.4f}")
 
     # 2. The MLflow round trip: pull, prune, log, register with lineage.
-    out = run_prune(
-        args.model_uri, args.forget, args.retain,
-        config=sp.PruneConfig(ff_frac=args.ff_frac, steps=args.steps),
-        data=DataOptions(collect_tokens=args.tokens, eval_tokens=args.tokens // 2),
-        register_as=args.register_as, progress=False,
-    )
-    print(format_summary(out))
+    out = sp.run_prune(args.model_uri, args.forget, args.retain, config=config, data=data,
+                       register_as=args.register_as, progress=False)
+    print(format_summary(out.metrics, out.model_uri, out.run_id))
 
 
 if __name__ == "__main__":

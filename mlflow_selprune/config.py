@@ -174,6 +174,8 @@ class DataOptions:
     eval_tokens: int = option(10_000, "Token budget per dataset for metrics (paper: 100000).", type=int)
     eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).",
                                   type=float)
+    token_cache: bool = option(True, "Keep token ids on disk (user cache dir) so reruns do not tokenize again.",
+                               flag="--token-cache/--no-token-cache")
     # how DATA is read: for both sides, and per side (--forget-text-column, --retain-split, ...)
     source: SourceOptions = field(default_factory=SourceOptions)
     forget_source: SourceOptions = field(default_factory=SourceOptions)

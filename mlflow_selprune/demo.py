@@ -106,7 +106,7 @@ def train_demo_model(recipe: DemoRecipe = RECIPE, seed: int = 0, steps: int | No
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPTNeoXForCausalLM(config)
-    loss = train_causal_lm(model, blocks, steps=steps or recipe.train_steps, batch_size=recipe.batch_size,
+    loss = train_causal_lm(model, blocks, steps=recipe.train_steps if steps is None else steps, batch_size=recipe.batch_size,
                            lr=recipe.lr, seed=seed, progress=progress)
     logger.info("demo model trained: final loss %.3f", loss)
     return model, tokenizer

@@ -10,6 +10,10 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 # Tiny models gain nothing from threads, and the tests start servers and CLI processes
 # beside this one: one thread each keeps 2 cores from being oversubscribed (7-10x slower).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The on-disk token cache of this test session: fresh, never the user's.
+import tempfile  # noqa: E402
+
+os.environ["SELPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="selprune-cache-")
 
 import inspect  # noqa: E402
 import json  # noqa: E402

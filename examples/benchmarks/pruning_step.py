@@ -39,8 +39,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=100_000, help="collect tokens per dataset (paper: 100,000)")
     parser.add_argument("--eval-tokens", type=int, default=None, help="eval tokens per dataset (default: --tokens)")
     parser.add_argument("--untrained", action=argparse.BooleanOptionalAction, default=True,
-                        help="random-init demo model (default); --no-untrained trains it for --train-seconds first")
-    parser.add_argument("--train-seconds", type=float, default=20, help="training time limit with --no-untrained")
+                        help="random-init demo model (default); --no-untrained trains it for --train-steps first")
+    parser.add_argument("--train-steps", type=int, default=20, help="training steps with --no-untrained")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -50,12 +50,11 @@ def main(argv=None):
     header("one pruning step at the paper's budgets, by phase", args)
 
     start = time.perf_counter()
-    model, tokenizer = train_demo_model(train_seconds=args.train_seconds, max_steps=0 if args.untrained else 400,
-                                        progress=False)
+    model, tokenizer = train_demo_model(steps=0 if args.untrained else args.train_steps, progress=False)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"   model: demo GPT-NeoX ({n_params / 1e6:.1f}M parameters), "
-          f"{'untrained' if args.untrained else f'trained (limit {args.train_seconds:g} s)'}; "
+          f"{'untrained' if args.untrained else f'trained ({args.train_steps} steps)'}; "
           f"setup (tokenizer{'' if args.untrained else ' + training'}) {time.perf_counter() - start:.1f} s, not counted")
     next_token_metric()  # load the packaged evaluate module once, outside the timed phases
 

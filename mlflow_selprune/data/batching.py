@@ -20,6 +20,7 @@ import datasets
 import torch
 
 from ..config import DataOptions, SourceOptions
+from . import token_cache
 from .sources import DataError, iter_texts, load_documents, text_documents
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,11 @@ def prepare_data(
         collect_order, eval_order = split_documents(keys, options.eval_fraction, spec)
     tokenizer_key = _tokenizer_key(tokenizer)
     prefix = special_prefix(tokenizer)
+    use_disk = token_cache.enabled(options.token_cache)
+    if use_disk:
+        stored = token_cache.load(tokenizer_key, keys)
+        for key, ids in stored.items():
+            _TOKEN_CACHE.put((tokenizer_key, key), ids)
     min_tokens = 1 if min_tokens is None else min_tokens
     warnings: list[str] = []
 
@@ -136,6 +142,11 @@ def prepare_data(
     else:
         collect_used, collect_chunks, n_collect = take("collect", collect_order, options.collect_tokens, 1)
     eval_used, eval_chunks, n_eval = take("eval", eval_order, options.eval_tokens, 2)
+    if use_disk:
+        entries = {key: _TOKEN_CACHE.get((tokenizer_key, key)) for key in keys}
+        entries = {key: ids for key, ids in entries.items() if ids is not None}
+        if set(entries) - set(stored):
+            token_cache.save(tokenizer_key, keys, entries)
     texts = {"collect": documents[collect_used]["text"] if collect_used else [],
              "eval": documents[eval_used]["text"]}
     frequent_from = eval_chunks if eval_only else collect_chunks
