@@ -244,6 +244,54 @@ def test_attention_mean_offset_replaces_pruned_heads_by_their_retain_mean(family
             handle.remove()
 
 
+# --- evidence: the random control and the relearning check -------------------------------------------
+
+
+@pytest.mark.parametrize("mean_offset", [False, True], ids=["plain", "attn-mean-offset"])
+def test_control_and_parent_views_put_the_pruned_model_back_exactly(mean_offset):
+    from mlflow_selprune import PruneConfig
+    from mlflow_selprune.engine import parent_restored, randomly_pruned
+
+    original = build("gpt2")
+    parent = snapshot(original)
+    model = copy.deepcopy(original)
+    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.1, attn_frac=0.1, steps=2,
+                                                      attn_mean_offset=mean_offset), progress=False)
+    pruned = snapshot(model)
+    arch = find_architecture(model)
+    with parent_restored(model, result):
+        assert_same_weights(model, parent)
+    assert_same_weights(model, pruned)
+    with randomly_pruned(model, result, seed=0) as random_masks:
+        for kind in ("ff", "attn"):
+            mask = getattr(result, f"{kind}_mask")
+            assert torch.equal(random_masks[kind].sum(1), mask.sum(1))  # same count per layer
+            assert not torch.equal(random_masks[kind], mask)
+            assert torch.equal(pruned_columns(arch, kind), random_masks[kind])  # exactly those are zero now
+    assert_same_weights(model, pruned)
+    with randomly_pruned(model, result, seed=0) as again:
+        assert all(torch.equal(again[k], random_masks[k]) for k in again)  # seeded
+
+
+def test_relearning_tunes_a_copy_and_recovers_the_loss():
+    from mlflow_selprune import PruneConfig
+    from mlflow_selprune.engine import relearn
+
+    model = build("gpt2")
+    prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.3, steps=1), progress=False)
+    pruned = snapshot(model)
+
+    def loss(m):
+        with torch.no_grad():
+            return sum(float(m(**b, labels=b["input_ids"]).loss) for b in FORGET)
+
+    tuned = relearn(model, FORGET, steps=20, lr=1e-2, seed=0)
+    assert_same_weights(model, pruned)
+    assert loss(tuned) < loss(model)
+    again = relearn(model, FORGET, steps=20, lr=1e-2, seed=0)
+    assert_same_weights(again, snapshot(tuned))  # steps and seed decide, nothing else
+
+
 # --- budget mode on a trained model, with a real evaluation -----------------------------------------
 
 

@@ -1,0 +1,384 @@
+"""What a user meets on the paths around the core job: `mlflow run`, start-up, run status, gate what-ifs,
+store discovery, typos, flag names in errors, serving, and a quiet terminal.
+
+Everything runs for real: a sqlite MLflow store with a tiny registered model, the console entry point in
+fresh processes (``cli``) or in this one (``invoke``), ``mlflow run`` and ``mlflow models serve``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_selprune.registry import lineage
+from mlflow_selprune.registry.tracking import FAILURE_TAG
+
+from mlflow_helpers import TINY_NAME, cli, free_port, invoke, registry_snapshot, sqlite_store
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_DATA = ["--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500",
+              "--no-progress"]
+# the same budget as MLproject parameters
+SMALL_PARAMS = ["-P", "max_length=64", "-P", "batch_size=8", "-P", "collect_tokens=3000", "-P", "eval_tokens=1500"]
+HEAVY = ("torch", "transformers", "mlflow")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer):
+    """tiny-lm v1 (alias base); retain as jsonl (one paragraph per row) so no --paragraphs is needed."""
+    with sqlite_store(tmp_path_factory.mktemp("user_paths"), tiny_tokenizer) as s:
+        paragraphs = Path(s["retain"]).read_text().split("\n\n")
+        retain = s["root"] / "data" / "retain.jsonl"
+        retain.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs if p.strip()))
+        s["retain"] = str(retain)
+        yield s
+
+
+def _versions() -> set[str]:
+    return set(registry_snapshot().get(TINY_NAME, {}).get("versions", {}))
+
+
+def _all_runs() -> dict:
+    client = MlflowClient()
+    runs = {}
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], max_results=1000):
+            runs[run.info.run_id] = run
+    return runs
+
+
+@pytest.fixture(scope="module")
+def pruned(store):
+    """One `mlflow-selprune prune` in a fresh process (2 steps): the new version, its run, and what it printed."""
+    before = _versions()
+    out = cli("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
+              "--retain", store["retain"], "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", *SMALL_DATA,
+              env=store["env"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    (version,) = _versions() - before
+    mv = MlflowClient().get_model_version(TINY_NAME, version)
+    return {"version": version, "uri": f"models:/{TINY_NAME}/{version}", "run_id": mv.run_id, "out": out}
+
+
+# ----------------------------------------------------------------------------- 1. mlflow run: no param collision
+
+
+def _mlflow_run(store, entry_point, *params):
+    env = dict(os.environ, **store["env"])
+    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager",
+                           "local", *params], capture_output=True, text=True, env=env, cwd=store["root"], timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry_point", ["main", "prune"])
+def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_point):
+    """`mlflow run` logs every entry-point param to the run the job then fills; values spelled differently
+    from the job's own (0.10 vs 0.1, 01 vs 1) must not trip "Changing param values is not allowed"."""
+    before = _versions()
+    out = _mlflow_run(store, entry_point, "-P", f"model_uri=models:/{TINY_NAME}/1", "-P", f"forget={store['forget']}",
+                      "-P", f"retain={store['retain']}", "-P", "ff_frac=0.10", "-P", "steps=01", *SMALL_PARAMS)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert "Changing param values is not allowed" not in out.stderr
+    new = _versions() - before
+    assert len(new) == 1, new
+    mv = MlflowClient().get_model_version(TINY_NAME, new.pop())
+    run = MlflowClient().get_run(mv.run_id)
+    assert run.data.tags.get("mlflow.project.entryPoint") == entry_point  # the project's run made it
+    assert run.info.status == "FINISHED"
+    assert run.data.params["ff_frac"] == "0.10"  # as the project logged it, not overwritten
+    assert run.data.params["data_max_length"] == "64"  # and the job's own params beside them
+
+
+def test_mlproject_defaults_are_the_cli_defaults():
+    """Every MLproject parameter that maps to a config field has that field's default (written once)."""
+    import dataclasses
+
+    import yaml
+
+    from mlflow_selprune.config import DataOptions, PruneConfig
+
+    defaults = {f.name: f.default for cls in (PruneConfig, DataOptions) for f in dataclasses.fields(cls)}
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    checked = 0
+    for name, entry in project["entry_points"].items():
+        for param, spec in entry["parameters"].items():
+            if param not in defaults or not isinstance(spec, dict) or "default" not in spec:
+                continue
+            if param == "steps":
+                continue  # None in the config ("1 unless a budget is given"); see the report on the MLproject
+            assert float(spec["default"]) == float(defaults[param]) if isinstance(defaults[param], (int, float)) \
+                else spec["default"] == defaults[param], (name, param, spec["default"], defaults[param])
+            checked += 1
+    assert checked >= 10
+    main = project["entry_points"]["main"]["parameters"]
+    assert {"max_length", "batch_size", "collect_tokens", "eval_tokens"} <= set(main)
+
+
+# ----------------------------------------------------------------------------- 2. start-up
+
+
+def _python(code: str, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)
+
+
+_RUN_CLI_AND_REPORT_MODULES = """
+    import json, sys
+    from mlflow_selprune.cli import main
+    code = 0
+    try:
+        main({argv!r}, standalone_mode=False)
+    except SystemExit as exc:
+        code = exc.code
+    except Exception as exc:  # click's own usage errors with standalone_mode=False
+        code = getattr(exc, "exit_code", repr(exc))
+    print(json.dumps({{"code": code, "modules": sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r})}}))
+"""
+
+
+def _modules_after(argv, env=None):
+    out = _python(_RUN_CLI_AND_REPORT_MODULES.format(argv=list(argv), heavy=HEAVY), env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1]), out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["prune", "--ff-frac", "abc"],
+                                  ["gate", "--max-retain-drop", "x"]])
+def test_help_and_option_errors_import_no_heavy_library(argv):
+    report, _ = _modules_after(argv)
+    assert report["modules"] == [], report["modules"][:20]
+
+
+def test_option_error_from_the_console_names_the_flag():
+    out = cli("prune", "--ff-frac", "abc")
+    assert out.returncode == 2
+    assert "--ff-frac" in out.stderr and "abc" in out.stderr
+
+
+def test_missing_data_file_is_reported_before_the_model_is_loaded(store):
+    before = registry_snapshot(), set(_all_runs())
+    argv = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", "./nope.txt", "--retain", store["retain"]]
+    report, out = _modules_after(argv, env=store["env"])
+    assert report["code"] == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--forget" in errors[0] and "nope.txt" in errors[0], out.stderr
+    # the model was never loaded: no transformers model code was even imported
+    loaded = [m for m in report["modules"] if m.startswith(("transformers.models", "transformers.modeling_utils"))]
+    assert loaded == []
+    assert (registry_snapshot(), set(_all_runs())) == before  # no version, no run
+
+
+# ----------------------------------------------------------------------------- 3. live, honest runs
+
+
+def test_successful_prune_run_is_finished_with_per_step_history(store, pruned):
+    client = MlflowClient()
+    run = client.get_run(pruned["run_id"])
+    assert run.info.status == "FINISHED"
+    assert FAILURE_TAG not in run.data.tags
+    assert sorted(m.step for m in client.get_metric_history(pruned["run_id"], "forget_top1")) == [0, 1, 2]
+    assert sorted(m.step for m in client.get_metric_history(pruned["run_id"], "ff_pruned_total")) == [1, 2]
+
+
+def test_budget_that_cannot_be_met_leaves_a_failed_run_and_no_version(store, pruned):
+    before_versions, before_runs = registry_snapshot(), set(_all_runs())
+    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
+                 "--retain", store["retain"], "--target-forget-drop", "0.99", "--max-retain-drop", "0.0",
+                 "--max-steps", "1", *SMALL_DATA)
+    assert out.exit_code == 2, (out.stdout, out.stderr)
+    assert "budget cannot be met" in out.stderr
+    assert registry_snapshot() == before_versions
+    runs = _all_runs()
+    (new,) = set(runs) - before_runs
+    run = runs[new]
+    assert run.info.status == "FAILED"
+    reason = run.data.tags[FAILURE_TAG]
+    assert "budget cannot be met" in reason and "\n" not in reason
+    assert run.data.tags.get(lineage.PREFIX + "registered_model_uri") is None
+
+
+# ----------------------------------------------------------------------------- 4. gate what-ifs
+
+
+def test_gate_dry_run_writes_nothing(store, pruned):
+    before = registry_snapshot()
+    out = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--min-forget-drop", "-1",
+                 "--set-alias", "dry", "--dry-run")
+    assert out.exit_code == 0, out.stderr
+    assert "dry run: nothing written" in out.stdout
+    assert registry_snapshot() == before
+
+
+def test_stricter_what_if_gate_keeps_the_decision_that_moved_the_alias(store, pruned):
+    client = MlflowClient()
+    version = pruned["version"]
+    passing = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--min-forget-drop", "-1",
+                     "--set-alias", "production")
+    assert passing.exit_code == 0, passing.stderr
+    time.sleep(1.1)  # a later second: the records' keys and times differ
+    strict = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "0", "--min-forget-drop", "0.99")
+    assert strict.exit_code == 1, strict.stderr
+    decisions = lineage.gate_records(client.get_model_version(TINY_NAME, version).tags)
+    assert [d["verdict"] for d in decisions][-2:] == ["pass", "fail"]
+    assert decisions[-2]["alias_moved"] == "production" and decisions[-1]["alias_moved"] is None
+    assert str(client.get_registered_model(TINY_NAME).aliases["production"]) == version
+    shown = invoke("lineage", pruned["uri"])
+    assert shown.exit_code == 0, shown.stderr
+    gate_line = next(line for line in shown.stdout.splitlines() if line.strip().startswith("gate:"))
+    assert "pass" in gate_line and "@production" in gate_line and decisions[-2]["time"] in gate_line, shown.stdout
+
+
+# ----------------------------------------------------------------------------- 5. which store
+
+
+def _no_store_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+
+
+@pytest.mark.parametrize("argv", [["lineage", "models:/x/1"],
+                                  ["gate", "--model-uri", "models:/x/1", "--max-retain-drop", "0.1"]])
+def test_gate_and_lineage_refuse_to_create_a_store(tmp_path, argv):
+    empty = tmp_path / "elsewhere"
+    empty.mkdir()
+    out = subprocess.run([sys.executable, "-m", "mlflow_selprune", *argv], capture_output=True, text=True,
+                         env=_no_store_env(), cwd=empty, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "no MLflow store" in out.stderr and "MLFLOW_TRACKING_URI" in out.stderr
+    assert list(empty.iterdir()) == []  # no mlflow.db, no mlruns
+
+
+def test_mlflow_default_tracking_uri_is_the_sqlite_file_the_check_looks_for(tmp_path):
+    """The refusal above depends on MLflow's default store: a ./mlflow.db sqlite file (file store if ./mlruns
+    already holds experiments)."""
+    out = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.get_tracking_uri())"],
+                         capture_output=True, text=True, env=_no_store_env(), cwd=tmp_path, timeout=300)
+    assert out.stdout.strip() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_gate_and_lineage_work_where_the_default_store_exists(store, pruned):
+    """The other side of the refusal: with MLFLOW_TRACKING_URI unset, the store in the working directory is used."""
+    out = subprocess.run([sys.executable, "-m", "mlflow_selprune", "lineage", pruned["uri"]], capture_output=True,
+                         text=True, env=_no_store_env(), cwd=store["root"], timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines()[0] == f"tracking: sqlite:///{Path(store['root']).resolve() / 'mlflow.db'}"
+
+
+def test_first_stderr_line_names_the_store(store, pruned):
+    expected = f"tracking: {store['uri']}"
+    assert pruned["out"].stderr.splitlines()[0] == expected
+    for argv in (["gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--dry-run"],
+                 ["lineage", pruned["uri"]],
+                 ["evaluate", "--model-uri", pruned["uri"], "--forget", store["forget"], "--retain", store["retain"],
+                  *SMALL_DATA]):
+        out = invoke(*argv)
+        assert out.exit_code == 0, (argv[0], out.stderr)
+        assert out.stderr.splitlines()[0] == expected, (argv[0], out.stderr)
+
+
+# ----------------------------------------------------------------------------- 6-7. messages
+
+
+@pytest.mark.parametrize("uri", [f"models:/tiny-ln/1", f"models:/tiny-lmm@base"])
+def test_misspelled_model_name_gets_a_suggestion(store, uri):
+    before = registry_snapshot()
+    out = invoke("prune", "--model-uri", uri, "--forget", store["forget"], "--retain", store["retain"], *SMALL_DATA)
+    assert out.exit_code == 2, out.stderr
+    assert f"did you mean '{TINY_NAME}'?" in out.stderr
+    assert registry_snapshot() == before
+
+
+def test_lineage_of_a_misspelled_name_gets_a_suggestion(store):
+    out = invoke("lineage", "models:/tiny-ln/1")
+    assert out.exit_code == 2, out.stderr
+    assert f"did you mean '{TINY_NAME}'?" in out.stderr
+
+
+@pytest.mark.parametrize("args,flag", [(["--ff-frac", "1.5"], "--ff-frac"), (["--attn-frac", "-0.5"], "--attn-frac"),
+                                       (["--max-length", "1"], "--max-length"), (["--batch-size", "0"], "--batch-size"),
+                                       (["--steps", "0"], "--steps")])
+def test_errors_name_the_flag_the_user_typed(store, args, flag):
+    before = registry_snapshot()
+    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
+                 "--retain", store["retain"], *SMALL_DATA, *args)
+    assert out.exit_code == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and flag in errors[0], out.stderr
+    assert registry_snapshot() == before
+
+
+# ----------------------------------------------------------------------------- 8. serving
+
+
+def test_logged_model_signature_has_generation_params(store, pruned):
+    import mlflow
+
+    info = mlflow.models.get_model_info(pruned["uri"])
+    params = {p.name: p.default for p in info.signature.params.params}
+    assert params == {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0}
+
+
+def _post(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_served_model_is_greedy_and_honours_request_params(store, pruned):
+    port = free_port()
+    log_path = Path(store["root"]) / f"serve-{port}.log"
+    env = dict(os.environ, **store["env"])
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", pruned["uri"], "--env-manager", "local",
+               "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=store["root"])
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "server did not answer /ping in 120 s: " + log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            url = f"http://127.0.0.1:{port}/invocations"
+            request = {"inputs": ["def "], "params": {"max_new_tokens": 5}}
+            first, second = _post(url, request), _post(url, request)
+            assert first == second, (first, second)  # greedy by default: the same request, the same answer
+            (answer,) = first["predictions"]
+            assert isinstance(answer, str)
+            # the params are used, not ignored: sampling from an untrained model differs from greedy
+            sampled = [_post(url, {"inputs": ["def "], "params": {"max_new_tokens": 5, "do_sample": True}})
+                       for _ in range(3)]
+            assert any(s != first for s in sampled), sampled
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+    text = log_path.read_text()
+    assert "Ignoring provided params" not in text and "are ignored for inference" not in text, text[-3000:]
+
+
+# ----------------------------------------------------------------------------- 9. quiet output
+
+
+def test_prune_prints_no_hub_model_card_or_license_noise(pruned):
+    stderr = pruned["out"].stderr
+    for noise in ("model card could not be retrieved", "Unable to find license information", "Traceback"):
+        assert noise not in stderr, stderr[-3000:]
