@@ -42,6 +42,7 @@ class DemoRecipe:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 1024
+    hidden_act: str = "gelu"
     block_len: int = 128
     train_steps: int = 300
     batch_size: int = 32
@@ -94,20 +95,25 @@ def train_demo_model(recipe: DemoRecipe = RECIPE, seed: int = 0, steps: int | No
 
     from .training import pack_token_blocks, train_bpe_tokenizer, train_causal_lm
 
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(TORCH_THREADS)
-    texts = _training_texts(max_chars=recipe.train_chars_per_corpus, seed=seed)
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=recipe.vocab_size)
-    blocks = pack_token_blocks(tokenizer, texts, block_len=recipe.block_len, seed=seed)
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
-        num_attention_heads=recipe.num_heads, intermediate_size=recipe.intermediate_size,
-        max_position_embeddings=max(512, recipe.block_len), rotary_pct=0.25,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = GPTNeoXForCausalLM(config)
-    loss = train_causal_lm(model, blocks, steps=recipe.train_steps if steps is None else steps, batch_size=recipe.batch_size,
-                           lr=recipe.lr, seed=seed, progress=progress)
+    try:
+        texts = _training_texts(max_chars=recipe.train_chars_per_corpus, seed=seed)
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=recipe.vocab_size)
+        blocks = pack_token_blocks(tokenizer, texts, block_len=recipe.block_len, seed=seed)
+        torch.manual_seed(seed)
+        config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
+            num_attention_heads=recipe.num_heads, intermediate_size=recipe.intermediate_size,
+            max_position_embeddings=max(512, recipe.block_len), rotary_pct=0.25, hidden_act=recipe.hidden_act,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        model = GPTNeoXForCausalLM(config)
+        loss = train_causal_lm(model, blocks, steps=recipe.train_steps if steps is None else steps,
+                               batch_size=recipe.batch_size, lr=recipe.lr, seed=seed, progress=progress)
+    finally:
+        torch.set_num_threads(previous_threads)
     logger.info("demo model trained: final loss %.3f", loss)
     return model, tokenizer
 

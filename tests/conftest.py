@@ -41,3 +41,37 @@ def tokenizer_training_texts():
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 512) with EOS and PAD set, trained offline."""
     return train_bpe_tokenizer(tokenizer_training_texts(), vocab_size=512)
+
+
+# ----------------------------------------------------------------------------- two lanes, one command
+# Tests not marked slow run first (the fast lane: a failure there shows within minutes); the slow
+# ones after. With pytest-xdist the order is kept per worker. The summary prints both durations.
+import time  # noqa: E402
+
+_LANES = {"start": None, "fast_end": None, "fast": 0, "slow": 0}
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+def pytest_sessionstart(session):
+    _LANES["start"] = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" and not (report.when == "setup" and report.skipped):
+        return
+    slow = "slow" in report.keywords
+    _LANES["slow" if slow else "fast"] += 1
+    if not slow:
+        _LANES["fast_end"] = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _LANES["start"] is None:
+        return
+    now = time.monotonic()
+    fast = f"{_LANES['fast_end'] - _LANES['start']:.0f} s" if _LANES["fast_end"] else "-"
+    terminalreporter.write_line(f"lanes: fast (not slow) {_LANES['fast']} tests done after {fast}; "
+                                f"slow {_LANES['slow']} tests; whole run {now - _LANES['start']:.0f} s")
