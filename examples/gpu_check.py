@@ -2,12 +2,17 @@
 
     python examples/gpu_check.py            # one GPU (falls back to CPU when there is none)
     python examples/gpu_check.py --shard    # several GPUs: load with device_map="auto" across them
+    python examples/gpu_check.py --big      # also a ~1.1B Llama-shaped model in bf16, phase by phase
 
 Checks, on a randomly initialised GPT-NeoX of the demo's shape (or --layers/--width):
 1. bf16 load, and that statistics are still float64;
 2. pruning in bf16 and save/reload equality of the logits;
-3. collection throughput (tokens/s) vs a plain forward, and peak CUDA memory.
-Offline: no hub access. Prints one line per figure; exits 1 if a check fails.
+3. collection throughput (tokens/s) vs a plain forward, and peak CUDA memory;
+4. with --big: a Llama-shaped model of about 1.1B parameters (random init,
+   bf16, ``--device auto`` style loading), one pruning step with small token
+   budgets, each phase timed: load, collect, score/select/surgery, evaluate,
+   weights digest, save; plus peak memory against the model's bytes.
+Offline: no hub access; needs torch and transformers only (no MLflow). Prints one line per figure; exits 1 if a check fails.
 """
 import argparse
 import statistics
@@ -37,6 +42,9 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--shard", action="store_true", help="device_map='auto' across all visible GPUs")
+    parser.add_argument("--big", action="store_true", help="also run the ~1.1B-parameter phase timing")
+    parser.add_argument("--big-layers", type=int, default=22, help="layers of the big model (22: about 1.1B)")
+    parser.add_argument("--big-tokens", type=int, default=512, help="collect and eval tokens per side")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -107,8 +115,91 @@ def main() -> int:
         same = torch.equal(before, after)
         print(f"save/reload logits identical: {'ok' if same else 'FAIL (max diff %.3g)' % (before - after).abs().max()}")
         failures += [] if same else ["reload differs"]
+    if args.big:
+        failures += big_model_phases(args, device, sync)
     print("all checks passed" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def big_model_phases(args, device, sync) -> list[str]:
+    """One pruning step on a TinyLlama-shaped model (hidden 2048, MLP 5632, 32 heads, 4 KV heads)."""
+    import resource
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mlflow_selprune import evaluate_model  # noqa: F401 - the import path users take
+    from mlflow_selprune.engine import score, select
+    from mlflow_selprune.engine.surgery import prune_neurons
+    from mlflow_selprune.evaluation.next_token import token_statistics
+    from mlflow_selprune.registry.lineage import weights_sha256
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.big_layers,
+                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    phases, failures = [], []
+
+    def phase(name, fn):
+        sync()
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        phases.append((name, time.perf_counter() - start))
+        return out
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        with torch.device("cpu"):
+            LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
+        kwargs = {"dtype": torch.bfloat16, "device_map": "auto" if device == "cuda" else None}
+        model = phase("load (from_pretrained, bf16)", lambda: AutoModelForCausalLM.from_pretrained(tmp, **kwargs).eval())
+        n_params = sum(p.numel() for p in model.parameters())
+        model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        first = next(model.parameters()).device
+        g = torch.Generator().manual_seed(0)
+        seq = 128
+        rows = max(1, args.big_tokens // seq)
+        forget = [{"input_ids": torch.randint(0, 16000, (rows, seq), generator=g).to(first),
+                   "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first)}]
+        retain = [{"input_ids": torch.randint(16000, 32000, (rows, seq), generator=g).to(first),
+                   "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first)}]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        stats_f = phase("collect forget", lambda: collect_statistics(model, forget, progress=False))
+        stats_r = phase("collect retain", lambda: collect_statistics(model, retain, progress=False))
+        arch = find_architecture(model)
+
+        def surgery():
+            scores = score(stats_f.ff, stats_r.ff, "abs", eps=1e-3)
+            mask = select(scores, torch.zeros(arch.shape("ff"), dtype=torch.bool), 0.02)
+            prune_neurons(arch, "ff", mask)
+            return mask
+
+        mask = phase("score + select + zero weights", surgery)
+
+        def evaluate():
+            with torch.inference_mode():
+                for batch in forget + retain:
+                    logits = model(**batch).logits
+                    token_statistics(logits, batch["input_ids"], batch["attention_mask"])
+
+        phase("evaluate forget + retain", evaluate)
+        digest_seconds_before = len(phases)
+        phase("weights digest (sha256, streamed)", lambda: weights_sha256(model))
+        phase("save_pretrained (what the flavor writes)", lambda: model.save_pretrained(f"{tmp}/pruned"))
+        zeroed = all(bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, mask))
+        failures += [] if zeroed else ["big model: columns not zeroed"]
+        digest_seconds = phases[digest_seconds_before][1]
+        print(f"\nbig model: Llama-shaped, {n_params / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in bf16, "
+              f"on {sorted({str(p.device) for p in model.parameters()})}; {rows * seq} tokens per side; "
+              f"{int(mask.sum())} FF neurons pruned")
+        for name, seconds in phases:
+            print(f"  {name:<45}{seconds:8.2f} s")
+        print(f"  digest speed: {model_bytes / digest_seconds / 1e9:.2f} GB/s")
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"  peak host RSS: {peak_rss / 2**30:.2f} GiB ({peak_rss / model_bytes:.2f}x the model's bytes)")
+        if device == "cuda":
+            print(f"  peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+                  f"({torch.cuda.max_memory_allocated() / model_bytes:.2f}x the model's bytes)")
+    return failures
 
 
 if __name__ == "__main__":
