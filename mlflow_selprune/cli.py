@@ -205,6 +205,23 @@ def data_from(kw: dict) -> DataOptions:
     return data
 
 
+def _local_store_path(uri: str) -> str | None:
+    """The local file or directory a store URI would create on first use, or None for a server.
+
+    MLflow 3's default (no MLFLOW_TRACKING_URI) is ``sqlite:///<cwd>/mlflow.db``, or ``file://<cwd>/mlruns``
+    when ./mlruns already holds experiments; a user may also set a relative ``sqlite:///mlflow.db``.
+    """
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:///"):
+        return unquote(uri[len("sqlite:///"):].split("?", 1)[0]) or None
+    if uri.startswith("file:"):
+        return unquote(urlparse(uri).path) or None
+    if "://" not in uri and not uri.startswith(("databricks", "uc")):
+        return uri  # a bare local path is a file store
+    return None
+
+
 def _announce_store(require_existing: bool = False) -> str:
     """Say which tracking store is used (first output line); refuse to create one where a model must exist."""
     import mlflow
@@ -212,11 +229,10 @@ def _announce_store(require_existing: bool = False) -> str:
     from .errors import BadInputError
 
     uri = mlflow.get_tracking_uri()
-    if require_existing and uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if not os.path.exists(path):
-            raise BadInputError(f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
-                                "or set MLFLOW_TRACKING_URI")
+    path = _local_store_path(uri) if require_existing else None
+    if path is not None and not os.path.exists(path):
+        raise BadInputError(f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
+                            "or set MLFLOW_TRACKING_URI")
     click.echo(f"tracking: {uri}", err=True)
     return uri
 
@@ -316,9 +332,9 @@ def evaluate(**kw):
 def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, metric, set_alias,
          dry_run):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
+    _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
     from .registry.gate import gate as run_gate
 
-    _announce_store(require_existing=True)
     result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
                       min_selectivity=min_selectivity, max_relearn_recovery=max_relearn_recovery, metric=metric,
                       set_alias=set_alias or None, dry_run=dry_run)
@@ -340,9 +356,9 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relea
 @handle_errors
 def lineage_command(model_uri, as_json, verify):
     """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions."""
+    _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
     from .registry import lineage
 
-    _announce_store(require_existing=True)
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
     mismatches = 0

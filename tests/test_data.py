@@ -154,20 +154,20 @@ def test_code_stripping_keeps_strings_and_layout():
 def test_mlflow_artifact_uri_is_downloaded_then_loaded(tmp_path, monkeypatch):
     import mlflow
 
-    (tmp_path / "forget.txt").write_text("downloaded text")
-    calls = []
-
-    def fake_download(artifact_uri):
-        calls.append(artifact_uri)
-        if "missing" in artifact_uri:
-            raise mlflow.exceptions.MlflowException("no such artifact")
-        return str(tmp_path / "forget.txt")
-
-    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", fake_download)
-    assert texts(load_documents("runs:/abc123/forget.txt")) == ["downloaded text"]
-    assert calls == ["runs:/abc123/forget.txt"]
-    with pytest.raises(DataError, match="could not download DATA 'mlflow-artifacts:/missing'"):
-        load_documents("mlflow-artifacts:/missing")
+    """A real sqlite store: the DATA is an artifact logged to a run, read back through its runs:/ URI."""
+    monkeypatch.chdir(tmp_path)  # the run's artifacts go to ./mlruns here
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        (tmp_path / "forget.txt").write_text("logged text")
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(tmp_path / "forget.txt"), artifact_path="data")
+        assert texts(load_documents(f"runs:/{run.info.run_id}/data/forget.txt")) == ["logged text"]
+        with pytest.raises(DataError, match="could not download DATA"):
+            load_documents(f"runs:/{run.info.run_id}/data/missing.txt")
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 # --------------------------------------------------------------------------- columns and errors

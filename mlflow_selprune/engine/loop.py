@@ -14,6 +14,7 @@ import warnings
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import ATTN, FF, KINDS, PruneConfig
 from ..errors import BadInputError
@@ -88,6 +89,8 @@ def prune(
             on_step({"step": 0, "ff_pruned_total": 0, "attn_pruned_total": 0, "kept": True, "metrics": baseline})
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    bar = tqdm(total=config.n_steps, desc="pruning", unit="step", disable=not show)
 
     for step in range(1, config.n_steps + 1):
         step_start = time.perf_counter()
@@ -117,6 +120,8 @@ def prune(
         kept_undos.extend(undos)
         latest_metrics = record.get("metrics", latest_metrics)
         _log_step(record)
+        bar.update(1)
+        bar.set_postfix_str(_headline(baseline, latest_metrics), refresh=True)
         if on_step is not None:
             on_step(record)
         if config.budget_mode:
@@ -130,6 +135,7 @@ def prune(
             stop_reason = f"no neurons left to prune after step {step}"
             break
 
+    bar.close()
     logger.info("stopped: %s", stop_reason)
     return PruneResult(
         ff_mask=masks[FF], attn_mask=masks[ATTN], ff_scores=last_scores[FF], attn_scores=last_scores[ATTN],
@@ -206,6 +212,15 @@ def _budget_drops(config: PruneConfig, baseline: dict, metrics: dict) -> tuple[f
         if key not in baseline or key not in metrics:
             raise BadInputError(f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}")
     return relative_drop(baseline[key_f], metrics[key_f]), relative_drop(baseline[key_r], metrics[key_r])
+
+
+def _headline(baseline: dict, metrics: dict) -> str:
+    """The two numbers a person watches: forget and retain top-1, relative to the parent."""
+    if "forget_top1" not in metrics or "forget_top1" not in baseline:
+        return ""
+    forget = relative_drop(baseline["forget_top1"], metrics["forget_top1"])
+    retain = relative_drop(baseline.get("retain_top1", float("nan")), metrics.get("retain_top1", float("nan")))
+    return f"forget top-1 {-forget:+.1%}, retain top-1 {-retain:+.1%}"
 
 
 def _brief(metrics: dict) -> str:

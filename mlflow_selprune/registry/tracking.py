@@ -92,7 +92,7 @@ def _end_failed(run, reason: str, status: str) -> None:
 
 def log_inputs(*, parent, forget, retain, params: dict) -> None:
     """Params (``None`` as the string), the datasets as inputs with their digests, the parent as model input."""
-    mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+    mlflow.log_params(_new_params({k: ("None" if v is None else v) for k, v in params.items()}))
     for data, context in ((forget, "forget"), (retain, "retain")):
         dataset = mlflow.data.from_huggingface(data.documents, name=data.spec, digest=data.digest[:32])
         mlflow.log_input(dataset, context=context, tags={lineage.PREFIX + "digest": data.digest})
@@ -101,6 +101,28 @@ def log_inputs(*, parent, forget, retain, params: dict) -> None:
     warnings = forget.warnings + retain.warnings
     if warnings:
         mlflow.set_tag(lineage.PREFIX + "data_warnings", " | ".join(warnings)[:4000])
+
+
+def _same_value(logged: str, value) -> bool:
+    """The same setting spelled two ways: '0.10' as typed to `mlflow run` and 0.1 as parsed, '01' and 1."""
+    if logged == str(value):
+        return True
+    try:
+        return not isinstance(value, bool) and float(logged) == float(value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _new_params(params: dict) -> dict:
+    """The params the active run does not hold yet.
+
+    `mlflow run` logs each entry-point parameter to the run as typed before the job starts; the job
+    resumes that run (MLFLOW_RUN_ID) and must not log the same value again in another spelling (MLflow
+    refuses to change a param). A genuinely different value is kept, so MLflow still refuses it.
+    """
+    run = mlflow.active_run()
+    logged = client().get_run(run.info.run_id).data.params if run is not None else {}
+    return {k: v for k, v in params.items() if k not in logged or not _same_value(logged[k], v)}
 
 
 def log_step(record: dict) -> None:
