@@ -260,6 +260,8 @@ def main(verbose, debug):
 @click.option("--register-as", default=None, help="Registered model name for the result (default: the parent's).")
 @click.option("--no-register", is_flag=True, help="Log the run and model but register nothing.")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
+@click.option("--storage", type=click.Choice(["full", "delta"]), default="full", show_default=True,
+              help="full: the whole weights (transformers flavor); delta: only the masks, against the registered parent.")
 @data_options
 @handle_errors
 def prune(**kw):
@@ -281,7 +283,7 @@ def prune(**kw):
     result = run_prune(
         kw["model_uri"], kw["forget"], kw["retain"], config=config, data=data, evidence=evidence,
         register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
-        device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
+        storage=kw["storage"], device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
         trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=not kw["no_progress"],
     )
     if accelerator is None or accelerator.is_main_process:
@@ -391,6 +393,7 @@ def _print_hop(i: int, row: dict) -> None:
     click.echo(f"  parent:  {row['parent_model_uri']}")
     click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
     click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
+    click.echo(f"  stored:  {row.get('storage', 'full')}")
     click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons"
                f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}")
     m = row["metrics"]
@@ -412,6 +415,20 @@ def _print_hop(i: int, row: dict) -> None:
         status = "verified" if row["verified"] else (f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, "
                                                      f"actual {row['actual_weights_sha256'][:16]}")
         click.echo(f"  weights: {status}")
+
+
+@main.command()
+@click.argument("model_uri")
+@click.option("--register-as", default=None, help="Registered model name for the full version (default: the same).")
+@click.option("--alias", default=None, help="Set this alias on the new version.")
+@handle_errors
+def materialize(model_uri, register_as, alias):
+    """Turn a delta version into a full one (same lineage), e.g. before deleting its parent."""
+    from .unlearn import run_materialize
+
+    _announce_store(require_existing=True)
+    result = run_materialize(model_uri, register_as=register_as or None, alias=alias or None)
+    click.echo(f"materialized {model_uri} as {result.model_uri} (run {result.run_id})")
 
 
 @main.command()

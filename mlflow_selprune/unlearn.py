@@ -18,6 +18,8 @@ from .errors import BadInputError
 
 logger = logging.getLogger(__name__)
 
+STORAGES = ("full", "delta")
+
 
 @dataclass
 class UnlearnResult:
@@ -87,6 +89,7 @@ def run_prune(
     register: bool = True,
     register_as: str | None = None,
     alias: str | None = None,
+    storage: str = "full",
     device: str | None = None,
     dtype: str | None = None,
     run_name: str | None = None,
@@ -94,7 +97,10 @@ def run_prune(
     accelerator=None,
     progress: bool = True,
 ) -> UnlearnResult:
-    """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result."""
+    """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result.
+
+    ``storage="delta"`` logs only the masks (and changed biases) against the registered parent.
+    """
     from .registry.resolve import check_alias, check_registered_name, resolve
 
     config = (config or PruneConfig()).validate(has_evaluate=True)
@@ -102,8 +108,13 @@ def run_prune(
     evidence = (evidence or EvidenceOptions()).validate()
     check_alias(alias)
     check_registered_name(register_as)
+    if storage not in STORAGES:
+        raise BadInputError(f"--storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     check_data_specs(forget, retain, data)
     parent = resolve(model_uri)
+    if storage == "delta" and not parent.is_registered:
+        raise BadInputError(f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
+                            f"addressable; '{model_uri}' is not one: use --storage full")
     target_name = _target_name(parent, register_as, register)
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
@@ -123,13 +134,23 @@ def run_prune(
             return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
         run_id = run.info.run_id
         logger.info("logging the unlearned model to run %s", run_id)
+        weights_digest = lineage.weights_sha256(model)
+        delta = None
+        if storage == "delta":
+            from .engine import parent_restored
+
+            with parent_restored(model, result):
+                delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": lineage.weights_sha256(model),
+                         "weights_sha256": weights_digest}
         model_info = tracking.log_unlearned_model(model, tokenizer, result, metrics,
-                                                  extra_record={"evidence": _evidence_record(metrics, evidence)})
+                                                  extra_record={"evidence": _evidence_record(metrics, evidence)},
+                                                  delta=delta)
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
-            weights_digest=lineage.weights_sha256(model), ff_pruned=result.ff_pruned,
+            weights_digest=weights_digest, ff_pruned=result.ff_pruned,
             attn_pruned=result.attn_pruned, metrics=metrics, plugin_version=__version__,
-            trust_remote_code=trust_remote_code,
+            trust_remote_code=trust_remote_code, storage=storage,
+            parent_weights_digest=delta["parent_weights_sha256"] if delta else None,
         )
         import mlflow
 
@@ -286,3 +307,40 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
         out["relearn_recovery"] = relearn_recovery(metrics["parent_forget_top1"], metrics["forget_top1"],
                                                    out["relearn_forget_top1"])
     return out
+
+
+def run_materialize(model_uri: str, *, register_as: str | None = None, alias: str | None = None,
+                    run_name: str | None = None) -> UnlearnResult:
+    """Turn a delta version into a full one: rebuilt and checked, logged whole, registered with the same lineage.
+
+    For anyone about to delete a delta's parent. The new version's tags are the delta's (parent, root,
+    data, digests, metrics), with ``selprune.storage=full``, its own run, and ``selprune.materialized_from``.
+    """
+    import mlflow
+
+    from .registry import lineage, tracking
+    from .registry.flavor import log_model
+    from .registry.loading import download, load_components
+    from .registry.resolve import check_alias, check_registered_name, resolve
+
+    check_alias(alias)
+    check_registered_name(register_as)
+    resolved = resolve(model_uri)
+    if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
+        raise BadInputError(f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are "
+                            "materialized")
+    model, tokenizer = load_components(resolved)  # rebuilt from its parent, both digests checked
+    local = download(resolved)
+    with tracking.job_run(run_name, "materialize") as run:
+        mlflow.set_tag(lineage.PREFIX + "materialized_from", resolved.canonical_uri)
+        record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
+        files = {name: str(local / "selprune" / file) for name, file in record_files.items()
+                 if (local / "selprune" / file).is_file()}
+        model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model", pruning_files=files)
+        tags = {k: v for k, v in resolved.tags.items()
+                if k.startswith(lineage.PREFIX) and not k.startswith(lineage.GATE_RECORD_PREFIX)}
+        tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,
+                     lineage.PREFIX + "materialized_from": resolved.canonical_uri, lineage.COMPLETE: "true"})
+        registered = tracking.register(model_info, register_as or resolved.registered_name, run.info.run_id, tags,
+                                       alias)
+    return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

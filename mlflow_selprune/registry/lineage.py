@@ -35,6 +35,8 @@ METRIC_PREFIX = PREFIX + "metric."
 # One tag per gate decision, never overwritten: selprune.gate.<UTC time>-<random>, a JSON record.
 GATE_RECORD_PREFIX = PREFIX + "gate."
 TRUST_REMOTE_CODE = PREFIX + "trust_remote_code"
+STORAGE = PREFIX + "storage"
+PARENT_WEIGHTS_SHA = PREFIX + "parent_weights_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
 HEADLINE_METRICS = (
@@ -83,7 +85,8 @@ def metrics_from_tags(tags: dict) -> dict[str, float]:
 
 def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_digest: str,
                ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
-               trust_remote_code: bool = False) -> dict[str, str]:
+               trust_remote_code: bool = False, storage: str = "full",
+               parent_weights_digest: str | None = None) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``)."""
     root = parent.tags.get(ROOT) or parent.canonical_uri
     tags = {
@@ -100,6 +103,8 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
         ATTN_PRUNED: str(attn_pruned),
         PLUGIN_VERSION: plugin_version,
         TRUST_REMOTE_CODE: str(bool(trust_remote_code)).lower(),
+        STORAGE: storage,
+        **({PARENT_WEIGHTS_SHA: parent_weights_digest} if parent_weights_digest else {}),
         **metric_tags(metrics),
     }
     tags[COMPLETE] = "true"
@@ -138,6 +143,7 @@ class Hop:
             "config_sha256": t.get(CONFIG_SHA),
             "metrics": metrics_from_tags(t),
             "trust_remote_code": t.get(TRUST_REMOTE_CODE),
+            "storage": t.get(STORAGE, "full"),
             "gate_decisions": gate_records(t),
         }
 
@@ -172,7 +178,13 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
         if uri in seen or len(hops) >= max_hops:
             raise LineageError(f"lineage of {model_uri} loops back to {uri}")
         seen.add(uri)
-        resolved = resolve(uri)
+        try:
+            resolved = resolve(uri)
+        except BadInputError as exc:
+            if not hops:
+                raise
+            raise LineageError(f"lineage of {model_uri}: the link {uri} (parent of {hops[-1].uri}) is missing: "
+                               f"{str(exc).splitlines()[0]}") from None
         hop = Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, resolved.tags)
         if hop.is_unlearned and hop.tags.get(COMPLETE) != "true":
             raise LineageError(f"{hop.uri} is an incomplete unlearned version (no {COMPLETE} tag); do not deploy it")

@@ -30,8 +30,11 @@ def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
 
 
 def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype: str | None = None,
-                    trust_remote_code: bool = False, local_dir: Path | None = None):
-    """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned."""
+                    trust_remote_code: bool = False, local_dir: Path | None = None, _depth: int = 0):
+    """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned.
+
+    A delta version is rebuilt from its parent (``registry.delta``), checked digest by digest.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -41,6 +44,11 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
         from mlflow.models import Model
 
         flavors = Model.load(str(path / "MLmodel")).flavors
+        from . import delta
+
+        if delta.is_delta(flavors):
+            return delta.materialize(path, resolved.uri, device=device, dtype=dtype,
+                                     trust_remote_code=trust_remote_code, depth=_depth)
         if "transformers" not in flavors:
             raise BadInputError(
                 f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "

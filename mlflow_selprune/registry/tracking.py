@@ -132,18 +132,28 @@ def log_step(record: dict) -> None:
     mlflow.log_metrics(finite(metrics), step=record["step"])
 
 
-def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: dict):
-    """Masks, scores, record and plot under ``selprune/``, then the model (transformers + selprune flavor)."""
+def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: dict, delta: dict | None = None):
+    """Masks, scores, record and plot under ``selprune/``, then the model: full (transformers + selprune
+    flavor) or, with ``delta`` (parent URI and digests), only what pruning changed."""
     from ..report import plot_forget_vs_retain
-    from .flavor import log_model
 
     with tempfile.TemporaryDirectory() as tmp:
         files = result.save(tmp, extra_record=extra_record)
         files["plot"] = plot_forget_vs_retain(result.baseline_metrics, result.steps, Path(tmp) / "forget_vs_retain.png")
         for path in files.values():
             mlflow.log_artifact(str(path), artifact_path="selprune")
-        model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model",
-                               pruning_files={k: str(v) for k, v in files.items() if k != "plot"})
+        pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
+        if delta is None:
+            from .flavor import log_model
+
+            model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model", pruning_files=pruning_files)
+        else:
+            from . import delta as delta_flavor
+
+            masks = {"ff": result.ff_mask, "attn": result.attn_mask}
+            model_info = delta_flavor.log_model(name="model", masks=masks,
+                                                biases=delta_flavor.changed_biases(model, masks),
+                                                pruning_files=pruning_files, **delta)
     kept = [record for record in result.steps if record["kept"]]
     # the per-step values are in the history already (logged live); add what only the summary has
     logged = set(kept[-1].get("metrics", {})) if kept else set()
