@@ -10,6 +10,7 @@ opens writes nothing; anything after it leaves a FAILED run and no version.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from ._version import __version__
@@ -32,6 +33,20 @@ class UnlearnResult:
     pruning: object | None = None  # engine.PruneResult
     tags: dict = field(default_factory=dict)
     alias: str | None = None
+    seconds: dict = field(default_factory=dict)  # wall time per phase: reported, never decides anything
+
+
+class _Phases:
+    """Wall time per phase of a job, for the record and the benchmarks."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._start, 3)
+        self._start = now
 
 
 def _is_main(accelerator) -> bool:
@@ -116,8 +131,11 @@ def run_prune(
         raise BadInputError(f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
                             f"addressable; '{model_uri}' is not one: use --storage full")
     target_name = _target_name(parent, register_as, register)
+    phases = _Phases()
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
+    phases.lap("load")
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
+    phases.lap("data")
     full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
                    "trust_remote_code": trust_remote_code}
 
@@ -130,11 +148,16 @@ def run_prune(
         result, metrics = _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator,
                                                progress, on_step=tracking.log_step if run is not None else None)
         _check_budget_met(config, metrics, result)
+        phases.lap("prune_and_evidence")
+        for key in ("seconds_collect", "seconds_evaluate", "seconds"):
+            phases.seconds[f"steps_{key.replace('seconds_', '') if key != 'seconds' else 'total'}"] = round(
+                sum(r.get(key, 0.0) for r in result.steps), 3)
         if run is None:
             return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
         run_id = run.info.run_id
         logger.info("logging the unlearned model to run %s", run_id)
         weights_digest = lineage.weights_sha256(model)
+        phases.lap("digest")
         delta = None
         if storage == "delta":
             from .engine import parent_restored
@@ -145,6 +168,7 @@ def run_prune(
         model_info = tracking.log_unlearned_model(model, tokenizer, result, metrics,
                                                   extra_record={"evidence": _evidence_record(metrics, evidence)},
                                                   delta=delta)
+        phases.lap("log_model")
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
             weights_digest=weights_digest, ff_pruned=result.ff_pruned,
@@ -156,7 +180,8 @@ def run_prune(
 
         mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
         registered = tracking.register(model_info, target_name, run_id, tags, alias) if target_name else None
-    return UnlearnResult(run_id, registered, parent.canonical_uri, metrics, result, tags, alias)
+        phases.lap("register")
+    return UnlearnResult(run_id, registered, parent.canonical_uri, metrics, result, tags, alias, phases.seconds)
 
 
 def _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator, progress, on_step):

@@ -58,12 +58,12 @@ def _all_runs() -> dict:
 
 @pytest.fixture(scope="module")
 def pruned(store):
-    """One `mlflow-selprune prune` in a fresh process (2 steps): the new version, its run, and what it printed."""
+    """One `mlflow-selprune prune` (2 steps) through the CLI in this process: the new version, its run, and
+    what it printed (a fresh process's output is checked by the `mlflow run` tests)."""
     before = _versions()
-    out = cli("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
-              "--retain", store["retain"], "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", *SMALL_DATA,
-              env=store["env"])
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
+                 "--retain", store["retain"], "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", *SMALL_DATA)
+    assert out.exit_code == 0, out.stderr[-3000:]
     (version,) = _versions() - before
     mv = MlflowClient().get_model_version(TINY_NAME, version)
     return {"version": version, "uri": f"models:/{TINY_NAME}/{version}", "run_id": mv.run_id, "out": out}
@@ -88,6 +88,10 @@ def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_poin
                       "-P", f"retain={store['retain']}", "-P", "ff_frac=0.10", "-P", "steps=01", *SMALL_PARAMS)
     assert out.returncode == 0, [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert "Changing param values is not allowed" not in out.stderr
+    # the job's own output, in its own process: it names the store, and no hub model-card/license noise
+    assert f"tracking: {store['uri']}" in out.stderr.splitlines()
+    for noise in ("model card could not be retrieved", "Unable to find license information", "Traceback"):
+        assert noise not in out.stderr, out.stderr[-3000:]
     new = _versions() - before
     assert len(new) == 1, new
     mv = MlflowClient().get_model_version(TINY_NAME, new.pop())
@@ -165,6 +169,7 @@ def test_option_error_from_the_console_names_the_flag():
     assert "--ff-frac" in out.stderr and "abc" in out.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_file_is_reported_before_the_model_is_loaded(store):
     before = registry_snapshot(), set(_all_runs())
     argv = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", "./nope.txt", "--retain", store["retain"]]
@@ -272,6 +277,7 @@ def test_mlflow_default_tracking_uri_is_the_sqlite_file_the_check_looks_for(tmp_
     assert out.stdout.strip() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
+@pytest.mark.slow
 def test_gate_and_lineage_work_where_the_default_store_exists(store, pruned):
     """The other side of the refusal: with MLFLOW_TRACKING_URI unset, the store in the working directory is used."""
     out = subprocess.run([sys.executable, "-m", "mlflow_selprune", "lineage", pruned["uri"]], capture_output=True,
@@ -282,7 +288,7 @@ def test_gate_and_lineage_work_where_the_default_store_exists(store, pruned):
 
 def test_first_stderr_line_names_the_store(store, pruned):
     expected = f"tracking: {store['uri']}"
-    assert pruned["out"].stderr.splitlines()[0] == expected
+    assert pruned["out"].stderr.splitlines()[0] == expected  # prune
     for argv in (["gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--dry-run"],
                  ["lineage", pruned["uri"]],
                  ["evaluate", "--model-uri", pruned["uri"], "--forget", store["forget"], "--retain", store["retain"],
@@ -382,10 +388,4 @@ def test_served_model_is_greedy_and_honours_request_params(store, pruned):
     assert "Ignoring provided params" not in text and "are ignored for inference" not in text, text[-3000:]
 
 
-# ----------------------------------------------------------------------------- 9. quiet output
-
-
-def test_prune_prints_no_hub_model_card_or_license_noise(pruned):
-    stderr = pruned["out"].stderr
-    for noise in ("model card could not be retrieved", "Unable to find license information", "Traceback"):
-        assert noise not in stderr, stderr[-3000:]
+# 9. quiet output: checked on the real prune processes of test_mlflow_run_logs_params_once_and_registers_one_version
