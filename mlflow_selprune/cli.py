@@ -269,6 +269,10 @@ def prune(**kw):
     config = config_from(PruneConfig, kw).validate()
     data = data_from(kw).validate()
     evidence = config_from(EvidenceOptions, kw).validate()
+    from .data.specs import check_spec
+
+    check_spec(kw["forget"], "forget")  # in milliseconds, before anything heavy is imported
+    check_spec(kw["retain"], "retain")
     from .registry.resolve import check_alias, check_registered_name
 
     check_alias(kw["alias"] or None)
@@ -303,6 +307,10 @@ def evaluate(**kw):
     """Forget/retain metrics of a model, logged to an MLflow run (nothing registered)."""
     data = data_from(kw).validate()
     evidence = dataclasses.replace(config_from(EvidenceOptions, kw), control=False).validate()
+    from .data.specs import check_spec
+
+    check_spec(kw["forget"], "forget")
+    check_spec(kw["retain"], "retain")
     _maybe_relaunch(kw["num_processes"])
     from .unlearn import run_evaluate
 

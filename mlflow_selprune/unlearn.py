@@ -55,7 +55,7 @@ def _is_main(accelerator) -> bool:
 
 def check_data_specs(forget: str, retain: str, data: DataOptions) -> None:
     """Fail on a missing file or unknown built-in corpus in seconds, before any model is loaded."""
-    from .data.sources import check_spec
+    from .data.specs import check_spec
 
     for side, spec in zip(SIDES, (forget, retain)):
         check_spec(spec, side)

@@ -28,8 +28,7 @@ import time
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_PREFIX = "builtin:"
-BUILTIN_CORPORA = ("stdlib-code", "stdlib-prose")
+from .specs import BUILTIN_CORPORA, BUILTIN_PREFIX  # noqa: E402,F401 - one list of names
 
 # Tests, GUI code, the 2to3 grammar tool, third-party packages, generated data
 # tables (``encodings``) and the topic texts (``pydoc_data``, used as prose)

@@ -18,17 +18,11 @@ import datasets
 from ..config import SourceOptions
 from ..errors import BadInputError
 from .corpora import BUILTIN_PREFIX, builtin_documents
+from .specs import _MLFLOW_URI, _STRUCTURED_BUILDERS, TEXT_EXTENSIONS, looks_like_path  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
 TEXT_COLUMN_CANDIDATES = ("text", "content", "code", "document", "body", "sentence")
-# Files a directory contributes by default (one document each); pass ``glob`` for others.
-TEXT_EXTENSIONS = frozenset(
-    ".txt .md .rst .tex .py .pyi .c .h .cc .cpp .hpp .java .js .ts .go .rs .rb .php .cs .kt "
-    ".scala .swift .sh .sql .r .jl .lua .pl .html .css .xml .yaml .yml .toml .ini .cfg".split()
-)
-_STRUCTURED_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-_MLFLOW_URI = re.compile(r"^(runs|mlflow-artifacts):/", re.IGNORECASE)
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json", "dataset_info.json")
 
 
@@ -66,21 +60,10 @@ def _load_raw(spec: str, source: SourceOptions, trust_remote_code: bool) -> data
         return _load_directory(path, split=source.split, glob=source.glob, paragraphs=bool(source.paragraphs))
     if path.is_file():
         return _load_files([path], spec, paragraphs=bool(source.paragraphs))
-    if _looks_like_path(spec):
+    if looks_like_path(spec):
         raise DataError(f"no such file or directory: {spec!r}")
     return _load_hub(spec, config=source.data_config, split=source.split, revision=source.revision,
                      trust_remote_code=trust_remote_code)
-
-
-def _looks_like_path(spec: str) -> bool:
-    """True for specs that cannot be a hub name ``[owner/]name``: ./x, /x, ~/x, a/b/c, x.txt."""
-    suffix = Path(spec).suffix.lower()
-    return (
-        spec.startswith((".", "~"))
-        or suffix in TEXT_EXTENSIONS
-        or suffix in _STRUCTURED_BUILDERS
-        or not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", spec)
-    )
 
 
 def _download_mlflow_artifacts(uri: str) -> str:
@@ -212,21 +195,3 @@ def _is_string_feature(feature) -> bool:
 def iter_texts(dataset: datasets.Dataset):
     for batch in dataset.iter(batch_size=1000):
         yield from batch["text"]
-
-
-def check_spec(spec: str, side: str) -> None:
-    """The checks on a DATA spec that need no model: a path that does not exist, an unknown built-in corpus."""
-    flag = f"--{side}"
-    if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"{flag} is empty; give a file, a directory, builtin:stdlib-code or a dataset name")
-    if spec.startswith(BUILTIN_PREFIX):
-        from .corpora import BUILTIN_CORPORA
-
-        if spec[len(BUILTIN_PREFIX):] not in BUILTIN_CORPORA:
-            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
-            raise DataError(f"{flag}: unknown built-in corpus {spec!r}; known: {known}")
-        return
-    if _MLFLOW_URI.match(spec):
-        return
-    if not Path(spec).expanduser().exists() and _looks_like_path(spec):
-        raise DataError(f"{flag}: no such file or directory: {spec!r}")
