@@ -127,7 +127,6 @@ def big_model_phases(args, device, sync) -> list[str]:
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mlflow_selprune import evaluate_model  # noqa: F401 - the import path users take
     from mlflow_selprune.engine import score, select
     from mlflow_selprune.engine.surgery import prune_neurons
     from mlflow_selprune.evaluation.next_token import token_statistics

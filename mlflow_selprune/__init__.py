@@ -10,6 +10,7 @@ mlflow_selprune`` and the CLI's ``--help`` stay fast):
 - ``log_model`` / ``save_model`` / ``load_model``: the ``selprune`` MLflow flavor
 - ``run_prune(model_uri, forget, retain, ...)``: the whole registry round trip
 """
+from ._lazy import lazy_getattr
 from ._version import __version__
 from .config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from .errors import BadInputError, ConfigError
@@ -43,11 +44,4 @@ __all__ = ["BadInputError", "ConfigError", "DataOptions", "EvidenceOptions", "Pr
            "__version__", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

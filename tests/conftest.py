@@ -37,6 +37,17 @@ def tokenizer_training_texts():
     return texts
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_tokenizer):
+    """A fresh sqlite MLflow store per test module: tiny-lm v1 (alias base) and forget/retain files.
+
+    Modules that need more in it define their own ``store``."""
+    from mlflow_helpers import sqlite_store
+
+    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as s:
+        yield s
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 512) with EOS and PAD set, trained offline."""

@@ -100,6 +100,19 @@ def sqlite_store(root: Path, tokenizer):
             mlflow.set_tracking_uri(None)
 
 
+@contextlib.contextmanager
+def jsonl_retain_store(root: Path, tokenizer):
+    """``sqlite_store`` with retain as jsonl (one paragraph per row), so no --paragraphs option is needed."""
+    import json
+
+    with sqlite_store(root, tokenizer) as s:
+        paragraphs = Path(s["retain"]).read_text().split("\n\n")
+        retain = s["root"] / "data" / "retain.jsonl"
+        retain.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs if p.strip()))
+        s["retain"] = str(retain)
+        yield s
+
+
 def registry_snapshot() -> dict:
     """Every registered model's versions, their tags, and aliases: to prove a failed command wrote nothing."""
     client = MlflowClient()

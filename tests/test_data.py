@@ -413,14 +413,7 @@ def test_dataset_input_and_missing_pad_token(tiny_tokenizer):
 def test_repeated_calls_reuse_the_tokenization(tiny_tokenizer, monkeypatch):
     docs = make_docs(30, words_per_doc=25)
     prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
-    calls = []
-    original = type(tiny_tokenizer).__call__
-
-    def counting_call(self, *args, **kwargs):
-        calls.append(args)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny_tokenizer), "__call__", counting_call)
+    calls = _counting(monkeypatch, tiny_tokenizer)
     prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
     prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=300, eval_tokens=100)
     assert calls == []

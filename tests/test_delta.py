@@ -48,12 +48,6 @@ def test_a_delta_rebuilds_the_full_weights_exactly(family):
         assert torch.equal(rebuilt(**batch).logits, full(**batch).logits)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    with sqlite_store(tmp_path_factory.mktemp("delta"), tiny_tokenizer) as s:
-        yield s
-
-
 def _latest() -> str:
     versions = MlflowClient().search_model_versions(f"name='{TINY_NAME}'")
     return f"models:/{TINY_NAME}/{max(int(v.version) for v in versions)}"

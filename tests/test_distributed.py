@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mlflow_helpers import TINY_NAME, cli, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, cli, registry_snapshot
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 # Sums are float64 all-reduced in a different order than one process adds them: equal to ~1e-12.
@@ -61,12 +61,6 @@ def test_a_failing_rank_ends_the_whole_launch_with_its_message(tmp_path):
     assert "rank 1 was told to fail" in out.stderr
     assert time.monotonic() - start < 120, "the surviving rank must not hang"
     assert not (tmp_path / "fail" / "result.json").exists()
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    with sqlite_store(tmp_path_factory.mktemp("dist-store"), tiny_tokenizer) as s:
-        yield s
 
 
 SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",

@@ -1,7 +1,6 @@
 """The runnable examples and the MLproject, run for real (the hub-only paper example is not run: no hub here)."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_selprune.registry import lineage
 
-from mlflow_helpers import TINY_NAME, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, registry_snapshot, jsonl_retain_store
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -21,12 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer):
-    with sqlite_store(tmp_path_factory.mktemp("examples"), tiny_tokenizer) as s:
-        # one document per row, so no --paragraphs option is needed
-        paragraphs = Path(s["retain"]).read_text().split("\n\n")
-        retain = s["root"] / "data" / "retain.jsonl"
-        retain.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs if p.strip()))
-        s["retain"] = str(retain)
+    with jsonl_retain_store(tmp_path_factory.mktemp("examples"), tiny_tokenizer) as s:
         yield s
 
 

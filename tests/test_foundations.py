@@ -13,17 +13,11 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from mlflow_selprune.registry import lineage
 
-from mlflow_helpers import TINY_NAME, invoke, register_tiny, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, invoke, register_tiny, registry_snapshot
 
 SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "1500",
          "--eval-tokens", "800", "--no-progress"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +73,6 @@ def test_missing_alias_error_does_not_probe_version_1(store, tiny_tokenizer):
     assert out.exit_code == 2
     assert "has no alias 'nope'" in out.stderr and "keep" in out.stderr
     assert "version 1" not in out.stderr
-
-
-def test_misspelled_model_name_gets_a_suggestion(store):
-    out = invoke("prune", "--model-uri", "models:/tiny-ml/1", "--forget", store["forget"],
-                 "--retain", store["retain"], *SMALL)
-    assert out.exit_code == 2 and f"did you mean '{TINY_NAME}'" in out.stderr
 
 
 def test_gate_compares_the_selectivity_of_the_chosen_metric(store, pruned):

@@ -20,17 +20,10 @@ from mlflow_selprune.config import PruneConfig
 from mlflow_selprune.config import DataOptions, SourceOptions
 from mlflow_selprune.unlearn import run_prune
 
-from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot
 
 
 SMALL_DATA = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
-    """A sqlite store with tiny-lm v1 (alias base) and forget/retain files."""
-    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

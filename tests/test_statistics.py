@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mlflow_selprune import collect_statistics, find_architecture, importance, prune, score
-from mlflow_selprune.engine.scoring import DEFAULT_EPS, SCORINGS
+from mlflow_selprune.engine.scoring import DEFAULT_EPS
 from mlflow_selprune.engine.statistics import SUM_NAMES
 from model_zoo import FAMILIES
 

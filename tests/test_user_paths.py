@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.registry import lineage
 from mlflow_selprune.registry.tracking import FAILURE_TAG
 
-from mlflow_helpers import TINY_NAME, cli, free_port, invoke, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, cli, free_port, invoke, registry_snapshot, jsonl_retain_store
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = ["--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500",
@@ -33,12 +33,7 @@ HEAVY = ("torch", "transformers", "mlflow")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer):
-    """tiny-lm v1 (alias base); retain as jsonl (one paragraph per row) so no --paragraphs is needed."""
-    with sqlite_store(tmp_path_factory.mktemp("user_paths"), tiny_tokenizer) as s:
-        paragraphs = Path(s["retain"]).read_text().split("\n\n")
-        retain = s["root"] / "data" / "retain.jsonl"
-        retain.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs if p.strip()))
-        s["retain"] = str(retain)
+    with jsonl_retain_store(tmp_path_factory.mktemp("user_paths"), tiny_tokenizer) as s:
         yield s
 
 
@@ -301,7 +296,7 @@ def test_first_stderr_line_names_the_store(store, pruned):
 # ----------------------------------------------------------------------------- 6-7. messages
 
 
-@pytest.mark.parametrize("uri", [f"models:/tiny-ln/1", f"models:/tiny-lmm@base"])
+@pytest.mark.parametrize("uri", ["models:/tiny-ln/1", "models:/tiny-lmm@base"])
 def test_misspelled_model_name_gets_a_suggestion(store, uri):
     before = registry_snapshot()
     out = invoke("prune", "--model-uri", uri, "--forget", store["forget"], "--retain", store["retain"], *SMALL_DATA)

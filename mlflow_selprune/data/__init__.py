@@ -1,5 +1,6 @@
 """Data: DATA specs (``specs``, cheap checks) to documents (``sources``, ``corpora``) to token batches
 (``batching``, ``token_cache``). Names are imported on first use, so a spec check stays light."""
+from .._lazy import lazy_getattr
 from ..config import DataOptions, SourceOptions
 
 _LAZY = {
@@ -10,11 +11,4 @@ _LAZY = {
 __all__ = ["DataOptions", "SourceOptions", *_LAZY]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -10,7 +10,6 @@ How a spec is read (text column, glob, split, ...) is a ``SourceOptions``.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 import datasets

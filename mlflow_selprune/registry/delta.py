@@ -18,7 +18,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from mlflow.models import Model
