@@ -83,6 +83,7 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
     prepared = {"forget": forget, "retain": retain}
 
     def evaluate_fn(model) -> dict:
+        logger.debug("evaluating %s metrics", " and ".join(sides))
         metrics = {}
         for side in sides:
             metrics.update(evaluate_model(model, prepared[side].eval_batches,

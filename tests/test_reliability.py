@@ -189,7 +189,7 @@ def _assert_complete_or_absent(before: dict, name: str = TINY_NAME) -> list[str]
 def _prune_process(server, *extra):
     env = dict(os.environ, **server["env"], PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "mlflow_selprune", "prune", "--model-uri", f"models:/{TINY_NAME}@base",
+        [sys.executable, "-m", "mlflow_selprune", "-v", "prune", "--model-uri", f"models:/{TINY_NAME}@base",
          "--forget", server["forget"], "--retain", server["retain"], "--ff-frac", "0.1", "--steps", "2", *SMALL, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=server["root"],
     )

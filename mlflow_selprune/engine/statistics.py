@@ -175,7 +175,7 @@ def collect_statistics(
         for acc in accumulators.values()
         for p in acc.projections
     ]
-    logger.info("%s: collecting statistics", desc)
+    logger.debug("%s: collecting statistics", desc)
     body = forward_body(model)
     device = _device(model)
     was_training = model.training
