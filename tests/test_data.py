@@ -117,7 +117,7 @@ def test_builtin_corpora():
         assert not [t for t in tokenize.generate_tokens(io.StringIO(doc).readline)
                     if t.type == tokenize.COMMENT]
     for doc in prose[::20]:
-        assert len(doc) >= 200
+        assert len(doc) >= corpora._MIN_PROSE_CHARS
         assert not any(line.lstrip().startswith(">>>") for line in doc.splitlines())
     assert any("identifier" in doc.lower() for doc in prose)  # pydoc topics are in
     with pytest.raises(DataError, match="builtin:stdlib-code, builtin:stdlib-prose"):

@@ -4,10 +4,14 @@ The offline demo and the tests need two clearly different text sources that
 every Python installation has, without the Hugging Face hub:
 
 - ``builtin:stdlib-code``: the standard library's ``.py`` sources with
-  docstrings and comments removed, one document per top-level definition;
-- ``builtin:stdlib-prose``: the docstrings of those modules, classes and
-  functions, plus the prose of ``pydoc_data.topics``, one document per
-  docstring / per topic.
+  docstrings and comments removed and English message strings emptied, one
+  document per top-level definition;
+- ``builtin:stdlib-prose``: only the plain-English sentences of the docstrings,
+  the comment blocks and ``pydoc_data.topics``: indented examples, doctests,
+  headings, lists and any sentence naming an identifier or holding markup are
+  dropped. The two corpora share as little as possible besides English words,
+  which is what lets a small model keep them apart (measured in the README's
+  demo frontier).
 
 Both come from a single pass over the sources in sorted file order (``ast``
 finds the docstrings, a string-aware scan drops the comments), so they are
@@ -24,6 +28,7 @@ import logging
 import os
 import re
 import sysconfig
+import textwrap
 import time
 
 logger = logging.getLogger(__name__)
@@ -38,7 +43,7 @@ _SKIP_DIRS = frozenset(
      "dist-packages", "__pycache__", "encodings", "pydoc_data", "ensurepip"}
 )
 _DOC_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-_MIN_PROSE_CHARS = 200
+_MIN_PROSE_CHARS = 150
 _MIN_LETTER_FRACTION = 0.75  # of the non-blank characters
 _CODE_LINE = re.compile(r"^\s*(>>>|\.\.\.(\s|$))")
 # A string literal (kept) or a comment (dropped). In valid Python a quote or a
@@ -124,6 +129,7 @@ def _scan_stdlib(code: list[str], prose: list[str]) -> None:
         docstrings = list(_docstrings(tree))
         prose.extend(filter(None, (_prose_from_docstring(inspect.cleandoc(d.value.value))
                                    for _, d in docstrings)))
+        prose.extend(_comment_documents(source))
         stripped = _strip_code(source, docstrings)
         if stripped:
             code.extend(_top_level_units(stripped))
@@ -167,6 +173,16 @@ def _docstrings(node: ast.AST):
                 yield from _docstrings(child)
 
 
+def _code_string(m) -> str:
+    """Comments go; a string literal holding English words (a message) becomes an empty one."""
+    text = m.group("string")
+    if not text:
+        return ""
+    quote = text[:3] if text[:3] in ("\'\'\'", '\"\"\"') else text[0]
+    body = text[len(quote):-len(quote)]
+    return quote * 2 if re.search(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}", body) else text
+
+
 def _strip_code(source: str, docstrings) -> str:
     """``source`` without its docstrings and comments, keeping the original layout.
 
@@ -183,15 +199,80 @@ def _strip_code(source: str, docstrings) -> str:
         lines[doc.lineno - 1:doc.end_lineno] = [""] * (doc.end_lineno - doc.lineno + 1)
         if len(owner.body) == 1:
             lines[doc.lineno - 1] = first[:indent] + "pass\n"
-    code = _STRING_OR_COMMENT.sub(lambda m: m.group("string") or "", "".join(lines))
+    code = _STRING_OR_COMMENT.sub(_code_string, "".join(lines))
     code = "\n".join(line.rstrip() for line in code.splitlines())
     return re.sub(r"\n{3,}", "\n\n", code).strip()
 
 
+_COMMENT_LINE = re.compile(r"^[ \t]*#[ \t]?(.*)$")
+
+
+def _comment_documents(source: str) -> list[str]:
+    """The file's comment blocks (runs of comment-only lines) as cleaned prose, merged to documents."""
+    blocks, current = [], []
+    for line in source.splitlines():
+        m = _COMMENT_LINE.match(line)
+        if m and not line.lstrip().startswith("#!"):
+            current.append(m.group(1))
+        elif current:
+            blocks.append("\n".join(current))
+            current = []
+    if current:
+        blocks.append("\n".join(current))
+    docs, pending = [], ""
+    for block in blocks:
+        text = _clean_prose(block)
+        if not text:
+            continue
+        pending = f"{pending}\n\n{text}" if pending else text
+        if len(pending) >= 4 * _MIN_PROSE_CHARS:
+            docs.append(pending)
+            pending = ""
+    if len(pending) >= _MIN_PROSE_CHARS:
+        docs.append(pending)
+    return [d for d in docs if _mostly_letters(d)]
+
+
 def _prose_from_docstring(doc: str) -> str | None:
     """The docstring without doctest lines, if what is left is long, mostly-letter prose."""
-    text = "\n".join(line for line in doc.splitlines() if not _CODE_LINE.match(line)).strip()
+    text = _clean_prose(doc)
     return text if _looks_like_prose(text) else None
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
+# A sentence holding any of these reads as code, not English: operators and
+# markup, dotted names, calls, camel-case identifiers.
+_CODE_WORD = re.compile(
+    r"[_=<>{}\[\]`@#\\|^~]"
+    r"|\w\.\w"
+    r"|\w\("
+    r"|\b[a-z]+[A-Z]\w*"
+    r"|\b[A-Z][a-z]+[A-Z]\w*"
+    r"|::|->|\.\.\."
+)
+_NON_PROSE_LINE = re.compile(r"^\s*(>>>|\.\.\.(\s|$)|[-=~^*+]{3,}\s*$|[-*+] |\w[\w ]{0,30}:\s*$|:)")
+
+
+def _clean_prose(text: str, min_words: int = 4) -> str:
+    """Only the plain-English sentences of ``text``, re-wrapped, paragraph by paragraph.
+
+    Indented blocks (examples, parameter tables), doctests, headings, lists and
+    every sentence naming an identifier or holding markup are dropped, so the
+    prose corpus shares as little as possible with the code corpus.
+    """
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        if not para.strip() or para[:1].isspace():
+            continue
+        lines = para.splitlines()
+        if any(_NON_PROSE_LINE.match(line) for line in lines):
+            continue
+        flat = " ".join(line.strip() for line in lines)
+        kept = [s for s in _SENTENCE_END.split(flat)
+                if len(s.split()) >= min_words and not _CODE_WORD.search(s) and s.rstrip()[-1:] in ".!?:;,"]
+        if kept:
+            out.append(textwrap.fill(" ".join(kept), width=72))
+    return "\n\n".join(out)
 
 
 def _looks_like_prose(text: str) -> bool:
@@ -215,7 +296,7 @@ def _pydoc_topic_documents() -> list[str]:
             p.strip() for p in re.split(r"\n\s*\n", topics[name])
             if p.strip() and not p[:1].isspace() and _is_prose_paragraph(p)
         ]
-        text = "\n\n".join(paragraphs)
+        text = _clean_prose("\n\n".join(paragraphs))
         if len(text) >= _MIN_PROSE_CHARS:
             documents.append(text)
     return documents
