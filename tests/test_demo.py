@@ -12,7 +12,8 @@ from mlflow_selprune.registry.lineage import weights_sha256
 pytestmark = pytest.mark.slow
 
 SMALL = dataclasses.replace(RECIPE, vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                            block_len=32, batch_size=4, train_chars_per_corpus=40_000)
+                            block_len=32, batch_size=4, train_code_chars=40_000,
+                            train_prose_chars=40_000)
 
 
 def test_same_seed_same_weights_digest():
