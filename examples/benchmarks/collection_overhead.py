@@ -69,7 +69,7 @@ def main(argv=None):
                      t.ratio(name, "plain forward (full)", cpu=True), t.ratio(name, "plain forward (body)", cpu=True)])
     table(rows, ["contender", "s/round", "tokens/s", "x full (wall)", "x body (wall)", "x full (cpu)", "x body (cpu)"])
 
-    print("\n   targets (issue 7, against the plain forward of the full model; body ratio shown for comparison):")
+    print("\n   targets (against the plain forward of the full model; body ratio shown for comparison):")
     for name, target in TARGETS.items():
         full, body = t.ratio(name, "plain forward (full)"), t.ratio(name, "plain forward (body)")
         verdict = "met" if full <= target else "NOT met"

@@ -1,6 +1,6 @@
 """Our sums-only statistics vs the reference approach: a general hook framework with running Welford state.
 
-The reference (re-implemented here, small but faithful to the approach issue 7
+The reference (re-implemented here, small but faithful to the approach the performance targets
 compares against): forward hooks on the same projections (each block's MLP
 output projection and attention output projection) take the projection's
 input, keep the non-padding tokens (a boolean gather), and for every tracked
@@ -31,7 +31,7 @@ from common import build_neox, footer, header, interleaved, make_batches, n_real
 from mlflow_selprune import collect_statistics, find_architecture, importance
 from mlflow_selprune.engine.selection import select
 
-QUOTED_REFERENCE_RATIO = 2.4  # issue 7: the reference on a 4-layer 256-wide GPT-NeoX on this machine
+QUOTED_REFERENCE_RATIO = 2.4  # quoted for the reference on a 4-layer 256-wide GPT-NeoX on this machine
 FRAC = 0.02
 EPS = 1e-3
 
@@ -152,7 +152,7 @@ def main(argv=None):
           f"median over {args.repeats} interleaved rounds; ratio = median of per-round time ratios")
     rows = [[name, t.median(name), real / t.median(name), t.ratio(name, "plain forward (full)"),
              t.ratio(name, "plain forward (body)")] for name in contenders]
-    rows.append(["reference as quoted in issue 7 (not measured here)", "", "", QUOTED_REFERENCE_RATIO, ""])
+    rows.append(["reference as quoted (not measured here)", "", "", QUOTED_REFERENCE_RATIO, ""])
     table(rows, ["contender", "s/round", "tokens/s", "x full forward", "x body forward"])
     ours, ref = t.ratio("ours: collect (abs)", "plain forward (full)"), t.ratio("reference: Welford hooks (float32)", "plain forward (full)")
     print(f"   ours (abs) {ours:.2f}x vs reference {ref:.2f}x a plain full forward (measured here); "

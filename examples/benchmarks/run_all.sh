@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every issue-7 benchmark with its small defaults (about 1-3 minutes each on 2 CPU cores).
+# Run the engine benchmarks with their small defaults (about 1-3 minutes each on 2 CPU cores).
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
