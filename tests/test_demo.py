@@ -63,32 +63,11 @@ def _demo_env(tmp_path):
     return env
 
 
-def test_the_demo_command_end_to_end_with_few_training_steps(tmp_path):
-    """`mlflow-selprune demo` as the README prints it, with --train-steps cut so it fits in a test; then a rerun
-    that reuses @base. The gate may fail on so small a model (exit 1): the flow is what is checked here."""
-    import subprocess
-    import sys
-
-    from mlflow.tracking import MlflowClient
-
-    env = _demo_env(tmp_path)
-    command = [sys.executable, "-m", "mlflow_selprune", "demo", "--train-steps", "4", "--no-progress"]
-    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert first.returncode in (0, 1), first.stderr[-3000:]
-    assert "training the demo model (4 steps, seed 0)" in first.stdout and "random control" in first.stdout
-    assert "gate (forget top-1 drop" in first.stdout
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert again.returncode == first.returncode and "reusing the registered base model" in again.stdout
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    versions = {v.version: v for v in client.search_model_versions("name='selprune-demo'")}
-    assert len(versions) == 3  # base + two unlearned
-    unlearned = [v for v in versions.values() if v.tags.get("selprune.parent_model_uri")]
-    assert all("selprune.metric.control_forget_top1_drop" in v.tags for v in unlearned)
-    assert len({v.tags["selprune.weights_sha256"] for v in unlearned}) == 1  # the same seed, the same result
-
-
-def test_mlflow_run_main_runs_the_demo(tmp_path):
-    """`mlflow run . --env-manager local` (the README's MLproject command), with fewer training steps."""
+def test_mlflow_run_then_the_demo_command(tmp_path):
+    """The README's two demo commands with --train-steps/-P train_steps cut so they fit in a test:
+    `mlflow run . --env-manager local` trains, registers, unlearns and gates (runs nested under the
+    project's run, no param clash); `mlflow-selprune demo` then reuses @base. The gate may fail on a
+    model this briefly trained (exit 1): the flow is what is checked here."""
     import subprocess
     import sys
     from pathlib import Path
@@ -98,14 +77,24 @@ def test_mlflow_run_main_runs_the_demo(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(_demo_env(tmp_path), MLFLOW_TRACKING_URI=uri)
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
-                          "-P", "train_steps=4"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode in (0, 1), out.stderr[-3000:]
-    assert "Changing param values is not allowed" not in out.stderr
+    project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
+                              "-P", "train_steps=4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=900)
+    assert "Changing param values is not allowed" not in project.stderr
+    assert "training the demo model (4 steps, seed 0)" in project.stdout + project.stderr, project.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
-    versions = client.search_model_versions("name='selprune-demo'")
-    assert len(versions) == 2
     project_runs = [r for r in client.search_runs(["0"]) if r.data.tags.get("mlflow.project.entryPoint") == "main"]
     assert len(project_runs) == 1
     children = client.search_runs(["0"], f"tags.mlflow.parentRunId = '{project_runs[0].info.run_id}'")
     assert {r.data.tags.get("selprune.kind") for r in children} == {"demo-base", "prune"}
+
+    demo = subprocess.run([sys.executable, "-m", "mlflow_selprune", "demo", "--train-steps", "4", "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode in (0, 1), demo.stderr[-3000:]
+    assert "reusing the registered base model" in demo.stdout and "random control" in demo.stdout
+    assert "gate (forget top-1 drop" in demo.stdout
+    versions = client.search_model_versions("name='selprune-demo'")
+    assert len(versions) == 3  # base + two unlearned
+    unlearned = [v for v in versions if v.tags.get("selprune.parent_model_uri")]
+    assert all("selprune.metric.control_forget_top1_drop" in v.tags for v in unlearned)
+    assert len({v.tags["selprune.weights_sha256"] for v in unlearned}) == 1  # the same seed, the same result
