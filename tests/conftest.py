@@ -13,7 +13,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The on-disk token cache of this test session: fresh, never the user's.
 import tempfile  # noqa: E402
 
-os.environ["SELPRUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="selprune-cache-")
+os.environ["SELPRUNE_CACHE_DIR"] = _CACHE_DIR = tempfile.mkdtemp(prefix="selprune-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 import inspect  # noqa: E402
 import json  # noqa: E402
