@@ -5,7 +5,7 @@ mlflow_selprune`` and the CLI's ``--help`` stay fast):
 - ``collect_statistics(model, batches)``: per-neuron activation sums
 - ``prune(model, forget_batches, retain_batches, PruneConfig(...))``: prune in place, get masks and records
 - ``find_architecture(model)``: the projections whose inputs are the neurons
-- ``evaluate_model(model, batches, ...)``: next-token metrics (``evaluate`` module)
+- ``evaluate_model(model, batches, ...)``: forget/retain metrics by model kind (``evaluate`` modules)
 - ``prepare_data(DATA, tokenizer, DataOptions(...))``: forget/retain DATA to disjoint collect/eval batches
 - ``log_model`` / ``save_model`` / ``load_model``: the ``selprune`` MLflow flavor
 - ``run_prune(model_uri, forget, retain, ...)``: the whole registry round trip
@@ -32,7 +32,7 @@ _LAZY = {
     "DataError": "data.sources",
     "PreparedData": "data.batching",
     "prepare_data": "data.batching",
-    "evaluate_model": "evaluation.next_token",
+    "evaluate_model": "evaluation.model_metrics",
     "load_model": "registry.flavor",
     "log_model": "registry.flavor",
     "save_model": "registry.flavor",

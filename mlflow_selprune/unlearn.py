@@ -78,7 +78,7 @@ def load_datasets(tokenizer, forget: str, retain: str, data: DataOptions, trust_
 
 def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES):
     """Metrics on the eval parts (documents that never feed the statistics), prefixed ``forget_``/``retain_``."""
-    from .evaluation.next_token import evaluate_model
+    from .evaluation.model_metrics import evaluate_model
 
     prepared = {"forget": forget, "retain": retain}
 
@@ -88,7 +88,8 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
         for side in sides:
             metrics.update(evaluate_model(model, prepared[side].eval_batches,
                                           skip_token_ids=prepared[side].skip_token_ids, prefix=f"{side}_",
-                                          accelerator=accelerator, progress=progress))
+                                          accelerator=accelerator, progress=progress,
+                                          masking=getattr(prepared[side], "masking", None)))
         return metrics
 
     return evaluate_fn
@@ -199,7 +200,8 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
             metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
     if evidence.relearn_steps:
         forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
-        settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=config.seed)
+        settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=config.seed,
+                        masking=getattr(forget_data, "masking", None))
         relearned = relearn(model, forget_data.collect_batches, **settings)
         metrics["relearn_forget_top1"] = forget_only(relearned)["forget_top1"]
         del relearned
@@ -325,7 +327,8 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
     from .evaluation.drops import relearn_recovery
 
     forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
-    settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=seed)
+    settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=seed,
+                    masking=getattr(forget_data, "masking", None))
     out = {"relearn_forget_top1": forget_only(relearn(model, forget_data.collect_batches, **settings))["forget_top1"]}
     if parent_model is not None:
         out["relearn_parent_forget_top1"] = forget_only(

@@ -198,3 +198,45 @@ class MlflowServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+
+def post_json(url: str, payload: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, store: dict):
+    """``mlflow models serve`` of ``model_uri`` on a free 127.0.0.1 port: yields (invocations URL, log path)."""
+    import urllib.request
+
+    port = free_port()
+    log_path = Path(store["root"]) / f"serve-{port}.log"
+    env = dict(os.environ, **store["env"])
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=store["root"])
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert time.monotonic() < deadline, "server did not answer /ping in 120 s: " + log_path.read_text()[-3000:]
+                time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}/invocations", log_path
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.registry import lineage
 from mlflow_selprune.registry.tracking import FAILURE_TAG
 
-from mlflow_helpers import TINY_NAME, cli, free_port, invoke, registry_snapshot, jsonl_retain_store
+from mlflow_helpers import TINY_NAME, cli, invoke, jsonl_retain_store, post_json, registry_snapshot, served_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_DATA = ["--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500",
@@ -335,50 +334,18 @@ def test_logged_model_signature_has_generation_params(store, pruned):
     assert params == {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0}
 
 
-def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
-
-
 @pytest.mark.slow
 def test_served_model_is_greedy_and_honours_request_params(store, pruned):
-    port = free_port()
-    log_path = Path(store["root"]) / f"serve-{port}.log"
-    env = dict(os.environ, **store["env"])
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", pruned["uri"], "--env-manager", "local",
-               "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=store["root"])
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                assert server.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                        if response.status == 200:
-                            break
-                except OSError:
-                    pass
-                assert time.monotonic() < deadline, "server did not answer /ping in 120 s: " + log_path.read_text()[-3000:]
-                time.sleep(0.5)
-            url = f"http://127.0.0.1:{port}/invocations"
-            request = {"inputs": ["def "], "params": {"max_new_tokens": 5}}
-            first, second = _post(url, request), _post(url, request)
-            assert first == second, (first, second)  # greedy by default: the same request, the same answer
-            (answer,) = first["predictions"]
-            assert isinstance(answer, str)
-            # the params are used, not ignored: sampling from an untrained model differs from greedy
-            sampled = [_post(url, {"inputs": ["def "], "params": {"max_new_tokens": 5, "do_sample": True}})
-                       for _ in range(3)]
-            assert any(s != first for s in sampled), sampled
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+    with served_model(pruned["uri"], store) as (url, log_path):
+        request = {"inputs": ["def "], "params": {"max_new_tokens": 5}}
+        first, second = post_json(url, request), post_json(url, request)
+        assert first == second, (first, second)  # greedy by default: the same request, the same answer
+        (answer,) = first["predictions"]
+        assert isinstance(answer, str)
+        # the params are used, not ignored: sampling from an untrained model differs from greedy
+        sampled = [post_json(url, {"inputs": ["def "], "params": {"max_new_tokens": 5, "do_sample": True}})
+                   for _ in range(3)]
+        assert any(s != first for s in sampled), sampled
     text = log_path.read_text()
     assert "Ignoring provided params" not in text and "are ignored for inference" not in text, text[-3000:]
 

@@ -3,9 +3,10 @@
 Documents are split into a *collect* part (activation statistics for
 pruning) and an *eval* part (metrics) by a hash of their text, so the split is
 the same on every machine and run, and no document is in both parts. Each
-chunk starts with the special tokens the model's tokenizer puts before a text
-(a BOS for OPT or Llama, nothing for GPT-2), so the model sees inputs shaped
-like those it was trained on.
+chunk is wrapped in the special tokens the model's tokenizer puts around a
+text (a BOS before it for OPT or Llama, ``[CLS]`` ... ``[SEP]`` for BERT,
+nothing for GPT-2), so the model sees inputs shaped like those it was trained
+on.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 
 from ..config import DataOptions, SourceOptions
 from . import token_cache
+from .masking import MaskingIds, masking_ids
 from .sources import DataError, iter_texts, load_documents, text_documents
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class PreparedData:
     n_documents: int
     warnings: list[str] = field(default_factory=list)
     documents: datasets.Dataset | None = None
+    masking: MaskingIds | None = None  # the tokenizer's mask/special ids, for masked LMs (None: no mask token)
 
 
 
@@ -114,7 +117,7 @@ def prepare_data(
     else:
         collect_order, eval_order = split_documents(keys, options.eval_fraction, spec)
     tokenizer_key = _tokenizer_key(tokenizer)
-    prefix = special_prefix(tokenizer)
+    prefix, suffix = special_affixes(tokenizer)
     use_disk = token_cache.enabled(options.token_cache)
     if use_disk:
         stored = token_cache.load(tokenizer_key, keys)
@@ -125,7 +128,7 @@ def prepare_data(
 
     def take(part: str, order: list[int], budget: int, min_chunk: int):
         used, chunks = _take_chunks(documents, order, keys, tokenizer, tokenizer_key, prefix=prefix,
-                                    budget=budget, max_length=options.max_length, min_chunk=min_chunk)
+                                    suffix=suffix, budget=budget, max_length=options.max_length, min_chunk=min_chunk)
         n_tokens = sum(len(c) for c in chunks)
         if n_tokens < min_tokens:
             raise DataError(f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
@@ -157,35 +160,42 @@ def prepare_data(
         eval_batches=make_batches(eval_chunks, options.batch_size, pad_id),
         collect_tokens=n_collect,
         eval_tokens=n_eval,
-        skip_token_ids=most_frequent_tokens([c[len(prefix):] for c in frequent_from], 50),
+        skip_token_ids=most_frequent_tokens([c[len(prefix):len(c) - len(suffix)] for c in frequent_from], 50),
         n_documents=len(collect_used) + len(eval_used),
         warnings=warnings,
         documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"]}),
+        masking=masking_ids(tokenizer) if getattr(tokenizer, "mask_token_id", None) is not None else None,
     )
     logger.debug("DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
                  spec, n_collect, len(collect_used), n_eval, len(eval_used), prepared.digest[:12])
     return prepared
 
 
-_PREFIXES: dict[tuple, list[int]] = {}
+_AFFIXES: dict[tuple, tuple[list[int], list[int]]] = {}
+
+
+def special_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """(ids before, ids after) a text: ``([bos], [])`` for OPT/Llama, ``([cls], [sep])`` for BERT, none for GPT-2."""
+    key = _tokenizer_key(tokenizer)
+    if key not in _AFFIXES:
+        _AFFIXES[key] = _probe_affixes(tokenizer)
+    prefix, suffix = _AFFIXES[key]
+    return list(prefix), list(suffix)
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The token ids the tokenizer puts before a text (``[bos]`` for OPT/Llama, ``[]`` for GPT-2)."""
-    key = _tokenizer_key(tokenizer)
-    if key not in _PREFIXES:
-        _PREFIXES[key] = _probe_prefix(tokenizer)
-    return list(_PREFIXES[key])
+    """The token ids the tokenizer puts before a text."""
+    return special_affixes(tokenizer)[0]
 
 
-def _probe_prefix(tokenizer) -> list[int]:
+def _probe_affixes(tokenizer) -> tuple[list[int], list[int]]:
     probe = "hello world"
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
+            return list(full[:start]), list(full[start + len(plain):])
+    return [], []
 
 
 def _as_documents(spec_or_dataset, source: SourceOptions, trust_remote_code: bool) -> tuple[str, datasets.Dataset]:
@@ -278,24 +288,26 @@ def _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
         yield from zip(group, _token_ids(tokenizer, tokenizer_key, texts, [keys[i] for i in group]))
 
 
-def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, budget, max_length, min_chunk):
+def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, suffix=(), budget, max_length,
+                 min_chunk):
     """(indices of the documents used, their chunks) until ``budget`` tokens are taken.
 
-    Each chunk is ``prefix`` plus up to ``max_length - len(prefix)`` document
-    tokens. Chunks shorter than ``min_chunk`` are dropped; a document none of
-    whose chunks is kept does not count as used.
+    Each chunk is ``prefix``, up to ``max_length - len(prefix) - len(suffix)``
+    document tokens, then ``suffix``. Chunks shorter than ``min_chunk`` are
+    dropped; a document none of whose chunks is kept does not count as used.
     """
     used: list[int] = []
     chunks: list[torch.Tensor] = []
     total = dropped = 0
     head = torch.tensor(prefix, dtype=torch.long)
-    body_length = max(1, max_length - len(prefix))
+    tail = torch.tensor(list(suffix), dtype=torch.long)
+    body_length = max(1, max_length - len(prefix) - len(suffix))
     for index, ids in _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
         if total >= budget:
             break
         n_before = len(chunks)
         for piece in ids.split(body_length):
-            chunk = torch.cat([head, piece]) if prefix else piece
+            chunk = torch.cat([head, piece, tail]) if (prefix or suffix) else piece
             if len(chunk) < min_chunk:
                 dropped += 1
                 continue

@@ -69,27 +69,40 @@ def _swapped(model, result: PruneResult, replacement: dict):
             state.restore()
 
 
-def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int):
+def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None):
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order).
 
-    Causal-LM loss on the non-padding tokens. The original model is untouched.
+    The model's own training loss: on ``labels`` when a batch carries them
+    (image classes), on seeded masked tokens for a masked LM (``masking``:
+    ``PreparedData.masking``), else causal-LM loss on the non-padding tokens.
+    The original model is untouched.
     """
+    from ..kinds import MASKED_LM, model_kind
+
     torch.manual_seed(seed)
+    masked = model_kind(model) == MASKED_LM
+    if masked and masking is None and not all("labels" in batch for batch in batches):
+        raise ValueError("relearning a masked LM needs masking ids (PreparedData.masking) or batches with labels")
     tuned = copy.deepcopy(model)
     tuned.train()
     device = next(tuned.parameters()).device
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     order: list[int] = []
     rng = random.Random(seed)
-    for _ in range(steps):
+    for step in range(steps):
         if not order:
             order = list(range(len(batches)))
             rng.shuffle(order)
         batch = batches[order.pop()]
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        loss = tuned(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        if masked and "labels" not in batch:
+            from ..data.masking import batch_seed, mask_batch
+
+            batch = mask_batch(batch, masking, seed=batch_seed(step, base=seed + 1))
+        inputs = {name: value.to(device) for name, value in batch.items() if name != "labels"}
+        labels = batch.get("labels")
+        if labels is None:
+            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        loss = tuned(**inputs, labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(tuned.parameters(), 1.0)

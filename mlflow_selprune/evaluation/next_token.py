@@ -1,4 +1,4 @@
-"""Next-token metrics of a causal LM on prepared eval batches, and drops versus a parent.
+"""Next-token metrics of a causal LM on prepared eval batches, and the scoring loop every LM kind shares.
 
 The forward pass and the per-token reductions (rank and log-probability of
 each target) happen here, vectorized in torch; aggregation is done by the
@@ -34,22 +34,13 @@ def next_token_metric():
     return evaluate.load(str(NEXT_TOKEN_METRIC_PATH), keep_in_memory=True)
 
 
-def token_statistics(
-    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """Per-target-token rank, log-probability and id, for the metric module.
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rank, log-probability and id of each target under its row of ``scores`` ([n, vocab] logits).
 
-    Position t predicts token t+1; a pair counts only when both the input and
-    the target are real (non-padding) tokens. Ranks and log-probabilities are
-    computed in float32 whatever the model dtype; rank = number of vocabulary
-    entries with a strictly greater logit than the target (0 = top-1).
+    In float32 whatever the model dtype, ``_ROWS_PER_CHUNK`` rows at a time;
+    rank = number of vocabulary entries with a strictly greater logit than the
+    target (0 = top-1).
     """
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    real = attention_mask.bool()
-    valid = real[:, :-1] & real[:, 1:]
-    targets = input_ids[:, 1:][valid]
-    scores = logits[:, :-1][valid]
     ranks, logprobs = [], []
     for start in range(0, targets.shape[0], _ROWS_PER_CHUNK):
         rows = scores[start:start + _ROWS_PER_CHUNK].float()
@@ -64,24 +55,32 @@ def token_statistics(
     }
 
 
-def evaluate_model(
-    model,
-    batches: Sequence[dict],
-    *,
-    skip_token_ids: Sequence[int] = (),
-    prefix: str = "",
-    accelerator=None,
-    progress: bool = True,
-) -> dict[str, float]:
-    """``{prefix + name: value}`` for METRIC_NAMES and ``n_tokens``, over all ``batches``.
+def token_statistics(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-target-token rank, log-probability and id, for the metric module.
+
+    Position t predicts token t+1; a pair counts only when both the input and
+    the target are real (non-padding) tokens.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    real = attention_mask.bool()
+    valid = real[:, :-1] & real[:, 1:]
+    return target_ranks(logits[:, :-1][valid], input_ids[:, 1:][valid])
+
+
+def score_batches(model, batches: Sequence[dict], batch_statistics, *, accelerator=None, progress: bool = True,
+                  desc: str = "evaluating") -> dict[str, np.ndarray]:
+    """Per-target arrays over all ``batches``: ``batch_statistics(model, batch, device)`` on each, concatenated.
 
     With an ``accelerator`` of several processes, ``batches`` is the full list
-    on every process: each takes every num_processes-th batch, the per-token
-    arrays are gathered to all processes, and all return the same result.
+    on every process: each takes every num_processes-th batch, the per-target
+    arrays are gathered to all processes, and all return the same arrays.
     The model is put in eval mode for the pass and restored afterwards.
     """
     if not batches:
-        raise ValueError("evaluate_model needs at least one batch of eval tokens")
+        raise ValueError("evaluation needs at least one batch")
     distributed = accelerator is not None and accelerator.num_processes > 1
     if distributed:
         batches = batches[accelerator.process_index::accelerator.num_processes]
@@ -92,12 +91,8 @@ def evaluate_model(
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(batches, desc=f"evaluating {prefix.rstrip('_') or 'model'}",
-                              disable=not show, leave=False):
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-                stats = token_statistics(logits, input_ids, attention_mask)
+            for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
+                stats = batch_statistics(model, batch, device)
                 parts.append({name: t.cpu().numpy() for name, t in stats.items()})
     finally:
         model.train(was_training)
@@ -105,7 +100,33 @@ def evaluate_model(
         from accelerate.utils import gather_object
 
         parts = gather_object(parts)  # every process receives every process's arrays
-    arrays = {name: np.concatenate([p[name] for p in parts]) for name in TOKEN_STATISTICS}
+    return {name: np.concatenate([p[name] for p in parts]) for name in TOKEN_STATISTICS}
+
+
+def _next_token_batch(model, batch: dict, device) -> dict[str, torch.Tensor]:
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return token_statistics(logits, input_ids, attention_mask)
+
+
+def evaluate_model(
+    model,
+    batches: Sequence[dict],
+    *,
+    skip_token_ids: Sequence[int] = (),
+    prefix: str = "",
+    accelerator=None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """``{prefix + name: value}`` for METRIC_NAMES and ``n_tokens`` of a causal LM, over all ``batches``.
+
+    Distributed as ``score_batches`` says: every process returns the same result.
+    """
+    if not batches:
+        raise ValueError("evaluate_model needs at least one batch of eval tokens")
+    arrays = score_batches(model, batches, _next_token_batch, accelerator=accelerator, progress=progress,
+                           desc=f"evaluating {prefix.rstrip('_') or 'model'}")
     result = next_token_metric().compute(**arrays, skip_token_ids=[int(i) for i in skip_token_ids])
     logger.debug("next-token metrics %s: %s", prefix or "(no prefix)", result)
     return {prefix + name: result[name] for name in (*METRIC_NAMES, "n_tokens")}
