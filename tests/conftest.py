@@ -69,7 +69,13 @@ _LANES = {"start": None, "fast_end": None, "fast": 0, "slow": 0}
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+    """The fast lane first; in the slow lane, the longest tests first (``@pytest.mark.slow(seconds=N)``),
+    so that two workers end together instead of one waiting on a long test started last."""
+    def order(item):
+        slow = item.get_closest_marker("slow")
+        return (slow is not None, -(slow.kwargs.get("seconds", 0) if slow else 0))
+
+    items.sort(key=order)
 
 
 def pytest_sessionstart(session):

@@ -63,6 +63,7 @@ def _demo_env(tmp_path):
     return env
 
 
+@pytest.mark.slow(seconds=170)
 def test_mlflow_run_then_the_demo_command(tmp_path):
     """The README's two demo commands with --train-steps/-P train_steps cut so they fit in a test:
     `mlflow run . --env-manager local` trains, registers, unlearns and gates (runs nested under the

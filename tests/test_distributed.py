@@ -67,6 +67,7 @@ SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-t
          "--eval-tokens", "1000", "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", "--no-progress"]
 
 
+@pytest.mark.slow(seconds=35)
 def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store):
     client = MlflowClient()
     base = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"], "--retain", store["retain"], *SMALL]

@@ -231,7 +231,7 @@ def test_rerun_after_a_kill_succeeds(server):
     assert len(_assert_complete_or_absent(before)) == 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_four_concurrent_prunes_get_four_versions_and_only_passing_gates_move_aliases(server):
     before = registry_snapshot()
     fracs = ["0.05", "0.1", "0.15", "0.2"]
@@ -313,7 +313,7 @@ def _as_user(auth_server, user):
             "MLFLOW_TRACKING_PASSWORD": auth_server["users"][user], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=130)
 def test_read_only_user_cannot_register_and_editor_can(auth_server):
     args = ["prune", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", auth_server["forget"],
             "--retain", auth_server["retain"], "--ff-frac", "0.1", *SMALL]

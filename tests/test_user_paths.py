@@ -71,7 +71,7 @@ def _mlflow_run(store, entry_point, *params):
                            "local", *params], capture_output=True, text=True, env=env, cwd=store["root"], timeout=900)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("entry_point", ["main", "prune"])
 def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_point):
     """`mlflow run` logs every entry-point param to the run the job then fills; values spelled differently
