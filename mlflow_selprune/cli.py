@@ -237,6 +237,18 @@ def _announce_store(require_existing: bool = False) -> str:
     return uri
 
 
+def _check_retain(retain: str | None, data: DataOptions) -> None:
+    """--retain may be left out only when --forget-classes splits the --forget DATA by class."""
+    from .data.specs import check_spec
+    from .errors import ConfigError
+
+    if retain is None:
+        if data.forget_classes is None:
+            raise ConfigError("--retain is required (it may be left out only with --forget-classes)")
+        return
+    check_spec(retain, "retain")
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -254,7 +266,7 @@ def main(verbose, debug):
 @main.command()
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/..., or a model directory.")
 @click.option("--forget", required=True, help="DATA to forget: file, directory, builtin:..., hub dataset, or MLflow dataset URI.")
-@click.option("--retain", required=True, help="DATA to keep.")
+@click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes: then the --forget DATA).")
 @config_options(PruneConfig)
 @config_options(EvidenceOptions)
 @click.option("--register-as", default=None, help="Registered model name for the result (default: the parent's).")
@@ -272,7 +284,7 @@ def prune(**kw):
     from .data.specs import check_spec
 
     check_spec(kw["forget"], "forget")  # in milliseconds, before anything heavy is imported
-    check_spec(kw["retain"], "retain")
+    _check_retain(kw["retain"], data)
     from .registry.resolve import check_alias, check_registered_name
 
     check_alias(kw["alias"] or None)
@@ -297,7 +309,7 @@ def prune(**kw):
 @main.command()
 @click.option("--model-uri", required=True)
 @click.option("--forget", required=True)
-@click.option("--retain", required=True)
+@click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes).")
 @click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
 @config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr"))
 @config_options(PruneConfig, only=("seed",))
@@ -310,7 +322,7 @@ def evaluate(**kw):
     from .data.specs import check_spec
 
     check_spec(kw["forget"], "forget")
-    check_spec(kw["retain"], "retain")
+    _check_retain(kw["retain"], data)
     _maybe_relaunch(kw["num_processes"])
     from .unlearn import run_evaluate
 
@@ -335,7 +347,7 @@ def evaluate(**kw):
               help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.")
 @click.option("--max-relearn-recovery", type=float, default=None,
               help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.")
-@click.option("--metric", type=click.Choice(["top1", "top10", "skip50_top1"]), default="top1", show_default=True)
+@click.option("--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True)
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
 @handle_errors
@@ -442,11 +454,17 @@ def materialize(model_uri, register_as, alias):
 @main.command()
 @click.option("--train-steps", type=int, default=None, help="Optimizer steps for the demo model (default: the recipe's).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training and the pruning.")
-@click.option("--retrain", is_flag=True, help="Train a new base model even if 'selprune-demo@base' exists.")
+@click.option("--retrain", is_flag=True, help="Train a new base model even if the demo's '@base' exists.")
+@click.option("--vision", is_flag=True, help="The image demo: a small ViT on handwritten digits forgets one digit "
+                                             "(needs scikit-learn).")
 @click.option("--no-progress", is_flag=True)
 @handle_errors
-def demo(train_steps, seed, retrain, no_progress):
-    """Offline end to end: train a small LM, register it, unlearn Python code, gate, promote."""
+def demo(train_steps, seed, retrain, vision, no_progress):
+    """Offline end to end: train a small LM (or, --vision, a ViT), register it, unlearn, gate, promote."""
+    if vision:
+        from .demo_vision import run_vision_demo
+
+        sys.exit(run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
     from .demo import run_demo
 
     sys.exit(run_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))

@@ -154,6 +154,8 @@ class SourceOptions:
     split: str | None = option(None, "Dataset split (hub datasets, DatasetDicts).")
     data_config: str | None = option(None, "Hub dataset configuration, e.g. Python-all.")
     revision: str | None = option(None, "Hub dataset revision.")
+    image_column: str | None = option(None, "Image DATA: column holding the images (default: image).")
+    label_column: str | None = option(None, "Image DATA: column holding the class labels (default: label).")
 
     def over(self, shared: "SourceOptions") -> "SourceOptions":
         """These options, with unset fields taken from ``shared``."""
@@ -180,6 +182,13 @@ class DataOptions:
     source: SourceOptions = field(default_factory=SourceOptions)
     forget_source: SourceOptions = field(default_factory=SourceOptions)
     retain_source: SourceOptions = field(default_factory=SourceOptions)
+    # image classifiers only (token budgets and --max-length do not apply to them)
+    collect_images: int = option(2_000, "Image classifiers: images per dataset for statistics (at most).",
+                                 type=int)
+    eval_images: int = option(1_000, "Image classifiers: images per dataset for metrics (at most).", type=int)
+    forget_classes: str | None = option(
+        None, "Image classifiers: forget these classes (names or ids, comma-separated, e.g. 3,7); the other "
+              "classes are retained. --retain may then be left out (it defaults to the --forget DATA).")
 
     def source_for(self, side: str) -> SourceOptions:
         return getattr(self, f"{side}_source").over(self.source)
@@ -190,7 +199,7 @@ class DataOptions:
         return min(self.batch_size * self.max_length, self.collect_tokens, self.eval_tokens)
 
     def validate(self) -> "DataOptions":
-        for name in ("max_length", "batch_size", "collect_tokens", "eval_tokens"):
+        for name in ("max_length", "batch_size", "collect_tokens", "eval_tokens", "collect_images", "eval_images"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag_of(DataOptions, name)} must be an integer >= 1, got {value}")
@@ -198,7 +207,22 @@ class DataOptions:
             raise ConfigError("--max-length must be >= 2: next-token metrics need two tokens")
         if not _fraction(self.eval_fraction) or not 0 < self.eval_fraction < 1:
             raise ConfigError(f"--eval-fraction must be strictly between 0 and 1, got {self.eval_fraction}")
+        if self.forget_classes is not None:
+            self.forget_class_list()
         return self
+
+    def forget_class_list(self) -> list[str] | None:
+        """``--forget-classes`` as a list of names or ids (as typed), or None when not given."""
+        if self.forget_classes is None:
+            return None
+        value = self.forget_classes
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
+        if not items or any(not item for item in items):
+            raise ConfigError(f"--forget-classes must list class names or ids separated by commas, e.g. 3,7; "
+                              f"got {value!r}")
+        if len(set(items)) != len(items):
+            raise ConfigError(f"--forget-classes names a class twice: {value!r}")
+        return items
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -124,35 +124,41 @@ def train_demo_model(recipe: DemoRecipe = RECIPE, seed: int = 0, steps: int | No
     return model, tokenizer
 
 
-def register_base_model(model, tokenizer, seed: int, steps: int) -> str:
-    """Log the freshly trained model with the transformers flavor, register it, alias it ``base``."""
+def register_base_model(model, tokenizer, seed: int, steps: int, name: str = DEMO_MODEL,
+                        extra_metrics: dict | None = None) -> str:
+    """Log the freshly trained model with the transformers flavor, register it as ``name``, alias it ``base``.
+
+    ``tokenizer``: what prepares the model's inputs (an image classifier's image processor).
+    """
     import mlflow
 
-    from .registry.flavor import default_pip_requirements, model_card
+    from .registry.flavor import components, default_pip_requirements, model_card, task_for
     from .registry.resolve import client
     from .registry.tracking import job_run
 
-    with job_run("selprune-demo-base", "demo-base") as run:
+    with job_run(f"{name}-base", "demo-base") as run:
         mlflow.log_params({"demo_seed": seed, "demo_train_steps": steps})
+        if extra_metrics:
+            mlflow.log_metrics(extra_metrics)
         info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            components(model, tokenizer), name="model", task=task_for(model),
             pip_requirements=default_pip_requirements(), model_card=model_card(model),
         )
-    mv = mlflow.register_model(info.model_uri, DEMO_MODEL, tags={"selprune.demo": "base", "source_run": run.info.run_id})
-    client().set_registered_model_alias(DEMO_MODEL, BASE_ALIAS, mv.version)
-    return f"models:/{DEMO_MODEL}/{mv.version}"
+    mv = mlflow.register_model(info.model_uri, name, tags={"selprune.demo": "base", "source_run": run.info.run_id})
+    client().set_registered_model_alias(name, BASE_ALIAS, mv.version)
+    return f"models:/{name}/{mv.version}"
 
 
-def _existing_base() -> str | None:
+def _existing_base(name: str = DEMO_MODEL) -> str | None:
     from mlflow.exceptions import MlflowException
 
     from .registry.resolve import client
 
     try:
-        mv = client().get_model_version_by_alias(DEMO_MODEL, BASE_ALIAS)
+        mv = client().get_model_version_by_alias(name, BASE_ALIAS)
     except MlflowException:
         return None
-    return f"models:/{DEMO_MODEL}/{mv.version}"
+    return f"models:/{name}/{mv.version}"
 
 
 def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,

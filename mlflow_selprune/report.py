@@ -13,7 +13,7 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
     has_control = any(k.startswith("control_") for k in m)
     header = f"{'metric':<22}{'parent':>10}{'unlearned':>11}{'change':>12}"
     lines = [header + (f"{'random control':>16}" if has_control else "")]
-    for name in ("top1", "top10", "skip50_top1", "loss"):
+    for name in ("top1", "top5", "top10", "skip50_top1", "loss"):
         for side in ("forget", "retain"):
             key = f"{side}_{name}"
             if key not in m:

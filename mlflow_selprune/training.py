@@ -1,4 +1,4 @@
-"""Train small tokenizers and causal language models from text, fully offline.
+"""Train small tokenizers, causal language models and image classifiers, fully offline.
 
 The offline demo and the tests need a model with a real capability to remove,
 and the Hugging Face hub is not always reachable, so both are trained here from
@@ -98,6 +98,52 @@ def train_causal_lm(
         rows = [rng.randrange(blocks.shape[0]) for _ in range(batch_size)]
         batch = blocks[rows]
         out = model(input_ids=batch, labels=batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_value = out.loss.detach().item()
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+    model.eval()
+    return loss_value
+
+
+def train_image_classifier(
+    model,
+    pixel_values: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """Train an image classifier in place for exactly ``steps`` AdamW steps on seeded random minibatches.
+
+    ``pixel_values`` [N, C, H, W] (already preprocessed), ``labels`` [N]. Same schedule as
+    ``train_causal_lm``: the step count and the seed decide the result, never the clock.
+    Returns the final training loss.
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        progress_frac = (step - warmup) / max(1, steps - warmup)
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+
+    loss_value = float("nan")
+    bar = tqdm(range(steps), desc="training", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        rows = torch.randint(0, pixel_values.shape[0], (batch_size,), generator=generator)
+        out = model(pixel_values=pixel_values[rows], labels=labels[rows])
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

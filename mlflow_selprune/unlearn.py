@@ -57,23 +57,54 @@ def check_data_specs(forget: str, retain: str, data: DataOptions) -> None:
     """Fail on a missing file or unknown built-in corpus in seconds, before any model is loaded."""
     from .data.specs import check_spec
 
+    if retain is None and data.forget_classes is None:
+        raise BadInputError("--retain is required (it may be left out only with --forget-classes)")
     for side, spec in zip(SIDES, (forget, retain)):
-        check_spec(spec, side)
+        if spec is not None:
+            check_spec(spec, side)
 
 
-def load_datasets(tokenizer, forget: str, retain: str, data: DataOptions, trust_remote_code: bool = False):
-    """Prepare forget and retain data (each with its own source options); refuse the same data on both sides."""
-    from .data.batching import prepare_data
+def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions, trust_remote_code: bool = False,
+                  model=None):
+    """Prepare forget and retain data (each with its own source options); refuse the same data on both sides.
 
-    prepared = [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,
-                             trust_remote_code=trust_remote_code)
-                for side, spec in zip(SIDES, (forget, retain))]
+    The model's kind decides the preparation: token batches for language models, image batches
+    (``data.images``) for image classifiers, whose ``tokenizer`` is the model's image processor.
+    ``model=None``: a language model.
+    """
+    from .kinds import IMAGE_CLASSIFIER, model_kind
+
+    if model is not None and model_kind(model) == IMAGE_CLASSIFIER:
+        from .data.images import prepare_image_data
+
+        prepared = list(prepare_image_data(forget, retain, tokenizer, model.config, data,
+                                           trust_remote_code=trust_remote_code))
+    else:
+        prepared = _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model)
     if prepared[0].digest == prepared[1].digest:
         raise BadInputError(
             f"forget and retain are the same data ({forget} and {retain} have digest {prepared[0].digest[:12]}); "
             "pass different datasets"
         )
     return prepared[0], prepared[1]
+
+
+def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model):
+    from .data.batching import prepare_data
+    from .data.images import looks_like_image_data
+    from .errors import ConfigError
+
+    what = f"{type(model).__name__} is a language model" if model is not None else "the model is a language model"
+    if data.forget_classes is not None:
+        raise ConfigError(f"--forget-classes applies to image classifiers only; {what}: pass forget and retain text")
+    if retain is None:
+        raise ConfigError("--retain is required (it may be left out only with --forget-classes)")
+    for side, spec in zip(SIDES, (forget, retain)):
+        if isinstance(spec, str) and looks_like_image_data(spec):
+            raise BadInputError(f"--{side}: DATA {spec!r} holds images, but {what}; give it text DATA")
+    return [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,
+                         trust_remote_code=trust_remote_code)
+            for side, spec in zip(SIDES, (forget, retain))]
 
 
 def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES):
@@ -98,7 +129,7 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
 def run_prune(
     model_uri: str,
     forget: str,
-    retain: str,
+    retain: str | None,
     *,
     config: PruneConfig | None = None,
     data: DataOptions | None = None,
@@ -136,7 +167,7 @@ def run_prune(
     phases = _Phases()
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
     phases.lap("load")
-    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
+    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     phases.lap("data")
     full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
                    "trust_remote_code": trust_remote_code}
@@ -295,7 +326,7 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
     resolved = resolve(model_uri)
     parent = resolve(parent_model_uri) if parent_model_uri else None
     model, tokenizer = _load(resolved, device, dtype, trust_remote_code, accelerator)
-    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code)
+    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     with tracking.job_run(run_name, "evaluate", enabled=_is_main(accelerator)) as run:
         if run is not None:
@@ -348,7 +379,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     import mlflow
 
     from .registry import lineage, tracking
-    from .registry.flavor import log_model
+    from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
     from .registry.resolve import check_alias, check_registered_name, resolve
 
@@ -365,7 +396,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
         record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
         files = {name: str(local / "selprune" / file) for name, file in record_files.items()
                  if (local / "selprune" / file).is_file()}
-        model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model", pruning_files=files)
+        model_info = log_model(components(model, tokenizer), name="model", pruning_files=files)
         tags = {k: v for k, v in resolved.tags.items()
                 if k.startswith(lineage.PREFIX) and not k.startswith(lineage.GATE_RECORD_PREFIX)}
         tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,

@@ -184,7 +184,10 @@ def find_architecture(model: nn.Module) -> Architecture:
     cls = type(model).__name__
     d_model = _d_model(model)
     if d_model is None:
-        raise UnsupportedArchitectureError(f"{cls}: its config names no model width (hidden_size, n_embd or d_model)")
+        raise UnsupportedArchitectureError(
+            f"{cls}: its config names no model width (hidden_size, n_embd or d_model), so it has no transformer "
+            "blocks whose MLP and attention output projections could be found; selective pruning needs a "
+            "transformer (e.g. ViT or DeiT for images)")
     blocks_path, blocks = _find_blocks(model)
     model_type = getattr(model.config, "model_type", "")
     ff, attn = [], []

@@ -128,6 +128,16 @@ class _Accumulator:
         )
 
 
+def _row_counter(state: dict):
+    """A pre-hook that records how many activation rows (tokens) one forward pass feeds the first projection."""
+
+    def pre_hook(module, args):
+        x = args[0]
+        state["rows"] = x.numel() // x.shape[-1]
+
+    return pre_hook
+
+
 def forward_body(model):
     """The model without its output head: statistics never need the logits."""
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -158,7 +168,9 @@ def collect_statistics(
     """Per-neuron sums over the non-padding tokens of ``batches``.
 
     ``batches``: dicts with ``input_ids`` and (optionally) ``attention_mask``,
-    as a Hugging Face tokenizer returns them. ``sums``: which sums to keep —
+    as a Hugging Face tokenizer returns them, or (image classifiers) with
+    ``pixel_values`` [B, C, H, W]: then every patch token and the CLS token
+    count, and the count is the number of activation rows the hooks see. ``sums``: which sums to keep —
     the default is what the default importance (abs) needs; ``"all"`` keeps
     every one. With an ``accelerator`` of several processes, each process
     takes every N-th batch and the sums are all-reduced, so every process
@@ -175,9 +187,13 @@ def collect_statistics(
         for acc in accumulators.values()
         for p in acc.projections
     ]
+    first = arch.projections(kinds[0])[0].module if kinds else None
+    if first is not None:
+        handles.append(first.register_forward_pre_hook(_row_counter(state)))
     logger.debug("%s: collecting statistics", desc)
     body = forward_body(model)
     device = _device(model)
+    dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
     n_tokens = torch.zeros((), dtype=torch.int64, device=device)
@@ -186,6 +202,14 @@ def collect_statistics(
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
+                if "pixel_values" in batch:
+                    # images: every patch token and the CLS token count (no padding, no attention mask);
+                    # the token count is the number of activation rows the hooks see
+                    state["weights"] = None
+                    body(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
+                    n_tokens += state.pop("rows")
+                    n_batches += 1
+                    continue
                 input_ids = batch["input_ids"].to(device)
                 mask = batch.get("attention_mask")
                 if mask is None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 
-ACCURACY_METRICS = ("top1", "top10", "skip50_top1")
+# Each model kind reports the accuracies it has (language models top1/top10/skip50_top1, image
+# classifiers top1/top5); drops and selectivities are derived for those present.
+ACCURACY_METRICS = ("top1", "top5", "top10", "skip50_top1")
 # A parent accuracy under this (absolute, 0.1%) gives no meaningful relative change.
 RELATIVE_FLOOR = 0.001
 # Unlearning must have removed at least this share of the parent's forget top-1 for a recovery ratio.
@@ -36,7 +38,11 @@ def relative_drops(parent: dict, new: dict, prefix: str) -> dict[str, float]:
     def value(metrics: dict, name: str) -> float:
         return float(metrics[prefix + name] if prefix + name in metrics else metrics[name])
 
-    drops = {f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m)) for m in ACCURACY_METRICS}
+    def has(metrics: dict, name: str) -> bool:
+        return prefix + name in metrics or name in metrics
+
+    drops = {f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m)) for m in ACCURACY_METRICS
+             if has(parent, m) and has(new, m)}
     drops[f"{prefix}loss_increase"] = -relative_drop(value(parent, "loss"), value(new, "loss")) + 0.0
     return drops
 
@@ -65,6 +71,8 @@ def summary_metrics(baseline: dict, final: dict) -> dict:
     out.update(relative_drops(baseline, final, "forget_"))
     out.update(relative_drops(baseline, final, "retain_"))
     for metric in ACCURACY_METRICS:
+        if f"forget_{metric}_drop" not in out or f"retain_{metric}_drop" not in out:
+            continue
         out[selectivity_key(metric)] = selectivity(out[f"forget_{metric}_drop"], out[f"retain_{metric}_drop"])
     return out
 

@@ -25,8 +25,20 @@ RECORD_DIR = "selprune"
 
 
 def task_for(model) -> str:
-    """The pipeline task MLflow needs so it never asks the hub: generation for causal LMs, fill-mask otherwise."""
-    return "text-generation" if model.can_generate() else "fill-mask"
+    """The pipeline task MLflow needs so it never asks the hub: the model kind's (``kinds.TASKS``)."""
+    from ..kinds import TASKS, model_kind
+
+    return TASKS[model_kind(model)]
+
+
+def components(model, preprocessor) -> dict:
+    """The transformers-flavor components of a model and what prepares its inputs: a language model's
+    tokenizer (``{"model", "tokenizer"}``) or an image classifier's image processor (``{"model",
+    "image_processor"}``)."""
+    from ..kinds import IMAGE_CLASSIFIER, model_kind
+
+    key = "image_processor" if model_kind(model) == IMAGE_CLASSIFIER else "tokenizer"
+    return {"model": model, key: preprocessor}
 
 
 def default_pip_requirements() -> list[str]:
@@ -132,7 +144,8 @@ def log_model(transformers_model, name: str = "model", *, pruning_files=None, ta
 
 
 def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwargs) -> dict:
-    """``{"model", "tokenizer", "record"}``: the weights through the transformers flavor, the pruning record if any."""
+    """``{"model", "tokenizer", "record"}`` (plus ``"image_processor"`` for an image classifier, whose
+    ``"tokenizer"`` is None): the weights through the transformers flavor, the pruning record if any."""
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst_path))
     components = mlflow.transformers.load_model(str(local), return_type="components", device=device, **kwargs)
     flavors = Model.load(str(local / MLMODEL_FILE_NAME)).flavors
@@ -142,5 +155,8 @@ def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwarg
         from .loading import inside
 
         record = json.loads(inside(local, record_file, model_uri).read_text())
-    return {"model": components["model"], "tokenizer": components.get("tokenizer"), "record": record}
+    loaded = {"model": components["model"], "tokenizer": components.get("tokenizer"), "record": record}
+    if components.get("image_processor") is not None:
+        loaded["image_processor"] = components["image_processor"]
+    return loaded
 

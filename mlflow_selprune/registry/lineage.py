@@ -47,6 +47,8 @@ HEADLINE_METRICS = (
     "forget_loss_increase", "retain_loss_increase", "selectivity", "top10_selectivity", "skip50_top1_selectivity",
     "control_forget_top1_drop", "control_retain_top1_drop", "control_forget_skip50_top1_drop", "control_selectivity",
     "relearn_forget_top1", "relearn_parent_forget_top1", "relearn_recovery",
+    # image classifiers
+    "forget_top5", "retain_top5", "forget_top5_drop", "retain_top5_drop", "top5_selectivity",
 )
 
 

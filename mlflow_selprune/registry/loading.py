@@ -33,10 +33,15 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
                     trust_remote_code: bool = False, local_dir: Path | None = None, _depth: int = 0):
     """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned.
 
-    A delta version is rebuilt from its parent (``registry.delta``), checked digest by digest.
+    For an image classifier (``config.architectures`` ending in ``ForImageClassification``) the second
+    element is its image processor (``AutoImageProcessor``), which prepares its data as a tokenizer does
+    a language model's. A delta version is rebuilt from its parent (``registry.delta``), checked digest by
+    digest.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    from ..kinds import IMAGE_CLASSIFIER, kind_of_class
 
     path = local_dir or download(resolved)
     model_dir, tokenizer_dir = path, path
@@ -56,6 +61,7 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
             )
         model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
         tokenizer_dir = inside(path, "components/tokenizer", resolved.uri)
+        processor_dir = inside(path, "components/image_processor", resolved.uri)
         if not (model_dir / "config.json").is_file():
             raise BadInputError(
                 f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
@@ -63,16 +69,28 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
             )
     elif not (path / "config.json").is_file():
         raise BadInputError(f"'{resolved.uri}' is not a Hugging Face model (no MLmodel or config.json)")
-    if not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
+    else:
+        processor_dir = path
+    torch_dtype = _dtype(dtype)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    architectures = config.architectures or []
+    image = any(kind_of_class(a) == IMAGE_CLASSIFIER for a in architectures)
+    if image:
+        if not (processor_dir / "preprocessor_config.json").is_file():
+            raise BadInputError(
+                f"'{resolved.uri}' is an image classifier ({architectures[0]}) without its image processor; "
+                "log the model together with it ({'model': ..., 'image_processor': ...})"
+            )
+    elif not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
         raise BadInputError(
             f"'{resolved.uri}' has no tokenizer; log the model together with its tokenizer "
             "({'model': ..., 'tokenizer': ...})"
         )
-    torch_dtype = _dtype(dtype)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     auto = AutoModelForCausalLM
-    if not any(a.endswith(("CausalLM", "LMHeadModel")) for a in (config.architectures or [])) and any(
-        a.endswith("MaskedLM") for a in (config.architectures or [])
+    if image:
+        auto = _image_classifier_class(architectures)
+    elif not any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures) and any(
+        a.endswith("MaskedLM") for a in architectures
     ):
         auto = AutoModelForMaskedLM
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -83,12 +101,27 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
     try:
         model = auto.from_pretrained(model_dir, **kwargs)
     except ValueError as exc:
-        raise BadInputError(f"'{resolved.uri}' cannot be loaded as a language model: {str(exc).splitlines()[0]}") from None
+        raise BadInputError(f"'{resolved.uri}' cannot be loaded as {'an image classifier' if image else 'a language model'}: {str(exc).splitlines()[0]}") from None
     if device not in (None, "auto"):
         model.to(torch.device(device))
     model.eval()
+    if image:
+        from transformers import AutoImageProcessor
+
+        return model, AutoImageProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer
+
+
+def _image_classifier_class(architectures: list[str]):
+    """The class a saved image classifier is loaded with: its own head (e.g. DeiT's ...WithTeacher) when
+    transformers has it, else ``AutoModelForImageClassification``."""
+    import transformers
+
+    for name in architectures:
+        if name.endswith("ForImageClassificationWithTeacher") and hasattr(transformers, name):
+            return getattr(transformers, name)
+    return transformers.AutoModelForImageClassification
 
 
 def inside(root: Path, relative: str, what: str) -> Path:

@@ -144,9 +144,9 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
             mlflow.log_artifact(str(path), artifact_path="selprune")
         pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
         if delta is None:
-            from .flavor import log_model
+            from .flavor import components, log_model
 
-            model_info = log_model({"model": model, "tokenizer": tokenizer}, name="model", pruning_files=pruning_files)
+            model_info = log_model(components(model, tokenizer), name="model", pruning_files=pruning_files)
         else:
             from . import delta as delta_flavor
 
