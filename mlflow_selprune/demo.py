@@ -166,12 +166,9 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
     """Run the demo; returns the exit code (0 when the gate passed)."""
     import dataclasses
 
-    import mlflow
     import torch
 
-    from .registry.gate import gate
     from .registry.tracking import job_run
-    from .report import format_summary
     from .unlearn import run_prune
 
     torch.set_num_threads(TORCH_THREADS)
@@ -195,13 +192,26 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
             config=dataclasses.replace(recipe.prune, seed=seed), data=recipe.data,
             run_name="selprune-demo-unlearn", progress=progress,
         )
-        print(format_summary(result.metrics, result.model_uri, result.run_id))
-        verdict = gate(result.model_uri, max_retain_drop=MAX_RETAIN_DROP, min_forget_drop=MIN_FORGET_DROP,
-                       min_selectivity=MIN_SELECTIVITY, set_alias=UNLEARNED_ALIAS)
-    outcome = (f"PASSED: {DEMO_MODEL}@{UNLEARNED_ALIAS} -> {result.model_uri}" if verdict.passed
+        return summarize_and_gate(result, DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
+                                  max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)
+
+
+def summarize_and_gate(result, model_name: str, *, min_forget_drop: float, max_retain_drop: float,
+                       min_selectivity: float, start: float) -> int:
+    """Print a demo's summary, gate its unlearned version (moving ``@unlearned`` only on a pass) and say
+    what to look at next; returns the exit code (0 when the gate passed)."""
+    import mlflow
+
+    from .registry.gate import gate
+    from .report import format_summary
+
+    print(format_summary(result.metrics, result.model_uri, result.run_id))
+    verdict = gate(result.model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
+                   min_selectivity=min_selectivity, set_alias=UNLEARNED_ALIAS)
+    outcome = (f"PASSED: {model_name}@{UNLEARNED_ALIAS} -> {result.model_uri}" if verdict.passed
                else f"FAILED ({'; '.join(verdict.failures)}); alias '{UNLEARNED_ALIAS}' not moved")
-    print(f"gate (forget top-1 drop >= {MIN_FORGET_DROP}, retain top-1 drop <= {MAX_RETAIN_DROP}, "
-          f"selectivity >= {MIN_SELECTIVITY}): {outcome}")
+    print(f"gate (forget top-1 drop >= {min_forget_drop}, retain top-1 drop <= {max_retain_drop}, "
+          f"selectivity >= {min_selectivity}): {outcome}")
     print(f"lineage:  mlflow-selprune lineage {result.model_uri}")
     print(f"browse:   mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
     print(f"demo finished in {time.monotonic() - start:.0f}s")

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import _existing_base, _nothing, ensure_tracking_uri, register_base_model
+from .demo import BASE_ALIAS, _existing_base, _nothing, ensure_tracking_uri, register_base_model, summarize_and_gate
 
 logger = logging.getLogger(__name__)
 
 VISION_DEMO_MODEL = "selprune-vision-demo"
-BASE_ALIAS = "base"
-UNLEARNED_ALIAS = "unlearned"
 DATA_DIR = "selprune-vision-data"
 FORGET_CLASS = "3"
 # Fixed, so results never depend on the machine. One thread: a model this small gains nothing from more,
@@ -39,7 +37,7 @@ TORCH_THREADS = 1
 
 @dataclass(frozen=True)
 class VisionRecipe:
-    """The demo ViT, its training and its pruning (chosen by measurement: VISION_README_SECTION.md)."""
+    """The demo ViT, its training and its pruning (chosen by measurement: README, "The vision demo")."""
 
     image_size: int = 8
     patch_size: int = 2
@@ -141,12 +139,9 @@ def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: in
 def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,
                     recipe: VisionRecipe = RECIPE) -> int:
     """Run the vision demo; returns the exit code (0 when the gate passed)."""
-    import mlflow
     import torch
 
-    from .registry.gate import gate
     from .registry.tracking import job_run
-    from .report import format_summary
     from .unlearn import run_prune
 
     torch.set_num_threads(TORCH_THREADS)
@@ -171,14 +166,5 @@ def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool
         result = run_prune(f"models:/{VISION_DEMO_MODEL}@{BASE_ALIAS}", str(data_dir), None,
                            config=dataclasses.replace(recipe.prune, seed=seed), data=data,
                            run_name="selprune-vision-demo-unlearn", progress=progress)
-        print(format_summary(result.metrics, result.model_uri, result.run_id))
-        verdict = gate(result.model_uri, max_retain_drop=MAX_RETAIN_DROP, min_forget_drop=MIN_FORGET_DROP,
-                       min_selectivity=MIN_SELECTIVITY, set_alias=UNLEARNED_ALIAS)
-    outcome = (f"PASSED: {VISION_DEMO_MODEL}@{UNLEARNED_ALIAS} -> {result.model_uri}" if verdict.passed
-               else f"FAILED ({'; '.join(verdict.failures)}); alias '{UNLEARNED_ALIAS}' not moved")
-    print(f"gate (forget top-1 drop >= {MIN_FORGET_DROP}, retain top-1 drop <= {MAX_RETAIN_DROP}, "
-          f"selectivity >= {MIN_SELECTIVITY}): {outcome}")
-    print(f"lineage:  mlflow-selprune lineage {result.model_uri}")
-    print(f"browse:   mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
-    print(f"demo finished in {time.monotonic() - start:.0f}s")
-    return 0 if verdict.passed else 1
+        return summarize_and_gate(result, VISION_DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
+                                  max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)

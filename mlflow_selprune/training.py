@@ -78,8 +78,19 @@ def train_causal_lm(
     the result, never the clock: a busy machine trains slower, not less.
     Returns the final training loss.
     """
-    torch.manual_seed(seed)
     rng = random.Random(seed)
+
+    def batch_for(step: int) -> dict:
+        batch = blocks[[rng.randrange(blocks.shape[0]) for _ in range(batch_size)]]
+        return {"input_ids": batch, "labels": batch}
+
+    return _train_steps(model, batch_for, steps=steps, lr=lr, seed=seed, progress=progress)
+
+
+def _train_steps(model, batch_for, *, steps: int, lr: float, seed: int, progress: bool) -> float:
+    """``steps`` AdamW steps on ``batch_for(step)`` (model keyword arguments), cosine schedule with a
+    short warm-up, clipped gradients; the model is left in eval mode. Returns the final training loss."""
+    torch.manual_seed(seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
@@ -95,9 +106,7 @@ def train_causal_lm(
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        rows = [rng.randrange(blocks.shape[0]) for _ in range(batch_size)]
-        batch = blocks[rows]
-        out = model(input_ids=batch, labels=batch)
+        out = model(**batch_for(step))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -125,30 +134,10 @@ def train_image_classifier(
     ``train_causal_lm``: the step count and the seed decide the result, never the clock.
     Returns the final training loss.
     """
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
-    warmup = max(1, steps // 20)
 
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        progress_frac = (step - warmup) / max(1, steps - warmup)
-        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
-
-    loss_value = float("nan")
-    bar = tqdm(range(steps), desc="training", disable=not progress)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step)
+    def batch_for(step: int) -> dict:
         rows = torch.randint(0, pixel_values.shape[0], (batch_size,), generator=generator)
-        out = model(pixel_values=pixel_values[rows], labels=labels[rows])
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        loss_value = out.loss.detach().item()
-        bar.set_postfix(loss=f"{loss_value:.3f}")
-    model.eval()
-    return loss_value
+        return {"pixel_values": pixel_values[rows], "labels": labels[rows]}
+
+    return _train_steps(model, batch_for, steps=steps, lr=lr, seed=seed, progress=progress)

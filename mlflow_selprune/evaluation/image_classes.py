@@ -1,7 +1,7 @@
 """Image-classification metrics of an image classifier on prepared eval batches.
 
 The forward pass and the per-image reductions (rank and log-probability of the
-true class) happen here, vectorized in torch; aggregation is done by the
+true class, the same reduction as a token's target) happen here; aggregation is done by the
 ``image_classes`` ``evaluate`` module shipped in ``metrics/``, so the numbers
 logged to MLflow come from one documented, reusable definition. Result keys
 have the same shape as the language models' (``{prefix}top1``, ``{prefix}loss``),
@@ -9,46 +9,41 @@ so drops, selectivity, the random control and the gate apply unchanged.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from .next_token import score_batches, target_ranks
+from .packaged import METRICS_DIR, packaged_metric
 
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("top1", "top5", "loss")
-IMAGE_STATISTICS = ("target_rank", "target_logprob", "label")
-IMAGE_CLASSES_METRIC_PATH = Path(__file__).parent / "metrics" / "image_classes"
+IMAGE_CLASSES_METRIC_PATH = METRICS_DIR / "image_classes"
 # Per-class top-1 (``class_<id>_top1``) is reported for every class of a side that holds at most this many
 # classes: the forgotten classes always (a forget side holds only those), the retained ones when few.
 MAX_CLASSES_REPORTED = 20
 
 
-@functools.lru_cache(maxsize=1)
 def image_classes_metric():
-    """The packaged ``image_classes`` evaluate module, loaded from disk (no hub access) once."""
-    import evaluate  # slow to import; only needed once metrics are computed
-
-    return evaluate.load(str(IMAGE_CLASSES_METRIC_PATH), keep_in_memory=True)
+    """The packaged ``image_classes`` evaluate module."""
+    return packaged_metric("image_classes")
 
 
 def image_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image rank and log-probability of the true class, in float32 whatever the model dtype.
+    """Per-image rank and log-probability of the true class (``target_id``), as for a token's target.
 
     rank = number of classes with a strictly greater logit than the true class (0 = top-1).
     """
-    rows = logits.float()
-    labels = labels.long()
-    target = rows.gather(1, labels[:, None])
-    return {
-        "target_rank": (rows > target).sum(-1).long(),
-        "target_logprob": (target.squeeze(1) - torch.logsumexp(rows, dim=-1)).double(),
-        "label": labels,
-    }
+    return target_ranks(logits, labels.long())
+
+
+def _image_batch(model, batch: dict, device) -> dict[str, torch.Tensor]:
+    dtype = next(model.parameters()).dtype
+    logits = model(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype)).logits
+    return image_statistics(logits, batch["labels"].to(device))
 
 
 def evaluate_image_model(
@@ -64,39 +59,17 @@ def evaluate_image_model(
 
     ``batches``: dicts with ``pixel_values`` and ``labels``. ``skip_token_ids``
     is accepted for the common signature and ignored (images have no frequent
-    tokens). With an ``accelerator`` of several processes each takes every
-    num_processes-th batch and the per-image arrays are gathered, so all
-    return the same result. The model is put in eval mode for the pass and
-    restored afterwards.
+    tokens). Distributed as ``next_token.score_batches`` says: every process
+    returns the same result.
     """
     if not batches:
         raise ValueError("evaluate_image_model needs at least one batch of eval images")
-    distributed = accelerator is not None and accelerator.num_processes > 1
-    if distributed:
-        batches = batches[accelerator.process_index::accelerator.num_processes]
-    show = progress and (accelerator is None or accelerator.is_local_main_process)
-    parameter = next(model.parameters())
-    parts = []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc=f"evaluating {prefix.rstrip('_') or 'model'}",
-                              disable=not show, leave=False):
-                pixel_values = batch["pixel_values"].to(device=parameter.device, dtype=parameter.dtype)
-                logits = model(pixel_values=pixel_values).logits
-                stats = image_statistics(logits, batch["labels"].to(logits.device))
-                parts.append({name: t.cpu().numpy() for name, t in stats.items()})
-    finally:
-        model.train(was_training)
-    if distributed:
-        from accelerate.utils import gather_object
-
-        parts = gather_object(parts)
-    arrays = {name: np.concatenate([p[name] for p in parts]) for name in IMAGE_STATISTICS}
-    present = sorted(int(c) for c in np.unique(arrays["label"]))
+    arrays = score_batches(model, batches, _image_batch, accelerator=accelerator, progress=progress,
+                           desc=f"evaluating {prefix.rstrip('_') or 'model'}")
+    present = sorted(int(c) for c in np.unique(arrays["target_id"]))
     classes = present if len(present) <= MAX_CLASSES_REPORTED else []
-    result = image_classes_metric().compute(**arrays, classes=classes)
+    result = image_classes_metric().compute(target_rank=arrays["target_rank"], target_logprob=arrays["target_logprob"],
+                                            label=arrays["target_id"], classes=classes)
     logger.debug("image metrics %s: %s", prefix or "(no prefix)", result)
     names = (*METRIC_NAMES, "n_images", *(f"class_{c}_top1" for c in classes))
     return {prefix + name: result[name] for name in names}

@@ -9,27 +9,23 @@ selectivity and the gate apply unchanged.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..data.masking import IGNORE_INDEX, batch_seed, mask_batch
 from .next_token import METRIC_NAMES, score_batches, target_ranks
+from .packaged import METRICS_DIR, packaged_metric
 
 logger = logging.getLogger(__name__)
 
-MASKED_TOKEN_METRIC_PATH = Path(__file__).parent / "metrics" / "masked_token"
+MASKED_TOKEN_METRIC_PATH = METRICS_DIR / "masked_token"
 
 
-@functools.lru_cache(maxsize=1)
 def masked_token_metric():
-    """The packaged ``masked_token`` evaluate module, loaded from disk (no hub access) once."""
-    import evaluate
-
-    return evaluate.load(str(MASKED_TOKEN_METRIC_PATH), keep_in_memory=True)
+    """The packaged ``masked_token`` evaluate module."""
+    return packaged_metric("masked_token")
 
 
 def masked_token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -7,31 +7,28 @@ the numbers logged to MLflow come from one documented, reusable definition.
 """
 from __future__ import annotations
 
-import functools
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .packaged import METRICS_DIR, packaged_metric
+
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("top1", "top10", "skip50_top1", "loss", "perplexity")
 TOKEN_STATISTICS = ("target_rank", "target_logprob", "target_id")
-NEXT_TOKEN_METRIC_PATH = Path(__file__).parent / "metrics" / "next_token"
+NEXT_TOKEN_METRIC_PATH = METRICS_DIR / "next_token"
 
 # Rows of logits reduced at a time: bounds the float32 copy to rows x vocab.
 _ROWS_PER_CHUNK = 4096
 
 
-@functools.lru_cache(maxsize=1)
 def next_token_metric():
-    """The packaged ``next_token`` evaluate module, loaded from disk (no hub access) once."""
-    import evaluate  # slow to import; only needed once metrics are computed
-
-    return evaluate.load(str(NEXT_TOKEN_METRIC_PATH), keep_in_memory=True)
+    """The packaged ``next_token`` evaluate module."""
+    return packaged_metric("next_token")
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
