@@ -63,12 +63,12 @@ def _demo_env(tmp_path):
     return env
 
 
-@pytest.mark.slow(seconds=170)
-def test_mlflow_run_then_the_demo_command(tmp_path):
-    """The README's two demo commands with --train-steps/-P train_steps cut so they fit in a test:
-    `mlflow run . --env-manager local` trains, registers, unlearns and gates (runs nested under the
-    project's run, no param clash); `mlflow-selprune demo` then reuses @base. The gate may fail on a
-    model this briefly trained (exit 1): the flow is what is checked here."""
+@pytest.mark.slow(seconds=100)
+def test_mlflow_run_runs_the_demo(tmp_path):
+    """The README's `mlflow run . --env-manager local` with -P train_steps cut so it fits in a test: it runs
+    `mlflow-selprune demo`, which trains, registers, unlearns and gates (runs nested under the project's
+    run, no param clash). The gate may fail on a model this briefly trained: the flow is what is checked
+    here (the same seed giving the same weights is test_same_seed_same_weights_digest)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -89,13 +89,8 @@ def test_mlflow_run_then_the_demo_command(tmp_path):
     children = client.search_runs(["0"], f"tags.mlflow.parentRunId = '{project_runs[0].info.run_id}'")
     assert {r.data.tags.get("selprune.kind") for r in children} == {"demo-base", "prune"}
 
-    demo = subprocess.run([sys.executable, "-m", "mlflow_selprune", "demo", "--train-steps", "4", "--no-progress"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert demo.returncode in (0, 1), demo.stderr[-3000:]
-    assert "reusing the registered base model" in demo.stdout and "random control" in demo.stdout
-    assert "gate (forget top-1 drop" in demo.stdout
     versions = client.search_model_versions("name='selprune-demo'")
-    assert len(versions) == 3  # base + two unlearned
-    unlearned = [v for v in versions if v.tags.get("selprune.parent_model_uri")]
-    assert all("selprune.metric.control_forget_top1_drop" in v.tags for v in unlearned)
-    assert len({v.tags["selprune.weights_sha256"] for v in unlearned}) == 1  # the same seed, the same result
+    assert len(versions) == 2  # base + unlearned
+    (unlearned,) = [v for v in versions if v.tags.get("selprune.parent_model_uri")]
+    assert "selprune.metric.control_forget_top1_drop" in unlearned.tags
+    assert "gate (forget top-1 drop" in project.stdout + project.stderr

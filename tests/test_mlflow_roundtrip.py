@@ -111,6 +111,7 @@ def test_retried_run_does_not_register_twice(store, pruned, monkeypatch):
     assert registry_snapshot()[TINY_NAME]["versions"].keys() == before[TINY_NAME]["versions"].keys()
 
 
+@pytest.mark.slow(seconds=25)  # CLI subprocesses
 def test_cli_gate_pass_and_fail(store, pruned):
     uri = pruned.model_uri
     fail = cli("gate", "--model-uri", uri, "--min-forget-drop", "0.99", "--max-retain-drop", "0.0",
@@ -129,6 +130,7 @@ def test_cli_gate_pass_and_fail(store, pruned):
     assert str(client.get_registered_model(TINY_NAME).aliases["prod"]) == "2"
 
 
+@pytest.mark.slow(seconds=50)  # CLI subprocesses
 def test_cli_two_hop_lineage_and_verify(store, pruned):
     out = cli("prune", "--model-uri", pruned.model_uri, "--forget", store["forget"], "--retain", store["retain"],
               "--ff-frac", "0.05", "--steps", "1", *SMALL_DATA, env=store["env"])
@@ -177,6 +179,7 @@ def test_evaluator_plugin_through_mlflow_evaluate(store, pruned):
     assert logged["forget_loss"] == pytest.approx(result.metrics["forget_loss"])
 
 
+@pytest.mark.slow(seconds=20)  # CLI subprocesses
 def test_cli_evaluate_logs_a_run(store):
     out = cli("evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", store["forget"],
               "--retain", store["retain"], *SMALL_DATA, env=store["env"])
