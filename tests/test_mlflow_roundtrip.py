@@ -111,26 +111,25 @@ def test_retried_run_does_not_register_twice(store, pruned, monkeypatch):
     assert registry_snapshot()[TINY_NAME]["versions"].keys() == before[TINY_NAME]["versions"].keys()
 
 
-@pytest.mark.slow(seconds=25)  # CLI subprocesses
 def test_cli_gate_pass_and_fail(store, pruned):
     uri = pruned.model_uri
-    fail = cli("gate", "--model-uri", uri, "--min-forget-drop", "0.99", "--max-retain-drop", "0.0",
-               "--set-alias", "prod", env=store["env"])
-    assert fail.returncode == 1, fail.stderr
+    fail = invoke("gate", "--model-uri", uri, "--min-forget-drop", "0.99", "--max-retain-drop", "0.0",
+                  "--set-alias", "prod")
+    assert fail.exit_code == 1, fail.output
     client = MlflowClient()
     decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
     assert [d["verdict"] for d in decisions] == ["fail"] and decisions[0]["alias_moved"] is None
     assert "prod" not in client.get_registered_model(TINY_NAME).aliases
-    passing = cli("gate", "--model-uri", uri, "--min-forget-drop", "-1", "--max-retain-drop", "1",
-                  "--set-alias", "prod", env=store["env"])
-    assert passing.returncode == 0, passing.stderr
+    passing = invoke("gate", "--model-uri", uri, "--min-forget-drop", "-1", "--max-retain-drop", "1",
+                     "--set-alias", "prod")
+    assert passing.exit_code == 0, passing.output
     decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
     assert [d["verdict"] for d in decisions] == ["fail", "pass"]  # appended, never overwritten
     assert decisions[1]["thresholds"]["max_retain_drop"] == 1 and decisions[1]["alias_moved"] == "prod"
     assert str(client.get_registered_model(TINY_NAME).aliases["prod"]) == "2"
 
 
-@pytest.mark.slow(seconds=50)  # CLI subprocesses
+@pytest.mark.slow(seconds=30)  # a CLI prune subprocess
 def test_cli_two_hop_lineage_and_verify(store, pruned):
     out = cli("prune", "--model-uri", pruned.model_uri, "--forget", store["forget"], "--retain", store["retain"],
               "--ff-frac", "0.05", "--steps", "1", *SMALL_DATA, env=store["env"])
@@ -143,8 +142,8 @@ def test_cli_two_hop_lineage_and_verify(store, pruned):
     assert tags[lineage.PARENT] == pruned.model_uri
     assert tags[lineage.ROOT] == f"models:/{TINY_NAME}/1"
 
-    chain = cli("lineage", uri, "--json", "--verify", env=store["env"])
-    assert chain.returncode == 0, chain.stderr
+    chain = invoke("lineage", uri, "--json", "--verify")
+    assert chain.exit_code == 0, chain.output
     hops = json.loads(chain.stdout)
     assert [h["model_uri"] for h in hops] == [uri, pruned.model_uri, f"models:/{TINY_NAME}/1"]
     assert hops[0]["verified"] and hops[1]["verified"] and not hops[2]["unlearned"]
@@ -152,8 +151,8 @@ def test_cli_two_hop_lineage_and_verify(store, pruned):
 
     client.set_model_version_tag(TINY_NAME, "2", lineage.WEIGHTS_SHA, "0" * 64)
     try:
-        tampered = cli("lineage", uri, "--verify", env=store["env"])
-        assert tampered.returncode == 1
+        tampered = invoke("lineage", uri, "--verify")
+        assert tampered.exit_code == 1
         assert "MISMATCH" in tampered.stdout
     finally:
         client.set_model_version_tag(TINY_NAME, "2", lineage.WEIGHTS_SHA, pruned.tags[lineage.WEIGHTS_SHA])
@@ -179,11 +178,10 @@ def test_evaluator_plugin_through_mlflow_evaluate(store, pruned):
     assert logged["forget_loss"] == pytest.approx(result.metrics["forget_loss"])
 
 
-@pytest.mark.slow(seconds=20)  # CLI subprocesses
 def test_cli_evaluate_logs_a_run(store):
-    out = cli("evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", store["forget"],
-              "--retain", store["retain"], *SMALL_DATA, env=store["env"])
-    assert out.returncode == 0, out.stderr
+    out = invoke("evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", store["forget"],
+                 "--retain", store["retain"], *SMALL_DATA)
+    assert out.exit_code == 0, out.output
     run_id = out.stdout.strip().splitlines()[-1].split()[-1]
     metrics = MlflowClient().get_run(run_id).data.metrics
     assert 0 <= metrics["forget_top1"] <= 1 and metrics["retain_loss"] > 0

@@ -6,10 +6,10 @@ not (never overwriting an earlier decision), and moves an alias only on a pass.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -97,10 +97,11 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     alias_set = set_alias if passed and set_alias and not dry_run else None
     if not dry_run:
         name, version = resolved.registered_name, resolved.version
-        now = time.gmtime()
-        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", now), "verdict": "pass" if passed else "fail",
+        # microseconds in the key: two decisions within one second still sort in the order they were made
+        now = datetime.datetime.now(datetime.timezone.utc)
+        record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "verdict": "pass" if passed else "fail",
                   "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": alias_set}
-        key = f"{lineage.GATE_RECORD_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', now)}-{uuid.uuid4().hex[:8]}"
+        key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
         client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
         if alias_set:
             client().set_registered_model_alias(name, alias_set, version)
