@@ -457,17 +457,26 @@ def materialize(model_uri, register_as, alias):
 @click.option("--retrain", is_flag=True, help="Train a new base model even if the demo's '@base' exists.")
 @click.option("--vision", is_flag=True, help="The image demo: a small ViT on handwritten digits forgets one digit "
                                              "(needs scikit-learn).")
+@click.option("--collect-tokens", type=int, default=None,
+              help="Text demo: statistics tokens per side (default: the recipe's; smaller for a quick look).")
+@click.option("--eval-tokens", type=int, default=None,
+              help="Text demo: eval tokens per side (default: the recipe's; its measured numbers need the default).")
 @click.option("--no-progress", is_flag=True)
 @handle_errors
-def demo(train_steps, seed, retrain, vision, no_progress):
+def demo(train_steps, seed, retrain, vision, collect_tokens, eval_tokens, no_progress):
     """Offline end to end: train a small LM (or, --vision, a ViT), register it, unlearn, gate, promote."""
     if vision:
+        if collect_tokens is not None or eval_tokens is not None:
+            from .errors import ConfigError
+
+            raise ConfigError("--collect-tokens/--eval-tokens apply to the text demo; the vision demo counts images")
         from .demo_vision import run_vision_demo
 
         sys.exit(run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
     from .demo import run_demo
 
-    sys.exit(run_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
+    sys.exit(run_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress,
+                      collect_tokens=collect_tokens, eval_tokens=eval_tokens))
 
 
 if __name__ == "__main__":

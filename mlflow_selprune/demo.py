@@ -162,8 +162,9 @@ def _existing_base(name: str = DEMO_MODEL) -> str | None:
 
 
 def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,
-             recipe: DemoRecipe = RECIPE) -> int:
-    """Run the demo; returns the exit code (0 when the gate passed)."""
+             recipe: DemoRecipe = RECIPE, collect_tokens: int | None = None, eval_tokens: int | None = None) -> int:
+    """Run the demo; returns the exit code (0 when the gate passed). ``collect_tokens``/``eval_tokens``
+    shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's)."""
     import dataclasses
 
     import torch
@@ -189,7 +190,9 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
         print(f"unlearning {FORGET} while keeping {RETAIN}...")
         result = run_prune(
             f"models:/{DEMO_MODEL}@{BASE_ALIAS}", FORGET, RETAIN,
-            config=dataclasses.replace(recipe.prune, seed=seed), data=recipe.data,
+            config=dataclasses.replace(recipe.prune, seed=seed),
+            data=dataclasses.replace(recipe.data, collect_tokens=collect_tokens or recipe.data.collect_tokens,
+                                     eval_tokens=eval_tokens or recipe.data.eval_tokens).validate(),
             run_name="selprune-demo-unlearn", progress=progress,
         )
         return summarize_and_gate(result, DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,

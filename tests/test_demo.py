@@ -65,7 +65,8 @@ def _demo_env(tmp_path):
 
 @pytest.mark.slow(seconds=100)
 def test_mlflow_run_runs_the_demo(tmp_path):
-    """The README's `mlflow run . --env-manager local` with -P train_steps cut so it fits in a test: it runs
+    """The README's `mlflow run . --env-manager local` with -P train_steps and token budgets cut so it fits in a
+    test: it runs
     `mlflow-selprune demo`, which trains, registers, unlearns and gates (runs nested under the project's
     run, no param clash). The gate may fail on a model this briefly trained: the flow is what is checked
     here (the same seed giving the same weights is test_same_seed_same_weights_digest)."""
@@ -79,7 +80,8 @@ def test_mlflow_run_runs_the_demo(tmp_path):
     env = dict(_demo_env(tmp_path), MLFLOW_TRACKING_URI=uri)
     root = Path(__file__).resolve().parents[1]
     project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
-                              "-P", "train_steps=4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              "-P", "train_steps=4", "-P", "collect_tokens=4000", "-P", "eval_tokens=2000"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
     assert "Changing param values is not allowed" not in project.stderr
     assert "training the demo model (4 steps, seed 0)" in project.stdout + project.stderr, project.stderr[-3000:]
