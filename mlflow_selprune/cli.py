@@ -237,18 +237,6 @@ def _announce_store(require_existing: bool = False) -> str:
     return uri
 
 
-def _check_retain(retain: str | None, data: DataOptions) -> None:
-    """--retain may be left out only when --forget-classes splits the --forget DATA by class."""
-    from .data.specs import check_spec
-    from .errors import ConfigError
-
-    if retain is None:
-        if data.forget_classes is None:
-            raise ConfigError("--retain is required (it may be left out only with --forget-classes)")
-        return
-    check_spec(retain, "retain")
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -281,10 +269,9 @@ def prune(**kw):
     config = config_from(PruneConfig, kw).validate()
     data = data_from(kw).validate()
     evidence = config_from(EvidenceOptions, kw).validate()
-    from .data.specs import check_spec
+    from .unlearn import check_data_specs
 
-    check_spec(kw["forget"], "forget")  # in milliseconds, before anything heavy is imported
-    _check_retain(kw["retain"], data)
+    check_data_specs(kw["forget"], kw["retain"], data)  # in milliseconds, before anything heavy is imported
     from .registry.resolve import check_alias, check_registered_name
 
     check_alias(kw["alias"] or None)
@@ -319,10 +306,9 @@ def evaluate(**kw):
     """Forget/retain metrics of a model, logged to an MLflow run (nothing registered)."""
     data = data_from(kw).validate()
     evidence = dataclasses.replace(config_from(EvidenceOptions, kw), control=False).validate()
-    from .data.specs import check_spec
+    from .unlearn import check_data_specs
 
-    check_spec(kw["forget"], "forget")
-    _check_retain(kw["retain"], data)
+    check_data_specs(kw["forget"], kw["retain"], data)
     _maybe_relaunch(kw["num_processes"])
     from .unlearn import run_evaluate
 

@@ -167,6 +167,13 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
     shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's)."""
     import dataclasses
 
+    # every input checked before anything is trained or written
+    steps = checked_train_steps(train_steps, recipe.train_steps)
+    data = dataclasses.replace(
+        recipe.data,
+        collect_tokens=recipe.data.collect_tokens if collect_tokens is None else collect_tokens,
+        eval_tokens=recipe.data.eval_tokens if eval_tokens is None else eval_tokens).validate()
+
     import torch
 
     from .registry.tracking import job_run
@@ -176,7 +183,6 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
     start = time.monotonic()
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
-    steps = train_steps or recipe.train_steps
     # Under `mlflow run`, the project's run is the parent of the demo's runs.
     with job_run("selprune-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
         base = None if retrain else _existing_base()
@@ -190,13 +196,20 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
         print(f"unlearning {FORGET} while keeping {RETAIN}...")
         result = run_prune(
             f"models:/{DEMO_MODEL}@{BASE_ALIAS}", FORGET, RETAIN,
-            config=dataclasses.replace(recipe.prune, seed=seed),
-            data=dataclasses.replace(recipe.data, collect_tokens=collect_tokens or recipe.data.collect_tokens,
-                                     eval_tokens=eval_tokens or recipe.data.eval_tokens).validate(),
+            config=dataclasses.replace(recipe.prune, seed=seed), data=data,
             run_name="selprune-demo-unlearn", progress=progress,
         )
         return summarize_and_gate(result, DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
                                   max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)
+
+
+def checked_train_steps(train_steps: int | None, default: int) -> int:
+    """``--train-steps`` as given (checked: at least 1), or the recipe's ``default``."""
+    from .errors import ConfigError
+
+    if train_steps is not None and train_steps < 1:
+        raise ConfigError(f"--train-steps must be an integer >= 1, got {train_steps}")
+    return default if train_steps is None else train_steps
 
 
 def summarize_and_gate(result, model_name: str, *, min_forget_drop: float, max_retain_drop: float,

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import BASE_ALIAS, _existing_base, _nothing, ensure_tracking_uri, register_base_model, summarize_and_gate
+from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri, register_base_model,
+                   summarize_and_gate)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: in
 def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,
                     recipe: VisionRecipe = RECIPE) -> int:
     """Run the vision demo; returns the exit code (0 when the gate passed)."""
+    steps = checked_train_steps(train_steps, recipe.train_steps)  # before anything is trained or written
     import torch
 
     from .registry.tracking import job_run
@@ -149,7 +151,6 @@ def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
     data_dir = write_digits(Path(DATA_DIR).resolve())
-    steps = train_steps or recipe.train_steps
     with job_run("selprune-vision-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
         base = None if retrain else _existing_base(VISION_DEMO_MODEL)
         if base:

@@ -53,8 +53,9 @@ def _is_main(accelerator) -> bool:
     return accelerator is None or accelerator.is_main_process
 
 
-def check_data_specs(forget: str, retain: str, data: DataOptions) -> None:
-    """Fail on a missing file or unknown built-in corpus in seconds, before any model is loaded."""
+def check_data_specs(forget: str, retain: str | None, data: DataOptions) -> None:
+    """Fail on a missing --retain, a missing file or an unknown built-in corpus in seconds, before any model
+    is loaded (the CLI calls it before importing anything heavy)."""
     from .data.specs import check_spec
 
     if retain is None and data.forget_classes is None:
@@ -97,9 +98,7 @@ def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, mode
     what = f"{type(model).__name__} is a language model" if model is not None else "the model is a language model"
     if data.forget_classes is not None:
         raise ConfigError(f"--forget-classes applies to image classifiers only; {what}: pass forget and retain text")
-    if retain is None:
-        raise ConfigError("--retain is required (it may be left out only with --forget-classes)")
-    for side, spec in zip(SIDES, (forget, retain)):
+    for side, spec in zip(SIDES, (forget, retain)):  # retain is given: check_data_specs made sure
         if isinstance(spec, str) and looks_like_image_data(spec):
             raise BadInputError(f"--{side}: DATA {spec!r} holds images, but {what}; give it text DATA")
     return [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,

@@ -96,3 +96,20 @@ def test_mlflow_run_runs_the_demo(tmp_path):
     (unlearned,) = [v for v in versions if v.tags.get("selprune.parent_model_uri")]
     assert "selprune.metric.control_forget_top1_drop" in unlearned.tags
     assert "gate (forget top-1 drop" in project.stdout + project.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-steps", "0"], "--train-steps must be an integer >= 1"),
+    (["--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+    (["--vision", "--train-steps", "-3"], "--train-steps must be an integer >= 1"),
+    (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
+])
+def test_bad_demo_options_exit_2_before_anything_is_written(tmp_path, monkeypatch, args, message):
+    from mlflow_helpers import invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = invoke("demo", *args)
+    assert out.exit_code == 2, out.output
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert list(tmp_path.iterdir()) == []  # no store, no data, no model

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from .next_token import score_batches, target_ranks
-from .packaged import METRICS_DIR, packaged_metric
+from .packaged import packaged_metric
 
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("top1", "top5", "loss")
-IMAGE_CLASSES_METRIC_PATH = METRICS_DIR / "image_classes"
 # Per-class top-1 (``class_<id>_top1``) is reported for every class of a side that holds at most this many
 # classes: the forgotten classes always (a forget side holds only those), the retained ones when few.
 MAX_CLASSES_REPORTED = 20

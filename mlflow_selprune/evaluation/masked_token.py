@@ -16,11 +16,9 @@ import torch
 
 from ..data.masking import IGNORE_INDEX, batch_seed, mask_batch
 from .next_token import METRIC_NAMES, score_batches, target_ranks
-from .packaged import METRICS_DIR, packaged_metric
+from .packaged import packaged_metric
 
 logger = logging.getLogger(__name__)
-
-MASKED_TOKEN_METRIC_PATH = METRICS_DIR / "masked_token"
 
 
 def masked_token_metric():
