@@ -55,6 +55,18 @@ def store(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster for this test process (pg_cluster.py); stopped by PID at the end.
+
+    Under CI a cluster that cannot start fails the test; elsewhere the test skips with the reason."""
+    from pg_cluster import start_or_report
+
+    cluster = start_or_report()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 512) with EOS and PAD set, trained offline."""
     return train_bpe_tokenizer(tokenizer_training_texts(), vocab_size=512)

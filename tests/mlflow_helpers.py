@@ -9,6 +9,7 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -152,31 +153,48 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite backend, stopped on exit."""
+    """A real `mlflow server` on 127.0.0.1 serving artifacts (``--serve-artifacts``), stopped on exit.
 
-    def __init__(self, root: Path, app_name: str | None = None, extra_env: dict | None = None):
+    The backend is sqlite in ``root`` unless ``backend_uri`` names another (PostgreSQL: see pg_cluster.py).
+    ``kill()`` and ``start()`` again, on the same port and stores, are the faults a server can suffer.
+    """
+
+    def __init__(self, root: Path, app_name: str | None = None, extra_env: dict | None = None,
+                 backend_uri: str | None = None, artifacts: Path | None = None):
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.app_name = app_name
         self.extra_env = extra_env or {}
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'server.db'}"
+        self.artifacts = artifacts or root / "artifacts"
         self.process = None
+        self.log = None
 
     def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-            "--artifacts-destination", str(self.root / "artifacts"),
+            "--backend-store-uri", self.backend_uri,
+            "--serve-artifacts", "--artifacts-destination", str(self.artifacts),
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
         ]
         if self.app_name:
             command += ["--app-name", self.app_name]
         # The server's background job runner (three huey consumers) is not used here and costs CPU on 2 cores.
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **self.extra_env)
-        self.log = open(self.root / "server.log", "w")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root)
-        deadline = time.monotonic() + 120
+        if self.log is None:
+            self.log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+                                        start_new_session=True)
+        deadline = time.monotonic() + timeout
         import urllib.request
 
         while time.monotonic() < deadline:
@@ -187,18 +205,24 @@ class MlflowServer:
                     if response.status == 200:
                         return self
             except OSError:
-                time.sleep(0.5)
-        self.__exit__(None, None, None)
+                time.sleep(0.3)
         raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process it started (its workers): no shutdown, no goodbye."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
 
     def __exit__(self, *exc):
         if self.process and self.process.poll() is None:
-            self.process.terminate()
+            os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.log.close()
+                os.killpg(self.process.pid, signal.SIGKILL)
+        if self.log is not None:
+            self.log.close()
 
 
 def post_json(url: str, payload: dict) -> dict:

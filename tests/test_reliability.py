@@ -26,6 +26,7 @@ from mlflow_helpers import (
     TINY_NAME, MlflowServer, cli, free_port, invoke, register_tiny, registry_snapshot, sqlite_store, tiny_model,
     write_data_files,
 )
+from pg_cluster import BACKENDS, backend_store_uri
 
 SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
          "--eval-tokens", "1000", "--no-progress"]
@@ -156,10 +157,10 @@ def test_nothing_we_write_is_pickle(store):
 
 # ---------------------------------------------------------------- a real server
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("server")
-    with MlflowServer(root) as srv:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(request, tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp(f"server-{request.param}")
+    with MlflowServer(root, backend_uri=backend_store_uri(request, request.param)) as srv:
         with pytest.MonkeyPatch.context() as mp:
             mp.chdir(root)
             mp.setenv("MLFLOW_TRACKING_URI", srv.uri)
