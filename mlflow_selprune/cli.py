@@ -1,7 +1,7 @@
 """The ``mlflow-selprune`` command line: prune, evaluate, gate, lineage, demo.
 
-Exit codes: 0 success, 1 gate failed (or ``lineage --verify`` found a
-mismatch), 2 bad input (one line on stderr saying what is wrong and what to
+Exit codes: 0 success, 1 gate failed (or ``lineage --verify``/``--all`` found
+tampering), 2 bad input (one line on stderr saying what is wrong and what to
 do; nothing is written to the registry), 3 unexpected error.
 
 Only the project's own error types (``errors.BadInputError`` and its
@@ -69,9 +69,11 @@ def _rank_prefix() -> str:
 def _connection_message(exc: BaseException) -> str | None:
     """A tracking server that is down or refuses us, in one line."""
     text = str(exc)
-    if "401" in text or "403" in text or "PERMISSION_DENIED" in text or "Unauthorized" in text:
-        return (f"the MLflow server refused the request (permission denied): {text.splitlines()[0][:300]}; "
-                "check MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD and the user's permissions")
+    from .registry.resolve import access_refused_message  # unknown credentials (401) or a missing permission (403)
+
+    refused = access_refused_message(exc)
+    if refused is not None:
+        return refused
     if "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text:
         import mlflow
 
@@ -113,6 +115,10 @@ def handle_errors(func):
 
 def _classify(exc: Exception) -> tuple[str, int]:
     """MLflow's own answers about the user's input are bad input; everything else is unexpected."""
+    from .errors import ServerFailure
+
+    if isinstance(exc, ServerFailure):
+        return _first_line(exc), EXIT_ERROR
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:  # pragma: no cover - mlflow is a dependency
@@ -358,36 +364,89 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relea
 
 
 @main.command(name="lineage")
-@click.argument("model_uri")
-@click.option("--json", "as_json", is_flag=True, help="Print the chain as JSON.")
-@click.option("--verify", is_flag=True, help="Recompute each unlearned version's weights digest.")
+@click.argument("model_uri", required=False)
+@click.option("--all", "all_name", metavar="NAME", default=None,
+              help="Verify every version of registered model NAME: one table row each, then the findings.")
+@click.option("--json", "as_json", is_flag=True, help="Print the chain (or, with --all, the table) as JSON.")
+@click.option("--verify", is_flag=True, help="Check each version for tampering: its weights, its parent's weights, "
+                                             "its tags against the run's lineage record, the run's masks and record.")
 @handle_errors
-def lineage_command(model_uri, as_json, verify):
-    """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions."""
+def lineage_command(model_uri, all_name, as_json, verify):
+    """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions.
+
+    With --verify (implied by --all NAME) each finding is one line, and the exit code is 1 if there is any.
+    """
+    from .errors import BadInputError
+
+    if (model_uri is None) == (all_name is None):
+        raise BadInputError("give either MODEL_URI or --all NAME (exactly one): "
+                            "mlflow-selprune lineage MODEL_URI [--verify] or mlflow-selprune lineage --all NAME")
     _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
+    if all_name is not None:
+        findings = _lineage_table(all_name, as_json)
+    else:
+        findings = _lineage_chain(model_uri, as_json, verify)
+    if findings:
+        click.echo(f"error: {findings} finding(s): the lineage does not match what was recorded", err=True)
+        sys.exit(EXIT_GATE_FAILED)
+
+
+def _lineage_chain(model_uri: str, as_json: bool, verify: bool) -> int:
+    """Print the chain (verified, with ``verify``); returns the number of findings."""
     from .registry import lineage
 
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
-    mismatches = 0
+    audits, cache = {}, {}
     if verify:
-        for hop, row in zip(hops, rows):
-            if hop.is_unlearned:
-                ok, recorded, actual = lineage.verify(hop)
-                row["verified"] = ok
-                row["actual_weights_sha256"] = actual
-                mismatches += not ok
+        for hop in reversed(hops):  # root first: a parent's digest is reused by its child's parent check
+            audits[hop.uri] = lineage.audit(hop, cache)
     for hop, row in zip(hops, rows):
         row["aliases"] = lineage.aliases_of(hop)
         row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
+        if hop.uri in audits:
+            found = audits[hop.uri]
+            row.update(found.to_dict())
+            if hop.is_unlearned:
+                row["verified"] = not found.findings
+                row["actual_weights_sha256"] = found.actual_weights_sha256
+    findings = [line for found in audits.values() for line in found.findings]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         for i, row in enumerate(rows):
             _print_hop(i, row)
-    if mismatches:
-        click.echo(f"error: {mismatches} version(s) do not match their recorded weights digest", err=True)
-        sys.exit(EXIT_GATE_FAILED)
+        _print_findings(audits.values())
+    return len(findings)
+
+
+def _lineage_table(name: str, as_json: bool) -> int:
+    """Verify every version of ``name``: a table (or JSON), then each finding; returns the number of findings."""
+    from .registry import lineage
+
+    hops, aliases = lineage.versions(name)
+    cache = {}
+    audits = [lineage.audit(hop, cache, strict=False) for hop in hops]
+    rows = [{"version": hop.version, "model_uri": hop.uri, "storage": hop.tags.get(lineage.STORAGE, "full"),
+             "aliases": aliases.get(hop.version, []), **found.to_dict()} for hop, found in zip(hops, audits)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        header = ("version", "kind", "storage", *lineage.CHECKS, "aliases")
+        table = [header] + [(row["version"], row["kind"], row["storage"], *row["checks"].values(),
+                             " ".join(f"@{a}" for a in row["aliases"]) or "-") for row in rows]
+        widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+        for line in table:
+            click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+        _print_findings(audits)
+    return sum(len(found.findings) for found in audits)
+
+
+def _print_findings(audits) -> None:
+    """Each finding (and note) on its own line, after the chain or the table."""
+    for found in audits:
+        for line in found.findings + found.notes:
+            click.echo(line)
 
 
 def _print_hop(i: int, row: dict) -> None:
@@ -417,10 +476,12 @@ def _print_hop(i: int, row: dict) -> None:
                    f"({len(decisions)} decision(s) recorded)")
     else:
         click.echo("  gate:    not gated")
-    if "verified" in row:
-        status = "verified" if row["verified"] else (f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, "
-                                                     f"actual {row['actual_weights_sha256'][:16]}")
+    if "checks" in row:
+        checks = row["checks"]
+        status = "verified" if checks["weights"] == "ok" else (
+            f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, actual {row['actual_weights_sha256'][:16]}")
         click.echo(f"  weights: {status}")
+        click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in checks.items() if name != "weights"))
 
 
 @main.command()

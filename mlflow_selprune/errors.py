@@ -16,3 +16,8 @@ class ConfigError(BadInputError):
 
 class NonFiniteActivationsError(BadInputError, FloatingPointError):
     """Activations overflowed (fp16) or the weights hold NaNs: the statistics cannot rank neurons."""
+
+
+class ServerFailure(RuntimeError):
+    """The tracking server, its database or its artifact store failed during a job (exit 3, not the user's
+    mistake); the message says what was left behind and how to finish."""

@@ -1,11 +1,15 @@
 """One unlearning job end to end: registry model in, pruned and registered version out.
 
 The data flow, in order: check every input (options, aliases, names, data
-paths, the model URI) → load the parent and the data → open the MLflow run →
+paths, the model URI, and on a tracking server the user's EDIT permission on
+the registered model the version goes to) → load the parent and the data → open the MLflow run →
 prune (steps logged live) → the random control and the relearning check →
-log the model and artifacts → register the version with all of its lineage
-tags in one request → move the alias. Anything that fails before the run
-opens writes nothing; anything after it leaves a FAILED run and no version.
+log the model and artifacts → anchor the lineage tags in the run (an
+artifact and an immutable param) → register the version with all of its
+lineage tags in one request → move the alias. Anything that fails before
+the run opens writes nothing; anything after it leaves a FAILED run and no version
+(a registration the server refuses for lack of permission deletes that run
+and its logged model, or names them where the server refuses that too).
 """
 from __future__ import annotations
 
@@ -148,7 +152,7 @@ def run_prune(
 
     ``storage="delta"`` logs only the masks (and changed biases) against the registered parent.
     """
-    from .registry.resolve import check_alias, check_registered_name, resolve
+    from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     config = (config or PruneConfig()).validate(has_evaluate=True)
     data = (data or DataOptions()).validate()
@@ -163,15 +167,20 @@ def run_prune(
         raise BadInputError(f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
                             f"addressable; '{model_uri}' is not one: use --storage full")
     target_name = _target_name(parent, register_as, register)
+    if target_name:
+        check_can_add_versions(target_name)  # a user who could not register is refused before the run exists
     phases = _Phases()
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
     phases.lap("load")
+    from .registry import lineage, tracking
+
+    # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
+    parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
+    phases.lap("digest")
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     phases.lap("data")
     full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
                    "trust_remote_code": trust_remote_code}
-
-    from .registry import lineage, tracking
 
     with tracking.job_run(run_name, "prune", enabled=_is_main(accelerator)) as run:
         if run is not None:
@@ -192,21 +201,18 @@ def run_prune(
         phases.lap("digest")
         delta = None
         if storage == "delta":
-            from .engine import parent_restored
-
-            with parent_restored(model, result):
-                delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": lineage.weights_sha256(model),
-                         "weights_sha256": weights_digest}
-        model_info = tracking.log_unlearned_model(model, tokenizer, result, metrics,
-                                                  extra_record={"evidence": _evidence_record(metrics, evidence)},
-                                                  delta=delta)
+            delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": parent_digest,
+                     "weights_sha256": weights_digest}
+        model_info, artifacts = tracking.log_unlearned_model(
+            model, tokenizer, result, metrics, extra_record={"evidence": _evidence_record(metrics, evidence)},
+            delta=delta)
         phases.lap("log_model")
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
             weights_digest=weights_digest, ff_pruned=result.ff_pruned,
             attn_pruned=result.attn_pruned, metrics=metrics, plugin_version=__version__,
             trust_remote_code=trust_remote_code, storage=storage,
-            parent_weights_digest=delta["parent_weights_sha256"] if delta else None,
+            parent_weights_digest=parent_digest, artifacts=artifacts,
         )
         import mlflow
 
@@ -373,14 +379,15 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     """Turn a delta version into a full one: rebuilt and checked, logged whole, registered with the same lineage.
 
     For anyone about to delete a delta's parent. The new version's tags are the delta's (parent, root,
-    data, digests, metrics), with ``selprune.storage=full``, its own run, and ``selprune.materialized_from``.
+    data, digests, metrics), with ``selprune.storage=full``, its own run, and ``selprune.materialized_from``;
+    its run holds its own lineage record and copies of the masks, scores and record, with their digests.
     """
     import mlflow
 
     from .registry import lineage, tracking
     from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
-    from .registry.resolve import check_alias, check_registered_name, resolve
+    from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     check_alias(alias)
     check_registered_name(register_as)
@@ -388,6 +395,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
         raise BadInputError(f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are "
                             "materialized")
+    check_can_add_versions(register_as or resolved.registered_name)
     model, tokenizer = load_components(resolved)  # rebuilt from its parent, both digests checked
     local = download(resolved)
     with tracking.job_run(run_name, "materialize") as run:
@@ -395,9 +403,13 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
         record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
         files = {name: str(local / "selprune" / file) for name, file in record_files.items()
                  if (local / "selprune" / file).is_file()}
+        for path in files.values():  # in this run too, where `lineage --verify` checks them against their digests
+            mlflow.log_artifact(path, artifact_path="selprune")
         model_info = log_model(components(model, tokenizer), name="model", pruning_files=files)
-        tags = {k: v for k, v in resolved.tags.items()
-                if k.startswith(lineage.PREFIX) and not k.startswith(lineage.GATE_RECORD_PREFIX)}
+        tags = lineage.lineage_tags(resolved.tags)
+        tags.pop(lineage.ARTIFACTS_SHA, None)
+        if files:
+            tags[lineage.ARTIFACTS_SHA] = lineage.canonical_json(lineage.artifact_digests(files))
         tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,
                      lineage.PREFIX + "materialized_from": resolved.canonical_uri, lineage.COMPLETE: "true"})
         registered = tracking.register(model_info, register_as or resolved.registered_name, run.info.run_id, tags,

@@ -127,6 +127,37 @@ def registry_snapshot() -> dict:
     return snapshot
 
 
+# Small token budgets: the registry tests are about the registry, not the compute.
+SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
+         "--eval-tokens", "1000", "--no-progress"]
+
+
+def lineage_tags() -> tuple[str, ...]:
+    """The tags every complete unlearned version carries."""
+    from mlflow_selprune.registry import lineage
+
+    return (lineage.PARENT, lineage.ROOT, lineage.RUN_ID, lineage.FORGET_DATA, lineage.FORGET_DIGEST,
+            lineage.RETAIN_DATA, lineage.RETAIN_DIGEST, lineage.CONFIG_SHA, lineage.WEIGHTS_SHA,
+            lineage.FF_PRUNED, lineage.ATTN_PRUNED, lineage.COMPLETE, lineage.METRIC_PREFIX + "forget_top1_drop")
+
+
+def assert_complete_or_absent(before: dict, name: str = TINY_NAME, aliases_unchanged: bool = True) -> list[str]:
+    """Every version that was not there ``before`` (a ``registry_snapshot``) has its whole lineage and its
+    masks and record artifacts; returns the new versions, oldest first."""
+    after = registry_snapshot()
+    new = sorted(set(after[name]["versions"]) - set(before.get(name, {"versions": {}})["versions"]), key=int)
+    for version in new:
+        tags = after[name]["versions"][version]
+        missing = [t for t in lineage_tags() if not tags.get(t)]
+        assert not missing, f"version {version} lacks {missing}"
+        run_id = tags[lineage_tags()[2]]
+        artifacts = {f.path for f in MlflowClient().list_artifacts(run_id, "selprune")}
+        assert "selprune/masks.safetensors" in artifacts and "selprune/pruning_record.json" in artifacts
+    if aliases_unchanged:
+        assert after[name]["aliases"] == before[name]["aliases"]
+    return new
+
+
 def cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a fresh process."""
     full_env = dict(os.environ)

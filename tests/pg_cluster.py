@@ -134,7 +134,8 @@ class PostgresCluster:
             self.execute(f"CREATE DATABASE {TEMPLATE}")
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-            store = SqlAlchemyStore(self.uri(TEMPLATE), str(self.root / "unused-artifacts"))
+            # the Default experiment it creates keeps its artifacts where a --serve-artifacts server puts them
+            store = SqlAlchemyStore(self.uri(TEMPLATE), "mlflow-artifacts:/")
             store.engine.dispose()
         self._databases += 1
         name = f"{prefix}_{self._databases}"

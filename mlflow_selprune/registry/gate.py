@@ -3,6 +3,8 @@
 The verdict uses MLflow's own ``validate_evaluation_results`` with
 ``MetricThreshold``s, is appended to the version's tags whether it passes or
 not (never overwriting an earlier decision), and moves an alias only on a pass.
+A user without the permission to move the alias is refused before the record
+is written (see ``_record_and_move``).
 """
 from __future__ import annotations
 
@@ -96,17 +98,66 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     passed = not failures
     alias_set = set_alias if passed and set_alias and not dry_run else None
     if not dry_run:
-        name, version = resolved.registered_name, resolved.version
-        # microseconds in the key: two decisions within one second still sort in the order they were made
-        now = datetime.datetime.now(datetime.timezone.utc)
-        record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "verdict": "pass" if passed else "fail",
-                  "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": alias_set}
-        key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
-        client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
-        if alias_set:
-            client().set_registered_model_alias(name, alias_set, version)
+        _record_and_move(resolved, thresholds, passed, failures, alias_set)
     return GateResult(passed, resolved.canonical_uri, thresholds,
                       {k: metrics[k] for k in wanted}, failures, alias_set)
+
+
+def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None) -> None:
+    """Record the decision on the version, then move the alias: the audit trail never claims a move that did
+    not happen, and no alias moves without its record.
+
+    MLflow's basic-auth needs EDIT on the registered model for both writes (SetModelVersionTag: update on its
+    versions; SetRegisteredModelAlias: update on the model and read on its versions), and MANAGE to delete a
+    version tag or an alias, so a written record cannot be taken back by an EDIT user. Hence the order: the
+    alias permission is checked first, with a request that writes nothing (``check_edit_permission``); then the
+    record (a refusal there has written nothing); then the alias. Should the move still fail (the permission
+    revoked in between, a finer grant on the model's versions, the server gone), the same record is rewritten
+    to say the alias did not move and why. A refusal is one permission line (exit 2).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from .resolve import check_edit_permission, permission_denied, tracking_user
+
+    name, version = resolved.registered_name, resolved.version
+    if alias_set:
+        check_edit_permission(name, f"move alias '{alias_set}' of",
+                              "ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide without "
+                              "writing (--dry-run)")
+    # microseconds in the key: two decisions within one second still sort in the order they were made
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "verdict": "pass" if passed else "fail",
+              "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": alias_set}
+    key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+    try:
+        client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+    except MlflowException as exc:
+        if not permission_denied(exc):
+            raise
+        raise BadInputError(
+            f"permission denied: {tracking_user()} may not record a gate decision on {resolved.canonical_uri}: "
+            f"MLflow needs EDIT on registered model '{name}' to tag its versions and the user does not have it; "
+            "nothing was written; ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide "
+            "without writing (--dry-run)") from None
+    if not alias_set:
+        return
+    try:
+        client().set_registered_model_alias(name, alias_set, version)
+    except Exception as exc:
+        reason = "permission denied" if permission_denied(exc) else (str(exc)[:200].split("\n")[0]
+                                                                     or type(exc).__name__)
+        record.update(alias_moved=None, alias_not_moved=f"{alias_set}: {reason}")
+        try:
+            client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+        except Exception:  # noqa: BLE001 - the original failure is what the user must see
+            logger.warning("the decision record %s on %s says alias '%s' moved, but it did not", key,
+                           resolved.canonical_uri, alias_set)
+        if permission_denied(exc):
+            raise BadInputError(
+                f"permission denied: {tracking_user()} may not move alias '{alias_set}' of registered model '{name}'; "
+                f"the decision is recorded on {resolved.canonical_uri} without the move; ask an admin, or a user "
+                "with MANAGE on the model, for EDIT on it and its versions") from None
+        raise
 
 
 def _user() -> str:

@@ -5,13 +5,20 @@ root, the run, the forget/retain data and their digests, the configuration
 and weights digests, how many neurons were pruned, and its headline metrics.
 ``selprune.complete`` is written in the same request that creates the
 version, so a version without it was not made by a finished ``prune``.
+
+Tags can be edited by anyone with write access to the model, so the run that
+made a version anchors them: the full tag set as ``selprune/lineage.json``,
+its sha256 as a run param (immutable in MLflow). ``audit`` checks a version
+against that record, its weights and its parent's against their digests, and
+the run's masks, scores and pruning record against theirs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -37,6 +44,12 @@ GATE_RECORD_PREFIX = PREFIX + "gate."
 TRUST_REMOTE_CODE = PREFIX + "trust_remote_code"
 STORAGE = PREFIX + "storage"
 PARENT_WEIGHTS_SHA = PREFIX + "parent_weights_sha256"
+# {run artifact path: sha256} of the masks, scores and pruning record, as canonical JSON.
+ARTIFACTS_SHA = PREFIX + "artifacts_sha256"
+RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
+# The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
+LINEAGE_RECORD = "selprune/lineage.json"
+LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
 HEADLINE_METRICS = (
@@ -75,6 +88,37 @@ def config_sha256(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def canonical_json(value) -> str:
+    """Sorted keys, no spaces: the same value always gives the same bytes, hence the same digest."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def lineage_tags(tags: dict) -> dict[str, str]:
+    """The tags a lineage record covers: every ``selprune.*`` tag but the gate records, appended later by design."""
+    return {k: v for k, v in tags.items() if k.startswith(PREFIX) and not k.startswith(GATE_RECORD_PREFIX)}
+
+
+def lineage_record(tags: dict) -> bytes:
+    """The bytes of ``selprune/lineage.json`` for a version with ``tags``."""
+    return canonical_json(lineage_tags(tags)).encode()
+
+
+def file_sha256(path) -> str:
+    """A file's sha256, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_digests(files: dict) -> dict[str, str]:
+    """``{"selprune/<file name>": sha256}`` of the local files logged under the run's ``selprune/``."""
+    from pathlib import Path
+
+    return {f"selprune/{Path(path).name}": file_sha256(path) for path in files.values()}
+
+
 def metric_tags(metrics: dict) -> dict[str, str]:
     """Headline metrics as tags; a not-meaningful (NaN) value is left out, never written as 'nan'."""
     return {METRIC_PREFIX + k: repr(float(metrics[k])) for k in HEADLINE_METRICS
@@ -88,8 +132,9 @@ def metrics_from_tags(tags: dict) -> dict[str, float]:
 def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_digest: str,
                ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
                trust_remote_code: bool = False, storage: str = "full",
-               parent_weights_digest: str | None = None) -> dict[str, str]:
-    """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``)."""
+               parent_weights_digest: str | None = None, artifacts: dict | None = None) -> dict[str, str]:
+    """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``; ``artifacts``:
+    ``artifact_digests`` of the run's masks, scores and record)."""
     root = parent.tags.get(ROOT) or parent.canonical_uri
     tags = {
         PARENT: parent.canonical_uri,
@@ -107,6 +152,7 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
         TRUST_REMOTE_CODE: str(bool(trust_remote_code)).lower(),
         STORAGE: storage,
         **({PARENT_WEIGHTS_SHA: parent_weights_digest} if parent_weights_digest else {}),
+        **({ARTIFACTS_SHA: canonical_json(artifacts)} if artifacts else {}),
         **metric_tags(metrics),
     }
     tags[COMPLETE] = "true"
@@ -126,6 +172,13 @@ class Hop:
     @property
     def is_unlearned(self) -> bool:
         return PARENT in self.tags
+
+    @property
+    def kind(self) -> str:
+        """root, unlearned, or incomplete (a parent tag without ``selprune.complete``: never deploy it)."""
+        if not self.is_unlearned:
+            return "root"
+        return "unlearned" if self.tags.get(COMPLETE) == "true" else "incomplete"
 
     def to_dict(self) -> dict:
         t = self.tags
@@ -195,17 +248,6 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
     return hops
 
 
-def verify(hop: Hop) -> tuple[bool, str | None, str]:
-    """Recompute the weights digest of ``hop``'s model: (matches, recorded, actual)."""
-    from .loading import load_components
-    from .resolve import resolve
-
-    model, _ = load_components(resolve(hop.uri))
-    actual = weights_sha256(model)
-    recorded = hop.tags.get(WEIGHTS_SHA)
-    return recorded == actual, recorded, actual
-
-
 def aliases_of(hop: Hop) -> list[str]:
     """The aliases that point at ``hop``'s version now."""
     if not hop.name or not hop.version:
@@ -213,3 +255,192 @@ def aliases_of(hop: Hop) -> list[str]:
     from .resolve import client
 
     return sorted(client().get_model_version(hop.name, hop.version).aliases or [])
+
+
+# ----------------------------------------------------------------------------- tamper evidence
+
+OK, CHANGED, NOT_APPLICABLE = "ok", "CHANGED", "-"
+CHECKS = ("weights", "parent", "tags", "artifacts")
+
+
+@dataclass
+class Audit:
+    """What verifying one version found: a status per check, one line per finding (exit 1) and per note."""
+
+    hop: Hop
+    status: dict = field(default_factory=lambda: dict.fromkeys(CHECKS, NOT_APPLICABLE))
+    findings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    actual_weights_sha256: str | None = None
+
+    def ok(self, check: str) -> None:
+        if self.status[check] == NOT_APPLICABLE:
+            self.status[check] = OK
+
+    def tampered(self, check: str, message: str) -> None:
+        self.status[check] = CHANGED
+        self.findings.append(f"tampered: {self.hop.uri}: {message}")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.hop.kind, "checks": dict(self.status), "findings": list(self.findings),
+                "notes": list(self.notes)}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "...'"
+
+
+def _run_of(hop: Hop) -> str | None:
+    """The run that made the version: the registry's own field (not a tag anyone can edit), else the tag."""
+    return hop.run_id or hop.tags.get(RUN_ID)
+
+
+def _run_artifact(run_id: str | None, path: str) -> bytes | None:
+    """A run artifact's bytes as stored now (small files: records, masks, scores), or None where it is gone."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp))
+        except (MlflowException, OSError):
+            return None
+        return local.read_bytes() if local.is_file() else None
+
+
+def _weights(uri: str, dtype: str | None, cache: dict) -> tuple[str, str]:
+    """``(digest, dtype)`` of the model at ``uri`` loaded in ``dtype`` (None: as stored); each model loads once."""
+    if (uri, dtype) not in cache:
+        from .loading import load_components
+        from .resolve import resolve
+
+        model, _ = load_components(resolve(uri), dtype=dtype)
+        loaded = str(model.dtype).removeprefix("torch.")
+        cache[(uri, dtype)] = cache[(uri, loaded)] = (weights_sha256(model), loaded)
+        del model
+    return cache[(uri, dtype)]
+
+
+def check_tags(audit: Audit) -> None:
+    """The version's selprune tags against the record its run anchored: an edited tag cannot hide."""
+    from mlflow.exceptions import MlflowException
+
+    from .resolve import client
+
+    hop, run_id = audit.hop, _run_of(audit.hop)
+    try:
+        anchored = client().get_run(run_id).data.params.get(LINEAGE_PARAM) if run_id else None
+    except MlflowException as exc:
+        audit.tampered("tags", f"its run {run_id} cannot be read ({str(exc).splitlines()[0]})")
+        return
+    if anchored is None:
+        if hop.is_unlearned:
+            audit.notes.append(f"note: {hop.uri}: its run holds no lineage record (made by an older plugin); "
+                               "its tags cannot be checked")
+        return
+    record = _run_artifact(run_id, LINEAGE_RECORD)
+    if record is None:
+        audit.tampered("tags", f"the lineage record artifact {LINEAGE_RECORD} of run {run_id} is missing")
+        return
+    actual = hashlib.sha256(record).hexdigest()
+    if actual != anchored:
+        audit.tampered("tags", f"the lineage record artifact changed: {LINEAGE_RECORD} of run {run_id} has sha256 "
+                               f"{actual[:16]}, the run param {LINEAGE_PARAM} records {anchored[:16]}")
+        return
+    recorded, now = json.loads(record), lineage_tags(hop.tags)
+    for key in sorted(recorded.keys() | now.keys()):
+        if key not in now:
+            audit.tampered("tags", f"tag {key} removed (recorded {_short(recorded[key])})")
+        elif key not in recorded:
+            audit.tampered("tags", f"tag {key} added (now {_short(now[key])})")
+        elif recorded[key] != now[key]:
+            audit.tampered("tags", f"tag {key} changed: recorded {_short(recorded[key])}, now {_short(now[key])}")
+    audit.ok("tags")
+
+
+def check_artifacts(audit: Audit) -> None:
+    """The run's masks, scores and pruning record against their digests: the evidence of what was pruned."""
+    recorded = audit.hop.tags.get(ARTIFACTS_SHA)
+    if recorded is None:
+        return
+    try:
+        recorded = json.loads(recorded)
+    except ValueError:
+        audit.tampered("artifacts", f"tag {ARTIFACTS_SHA} is not JSON")
+        return
+    run_id = _run_of(audit.hop)
+    for path, digest in sorted(recorded.items()):
+        stored = _run_artifact(run_id, path)
+        if stored is None:
+            audit.tampered("artifacts", f"artifact {path} of run {run_id} is missing")
+        elif (actual := hashlib.sha256(stored).hexdigest()) != digest:
+            audit.tampered("artifacts", f"artifact {path} of run {run_id} changed: sha256 {actual[:16]}, "
+                                        f"recorded {digest[:16]}")
+    audit.ok("artifacts")
+
+
+def check_weights(audit: Audit, cache: dict) -> str:
+    """The version's weights against the digest recorded when it was made; returns the dtype they load in."""
+    actual, dtype = _weights(audit.hop.uri, None, cache)
+    audit.actual_weights_sha256 = actual
+    recorded = audit.hop.tags.get(WEIGHTS_SHA)
+    if actual != recorded:
+        audit.tampered("weights", f"weights changed: sha256 {actual[:16]}, recorded {str(recorded)[:16]}")
+    audit.ok("weights")
+    return dtype
+
+
+def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
+    """The parent's weights against the digest taken before pruning: a changed parent voids the comparison.
+
+    The parent is loaded in the version's dtype, as ``prune --dtype`` loaded it.
+    """
+    recorded = audit.hop.tags.get(PARENT_WEIGHTS_SHA)
+    if recorded is None:
+        return
+    parent = audit.hop.tags[PARENT]
+    actual, _ = _weights(parent, dtype, cache)
+    if actual != recorded:
+        audit.tampered("parent", f"parent {parent} weights changed since this version was made: sha256 "
+                                 f"{actual[:16]}, recorded {recorded[:16]}")
+    audit.ok("parent")
+
+
+def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
+    """Every check on one version. ``cache`` holds weights digests across versions (each model loads once);
+    ``strict``: a model that cannot be loaded raises (else it is a finding, so a table of versions goes on)."""
+    result = Audit(hop)
+    check_tags(result)
+    if hop.kind == "incomplete":
+        result.findings.append(f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
+                               "(its prune did not finish); do not deploy it")
+    if hop.kind != "unlearned":
+        return result
+    check_artifacts(result)
+    try:
+        check_parent(result, check_weights(result, cache), cache)
+    except BadInputError as exc:
+        if strict:
+            raise
+        result.findings.append(f"unverifiable: {hop.uri}: {str(exc).splitlines()[0]}")
+    return result
+
+
+def versions(name: str) -> tuple[list[Hop], dict[str, list[str]]]:
+    """Every version of registered model ``name``, oldest first, and the aliases pointing at each."""
+    from .resolve import client, did_you_mean
+
+    found = client().search_model_versions(f"name='{name}'")
+    if not found:
+        raise BadInputError(f"registered model '{name}' has no versions{did_you_mean(name)}; check the name")
+    hops = [Hop(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+            for mv in sorted(found, key=lambda mv: int(mv.version))]
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (client().get_registered_model(name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    return hops, {v: sorted(a) for v, a in aliases.items()}

@@ -1,7 +1,9 @@
 """Resolve a model URI (registry, run, logged model or local directory) to what it names.
 
 Everything here only reads: nothing is written to the registry, so a bad URI
-fails before any run or version exists.
+fails before any run or version exists. The same holds for the permission
+checks at the end (a user who may not register or move an alias is refused
+first), which ask the server with a request that changes nothing.
 """
 from __future__ import annotations
 
@@ -200,3 +202,110 @@ def check_registered_name(name: str | None, flag: str = "--register-as") -> None
         _validate_model_name(name)
     except MlflowException as exc:
         raise BadInputError(f"{flag} {name!r} cannot be used: {exc.message.splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------- permissions
+# What MLflow's basic-auth app requires (mlflow/server/auth/__init__.py, its validators per request type), for
+# the requests a READ user is refused: creating a version (CreateModelVersion), moving an alias
+# (SetRegisteredModelAlias), tagging a version (SetModelVersionTag) and deleting a registered-model tag
+# (DeleteRegisteredModelTag) each need EDIT on the registered model; deleting a version tag, an alias, a run
+# (DeleteRun) or a logged model (DeleteLoggedModel) needs MANAGE (on the model, or on the run's experiment).
+
+PERMISSION_CHECK_KEY = "selprune.permission_check."
+
+# A refused request's endpoint → what it does and the permission it needs (first match wins).
+_NEEDS = (
+    ("/model-versions/create", "create a model version", "EDIT on the registered model"),
+    ("/model-versions/set-tag", "tag a model version", "EDIT on the registered model"),
+    ("/model-versions/delete-tag", "delete a model-version tag", "MANAGE on the registered model"),
+    ("/registered-models/delete-tag", "change a registered model", "EDIT on it"),
+    ("/registered-models/alias", "read or move an alias", "READ on the registered model to read, EDIT to move"),
+    ("/model-versions/", "read a model version", "READ on its registered model"),
+    ("/registered-models/", "read a registered model", "READ on it"),
+    ("/runs/delete", "delete a run", "MANAGE on its experiment"),
+    ("/logged-models", "read or write a logged model", "READ on its experiment to read, EDIT to write"),
+    ("/runs/", "read or write a run", "READ on its experiment to read, EDIT to write"),
+    ("/mlflow-artifacts/", "read or write artifacts", "READ on the experiment to read, EDIT to write"),
+    ("/experiments/", "use an experiment", "READ on it to read, EDIT to log runs"),
+)
+
+
+def tracking_user() -> str:
+    """The user the server sees (MLflow's own environment variable), for messages; never the password."""
+    import os
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return f"user '{user}'" if user else "this client (no MLFLOW_TRACKING_USERNAME)"
+
+
+def permission_denied(exc: BaseException) -> bool:
+    """The server knew the user and refused the request (HTTP 403), as opposed to any other failure."""
+    return isinstance(exc, MlflowException) and (exc.error_code == "PERMISSION_DENIED"
+                                                 or exc.get_http_status_code() == 403)
+
+
+def access_refused_message(exc: BaseException) -> str | None:
+    """One line for a request the server refused: unknown credentials (401), or a permission the user lacks
+    (403, naming the request's permission); None for any other failure."""
+    text = str(exc)
+    code = exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+    status = re.search(r"failed with error code (40[13])\b|\b(40[13]) Client Error", text)  # MLflow's, requests'
+    if code not in (401, 403):
+        code = int(status.group(1) or status.group(2)) if status else None
+    if code is None and "PERMISSION_DENIED" in text:
+        code = 403
+    if code is None:
+        return None
+    uri = mlflow.get_tracking_uri()
+    if code == 401:
+        return (f"the MLflow server at {uri} did not accept the credentials of {tracking_user()} (401 Unauthorized); "
+                "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    endpoint = re.search(r"endpoint (\S+)", text)
+    endpoint = endpoint.group(1) if endpoint else ""
+    need = next(((what, needs) for fragment, what, needs in _NEEDS if fragment in endpoint), None)
+    asked = f" ({endpoint}: to {need[0]} MLflow needs {need[1]})" if need else f" ({text.splitlines()[0][:200]})"
+    return (f"permission denied: the MLflow server at {uri} refused {tracking_user()} a request{asked}; "
+            "ask an admin, or a user with MANAGE on the resource, to grant the permission")
+
+
+def registered_model_exists(name: str) -> bool:
+    try:
+        client().get_registered_model(name)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def check_edit_permission(name: str, action: str, remedy: str) -> None:
+    """Refuse in one line, before anything is written, a user without EDIT on registered model ``name``.
+
+    The request asked, deleting a registered-model tag (DeleteRegisteredModelTag), needs EDIT on the model,
+    the permission that creating a version or moving an alias needs, and writes nothing: the key is new each
+    time and MLflow's stores delete a tag only if it exists. Only a tracking server checks permissions;
+    other stores (sqlite, files) are not asked.
+    """
+    if not mlflow.get_registry_uri().startswith(("http://", "https://")):
+        return
+    import uuid
+
+    try:
+        client().delete_registered_model_tag(name, PERMISSION_CHECK_KEY + uuid.uuid4().hex)
+    except MlflowException as exc:
+        if permission_denied(exc):
+            raise BadInputError(
+                f"permission denied: {tracking_user()} may not {action} registered model '{name}': MLflow needs "
+                f"EDIT on it and the user does not have it; nothing was written; {remedy}"
+            ) from None
+        if not _not_found(exc):
+            raise
+
+
+def check_can_add_versions(name: str) -> None:
+    """Before any run exists: refuse a job whose version the server would refuse (EDIT on an existing
+    registered model). A new model is not asked about: whoever may create it gets MANAGE on it."""
+    if mlflow.get_registry_uri().startswith(("http://", "https://")) and registered_model_exists(name):
+        check_edit_permission(name, "add versions to",
+                              "ask an admin, or a user with MANAGE on the model, to grant EDIT, or register under "
+                              "a model you may edit (--register-as NAME)")

@@ -10,6 +10,8 @@ registry guarantees (no version without complete lineage) are kept by
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import signal
@@ -19,8 +21,9 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import LoggedModelInput
 
+from ..errors import BadInputError, ServerFailure
 from . import lineage
-from .resolve import client
+from .resolve import client, permission_denied, tracking_user
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +64,56 @@ def job_run(run_name: str | None, kind: str, enabled: bool = True):
         raise
     except BaseException as exc:
         _end_failed(run, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", "FAILED")
+        if not isinstance(exc, ServerFailure) and server_lost(exc):
+            raise ServerFailure(
+                f"the MLflow tracking server at {mlflow.get_tracking_uri()} stopped answering during run "
+                f"{run.info.run_id}; once it is back, rerun with MLFLOW_RUN_ID={run.info.run_id} to finish this "
+                "run (it registers at most one version)") from exc
+        if isinstance(exc, RegistrationRefused):
+            resumed = not nested and bool(os.environ.get("MLFLOW_RUN_ID"))  # `mlflow run`'s, not this job's
+            raise BadInputError(f"{exc}; {_discard(run, exc.model_id, keep_run=resumed)}") from exc
         raise
     else:
         mlflow.end_run("FINISHED")
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+# What requests/urllib3 say when nothing answers at the server's address (refused, reset, cut mid-request).
+_UNREACHABLE = ("Connection refused", "Failed to establish a new connection", "RemoteDisconnected",
+                "Connection aborted", "Connection reset", "Remote end closed connection", "ConnectionResetError")
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def server_unreachable(exc: BaseException) -> bool:
+    """The tracking server went away (or was never there): as opposed to an answer that refuses the request."""
+    return any(marker in str(cause) for cause in _causes(exc) for marker in _UNREACHABLE)
+
+
+def server_lost(exc: BaseException) -> bool:
+    """The connection failed *and* the server does not answer its health check: gone, not just refusing one
+    request (a server that cuts an upload it cannot store also resets the connection)."""
+    return server_unreachable(exc) and not _server_answers()
+
+
+def _server_answers() -> bool:
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return False
+    import requests
+
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def _sigterm_as_interrupt():
@@ -95,12 +142,37 @@ def log_inputs(*, parent, forget, retain, params: dict) -> None:
     mlflow.log_params(_new_params({k: ("None" if v is None else v) for k, v in params.items()}))
     for data, context in ((forget, "forget"), (retain, "retain")):
         dataset = mlflow.data.from_huggingface(data.documents, name=data.spec, digest=data.digest[:32])
-        mlflow.log_input(dataset, context=context, tags={lineage.PREFIX + "digest": data.digest})
+        _retry_on_duplicate(lambda: mlflow.log_input(dataset, context=context,
+                                                     tags={lineage.PREFIX + "digest": data.digest}))
     if parent.model_id:
         mlflow.log_input(model=LoggedModelInput(model_id=parent.model_id))
     warnings = forget.warnings + retain.warnings
     if warnings:
         mlflow.set_tag(lineage.PREFIX + "data_warnings", " | ".join(warnings)[:4000])
+
+
+# How a database refuses the second of two concurrent inserts of one row (PostgreSQL, sqlite, MySQL).
+_DUPLICATE = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+
+
+def _retry_on_duplicate(request, attempts: int = 5):
+    """Concurrent jobs logging the same dataset race to insert its row; the loser's retry finds it there.
+
+    MLflow's SQL store checks for the dataset, then inserts it: two jobs that check at once both insert,
+    and the database refuses one with a unique-key error. Retried a few times, then the error stands.
+    """
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return request()
+        except MlflowException as exc:
+            if attempt == attempts - 1 or not any(marker in str(exc) for marker in _DUPLICATE):
+                raise
+            logger.debug("a concurrent job inserted the same row; retrying (%s)", str(exc).splitlines()[0])
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _same_value(logged: str, value) -> bool:
@@ -134,15 +206,24 @@ def log_step(record: dict) -> None:
 
 def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: dict, delta: dict | None = None):
     """Masks, scores, record and plot under ``selprune/``, then the model: full (transformers + selprune
-    flavor) or, with ``delta`` (parent URI and digests), only what pruning changed."""
+    flavor) or, with ``delta`` (parent URI and digests), only what pruning changed.
+
+    Returns ``(model_info, artifact digests)``: the sha256 of the masks, scores and record as written, for the
+    version's ``selprune.artifacts_sha256`` tag. A resumed run that already anchored its lineage keeps the
+    files it recorded (this attempt's record differs in its timings only) and returns their recorded digests."""
     from ..report import plot_forget_vs_retain
 
-    with tempfile.TemporaryDirectory() as tmp:
+    anchored = recorded_lineage(mlflow.active_run().info.run_id)
+    with tempfile.TemporaryDirectory() as tmp, _artifact_store_failures():
         files = result.save(tmp, extra_record=extra_record)
         files["plot"] = plot_forget_vs_retain(result.baseline_metrics, result.steps, Path(tmp) / "forget_vs_retain.png")
-        for path in files.values():
-            mlflow.log_artifact(str(path), artifact_path="selprune")
         pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
+        if anchored is None:
+            for path in files.values():
+                mlflow.log_artifact(str(path), artifact_path="selprune")
+            digests = lineage.artifact_digests(pruning_files)
+        else:
+            digests = json.loads(anchored.get(lineage.ARTIFACTS_SHA, "{}"))
         if delta is None:
             from .flavor import components, log_model
 
@@ -159,7 +240,58 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     logged = set(kept[-1].get("metrics", {})) if kept else set()
     final = {k: v for k, v in metrics.items() if not k.startswith("parent_") and k not in logged}
     mlflow.log_metrics(finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
-    return model_info
+    return model_info, digests
+
+
+@contextlib.contextmanager
+def _artifact_store_failures():
+    """A server that answers but cannot store the artifacts (its destination full or read-only, its store
+    down) fails the job in one line that says where to look; nothing is registered after it."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - narrowed below: only the store's failures are reworded
+        from mlflow.exceptions import MlflowException
+        from requests import RequestException
+
+        if server_lost(exc) or not isinstance(exc, (MlflowException, RequestException)):
+            raise
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise ServerFailure(
+            f"the MLflow server could not store the run's artifacts under {mlflow.get_artifact_uri()} ({reason}); "
+            "check the server's artifact destination (full? read-only?) and its log; nothing was registered"
+        ) from exc
+
+
+class RegistrationRefused(BadInputError):
+    """The server refused to create the version for lack of permission (checked before the run too, see
+    ``resolve.check_can_add_versions``; this is the second line): ``job_run`` deletes the run's logged model and
+    the run, and says what it could not delete."""
+
+    def __init__(self, name: str, model_id: str | None):
+        self.model_id = model_id
+        super().__init__(f"permission denied: {tracking_user()} may not add versions to registered model '{name}': "
+                         "MLflow needs EDIT on it (and READ on the run) and the user does not have it; no version "
+                         "was registered; ask an admin, or a user with MANAGE on the model, to grant EDIT")
+
+
+def _discard(run, model_id: str | None, keep_run: bool = False) -> str:
+    """Delete the logged model and the run of a refused job (MLflow's deletion: ``mlflow gc`` purges them); what
+    the server refuses to delete too (DeleteRun and DeleteLoggedModel need MANAGE on the experiment) is named."""
+    run_id, experiment_id = run.info.run_id, run.info.experiment_id
+    targets = [(f"logged model {model_id}", lambda: client().delete_logged_model(model_id))] if model_id else []
+    if not keep_run:
+        targets.append((f"FAILED run {run_id}", lambda: client().delete_run(run_id)))
+    left = [f"FAILED run {run_id} (resumed from MLFLOW_RUN_ID: not this job's to delete)"] if keep_run else []
+    for what, delete in targets:
+        try:
+            delete()
+        except Exception:  # noqa: BLE001 - refused or failed, either way it is left behind and said so
+            logger.debug("could not delete %s", what, exc_info=True)
+            left.append(what)
+    if not left:
+        return "the job's run and logged model were deleted"
+    return (f"left behind in experiment {experiment_id}: {' and '.join(left)}; deleting them needs MANAGE on the "
+            "experiment: ask its owner or an admin")
 
 
 def existing_version(name: str, run_id: str):
@@ -170,12 +302,50 @@ def existing_version(name: str, run_id: str):
     return None
 
 
+def recorded_lineage(run_id: str) -> dict | None:
+    """The tags a run already anchored (``selprune/lineage.json`` under its param), or None: a fresh run."""
+    if client().get_run(run_id).data.params.get(lineage.LINEAGE_PARAM) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=lineage.LINEAGE_RECORD, dst_path=tmp)
+        return json.loads(Path(path).read_text())
+
+
+def record_lineage(run_id: str, tags: dict) -> None:
+    """Anchor the version's tags before it exists: ``selprune/lineage.json`` in the run, its sha256 as the run
+    param ``selprune.lineage_sha256``. A param cannot be changed or deleted, so a later tag edit shows.
+
+    A job resumed into the same run recomputes the same tags (the pipeline is deterministic) and finds the
+    param already there; a different one means different inputs, refused before anything is registered.
+    """
+    record = lineage.lineage_record(tags)
+    digest = hashlib.sha256(record).hexdigest()
+    logged = client().get_run(run_id).data.params.get(lineage.LINEAGE_PARAM)
+    if logged == digest:
+        return
+    if logged is not None:
+        raise BadInputError(f"run {run_id} already recorded a different lineage (sha256 {logged[:12]}, this job's "
+                            f"{digest[:12]}): its inputs or settings changed; start a new run (unset MLFLOW_RUN_ID)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(lineage.LINEAGE_RECORD).name
+        path.write_bytes(record)
+        client().log_artifact(run_id, str(path), artifact_path=str(Path(lineage.LINEAGE_RECORD).parent))
+    client().log_param(run_id, lineage.LINEAGE_PARAM, digest)
+
+
 def register(model_info, name: str, run_id: str, tags: dict, alias: str | None) -> str:
-    """Create the version with all of its tags in one request (or find this run's), then move the alias."""
+    """Record the lineage in the run, create the version with all of its tags in one request (or find this
+    run's), then move the alias."""
+    record_lineage(run_id, tags)
     mv = existing_version(name, run_id)
     if mv is None:
         logger.info("registering a new version of '%s' with its lineage tags", name)
-        mv = mlflow.register_model(model_info.model_uri, name, tags=tags)
+        try:
+            mv = mlflow.register_model(model_info.model_uri, name, tags=tags)
+        except mlflow.exceptions.MlflowException as exc:
+            if not permission_denied(exc):
+                raise
+            raise RegistrationRefused(name, getattr(model_info, "model_id", None)) from exc
     else:
         logger.info("run %s already registered %s version %s; not registering again", run_id, name, mv.version)
     model_uri = f"models:/{mv.name}/{mv.version}"

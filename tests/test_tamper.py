@@ -1,0 +1,232 @@
+"""Tamper evidence: `lineage --verify` and `lineage --all NAME` name every change made after a version was registered.
+
+A real sqlite store holds the chain tiny-lm v1 (root) -> v2 -> v3, each pruned
+through the CLI. Each case edits the registry through the MLflow client, or a
+stored file where the store keeps it, and is undone before the next, so every
+case must give exactly its own finding line and exit 1.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import local_file_uri_to_path
+from safetensors.torch import load_file, save_file
+
+from mlflow_selprune.registry import lineage
+
+from mlflow_helpers import TINY_NAME, invoke, registry_snapshot
+
+SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
+         "--eval-tokens", "1000", "--no-progress"]
+PRUNE = ["--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "1", "--no-control"]
+
+
+def _latest() -> str:
+    versions = MlflowClient().search_model_versions(f"name='{TINY_NAME}'")
+    return f"models:/{TINY_NAME}/{max(int(v.version) for v in versions)}"
+
+
+def _prune(store, parent: str, *extra: str) -> str:
+    out = invoke("prune", "--model-uri", parent, "--forget", store["forget"], "--retain", store["retain"],
+                 *PRUNE, *SMALL, *extra)
+    assert out.exit_code == 0, out.stderr[-3000:]
+    return _latest()
+
+
+@pytest.fixture(scope="module")
+def chain(store):
+    """models:/tiny-lm/1 (root) -> 2 -> 3, all stored in full."""
+    v2 = _prune(store, store["base"])
+    v3 = _prune(store, v2)
+    return [store["base"], v2, v3]
+
+
+def _version(uri: str) -> str:
+    return uri.rsplit("/", 1)[1]
+
+
+def _run_file(uri: str, path: str) -> Path:
+    """Where the store keeps an artifact of the run that made version ``uri``."""
+    client = MlflowClient()
+    run_id = client.get_model_version(TINY_NAME, _version(uri)).run_id
+    return Path(local_file_uri_to_path(client.get_run(run_id).info.artifact_uri)) / path
+
+
+def _weights_file(uri: str) -> Path:
+    """Where the store keeps the weights of version ``uri``."""
+    location = MlflowClient().get_model_version_download_uri(TINY_NAME, _version(uri))
+    return next(Path(local_file_uri_to_path(location)).rglob("model.safetensors"))
+
+
+@contextlib.contextmanager
+def _file_edited(path: Path):
+    """Change one value in a stored safetensors or JSON file; put the original bytes back afterwards."""
+    original = path.read_bytes()
+    if path.suffix == ".safetensors":
+        tensors = load_file(str(path))
+        name = sorted(tensors)[0]
+        tensors[name] = ~tensors[name] if tensors[name].dtype == torch.bool else tensors[name] + 1
+        save_file(tensors, str(path))
+    else:
+        record = json.loads(original)
+        key = lineage.FORGET_DATA if lineage.FORGET_DATA in record else "stop_reason"
+        record[key] = "edited"
+        path.write_text(json.dumps(record, sort_keys=True, separators=(",", ":")))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+@contextlib.contextmanager
+def _tag_set(uri: str, key: str, value: str | None):
+    """Set (or, with None, delete) a version tag; put the original back afterwards."""
+    client = MlflowClient()
+    version = _version(uri)
+    original = client.get_model_version(TINY_NAME, version).tags.get(key)
+    if value is None:
+        client.delete_model_version_tag(TINY_NAME, version, key)
+    else:
+        client.set_model_version_tag(TINY_NAME, version, key, value)
+    try:
+        yield
+    finally:
+        if original is None:
+            client.delete_model_version_tag(TINY_NAME, version, key)
+        else:
+            client.set_model_version_tag(TINY_NAME, version, key, original)
+
+
+def _lines(out, prefix: str = "tampered:") -> list[str]:
+    return [line for line in out.stdout.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.slow(seconds=25)
+def test_verify_names_each_of_9_tampering_cases(chain):
+    root, v2, v3 = chain
+    # a gate decision is appended to the version later, by design: not tampering
+    assert invoke("gate", "--model-uri", v3, "--max-retain-drop", "1").exit_code == 0
+    clean = invoke("lineage", v3, "--verify")
+    assert clean.exit_code == 0, clean.output
+    assert _lines(clean) == [] and "checks:  parent ok, tags ok, artifacts ok" in clean.stdout
+    tags = MlflowClient().get_model_version(TINY_NAME, _version(v3)).tags
+    assert lineage.PARENT_WEIGHTS_SHA in tags and tags[lineage.STORAGE] == "full"
+    assert set(json.loads(tags[lineage.ARTIFACTS_SHA])) == set(lineage.RECORD_ARTIFACTS)
+
+    removed = lineage.METRIC_PREFIX + "retain_top1"
+    cases = [
+        ("tag changed", _tag_set(v3, lineage.FORGET_DATA, "elsewhere.jsonl"),
+         f"{v3}: tag {lineage.FORGET_DATA} changed: recorded"),
+        ("tag removed", _tag_set(v3, removed, None), f"{v3}: tag {removed} removed"),
+        ("tag added", _tag_set(v3, "selprune.approved", "true"), f"{v3}: tag selprune.approved added"),
+        ("lineage record changed", _file_edited(_run_file(v3, lineage.LINEAGE_RECORD)),
+         f"{v3}: the lineage record artifact changed"),
+        *[(f"{name} changed", _file_edited(_run_file(v3, path)), f"{v3}: artifact {path} of run")
+          for name, path in zip(("masks", "scores", "pruning record"), lineage.RECORD_ARTIFACTS)],
+        ("parent weights changed", _file_edited(_weights_file(root)), f"{v2}: parent {root} weights changed"),
+        ("own weights changed", _file_edited(_weights_file(v3)), f"{v3}: weights changed"),
+    ]
+    assert len(cases) == 9
+    for i, (case, tampering, expected) in enumerate(cases):
+        with tampering:
+            out = invoke("lineage", v3, "--verify")
+            assert out.exit_code == 1, (case, out.output)
+            assert [expected in line for line in _lines(out)] == [True], (case, _lines(out))
+            assert "finding(s)" in out.stderr, case
+            if i == 0:  # the JSON holds the same findings, each on the hop it concerns
+                as_json = json.loads(invoke("lineage", v3, "--verify", "--json").stdout)
+                assert [hop["findings"] for hop in as_json] == [_lines(out), [], []]
+                assert as_json[0]["checks"]["tags"] == "CHANGED" and not as_json[0]["verified"]
+    assert invoke("lineage", v3, "--verify").exit_code == 0  # every case was undone
+
+
+@pytest.mark.slow(seconds=15)
+def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions(store, chain):
+    root, v2, v3 = chain
+    v4 = _prune(store, v3, "--storage", "delta")
+    out = invoke("materialize", v4)
+    assert out.exit_code == 0, out.stderr
+    v5 = _latest()
+    client = MlflowClient()
+    materialized_run = client.get_model_version(TINY_NAME, _version(v5)).run_id
+    assert lineage.LINEAGE_PARAM in client.get_run(materialized_run).data.params
+    assert {f.path for f in client.list_artifacts(materialized_run, "selprune")} >= set(lineage.RECORD_ARTIFACTS)
+
+    out = invoke("lineage", "--all", TINY_NAME)
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
+    assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "aliases"]
+    assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "@base"]
+    for version, storage in (("2", "full"), ("3", "full"), ("4", "delta"), ("5", "full")):
+        assert rows[version][1:7] == ["unlearned", storage, "ok", "ok", "ok", "ok"], rows[version]
+    assert _lines(out) == []
+
+    # a tag edited on the materialized version, and an unlearned version that never got its lineage (made, say,
+    # by an older plugin that crashed between two requests: its run holds no lineage record)
+    source = client.get_model_version(TINY_NAME, "1")
+    incomplete = client.create_model_version(TINY_NAME, source.source, tags={lineage.PARENT: root})
+    try:
+        with _tag_set(v5, lineage.RETAIN_DATA, "elsewhere.txt"):
+            out = invoke("lineage", "--all", TINY_NAME)
+            assert out.exit_code == 1, out.output
+            rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
+            assert rows["5"][1:7] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok"]
+            assert rows[str(incomplete.version)][1:7] == ["incomplete", "full", "-", "-", "-", "-"]
+            assert any(line.startswith(f"tampered: {v5}: tag {lineage.RETAIN_DATA} changed") for line in _lines(out))
+            assert len(_lines(out)) == 1 and _lines(out, f"incomplete: models:/{TINY_NAME}/{incomplete.version}:")
+            assert _lines(out, f"note: models:/{TINY_NAME}/{incomplete.version}: its run holds no lineage record")
+            as_json = json.loads(invoke("lineage", "--all", TINY_NAME, "--json").stdout)
+            assert [row["kind"] for row in as_json][-1] == "incomplete"
+    finally:
+        client.delete_model_version(TINY_NAME, incomplete.version)
+
+    misspelled = invoke("lineage", "--all", "tiny-ln")
+    assert misspelled.exit_code == 2 and "did you mean 'tiny-lm'" in misspelled.stderr, misspelled.output
+    for args in ([], [v3, "--all", TINY_NAME]):
+        out = invoke("lineage", *args)
+        assert out.exit_code == 2, out.output
+        assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+            "error: give either MODEL_URI or --all NAME (exactly one): mlflow-selprune lineage MODEL_URI [--verify] "
+            "or mlflow-selprune lineage --all NAME"]
+
+
+@pytest.mark.slow(seconds=12)
+def test_a_resumed_run_keeps_its_evidence_and_refuses_a_different_lineage(store, tmp_path):
+    """A job resumed into its run (MLFLOW_RUN_ID) after it recorded its lineage: the same inputs register nothing
+    new and leave the run's evidence intact; changed forget data (same path, so the same params) is refused."""
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(Path(store["forget"]).read_text())
+    with mlflow.start_run(run_name="resumed") as run:
+        pass
+    run_id = run.info.run_id
+
+    def resume():
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MLFLOW_RUN_ID", run_id)  # MLflow unsets it once a run starts
+            return invoke("prune", "--model-uri", store["base"], "--forget", str(forget), "--retain", store["retain"],
+                          "--register-as", "resumed-lm", *PRUNE, *SMALL)
+
+    assert resume().exit_code == 0
+    recorded = MlflowClient().get_run(run_id).data.params[lineage.LINEAGE_PARAM]
+    before = registry_snapshot()
+    again = resume()  # its pruning record's timings differ: the files the run recorded are kept
+    assert again.exit_code == 0, again.output
+    assert registry_snapshot() == before
+    verified = invoke("lineage", "models:/resumed-lm/1", "--verify")
+    assert verified.exit_code == 0 and _lines(verified) == [], verified.output
+
+    rows = [json.loads(line) for line in forget.read_text().splitlines()]
+    forget.write_text("".join(json.dumps({"code": row["code"] + "# edited\n"}) + "\n" for row in rows))
+    out = resume()
+    assert out.exit_code == 2, out.output
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"run {run_id} already recorded a different lineage" in errors[0], errors
+    assert "start a new run" in errors[0]
+    assert registry_snapshot() == before
+    assert MlflowClient().get_run(run_id).data.params[lineage.LINEAGE_PARAM] == recorded
