@@ -55,6 +55,7 @@ class PostgresCluster:
         self.log = self.root / "postgres.log"
         self._run_as = []
         self._databases = 0
+        self._template_made = False
         if os.geteuid() == 0:
             import pwd
 
@@ -130,13 +131,14 @@ class PostgresCluster:
     def new_database(self, prefix: str = "mlflow") -> str:
         """A fresh database holding MLflow's schema, copied from a template migrated once (seconds saved per
         server); returns its URI."""
-        if self._databases == 0:
+        if not self._template_made:
             self.execute(f"CREATE DATABASE {TEMPLATE}")
             from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
             # the Default experiment it creates keeps its artifacts where a --serve-artifacts server puts them
             store = SqlAlchemyStore(self.uri(TEMPLATE), "mlflow-artifacts:/")
             store.engine.dispose()
+            self._template_made = True
         self._databases += 1
         name = f"{prefix}_{self._databases}"
         self.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")

@@ -263,17 +263,24 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
     assert after[TINY_NAME]["aliases"] == {**before[TINY_NAME]["aliases"], "promoted": new[0]}
     records = lineage.gate_records(after[TINY_NAME]["versions"][new[0]])
     assert [(r["verdict"], r["user"], r["alias_moved"]) for r in records] == [("pass", "editor", "promoted")]
-    # the move refused after the record is written (the grant revoked in between): the record is corrected
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+    # the move refused after the record is written: the admin really revokes the editor's EDIT just after the
+    # record lands (the server's own 403 follows), and the record is corrected
+    from mlflow.server import get_app_client
 
-    def refused_move(*args, **kwargs):
-        raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/alias failed with error "
-                              "code 403 != 200. Response body: 'Permission denied'", error_code=PERMISSION_DENIED)
+    auth = get_app_client("basic-auth", tracking_uri=s["srv"].uri)
+    write_tag = MlflowClient.set_model_version_tag
+
+    def record_then_revoke(self, *args, **kwargs):
+        write_tag(self, *args, **kwargs)
+        with pytest.MonkeyPatch.context() as admin:
+            admin.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            admin.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+            auth.update_user_permission("editor", "registered_model", TINY_NAME, "READ")
 
     with _as(s, "editor"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(MlflowClient, "set_registered_model_alias", refused_move)
+        mp.setattr(MlflowClient, "set_model_version_tag", record_then_revoke)
         out = invoke(*gate, "--set-alias", "canary")
+    auth.update_user_permission("editor", "registered_model", TINY_NAME, "EDIT")
     outputs += [out.stdout, out.stderr]
     assert out.exit_code == 2, out.stderr
     errors = _error_lines(out.stderr)

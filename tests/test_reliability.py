@@ -1,9 +1,11 @@
-"""Reliability and security: bad input, crashes, concurrency and access control.
+"""Reliability: bad input, killed jobs and concurrent jobs.
 
-The registry must never hold a half-made version, a moved alias after a
-failure, or a version published by a user without permission. Checked against
-a real sqlite store (bad input) and a real `mlflow server` on 127.0.0.1
-(kills, concurrency, basic auth).
+The registry must never hold a half-made version, a lost or duplicated one,
+or a moved alias after a failure. Checked against a real sqlite store (bad
+input) and a real `mlflow server` on 127.0.0.1 with proxied artifacts, backed
+by sqlite and by PostgreSQL (kills, concurrency). Server faults are in
+test_server_faults.py, access control in test_access_control.py, tampering
+in test_tamper.py.
 """
 from __future__ import annotations
 
@@ -111,7 +113,8 @@ BAD_INPUT_CASES = [
 
 
 @pytest.mark.parametrize("case", BAD_INPUT_CASES)
-def test_bad_input_one_line_exit_2_registry_unchanged(store, case):
+def test_each_of_21_bad_inputs_gives_one_line_exit_2_registry_unchanged(store, case):
+    assert len(BAD_INPUT_CASES) == 21
     args, message = _cases(store)[case]
     extra = SMALL if args[0] == "prune" else []
     before = registry_snapshot()
@@ -180,7 +183,7 @@ def _prune_process(server, *extra):
     ("logging", "logging the unlearned model"),
     ("registration", "registering a new version"),
 ])
-def test_sigkill_leaves_no_version_or_a_complete_one(server, phase, marker):
+def test_sigkill_in_4_phases_leaves_no_version_or_a_complete_one(server, phase, marker):
     before = registry_snapshot()
     process = _prune_process(server)
     killed = False

@@ -114,7 +114,7 @@ def test_server_killed_in_3_phases_fails_in_one_line_and_the_rerun_registers_exa
 # ---------------------------------------------------------------- the database restarted
 
 @pytest.mark.slow(seconds=20)
-def test_database_restarted_under_the_server_a_later_prune_and_one_in_flight_both_register(pg_server):
+def test_database_restarted_2_times_under_the_server_a_later_prune_and_one_in_flight_both_register(pg_server):
     srv, postgres = pg_server["srv"], pg_server["postgres"]
     if srv.process.poll() is not None:
         srv.start()
