@@ -80,6 +80,35 @@ import time  # noqa: E402
 _LANES = {"start": None, "fast_end": None, "fast": 0, "slow": 0}
 
 
+# Tests that share a module fixture's costly setup (a tracking server, a pruned chain) run on one worker, so
+# the setup is paid once, not once per worker. xdist's own grouping marks nodeids, which pytest 9 no longer
+# lets it do; so the scheduler below groups by node id: module, and the backend a test is parametrized with.
+SHARED_SETUP_MODULES = {"tests/test_reliability.py": ("sqlite", "postgresql"), "tests/test_server_faults.py": (),
+                        "tests/test_tamper.py": ()}
+
+
+def shared_setup_group(nodeid: str) -> str | None:
+    path = nodeid.split("::")[0]
+    if path not in SHARED_SETUP_MODULES:
+        return None
+    backends = SHARED_SETUP_MODULES[path]
+    if not backends:
+        return path
+    return next((f"{path}[{b}]" for b in backends if f"[{b}" in nodeid), None)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's load-scope scheduler, in collection order, with one scope per shared setup and one per other test."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedSetupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_setup_group(nodeid) or nodeid
+
+    config.option.loadscopereorder = False  # keep the fast lane first and the long tests early
+    return SharedSetupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
     """The fast lane first; in the slow lane, the longest tests first (``@pytest.mark.slow(seconds=N)``),
     so that two workers end together instead of one waiting on a long test started last."""

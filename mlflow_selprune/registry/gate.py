@@ -111,9 +111,10 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
     versions; SetRegisteredModelAlias: update on the model and read on its versions), and MANAGE to delete a
     version tag or an alias, so a written record cannot be taken back by an EDIT user. Hence the order: the
     alias permission is checked first, with a request that writes nothing (``check_edit_permission``); then the
-    record (a refusal there has written nothing); then the alias. Should the move still fail (the permission
-    revoked in between, a finer grant on the model's versions, the server gone), the same record is rewritten
-    to say the alias did not move and why. A refusal is one permission line (exit 2).
+    record, saying the alias is requested and not moved (a refusal there has written nothing); then the alias;
+    then the same record, saying it moved. Should the move fail (the permission revoked in between, a finer
+    grant on the model's versions, the server gone), the record already says the alias did not move; the
+    reason is added where it can still be written. A refusal is one permission line (exit 2).
     """
     from mlflow.exceptions import MlflowException
 
@@ -126,8 +127,10 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
                               "writing (--dry-run)")
     # microseconds in the key: two decisions within one second still sort in the order they were made
     now = datetime.datetime.now(datetime.timezone.utc)
+    # written before the move, the record says only what is true then: the alias asked for has not moved yet
     record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "verdict": "pass" if passed else "fail",
-              "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": alias_set}
+              "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": None,
+              **({"alias_requested": alias_set} if alias_set else {})}
     key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
     try:
         client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
@@ -146,18 +149,23 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
     except Exception as exc:
         reason = "permission denied" if permission_denied(exc) else (str(exc)[:200].split("\n")[0]
                                                                      or type(exc).__name__)
-        record.update(alias_moved=None, alias_not_moved=f"{alias_set}: {reason}")
-        try:
+        record.update(alias_not_moved=f"{alias_set}: {reason}")
+        try:  # the why, where it can still be written; the record already says the alias did not move
             client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
         except Exception:  # noqa: BLE001 - the original failure is what the user must see
-            logger.warning("the decision record %s on %s says alias '%s' moved, but it did not", key,
-                           resolved.canonical_uri, alias_set)
+            logger.debug("could not add the reason to decision record %s", key, exc_info=True)
         if permission_denied(exc):
             raise BadInputError(
                 f"permission denied: {tracking_user()} may not move alias '{alias_set}' of registered model '{name}'; "
                 f"the decision is recorded on {resolved.canonical_uri} without the move; ask an admin, or a user "
                 "with MANAGE on the model, for EDIT on it and its versions") from None
         raise
+    record["alias_moved"] = alias_set
+    try:
+        client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+    except Exception:  # noqa: BLE001 - the alias moved; the record under-claims, which an audit can see
+        logger.warning("alias '%s' now points to %s, but its decision record %s could not be updated to say so "
+                       "(it names the alias as requested)", alias_set, resolved.canonical_uri, key)
 
 
 def _user() -> str:
