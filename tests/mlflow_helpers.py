@@ -102,6 +102,25 @@ def sqlite_store(root: Path, tokenizer):
 
 
 @contextlib.contextmanager
+def server_store(srv, tokenizer, **extra):
+    """A running ``MlflowServer`` as this process's store, holding tiny-lm v1 (alias base) and forget/retain files
+    in its root (the working directory meanwhile); yields what the tests need, plus ``extra``."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(srv.root)
+        mp.setenv("MLFLOW_TRACKING_URI", srv.uri)
+        mlflow.set_tracking_uri(srv.uri)
+        try:
+            register_tiny(tokenizer)
+            forget, retain = write_data_files(srv.root / "data")
+            yield {"srv": srv, "root": srv.root, "forget": str(forget), "retain": str(retain),
+                   "env": {"MLFLOW_TRACKING_URI": srv.uri}, **extra}
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@contextlib.contextmanager
 def jsonl_retain_store(root: Path, tokenizer):
     """``sqlite_store`` with retain as jsonl (one paragraph per row), so no --paragraphs option is needed."""
     import json

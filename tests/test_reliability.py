@@ -22,11 +22,11 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_selprune.registry import lineage
 
-from mlflow_helpers import (
-    SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, free_port, invoke, register_tiny, registry_snapshot, sqlite_store, tiny_model,
-    write_data_files,
-)
 import cli_processes
+from mlflow_helpers import (
+    SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, free_port, invoke, registry_snapshot, server_store,
+    sqlite_store, tiny_model,
+)
 from pg_cluster import BACKENDS, backend_store_uri
 
 
@@ -156,16 +156,9 @@ def test_nothing_we_write_is_pickle(store):
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp(f"server-{request.param}")
-    with MlflowServer(root, backend_uri=backend_store_uri(request, request.param)) as srv:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(root)
-            mp.setenv("MLFLOW_TRACKING_URI", srv.uri)
-            mlflow.set_tracking_uri(srv.uri)
-            register_tiny(tiny_tokenizer)
-            forget, retain = write_data_files(root / "data")
-            yield {"srv": srv, "root": root, "forget": str(forget), "retain": str(retain),
-                   "env": {"MLFLOW_TRACKING_URI": srv.uri}, "backend": request.param}
-            mlflow.set_tracking_uri(None)
+    with MlflowServer(root, backend_uri=backend_store_uri(request, request.param)) as srv, \
+            server_store(srv, tiny_tokenizer, backend=request.param) as store:
+        yield store
 
 
 def _prune_process(server, *extra):

@@ -25,7 +25,7 @@ import cli_processes
 from fault_proxy import FaultProxy
 from mlflow_helpers import (
     SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, invoke, register_tiny, registry_snapshot,
-    write_data_files,
+    server_store, write_data_files,
 )
 
 # A dead server is reported in a second instead of after MLflow's default minutes of retries; one retry
@@ -37,15 +37,9 @@ PRUNE = ["--ff-frac", "0.1", "--steps", "1", "--no-control", *SMALL]
 @pytest.fixture(scope="module")
 def pg_server(postgres, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("faults")
-    with MlflowServer(root, backend_uri=postgres.new_database()) as srv:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.chdir(root)
-            mp.setenv("MLFLOW_TRACKING_URI", srv.uri)
-            mlflow.set_tracking_uri(srv.uri)
-            register_tiny(tiny_tokenizer)
-            forget, retain = write_data_files(root / "data")
-            yield {"srv": srv, "root": root, "forget": str(forget), "retain": str(retain), "postgres": postgres}
-            mlflow.set_tracking_uri(None)
+    with MlflowServer(root, backend_uri=postgres.new_database()) as srv, \
+            server_store(srv, tiny_tokenizer, postgres=postgres) as store:
+        yield store
 
 
 def _prune_args(server, *extra):
