@@ -114,8 +114,6 @@ def file_sha256(path) -> str:
 
 def artifact_digests(files: dict) -> dict[str, str]:
     """``{"selprune/<file name>": sha256}`` of the local files logged under the run's ``selprune/``."""
-    from pathlib import Path
-
     return {f"selprune/{Path(path).name}": file_sha256(path) for path in files.values()}
 
 
@@ -296,7 +294,14 @@ def _run_of(hop: Hop) -> str | None:
     return hop.run_id or hop.tags.get(RUN_ID)
 
 
-def _run_artifact(run_id: str | None, path: str) -> bytes | None:
+def anchored_digest(run_id: str) -> str | None:
+    """The lineage record's sha256 that run ``run_id`` logged as its param, or None where it has none."""
+    from .resolve import client
+
+    return client().get_run(run_id).data.params.get(LINEAGE_PARAM)
+
+
+def run_artifact(run_id: str | None, path: str) -> bytes | None:
     """A run artifact's bytes as stored now (small files: records, masks, scores), or None where it is gone."""
     import tempfile
 
@@ -330,11 +335,9 @@ def check_tags(audit: Audit) -> None:
     """The version's selprune tags against the record its run anchored: an edited tag cannot hide."""
     from mlflow.exceptions import MlflowException
 
-    from .resolve import client
-
     hop, run_id = audit.hop, _run_of(audit.hop)
     try:
-        anchored = client().get_run(run_id).data.params.get(LINEAGE_PARAM) if run_id else None
+        anchored = anchored_digest(run_id) if run_id else None
     except MlflowException as exc:
         audit.tampered("tags", f"its run {run_id} cannot be read ({str(exc).splitlines()[0]})")
         return
@@ -343,7 +346,7 @@ def check_tags(audit: Audit) -> None:
             audit.notes.append(f"note: {hop.uri}: its run holds no lineage record (made by an older plugin); "
                                "its tags cannot be checked")
         return
-    record = _run_artifact(run_id, LINEAGE_RECORD)
+    record = run_artifact(run_id, LINEAGE_RECORD)
     if record is None:
         audit.tampered("tags", f"the lineage record artifact {LINEAGE_RECORD} of run {run_id} is missing")
         return
@@ -375,7 +378,7 @@ def check_artifacts(audit: Audit) -> None:
         return
     run_id = _run_of(audit.hop)
     for path, digest in sorted(recorded.items()):
-        stored = _run_artifact(run_id, path)
+        stored = run_artifact(run_id, path)
         if stored is None:
             audit.tampered("artifacts", f"artifact {path} of run {run_id} is missing")
         elif (actual := hashlib.sha256(stored).hexdigest()) != digest:

@@ -99,19 +99,43 @@ def did_you_mean(name: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def check_tracking_server() -> None:
-    """Fail in seconds, not after minutes of retries, when an HTTP tracking server is down."""
+def on_tracking_server(uri: str | None = None) -> bool:
+    """Whether the store (``uri``, default the tracking URI) is an HTTP tracking server, not a local store."""
+    return (uri or mlflow.get_tracking_uri()).startswith(("http://", "https://"))
+
+
+def _health_check(uri: str, timeout: float) -> None:
+    """Ask the server's ``/health``; any HTTP answer (authentication is checked by the real requests) returns,
+    no answer raises ``OSError``/``ValueError``."""
     import urllib.error
     import urllib.request
 
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
             return
     except urllib.error.HTTPError:
-        return  # it answered: authentication and the rest are checked by the real requests
+        return
+
+
+def tracking_server_answers(timeout: float = 5) -> bool:
+    """Whether the HTTP tracking server answers at all (False for a local store)."""
+    uri = mlflow.get_tracking_uri()
+    if not on_tracking_server(uri):
+        return False
+    try:
+        _health_check(uri, timeout)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def check_tracking_server() -> None:
+    """Fail in seconds, not after minutes of retries, when an HTTP tracking server is down."""
+    uri = mlflow.get_tracking_uri()
+    if not on_tracking_server(uri):
+        return
+    try:
+        _health_check(uri, timeout=10)
     except (OSError, ValueError) as exc:
         raise BadInputError(
             f"the MLflow tracking server at {uri} is not reachable ({getattr(exc, 'reason', exc)}); "
@@ -286,7 +310,7 @@ def check_edit_permission(name: str, action: str, remedy: str) -> None:
     time and MLflow's stores delete a tag only if it exists. Only a tracking server checks permissions;
     other stores (sqlite, files) are not asked.
     """
-    if not mlflow.get_registry_uri().startswith(("http://", "https://")):
+    if not on_tracking_server(mlflow.get_registry_uri()):
         return
     import uuid
 
@@ -305,7 +329,7 @@ def check_edit_permission(name: str, action: str, remedy: str) -> None:
 def check_can_add_versions(name: str) -> None:
     """Before any run exists: refuse a job whose version the server would refuse (EDIT on an existing
     registered model). A new model is not asked about: whoever may create it gets MANAGE on it."""
-    if mlflow.get_registry_uri().startswith(("http://", "https://")) and registered_model_exists(name):
+    if on_tracking_server(mlflow.get_registry_uri()) and registered_model_exists(name):
         check_edit_permission(name, "add versions to",
                               "ask an admin, or a user with MANAGE on the model, to grant EDIT, or register under "
                               "a model you may edit (--register-as NAME)")

@@ -23,7 +23,7 @@ from mlflow.entities import LoggedModelInput
 
 from ..errors import BadInputError, ServerFailure
 from . import lineage
-from .resolve import client, permission_denied, tracking_user
+from .resolve import client, permission_denied, tracking_server_answers, tracking_user
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +101,7 @@ def server_unreachable(exc: BaseException) -> bool:
 def server_lost(exc: BaseException) -> bool:
     """The connection failed *and* the server does not answer its health check: gone, not just refusing one
     request (a server that cuts an upload it cannot store also resets the connection)."""
-    return server_unreachable(exc) and not _server_answers()
-
-
-def _server_answers() -> bool:
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
-        return False
-    import requests
-
-    try:
-        return requests.get(uri.rstrip("/") + "/health", timeout=5).status_code == 200
-    except requests.RequestException:
-        return False
+    return server_unreachable(exc) and not tracking_server_answers()
 
 
 def _sigterm_as_interrupt():
@@ -304,9 +292,9 @@ def existing_version(name: str, run_id: str):
 
 def recorded_lineage(run_id: str) -> dict | None:
     """The tags a run already anchored (``selprune/lineage.json`` under its param), or None: a fresh run."""
-    if client().get_run(run_id).data.params.get(lineage.LINEAGE_PARAM) is None:
+    if lineage.anchored_digest(run_id) is None:
         return None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # a record that cannot be fetched fails the job, as it should
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=lineage.LINEAGE_RECORD, dst_path=tmp)
         return json.loads(Path(path).read_text())
 
@@ -320,7 +308,7 @@ def record_lineage(run_id: str, tags: dict) -> None:
     """
     record = lineage.lineage_record(tags)
     digest = hashlib.sha256(record).hexdigest()
-    logged = client().get_run(run_id).data.params.get(lineage.LINEAGE_PARAM)
+    logged = lineage.anchored_digest(run_id)
     if logged == digest:
         return
     if logged is not None:
