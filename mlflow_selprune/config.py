@@ -176,6 +176,8 @@ class DataOptions:
     eval_tokens: int = option(10_000, "Token budget per dataset for metrics (paper: 100000).", type=int)
     eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).",
                                   type=float)
+    split_seed: int = option(0, "Which collect/eval split of the documents (and order within each part); 0 is "
+                                "the plain hash split, other seeds salt the hash.", type=int)
     token_cache: bool = option(True, "Keep token ids on disk (user cache dir) so reruns do not tokenize again.",
                                flag="--token-cache/--no-token-cache")
     # how DATA is read: for both sides, and per side (--forget-text-column, --retain-split, ...)
@@ -203,6 +205,8 @@ class DataOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag_of(DataOptions, name)} must be an integer >= 1, got {value}")
+        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or not 0 <= self.split_seed < 2**62:
+            raise ConfigError(f"--split-seed must be an integer >= 0, got {self.split_seed}")
         if self.max_length < 2:
             raise ConfigError("--max-length must be >= 2: next-token metrics need two tokens")
         if not _fraction(self.eval_fraction) or not 0 < self.eval_fraction < 1:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri, register_base_model,
+from .demo_tiny import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri, register_base_model,
                    summarize_and_gate)
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def image_processor(recipe: VisionRecipe = RECIPE):
 
 
 def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: int = 0, steps: int | None = None,
-                   progress: bool = True):
-    """(model, image processor, test accuracy): a ViT trained on the collect part of the digits only."""
+                   progress: bool = True, threads: int = TORCH_THREADS):
+    """(model, image processor, test accuracy): a ViT trained on the collect part of the digits only.
+
+    ``threads``: the torch thread count while training (restored after); the demo always uses
+    ``TORCH_THREADS``, the margin benchmark varies it (examples/benchmarks/vision_demo_margins.py)."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -108,7 +111,7 @@ def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: in
     from .training import train_image_classifier
 
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(threads)
     try:
         processor = image_processor(recipe)
         names = [str(i) for i in range(10)]

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from mlflow_selprune.demo import RECIPE, DemoRecipe, train_demo_model
+from mlflow_selprune.demo_tiny import RECIPE, DemoRecipe, train_demo_model
 from mlflow_selprune.registry.lineage import weights_sha256
 
 # builds the standard-library corpora and trains three tiny models: tens of seconds

@@ -2,7 +2,7 @@
 
 The demo model's architecture (GPT-NeoX, 4 layers, hidden 256, intermediate
 1024, 4 heads, its own 4096-token BPE tokenizer) from
-``mlflow_selprune.demo.train_demo_model``, untrained by default (the timing
+``mlflow_selprune.demo_tiny.train_demo_model``, untrained by default (the timing
 does not depend on the weights; ``--no-untrained --train-seconds S`` trains it
 first). Data: ``builtin:stdlib-code`` (forget) and ``builtin:stdlib-prose``
 (retain) through ``prepare_data`` with 100,000 collect and 100,000 eval
@@ -28,7 +28,7 @@ import torch
 from common import footer, header, table
 from mlflow_selprune import collect_statistics, corpora, evaluate_model, find_architecture, score
 from mlflow_selprune.data import prepare_data
-from mlflow_selprune.demo import FORGET, RETAIN, train_demo_model
+from mlflow_selprune.demo_tiny import FORGET, RETAIN, train_demo_model
 from mlflow_selprune.evaluation import next_token_metric
 from mlflow_selprune.engine.selection import select
 from mlflow_selprune.engine.surgery import prune_neurons

@@ -112,10 +112,11 @@ def prepare_data(
     spec, documents = _as_documents(spec_or_dataset, source, trust_remote_code)
     pad_id = _pad_token_id(tokenizer)
     keys = [hashlib.sha256(text.encode("utf-8")).digest() for text in iter_texts(documents)]
+    split_keys = seeded_keys(keys, options.split_seed)
     if eval_only:
-        collect_order, eval_order = [], sorted(range(len(keys)), key=lambda i: (keys[i], i))
+        collect_order, eval_order = [], sorted(range(len(keys)), key=lambda i: (split_keys[i], i))
     else:
-        collect_order, eval_order = split_documents(keys, options.eval_fraction, spec)
+        collect_order, eval_order = split_documents(split_keys, options.eval_fraction, spec)
     tokenizer_key = _tokenizer_key(tokenizer)
     prefix, suffix = special_affixes(tokenizer)
     use_disk = token_cache.enabled(options.token_cache)
@@ -220,6 +221,15 @@ def _pad_token_id(tokenizer) -> int:
         logger.info("the tokenizer has no pad token; padding with its EOS token (id %d)", tokenizer.eos_token_id)
         return tokenizer.eos_token_id
     raise DataError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+
+
+def seeded_keys(keys: Sequence[bytes], split_seed: int) -> list[bytes]:
+    """The documents' split keys: their sha256 digests (seed 0), or digests salted with the seed, so another
+    seed draws another collect/eval split and another document order, as reproducibly as the first."""
+    if split_seed == 0:
+        return list(keys)
+    salt = split_seed.to_bytes(8, "big", signed=True)
+    return [hashlib.sha256(salt + key).digest() for key in keys]
 
 
 def split_documents(keys: Sequence[bytes], eval_fraction: float, spec: str = "DATA") -> tuple[list[int], list[int]]:

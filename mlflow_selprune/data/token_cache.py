@@ -22,11 +22,16 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 1 << 30
 
 
+def user_cache() -> Path:
+    """``$XDG_CACHE_HOME/mlflow-selprune``, else ``~/.cache/mlflow-selprune``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mlflow-selprune"
+
+
 def cache_dir() -> Path:
     if os.environ.get("SELPRUNE_CACHE_DIR"):
         return Path(os.environ["SELPRUNE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mlflow-selprune"
+    return user_cache()
 
 
 def enabled(option: bool = True) -> bool:

@@ -44,6 +44,9 @@ GATE_RECORD_PREFIX = PREFIX + "gate."
 TRUST_REMOTE_CODE = PREFIX + "trust_remote_code"
 STORAGE = PREFIX + "storage"
 PARENT_WEIGHTS_SHA = PREFIX + "parent_weights_sha256"
+# A base (root) version registered by `mlflow-selprune register`: where it came from, one tag per entry
+# (source, source_kind, gguf_sha256, gguf_quantization, package, ...), anchored like an unlearned version's.
+SOURCE_PREFIX = PREFIX + "source."
 # {run artifact path: sha256} of the masks, scores and pruning record, as canonical JSON.
 ARTIFACTS_SHA = PREFIX + "artifacts_sha256"
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
@@ -198,6 +201,7 @@ class Hop:
             "trust_remote_code": t.get(TRUST_REMOTE_CODE),
             "storage": t.get(STORAGE, "full"),
             "gate_decisions": gate_records(t),
+            "source": {k[len(SOURCE_PREFIX):]: v for k, v in sorted(t.items()) if k.startswith(SOURCE_PREFIX)},
         }
 
 
@@ -294,11 +298,11 @@ def _run_of(hop: Hop) -> str | None:
     return hop.run_id or hop.tags.get(RUN_ID)
 
 
-def anchored_digest(run_id: str) -> str | None:
-    """The lineage record's sha256 that run ``run_id`` logged as its param, or None where it has none."""
+def anchored_digest(run_id: str, param: str = LINEAGE_PARAM) -> str | None:
+    """The record's sha256 that run ``run_id`` logged as its (immutable) ``param``, or None where it has none."""
     from .resolve import client
 
-    return client().get_run(run_id).data.params.get(LINEAGE_PARAM)
+    return client().get_run(run_id).data.params.get(param)
 
 
 def run_artifact(run_id: str | None, path: str) -> bytes | None:
@@ -422,11 +426,13 @@ def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
     if hop.kind == "incomplete":
         result.findings.append(f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
                                "(its prune did not finish); do not deploy it")
-    if hop.kind != "unlearned":
+    if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
         return result
     check_artifacts(result)
     try:
-        check_parent(result, check_weights(result, cache), cache)
+        dtype = check_weights(result, cache)
+        if hop.kind == "unlearned":
+            check_parent(result, dtype, cache)
     except BadInputError as exc:
         if strict:
             raise

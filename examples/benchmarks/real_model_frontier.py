@@ -1,0 +1,93 @@
+"""The frontier of selective pruning on the real pretrained model (SmolLM2-135M), step by step.
+
+For each recipe: forget/retain top-1 and skip50 top-1 drops after every step, and the random
+control at the end (the same neuron counts per kind and layer, drawn from the same parent).
+No MLflow: the engine and the data layer only, so the numbers are the pruning's alone.
+
+    python examples/benchmarks/real_model_frontier.py --ff-frac 0.01 --steps 3 --data-seed 0 1 2
+    python examples/benchmarks/real_model_frontier.py --threads 1 2 4 --data-seed 0 1 2   # the demo's recipe
+
+Without recipe flags it runs the demo's recipe (``mlflow_selprune.demo.RECIPE``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+from common import header  # noqa: E402
+
+
+def main() -> None:
+    from mlflow_selprune.demo import RECIPE
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ff-frac", type=float, default=RECIPE.prune.ff_frac)
+    parser.add_argument("--attn-frac", type=float, default=RECIPE.prune.attn_frac)
+    parser.add_argument("--steps", type=int, default=RECIPE.prune.steps)
+    parser.add_argument("--scoring", default=RECIPE.prune.scoring)
+    parser.add_argument("--collect-tokens", type=int, default=RECIPE.data.collect_tokens)
+    parser.add_argument("--eval-tokens", type=int, default=RECIPE.data.eval_tokens)
+    parser.add_argument("--max-length", type=int, default=RECIPE.data.max_length)
+    parser.add_argument("--batch-size", type=int, default=RECIPE.data.batch_size)
+    parser.add_argument("--forget", default=RECIPE.forget)
+    parser.add_argument("--retain", default=RECIPE.retain)
+    parser.add_argument("--data-seed", type=int, nargs="+", default=[RECIPE.data.split_seed])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_selprune import PruneConfig, prepare_data, prune
+    from mlflow_selprune.engine import randomly_pruned
+    from mlflow_selprune.evaluation.drops import relative_drop
+    from mlflow_selprune.registry.model_sources import prepare
+    from mlflow_selprune.unlearn import make_evaluate_fn
+
+    header("selective pruning frontier on a real pretrained model", args)
+    directory = prepare(args.source).directory
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    config = dataclasses.replace(RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, steps=args.steps,
+                                 scoring=args.scoring)
+    keys = ("top1", "skip50_top1")
+    print("threads | data seed | step | forget top1 | forget skip50 | retain top1 | retain skip50 | seconds")
+    for data_seed in args.data_seed:
+        data = dataclasses.replace(RECIPE.data, collect_tokens=args.collect_tokens, eval_tokens=args.eval_tokens,
+                                   max_length=args.max_length, batch_size=args.batch_size, split_seed=data_seed)
+        forget = prepare_data(args.forget, tokenizer, data)
+        retain = prepare_data(args.retain, tokenizer, data)
+        evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+            start = time.perf_counter()
+            rows = []
+            result = prune(model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn,
+                           on_step=rows.append, progress=False)
+            base = result.baseline_metrics
+            print(f"{threads} | {data_seed} | parent | " + " | ".join(
+                f"{base[f'{side}_{k}']:.4f}" for side in ("forget", "retain") for k in keys) + " |")
+            for row in rows[1:]:
+                m = row["metrics"] if "metrics" in row else row
+                drops = [relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain")
+                         for k in keys]
+                print(f"{threads} | {data_seed} | {row['step']} | " + " | ".join(f"{-d:+.1%}" for d in drops)
+                      + f" | {time.perf_counter() - start:.0f}", flush=True)
+            with randomly_pruned(model, result, seed=config.seed):
+                m = evaluate_fn(model)
+            drops = [relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain")
+                     for k in keys]
+            print(f"{threads} | {data_seed} | control | " + " | ".join(f"{-d:+.1%}" for d in drops) + " |", flush=True)
+            del model
+
+
+if __name__ == "__main__":
+    main()
