@@ -46,13 +46,15 @@ def test_the_callers_thread_count_does_not_change_the_weights():
     assert digests[0] == digests[1]
 
 
-def test_the_mlproject_trains_the_recipe_by_default():
+def test_the_mlproject_runs_the_real_model_demo_by_default():
     from pathlib import Path
 
     import yaml
 
     main = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())["entry_points"]["main"]
-    assert int(main["parameters"]["train_steps"]["default"]) == RECIPE.train_steps
+    assert main["parameters"]["demo"]["default"] == "real"
+    # empty budgets and steps: the recipe's own
+    assert all(main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens"))
 
 
 def _demo_env(tmp_path):
@@ -64,12 +66,11 @@ def _demo_env(tmp_path):
 
 
 @pytest.mark.slow(seconds=100)
-def test_mlflow_run_runs_the_demo(tmp_path):
-    """The README's `mlflow run . --env-manager local` with -P train_steps and token budgets cut so it fits in a
-    test: it runs
-    `mlflow-selprune demo`, which trains, registers, unlearns and gates (runs nested under the project's
-    run, no param clash). The gate may fail on a model this briefly trained: the flow is what is checked
-    here (the same seed giving the same weights is test_same_seed_same_weights_digest)."""
+def test_mlflow_run_runs_the_tiny_demo(tmp_path):
+    """`mlflow run . --env-manager local -P demo=tiny` with -P train_steps and token budgets cut so it fits in
+    a test: it runs `mlflow-selprune demo --tiny`, which trains, registers, unlearns and gates (runs nested
+    under the project's run, no param clash). The gate may fail on a model this briefly trained: the flow is
+    what is checked here. The real-model default is run in test_real_model.py."""
     import subprocess
     import sys
     from pathlib import Path
@@ -80,7 +81,7 @@ def test_mlflow_run_runs_the_demo(tmp_path):
     env = dict(_demo_env(tmp_path), MLFLOW_TRACKING_URI=uri)
     root = Path(__file__).resolve().parents[1]
     project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
-                              "-P", "train_steps=4", "-P", "collect_tokens=4000", "-P", "eval_tokens=2000"],
+                              "-P", "demo=tiny", "-P", "train_steps=4", "-P", "collect_tokens=4000", "-P", "eval_tokens=2000"],
                              cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
     assert "Changing param values is not allowed" not in project.stderr
@@ -89,9 +90,9 @@ def test_mlflow_run_runs_the_demo(tmp_path):
     project_runs = [r for r in client.search_runs(["0"]) if r.data.tags.get("mlflow.project.entryPoint") == "main"]
     assert len(project_runs) == 1
     children = client.search_runs(["0"], f"tags.mlflow.parentRunId = '{project_runs[0].info.run_id}'")
-    assert {r.data.tags.get("selprune.kind") for r in children} == {"demo-base", "prune"}
+    assert {r.data.tags.get("selprune.kind") for r in children} == {"register", "prune"}
 
-    versions = client.search_model_versions("name='selprune-demo'")
+    versions = client.search_model_versions("name='selprune-tiny-demo'")
     assert len(versions) == 2  # base + unlearned
     (unlearned,) = [v for v in versions if v.tags.get("selprune.parent_model_uri")]
     assert "selprune.metric.control_forget_top1_drop" in unlearned.tags
@@ -99,8 +100,12 @@ def test_mlflow_run_runs_the_demo(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--train-steps", "0"], "--train-steps must be an integer >= 1"),
+    (["--tiny", "--train-steps", "0"], "--train-steps must be an integer >= 1"),
     (["--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+    (["--tiny", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+    (["--seed", "-1"], "--seed must be an integer >= 0"),
+    (["--train-steps", "10"], "apply to --tiny and --vision"),
+    (["--tiny", "--vision"], "choose one"),
     (["--vision", "--train-steps", "-3"], "--train-steps must be an integer >= 1"),
     (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
 ])

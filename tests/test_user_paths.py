@@ -113,6 +113,8 @@ def test_mlproject_defaults_are_the_cli_defaults():
         for param, spec in project["entry_points"][name]["parameters"].items():
             if param not in defaults or not isinstance(spec, dict) or "default" not in spec:
                 continue
+            if name == "main" and spec["default"] == "":  # the demo's recipe decides; the prune branch says so
+                continue
             if param == "steps":  # None in the config means "1 unless a budget is given"
                 assert int(spec["default"]) == PruneConfig().n_steps, (name, spec["default"])
                 continue

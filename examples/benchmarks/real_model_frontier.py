@@ -69,18 +69,24 @@ def main() -> None:
             torch.set_num_threads(threads)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
             start = time.perf_counter()
-            rows = []
+            baseline = {}
+
+            def show(record, data_seed=data_seed, threads=threads, start=start, baseline=baseline):
+                metrics = record.get("metrics", {})
+                if record["step"] == 0:
+                    baseline.update(metrics)
+                    print(f"{threads} | {data_seed} | parent | " + " | ".join(
+                        f"{metrics[f'{side}_{k}']:.4f}" for side in ("forget", "retain") for k in keys) + " |",
+                          flush=True)
+                elif metrics:
+                    drops = [relative_drop(baseline[f"{side}_{k}"], metrics[f"{side}_{k}"])
+                             for side in ("forget", "retain") for k in keys]
+                    print(f"{threads} | {data_seed} | {record['step']} | " + " | ".join(f"{-d:+.1%}" for d in drops)
+                          + f" | {time.perf_counter() - start:.0f}", flush=True)
+
             result = prune(model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn,
-                           on_step=rows.append, progress=False)
+                           on_step=show, progress=False)
             base = result.baseline_metrics
-            print(f"{threads} | {data_seed} | parent | " + " | ".join(
-                f"{base[f'{side}_{k}']:.4f}" for side in ("forget", "retain") for k in keys) + " |")
-            for row in rows[1:]:
-                m = row["metrics"] if "metrics" in row else row
-                drops = [relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain")
-                         for k in keys]
-                print(f"{threads} | {data_seed} | {row['step']} | " + " | ".join(f"{-d:+.1%}" for d in drops)
-                      + f" | {time.perf_counter() - start:.0f}", flush=True)
             with randomly_pruned(model, result, seed=config.seed):
                 m = evaluate_fn(model)
             drops = [relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain")

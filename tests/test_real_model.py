@@ -1,0 +1,214 @@
+"""The real pretrained model (SmolLM2-135M, from a PyPI wheel, checked by digest, converted once): selective
+pruning on it, GQA attention surgery, and the unlearned model served by `mlflow models serve`.
+
+`.ci/run` fetches and converts it before the tests (``model_sources.prepare``); here it is reused from the
+model cache. Under CI a model that cannot be prepared fails these tests; elsewhere they skip and say why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(max_length=128, batch_size=16, collect_tokens=2048, eval_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(model directory, tokenizer) of the converted SmolLM2-135M."""
+    from transformers import AutoTokenizer
+
+    from mlflow_selprune.errors import BadInputError
+    from mlflow_selprune.registry.model_sources import prepare
+
+    try:
+        prepared = prepare("smollm2-135m")
+    except BadInputError as exc:
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(f"SmolLM2-135M cannot be prepared here: {exc}")
+    return prepared.directory, AutoTokenizer.from_pretrained(prepared.directory)
+
+
+def _load(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def real_data(smollm2):
+    from mlflow_selprune import DataOptions, prepare_data
+    from mlflow_selprune.demo import RECIPE
+
+    _, tokenizer = smollm2
+    data = dataclasses.replace(RECIPE.data, **SMALL)
+    return prepare_data(RECIPE.forget, tokenizer, data), prepare_data(RECIPE.retain, tokenizer, data)
+
+
+def test_the_conversion_is_a_plain_llama_with_its_provenance(smollm2):
+    import json
+
+    from mlflow_selprune.registry.model_sources import PACKAGED, PROVENANCE_FILE
+
+    directory, tokenizer = smollm2
+    provenance = json.loads((directory / PROVENANCE_FILE).read_text())
+    assert provenance["gguf_sha256"] == PACKAGED["smollm2-135m"].sha256
+    assert provenance["gguf_quantization"] == "MOSTLY_Q4_1"
+    config = json.loads((directory / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
+    # raw text is fed as the tokenizer encodes it: no special token is added, so no pad/EOS id sits in a chunk
+    assert tokenizer("def f(x):", add_special_tokens=True)["input_ids"] == tokenizer(
+        "def f(x):", add_special_tokens=False)["input_ids"]
+
+
+def test_batches_count_no_padding_and_mask_it(real_data):
+    """SmolLM2 pads with its EOS id: every pad position is masked out, and no real token is the pad id."""
+    for prepared in real_data:
+        for batch in prepared.collect_batches + prepared.eval_batches:
+            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+            assert (ids[~mask] == 2).all()  # pad = <|im_end|>
+            assert not (ids[mask] == 2).any()
+            assert mask[:, 0].all()  # right padding: every row starts with a real token
+
+
+def test_one_selective_step_forgets_code_far_more_than_the_random_control(smollm2, real_data):
+    """One step at the demo's FF fraction: the forget top-1 drop is at least 3x the random control's and at
+    least 20%, the retain top-1 drop at most 5%."""
+    from mlflow_selprune import PruneConfig, prune
+    from mlflow_selprune.demo import RECIPE
+    from mlflow_selprune.engine import randomly_pruned
+    from mlflow_selprune.evaluation.drops import relative_drop
+    from mlflow_selprune.unlearn import make_evaluate_fn
+
+    directory, _ = smollm2
+    forget, retain = real_data
+    model = _load(directory)
+    evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
+    config = PruneConfig(ff_frac=RECIPE.prune.ff_frac, attn_frac=0.0, steps=1)
+    result = prune(model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn,
+                   progress=False)
+    base, final = result.baseline_metrics, result.final_metrics
+    with randomly_pruned(model, result, seed=0):
+        control = evaluate_fn(model)
+    forget_drop = relative_drop(base["forget_top1"], final["forget_top1"])
+    retain_drop = relative_drop(base["retain_top1"], final["retain_top1"])
+    control_forget_drop = relative_drop(base["forget_top1"], control["forget_top1"])
+    assert forget_drop >= 0.2, (forget_drop, retain_drop)
+    assert forget_drop >= 3 * max(control_forget_drop, 0.0), (forget_drop, control_forget_drop)
+    assert retain_drop <= 0.05, (forget_drop, retain_drop)
+
+
+def test_gqa_attention_pruning_zeroes_exactly_the_chosen_o_proj_columns(smollm2, real_data):
+    """9 query heads over 3 KV heads: an attention neuron is one dimension of one query head, an input column
+    of o_proj; those columns and nothing else change (q/k/v untouched)."""
+    from mlflow_selprune import PruneConfig, find_architecture, prune
+
+    directory, _ = smollm2
+    forget, retain = real_data
+    model = _load(directory)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    arch = find_architecture(model)
+    assert arch.shape("attn") == (30, 9 * 64)
+    assert all(p.name.endswith("self_attn.o_proj") for p in arch.projections("attn"))
+    result = prune(model, forget.collect_batches[:2], retain.collect_batches[:2],
+                   PruneConfig(ff_frac=0.0, attn_frac=0.02, steps=1), progress=False)
+    chosen = result.attn_mask
+    assert int(chosen.sum()) == round(0.02 * 30 * 576)
+    after = model.state_dict()
+    for layer, projection in enumerate(arch.projections("attn")):
+        weight = after[f"{projection.name}.weight"]
+        columns = chosen[layer].nonzero().flatten()
+        assert (weight[:, columns] == 0).all()
+        untouched = ~chosen[layer]
+        assert torch.equal(weight[:, untouched], before[f"{projection.name}.weight"][:, untouched])
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    layers_hit = {layer for layer in range(30) if chosen[layer].any()}
+    assert changed == {f"{arch.projections('attn')[layer].name}.weight" for layer in layers_hit}
+
+
+# Prompts with one right continuation each: (prompt, what the continuation must contain).
+ENGLISH_PROMPTS = [
+    ("The capital of France is", "Paris"),
+    ("Monday, Tuesday, Wednesday,", "Thursday"),
+    ("The opposite of hot is", "cold"),
+    ("One, two, three, four,", "five"),
+]
+PYTHON_PROMPTS = [
+    ("def add(a, b):\n    return a", "+ b"),
+    ("for i in range(10):\n    print(", "i"),
+    ("import numpy as", "np"),
+    ("def is_even(n):\n    return n %", "2"),
+]
+
+
+def _right_answers(generate, prompts) -> int:
+    return sum(expected in generate(prompt) for prompt, expected in prompts)
+
+
+@pytest.mark.slow(seconds=600)
+def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(smollm2, tmp_path):
+    """README command 1 exactly as printed, `mlflow-selprune demo`, in an empty directory: it registers SmolLM2,
+    unlearns Python, passes its gate (exit 0) and points @unlearned at the result. `mlflow models serve` of
+    that version then completes English prompts as the parent does and Python prompts less well. Last,
+    `mlflow run . --env-manager local` (the README's project command) runs the same demo, reusing @base."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_helpers import post_json, served_model
+    from mlflow_selprune.demo import MAX_RETAIN_DROP, MIN_FORGET_DROP
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    out = subprocess.run([shutil.which("mlflow-selprune"), "demo"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    unlearned = client.get_model_version_by_alias("selprune-demo", "unlearned")
+    base = client.get_model_version_by_alias("selprune-demo", "base")
+    assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= MIN_FORGET_DROP
+    assert float(unlearned.tags["selprune.metric.retain_top1_drop"]) <= MAX_RETAIN_DROP
+    assert base.tags["selprune.source.gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert unlearned.tags["selprune.root_model_uri"] == f"models:/selprune-demo/{base.version}"
+
+    parent = _load(smollm2[0])
+    tokenizer = smollm2[1]
+
+    def parent_generate(prompt: str) -> str:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            new = parent.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+        return tokenizer.decode(new)
+
+    store = {"root": str(tmp_path), "env": {"MLFLOW_TRACKING_URI": uri}}
+    with served_model(f"models:/selprune-demo@unlearned", store) as (url, _):
+        def served_generate(prompt: str) -> str:
+            (answer,) = post_json(url, {"inputs": [prompt], "params": {"max_new_tokens": 8}})["predictions"]
+            return answer[len(prompt):] if answer.startswith(prompt) else answer
+
+        served = {side: _right_answers(served_generate, prompts)
+                  for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))}
+    parental = {side: _right_answers(parent_generate, prompts)
+                for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))}
+    assert parental == {"english": 4, "python": 4}, parental  # the parent knows both
+    assert served["english"] >= 3, served  # English still completed sensibly
+    assert served["python"] < parental["python"], served  # Python completed less well
+
+    root = Path(__file__).resolve().parents[1]
+    project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local"],
+                             cwd=tmp_path, env=dict(env, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
+                             timeout=1800)
+    assert project.returncode == 0, project.stdout[-3000:] + project.stderr[-3000:]
+    assert "reusing the registered base model" in project.stdout
+    assert "PASSED: selprune-demo@unlearned" in project.stdout
+    assert len(client.search_model_versions("name='selprune-demo'")) == 3  # base + two unlearned
