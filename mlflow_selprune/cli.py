@@ -466,7 +466,9 @@ def _print_hop(i: int, row: dict) -> None:
     click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
     click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
     click.echo(f"  stored:  {row.get('storage', 'full')}")
-    click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons"
+    totals = (f" (dead in total: {row['ff_pruned_total']} FF, {row['attn_pruned_total']} attention)"
+              if row.get("ff_pruned_total") is not None else "")
+    click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons{totals}"
                f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}")
     m = row["metrics"]
     shown = ("forget_top1_drop", "retain_top1_drop", "selectivity", "control_forget_top1_drop", "relearn_recovery")

@@ -210,7 +210,8 @@ def run_prune(
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
             weights_digest=weights_digest, ff_pruned=result.ff_pruned,
-            attn_pruned=result.attn_pruned, metrics=metrics, plugin_version=__version__,
+            attn_pruned=result.attn_pruned, ff_pruned_total=result.ff_pruned_total,
+            attn_pruned_total=result.attn_pruned_total, metrics=metrics, plugin_version=__version__,
             trust_remote_code=trust_remote_code, storage=storage,
             parent_weights_digest=parent_digest, artifacts=artifacts,
         )

@@ -420,3 +420,43 @@ def test_save_writes_safetensors_and_json(tmp_path):
     assert record["steps"][-1]["metrics"]["forget_top1"] == 0.25
     for path in (paths["masks"], paths["scores"]):
         assert not path.read_bytes().startswith(b"\x80"), "no pickle"
+
+
+# --- chains: a prune starts from what is already dead in its parent ------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_chain_of_prunes_composes_instead_of_re_pruning_dead_neurons(family):
+    """v1 -> v2 -> v3 at 10% FF and 10% attention a run: each run chooses only live neurons, so v3 has ~20%
+    dead (not ~10%), and the counts say both: this run's and the total dead in the result."""
+    from mlflow_selprune import PruneConfig
+
+    model = build(family)
+    arch = find_architecture(model)
+    config = PruneConfig(ff_frac=0.1, attn_frac=0.1, steps=1)
+    first = prune(model, FORGET, RETAIN, config, progress=False)
+    second = prune(model, FORGET, RETAIN, config, progress=False)
+    for kind, a, b in (("ff", first.ff_mask, second.ff_mask), ("attn", first.attn_mask, second.attn_mask)):
+        assert not (a & b).any(), kind  # nothing chosen twice
+        assert torch.equal(second.dead_before(kind), a), kind  # the parent's dead neurons, found in the weights
+        assert torch.equal(pruned_columns(arch, kind), a | b), kind
+    n_ff, n_attn = first.ff_mask.numel(), first.attn_mask.numel()
+    assert second.ff_pruned == round(0.1 * n_ff) and second.ff_pruned_total == 2 * round(0.1 * n_ff)
+    assert second.attn_pruned_total == 2 * round(0.1 * n_attn)
+    assert second.record()["ff_pruned_total"] == second.ff_pruned_total
+    assert second.steps[-1]["ff_pruned_total"] == second.ff_pruned_total
+
+
+def test_the_random_control_of_a_chain_draws_from_live_neurons_only():
+    from mlflow_selprune import PruneConfig
+    from mlflow_selprune.engine import randomly_pruned
+
+    model = build("llama")
+    arch = find_architecture(model)
+    first = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.3, steps=1), progress=False)
+    second = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.3, steps=1), progress=False)
+    for seed in range(5):
+        with randomly_pruned(model, second, seed=seed) as masks:
+            assert not (masks["ff"] & first.ff_mask).any()  # never a neuron the parent had already lost
+            assert torch.equal(masks["ff"].sum(1), second.ff_mask.sum(1))
+            assert torch.equal(pruned_columns(arch, "ff"), first.ff_mask | masks["ff"])

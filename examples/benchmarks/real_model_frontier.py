@@ -24,6 +24,27 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import header  # noqa: E402
 
 
+def top1_standard_error(model, batches) -> tuple[float, float]:
+    """(top-1, its standard error) over ``batches``, with each sequence as a cluster: tokens of one text are not
+    independent, so the plain binomial error would understate it."""
+    import torch
+
+    correct, counts = [], []
+    with torch.inference_mode():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            mask = batch["attention_mask"].bool()
+            valid = mask[:, :-1] & mask[:, 1:]
+            hits = (logits[:, :-1].argmax(-1) == batch["input_ids"][:, 1:]) & valid
+            correct += hits.sum(1).tolist()
+            counts += valid.sum(1).tolist()
+    c, n = torch.tensor(correct, dtype=torch.float64), torch.tensor(counts, dtype=torch.float64)
+    p = float(c.sum() / n.sum())
+    k = len(c)
+    se = float(((c - p * n) ** 2).sum().sqrt() / n.sum() * (k / (k - 1)) ** 0.5)
+    return p, se
+
+
 def main() -> None:
     from mlflow_selprune.demo import RECIPE
 
@@ -41,6 +62,8 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, nargs="+", default=[RECIPE.data.split_seed])
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
+    parser.add_argument("--stderr-only", action="store_true",
+                        help="print only the parent's top-1 with its standard error, per side and split seed")
     args = parser.parse_args()
 
     import torch
@@ -65,6 +88,14 @@ def main() -> None:
         forget = prepare_data(args.forget, tokenizer, data)
         retain = prepare_data(args.retain, tokenizer, data)
         evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
+        if args.stderr_only:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+            for side, prepared in (("forget", forget), ("retain", retain)):
+                p, se = top1_standard_error(model, prepared.eval_batches)
+                print(f"split seed {data_seed}: {side} top-1 {p:.4f} +- {se:.4f} (standard error; "
+                      f"{prepared.eval_tokens} eval tokens, {len(prepared.eval_batches)} batches); relative "
+                      f"error {se / p:.1%}")
+            continue
         for threads in args.threads:
             torch.set_num_threads(threads)
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

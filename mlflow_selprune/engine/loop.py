@@ -24,7 +24,7 @@ from .result import PruneResult
 from .scoring import required_sums, score
 from .selection import select
 from .statistics import collect_statistics
-from .surgery import prune_neurons
+from .surgery import pruned_columns, prune_neurons
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ def prune(
                 "prune without --attn-mean-offset for this model"
             )
     masks = {kind: torch.zeros(arch.shape(kind), dtype=torch.bool) for kind in KINDS}
+    # What is already dead in the parent (an unlearned version pruned again): its zero columns still show
+    # activity at the projection's input, so without this a chain would score and "prune" them again.
+    dead = {kind: pruned_columns(arch, kind) for kind in KINDS}
     last_scores: dict[str, torch.Tensor | None] = {kind: None for kind in KINDS}
     records: list[dict] = []
     kept_undos: list = []
@@ -86,7 +89,8 @@ def prune(
         if config.budget_mode:
             _budget_drops(config, baseline, baseline)  # a missing budget metric fails now, before any surgery
         if on_step is not None:
-            on_step({"step": 0, "ff_pruned_total": 0, "attn_pruned_total": 0, "kept": True, "metrics": baseline})
+            on_step({"step": 0, "ff_pruned_total": int(dead[FF].sum()), "attn_pruned_total": int(dead[ATTN].sum()),
+                     "kept": True, "metrics": baseline})
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
     show = progress and (accelerator is None or accelerator.is_local_main_process)
@@ -94,10 +98,10 @@ def prune(
 
     for step in range(1, config.n_steps + 1):
         step_start = time.perf_counter()
-        chosen, thresholds, undos, collect_seconds = _prune_step(model, arch, masks, last_scores, forget_batches,
-                                                                 retain_batches, config, kinds, accelerator,
-                                                                 progress, step)
-        record = _step_record(step, chosen, thresholds, masks, collect_seconds)
+        chosen, thresholds, undos, collect_seconds = _prune_step(model, arch, masks, dead, last_scores,
+                                                                 forget_batches, retain_batches, config, kinds,
+                                                                 accelerator, progress, step)
+        record = _step_record(step, chosen, thresholds, masks, dead, collect_seconds)
         if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps):
             eval_start = time.perf_counter()
             record["metrics"] = dict(evaluate_fn(model))
@@ -141,12 +145,14 @@ def prune(
         ff_mask=masks[FF], attn_mask=masks[ATTN], ff_scores=last_scores[FF], attn_scores=last_scores[ATTN],
         steps=records, config=config, architecture=arch.describe(), baseline_metrics=baseline,
         final_metrics=latest_metrics, stop_reason=stop_reason, parent_undos=kept_undos,
+        ff_dead=dead[FF], attn_dead=dead[ATTN],
     )
 
 
-def _prune_step(model, arch, masks, last_scores, forget_batches, retain_batches, config, kinds, accelerator,
+def _prune_step(model, arch, masks, dead, last_scores, forget_batches, retain_batches, config, kinds, accelerator,
                 progress, step):
-    """Collect, score, select and zero one step's neurons; masks are updated in place."""
+    """Collect, score, select (among neurons neither pruned by this run nor dead before it) and zero one step's
+    neurons; masks are updated in place."""
     forget_stats, retain_stats, collect_seconds = _collect_both(
         model, forget_batches, retain_batches, config, kinds, accelerator, progress, step
     )
@@ -160,7 +166,7 @@ def _prune_step(model, arch, masks, last_scores, forget_batches, retain_batches,
             eps=config.eps(kind), seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
         ).cpu()
         last_scores[kind] = scores
-        chosen[kind] = select(scores, masks[kind], config.frac(kind), selection=config.selection)
+        chosen[kind] = select(scores, masks[kind] | dead[kind], config.frac(kind), selection=config.selection)
         thresholds[kind] = float(scores[chosen[kind]].min()) if chosen[kind].any() else None
         offset = None
         if kind == ATTN and config.attn_mean_offset:
@@ -172,7 +178,8 @@ def _prune_step(model, arch, masks, last_scores, forget_batches, retain_batches,
     return chosen, thresholds, undos, collect_seconds
 
 
-def _step_record(step, chosen, thresholds, masks, collect_seconds) -> dict:
+def _step_record(step, chosen, thresholds, masks, dead, collect_seconds) -> dict:
+    """This step's choices; ``*_pruned_total``: dead in the model after it (the parent's dead included)."""
     return {
         "step": step,
         "ff_pruned": int(chosen[FF].sum()),
@@ -181,8 +188,8 @@ def _step_record(step, chosen, thresholds, masks, collect_seconds) -> dict:
         "attn_pruned_per_layer": chosen[ATTN].sum(1).tolist(),
         "ff_threshold": thresholds.get(FF),
         "attn_threshold": thresholds.get(ATTN),
-        "ff_pruned_total": int(masks[FF].sum()),
-        "attn_pruned_total": int(masks[ATTN].sum()),
+        "ff_pruned_total": int((masks[FF] | dead[FF]).sum()),
+        "attn_pruned_total": int((masks[ATTN] | dead[ATTN]).sum()),
         "kept": True,
         "seconds_collect": round(collect_seconds, 3),
     }

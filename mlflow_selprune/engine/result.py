@@ -33,14 +33,33 @@ class PruneResult:
     final_metrics: dict = field(default_factory=dict)
     stop_reason: str = ""
     parent_undos: list = field(default_factory=list, repr=False, compare=False)
+    # neurons already dead (all-zero columns) in the parent before this run: never chosen, never in the control
+    ff_dead: torch.Tensor | None = None
+    attn_dead: torch.Tensor | None = None
 
     @property
     def ff_pruned(self) -> int:
+        """Pruned by this run."""
         return int(self.ff_mask.sum())
 
     @property
     def attn_pruned(self) -> int:
         return int(self.attn_mask.sum())
+
+    def dead_before(self, kind: str) -> torch.Tensor:
+        """Bool [n_layers, n]: the neurons of ``kind`` already dead in the parent."""
+        mask = self.ff_mask if kind == "ff" else self.attn_mask
+        dead = self.ff_dead if kind == "ff" else self.attn_dead
+        return torch.zeros_like(mask) if dead is None else dead
+
+    @property
+    def ff_pruned_total(self) -> int:
+        """Dead in the result: the parent's dead neurons and this run's."""
+        return int((self.ff_mask | self.dead_before("ff")).sum())
+
+    @property
+    def attn_pruned_total(self) -> int:
+        return int((self.attn_mask | self.dead_before("attn")).sum())
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {"ff_mask": self.ff_mask, "attn_mask": self.attn_mask}
@@ -60,6 +79,8 @@ class PruneResult:
             "architecture": self.architecture,
             "ff_pruned": self.ff_pruned,
             "attn_pruned": self.attn_pruned,
+            "ff_pruned_total": self.ff_pruned_total,
+            "attn_pruned_total": self.attn_pruned_total,
             "ff_pruned_per_layer": self.ff_mask.sum(1).tolist(),
             "attn_pruned_per_layer": self.attn_mask.sum(1).tolist(),
             "baseline_metrics": self.baseline_metrics,

@@ -36,6 +36,9 @@ CONFIG_SHA = PREFIX + "config_sha256"
 WEIGHTS_SHA = PREFIX + "weights_sha256"
 FF_PRUNED = PREFIX + "ff_pruned"
 ATTN_PRUNED = PREFIX + "attn_pruned"
+# dead in the version (its parent's dead neurons and this run's): a chain's totals add up
+FF_PRUNED_TOTAL = PREFIX + "ff_pruned_total"
+ATTN_PRUNED_TOTAL = PREFIX + "attn_pruned_total"
 PLUGIN_VERSION = PREFIX + "plugin_version"
 COMPLETE = PREFIX + "complete"
 METRIC_PREFIX = PREFIX + "metric."
@@ -132,6 +135,7 @@ def metrics_from_tags(tags: dict) -> dict[str, float]:
 
 def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_digest: str,
                ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
+               ff_pruned_total: int | None = None, attn_pruned_total: int | None = None,
                trust_remote_code: bool = False, storage: str = "full",
                parent_weights_digest: str | None = None, artifacts: dict | None = None) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``; ``artifacts``:
@@ -149,6 +153,8 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
         WEIGHTS_SHA: weights_digest,
         FF_PRUNED: str(ff_pruned),
         ATTN_PRUNED: str(attn_pruned),
+        FF_PRUNED_TOTAL: str(ff_pruned if ff_pruned_total is None else ff_pruned_total),
+        ATTN_PRUNED_TOTAL: str(attn_pruned if attn_pruned_total is None else attn_pruned_total),
         PLUGIN_VERSION: plugin_version,
         TRUST_REMOTE_CODE: str(bool(trust_remote_code)).lower(),
         STORAGE: storage,
@@ -195,6 +201,8 @@ class Hop:
             "retain_digest": t.get(RETAIN_DIGEST),
             "ff_pruned": int(t[FF_PRUNED]) if FF_PRUNED in t else None,
             "attn_pruned": int(t[ATTN_PRUNED]) if ATTN_PRUNED in t else None,
+            "ff_pruned_total": int(t[FF_PRUNED_TOTAL]) if FF_PRUNED_TOTAL in t else None,
+            "attn_pruned_total": int(t[ATTN_PRUNED_TOTAL]) if ATTN_PRUNED_TOTAL in t else None,
             "weights_sha256": t.get(WEIGHTS_SHA),
             "config_sha256": t.get(CONFIG_SHA),
             "metrics": metrics_from_tags(t),
