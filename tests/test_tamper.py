@@ -230,3 +230,26 @@ def test_a_resumed_run_keeps_its_evidence_and_refuses_a_different_lineage(store,
     assert "start a new run" in errors[0]
     assert registry_snapshot() == before
     assert MlflowClient().get_run(run_id).data.params[lineage.LINEAGE_PARAM] == recorded
+
+
+@pytest.mark.slow(seconds=15)
+def test_the_gate_verifies_before_it_decides_and_edited_metrics_cannot_promote(chain):
+    """Edited metric tags that would pass: the gate refuses (exit 1), names the finding, writes no decision
+    and moves no alias. Changed weights are refused the same way. The untouched version passes."""
+    _, _, v3 = chain
+    client = MlflowClient()
+    gate = ["--model-uri", v3, "--max-retain-drop", "0.01", "--min-forget-drop", "0.5",
+            "--set-alias", "production"]
+    before = {k for k in client.get_model_version(TINY_NAME, _version(v3)).tags if k.startswith(lineage.GATE_RECORD_PREFIX)}
+    with _tag_set(v3, lineage.METRIC_PREFIX + "retain_top1_drop", "0.0"), \
+            _tag_set(v3, lineage.METRIC_PREFIX + "forget_top1_drop", "0.9"):
+        out = invoke("gate", *gate)
+        assert out.exit_code == 1, out.output
+        assert "refused, tampered:" in out.stderr and "forget_top1_drop changed" in out.stderr
+    with _file_edited(_weights_file(v3)):
+        out = invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--set-alias", "production")
+        assert out.exit_code == 1 and "weights changed" in out.stderr, out.output
+    after = client.get_model_version(TINY_NAME, _version(v3))
+    assert {k for k in after.tags if k.startswith(lineage.GATE_RECORD_PREFIX)} == before  # nothing written
+    assert "production" not in (client.get_registered_model(TINY_NAME).aliases or {})
+    assert invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--dry-run").exit_code == 0

@@ -71,7 +71,12 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     tags = resolved.tags
     if lineage.PARENT in tags and tags.get(lineage.COMPLETE) != "true":
         raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
-    metrics = lineage.metrics_from_tags(tags)
+    refusals = verification_findings(resolved)
+    thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop,
+                  "min_selectivity": min_selectivity, "max_relearn_recovery": max_relearn_recovery, "metric": metric}
+    if refusals:  # nothing is decided on, or written to, a version that does not verify
+        return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
+    metrics = lineage.metrics_from_tags(tags)  # the very tags just verified against the run's anchored record
     wanted = {}
     if max_retain_drop is not None:
         wanted[f"retain_{metric}_drop"] = MetricThreshold(threshold=max_retain_drop, greater_is_better=False)
@@ -93,14 +98,26 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
         mlflow_validate(wanted, metrics)
     except ModelValidationFailedException as exc:
         failures = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop,
-                  "min_selectivity": min_selectivity, "max_relearn_recovery": max_relearn_recovery, "metric": metric}
     passed = not failures
     alias_set = set_alias if passed and set_alias and not dry_run else None
     if not dry_run:
         _record_and_move(resolved, thresholds, passed, failures, alias_set)
     return GateResult(passed, resolved.canonical_uri, thresholds,
                       {k: metrics[k] for k in wanted}, failures, alias_set)
+
+
+def verification_findings(resolved) -> list[str]:
+    """Why an unlearned version cannot be trusted: every ``lineage`` audit finding (tags against the record its
+    run anchored, weights, parent weights, masks and record), or no anchored record at all. Empty: verified."""
+    hop = lineage.Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id,
+                      resolved.tags)
+    if not hop.is_unlearned:
+        return []
+    found = lineage.audit(hop, cache={}, strict=False)
+    if found.status["tags"] == lineage.NOT_APPLICABLE:
+        return [f"unverifiable: {hop.uri}: its run holds no anchored lineage record, so its tags cannot be "
+                "trusted; refusing to gate it"]
+    return [f"refused, {line}" for line in found.findings]
 
 
 def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None) -> None:
