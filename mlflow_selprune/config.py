@@ -176,6 +176,9 @@ class DataOptions:
     eval_tokens: int = option(10_000, "Token budget per dataset for metrics (paper: 100000).", type=int)
     eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).",
                                   type=float)
+    chunks_per_document: int | None = option(
+        None, "Take at most this many chunks (of --max-length tokens) from each document, so a token budget "
+              "spans more documents (default: every chunk).", type=int)
     split_seed: int = option(0, "Which collect/eval split of the documents (and order within each part); 0 is "
                                 "the plain hash split, other seeds salt the hash.", type=int)
     token_cache: bool = option(True, "Keep token ids on disk (user cache dir) so reruns do not tokenize again.",
@@ -205,6 +208,10 @@ class DataOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag_of(DataOptions, name)} must be an integer >= 1, got {value}")
+        if self.chunks_per_document is not None and (not isinstance(self.chunks_per_document, int)
+                                                     or isinstance(self.chunks_per_document, bool)
+                                                     or self.chunks_per_document < 1):
+            raise ConfigError(f"--chunks-per-document must be an integer >= 1, got {self.chunks_per_document}")
         if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or not 0 <= self.split_seed < 2**62:
             raise ConfigError(f"--split-seed must be an integer >= 0, got {self.split_seed}")
         if self.max_length < 2:

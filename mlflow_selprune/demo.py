@@ -35,8 +35,10 @@ class RealModelRecipe:
     forget: str = "builtin:stdlib-code"
     retain: str = "builtin:stdlib-prose"
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.02, attn_frac=0.0, steps=1))
+    # one chunk per document: a budget spans many definitions and paragraphs, not a few long classes
     data: DataOptions = field(default_factory=lambda: DataOptions(max_length=128, batch_size=16,
-                                                                  collect_tokens=8_000, eval_tokens=4_000))
+                                                                  collect_tokens=8_000, eval_tokens=4_000,
+                                                                  chunks_per_document=1))
 
 
 RECIPE = RealModelRecipe()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from mlflow_selprune.data import corpora
+from mlflow_selprune.errors import ConfigError
 from mlflow_selprune.data import DataError, load_documents, prepare_data, split_documents
 
 _letters = torch.Generator().manual_seed(1)
@@ -364,7 +365,7 @@ def test_budget_takes_whole_chunks_in_hash_order(tiny_tokenizer):
     prepared = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=300, eval_tokens=120)
     assert 300 <= prepared.collect_tokens < 300 + 16
     assert 120 <= prepared.eval_tokens < 120 + 16
-    assert not prepared.warnings
+    assert not [w for w in prepared.warnings if "asked for" in w]  # each budget met
     bigger = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=120)
     assert bigger.n_documents > prepared.n_documents
     assert bigger.digest != prepared.digest  # the digest covers the documents actually used
@@ -383,14 +384,49 @@ def test_too_few_tokens_warns_and_min_tokens_errors(tiny_tokenizer, caplog):
     docs = make_docs(10)
     with caplog.at_level(logging.WARNING, logger="mlflow_selprune.data.batching"):
         prepared = prepare_data(docs, tiny_tokenizer, collect_tokens=5000, eval_tokens=5000)
-    assert len(prepared.warnings) == 2
-    assert f"the collect part has only {prepared.collect_tokens} tokens" in prepared.warnings[0]
-    assert "fewer than the 5000 asked for" in prepared.warnings[0]
+    shortfalls = [w for w in prepared.warnings if "asked for" in w]
+    assert len(shortfalls) == 2
+    assert f"the collect part has only {prepared.collect_tokens} tokens" in shortfalls[0]
+    assert "fewer than the 5000 asked for" in shortfalls[0]
     assert any("eval part has only" in r.getMessage() for r in caplog.records)
+    # ten documents are too few for either part: said, not refused
+    few = [w for w in prepared.warnings if "drops follow those documents" in w]
+    assert len(few) == 2 and "the eval part has" in few[1]
     with pytest.raises(DataError, match="fewer than the 1000 needed"):
         prepare_data(docs, tiny_tokenizer, collect_tokens=5000, eval_tokens=5000, min_tokens=1000)
     with pytest.raises(DataError, match="need at least 2 distinct documents"):
         prepare_data(docs[:1], tiny_tokenizer)
+
+
+def test_enough_documents_give_no_data_size_warning(tiny_tokenizer):
+    from mlflow_selprune.data.batching import ADVISED_DOCUMENTS, ADVISED_EVAL_TOKENS
+
+    docs = make_docs(600, words_per_doc=12)
+    prepared = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=3 * ADVISED_EVAL_TOKENS,
+                            eval_tokens=ADVISED_EVAL_TOKENS)
+    assert prepared.warnings == []
+
+
+def test_chunks_per_document_spreads_a_budget_over_more_documents(tiny_tokenizer):
+    docs = make_docs(200, words_per_doc=120)
+    whole = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=300)
+    first = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=300,
+                         chunks_per_document=1)
+    assert first.n_documents > 3 * whole.n_documents
+    for batch in first.collect_batches + first.eval_batches:  # one chunk per document: the first 16 tokens
+        assert batch["input_ids"].shape[1] <= 16
+    assert first.digest != whole.digest
+    with pytest.raises(ConfigError, match="--chunks-per-document must be an integer >= 1"):
+        prepare_data(docs, tiny_tokenizer, chunks_per_document=0)
+
+
+def test_another_split_seed_draws_another_split_as_reproducibly(tiny_tokenizer):
+    docs = make_docs(100)
+    default = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100)
+    seeded = [prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100, split_seed=s)
+              for s in (1, 1, 2)]
+    assert seeded[0].digest == seeded[1].digest  # the same seed, the same split
+    assert len({default.digest, seeded[0].digest, seeded[2].digest}) == 3
 
 
 def test_one_token_documents_cannot_be_evaluated(tiny_tokenizer):

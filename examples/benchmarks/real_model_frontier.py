@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=RECIPE.data.batch_size)
     parser.add_argument("--forget", default=RECIPE.forget)
     parser.add_argument("--retain", default=RECIPE.retain)
+    parser.add_argument("--chunks-per-document", type=int, default=RECIPE.data.chunks_per_document)
     parser.add_argument("--data-seed", type=int, nargs="+", default=[RECIPE.data.split_seed])
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
@@ -84,7 +85,8 @@ def main() -> None:
     print("threads | data seed | step | forget top1 | forget skip50 | retain top1 | retain skip50 | seconds")
     for data_seed in args.data_seed:
         data = dataclasses.replace(RECIPE.data, collect_tokens=args.collect_tokens, eval_tokens=args.eval_tokens,
-                                   max_length=args.max_length, batch_size=args.batch_size, split_seed=data_seed)
+                                   max_length=args.max_length, batch_size=args.batch_size, split_seed=data_seed,
+                                   chunks_per_document=args.chunks_per_document)
         forget = prepare_data(args.forget, tokenizer, data)
         retain = prepare_data(args.retain, tokenizer, data)
         evaluate_fn = make_evaluate_fn(forget, retain, progress=False)

@@ -102,7 +102,8 @@ def prepare_data(
     keywords: ``paragraphs=True``) says how to read the spec. Each part takes
     whole documents in hash order until its token budget is met; long
     documents are cut into chunks of at most ``max_length`` tokens and every
-    token of a taken document is kept, except that the last taken document
+    token of a taken document is kept (only its first ``options.chunks_per_document`` chunks when that is
+    set, so a budget spans more documents), except that the last taken document
     stops at the first chunk boundary that meets the budget (so a part may
     exceed its budget by less than ``max_length`` tokens). Eval chunks of
     fewer than 2 tokens predict nothing and are dropped. ``min_tokens``
@@ -134,7 +135,8 @@ def prepare_data(
 
     def take(part: str, order: list[int], budget: int, min_chunk: int):
         used, chunks = _take_chunks(documents, order, keys, tokenizer, tokenizer_key, prefix=prefix,
-                                    suffix=suffix, budget=budget, max_length=options.max_length, min_chunk=min_chunk)
+                                    suffix=suffix, budget=budget, max_length=options.max_length, min_chunk=min_chunk,
+                                    chunks_per_document=options.chunks_per_document)
         n_tokens = sum(len(c) for c in chunks)
         if n_tokens < min_tokens:
             raise DataError(f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
@@ -310,12 +312,13 @@ def _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
 
 
 def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, suffix=(), budget, max_length,
-                 min_chunk):
+                 min_chunk, chunks_per_document=None):
     """(indices of the documents used, their chunks) until ``budget`` tokens are taken.
 
     Each chunk is ``prefix``, up to ``max_length - len(prefix) - len(suffix)``
-    document tokens, then ``suffix``. Chunks shorter than ``min_chunk`` are
-    dropped; a document none of whose chunks is kept does not count as used.
+    document tokens, then ``suffix``; a document gives at most ``chunks_per_document`` chunks (its first).
+    Chunks shorter than ``min_chunk`` are dropped; a document none of whose chunks is kept does not count
+    as used.
     """
     used: list[int] = []
     chunks: list[torch.Tensor] = []
@@ -327,7 +330,7 @@ def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, su
         if total >= budget:
             break
         n_before = len(chunks)
-        for piece in ids.split(body_length):
+        for piece in ids.split(body_length)[:chunks_per_document]:
             chunk = torch.cat([head, piece, tail]) if (prefix or suffix) else piece
             if len(chunk) < min_chunk:
                 dropped += 1
