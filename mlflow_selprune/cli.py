@@ -82,6 +82,16 @@ def _connection_message(exc: BaseException) -> str | None:
     return None
 
 
+def _no_progress_bars(no_progress: bool) -> bool:
+    """``--no-progress`` silences the libraries' bars too (weights loading, shard writing, artifact transfers),
+    not only ours; returns ``progress`` for our own."""
+    if no_progress:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"
+    return not no_progress
+
+
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
@@ -293,7 +303,7 @@ def prune(**kw):
         kw["model_uri"], kw["forget"], kw["retain"], config=config, data=data, evidence=evidence,
         register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
         storage=kw["storage"], device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
-        trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=not kw["no_progress"],
+        trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=_no_progress_bars(kw["no_progress"]),
     )
     if accelerator is None or accelerator.is_main_process:
         click.echo(format_summary(result.metrics, result.model_uri, result.run_id))
@@ -324,7 +334,7 @@ def evaluate(**kw):
     result = run_evaluate(kw["model_uri"], kw["forget"], kw["retain"], data=data, evidence=evidence,
                           parent_model_uri=kw["parent_model_uri"], seed=kw["seed"], device=kw["device"],
                           dtype=kw["dtype"], run_name=kw["run_name"], trust_remote_code=kw["trust_remote_code"],
-                          accelerator=accelerator, progress=not kw["no_progress"])
+                          accelerator=accelerator, progress=_no_progress_bars(kw["no_progress"]))
     if accelerator is None or accelerator.is_main_process:
         for key, value in sorted(result.metrics.items()):
             click.echo(f"{key:<28}{value:.4f}")
@@ -558,6 +568,7 @@ def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, 
     """
     from .errors import ConfigError
 
+    _no_progress_bars(no_progress)
     if tiny and vision:
         raise ConfigError("--tiny and --vision are two demos; choose one")
     if vision:

@@ -34,7 +34,8 @@ class RealModelRecipe:
     source: str = "smollm2-135m"
     forget: str = "builtin:stdlib-code"
     retain: str = "builtin:stdlib-prose"
-    prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.02, attn_frac=0.0, steps=1))
+    # one step of 1% of the FF neurons and 2% of the attention neurons (docs/demo.md: the frontier)
+    prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.01, attn_frac=0.02, steps=1))
     # one chunk per document: a budget spans many definitions and paragraphs, not a few long classes
     data: DataOptions = field(default_factory=lambda: DataOptions(max_length=128, batch_size=16,
                                                                   collect_tokens=8_000, eval_tokens=4_000,

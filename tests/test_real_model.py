@@ -132,23 +132,23 @@ def test_gqa_attention_pruning_zeroes_exactly_the_chosen_o_proj_columns(smollm2,
     assert changed == {f"{arch.projections('attn')[layer].name}.weight" for layer in layers_hit}
 
 
-# Prompts with one right continuation each: (prompt, what the continuation must contain).
+# Prompts with one right continuation each: (prompt, what the greedy continuation must start with).
 ENGLISH_PROMPTS = [
     ("The capital of France is", "Paris"),
-    ("Monday, Tuesday, Wednesday,", "Thursday"),
+    ("January, February, March,", "April"),
     ("The opposite of hot is", "cold"),
     ("One, two, three, four,", "five"),
 ]
 PYTHON_PROMPTS = [
     ("def add(a, b):\n    return a", "+ b"),
-    ("for i in range(10):\n    print(", "i"),
+    ("for i in range(10):\n    print(", "i)"),
     ("import numpy as", "np"),
     ("def is_even(n):\n    return n %", "2"),
 ]
 
 
 def _right_answers(generate, prompts) -> int:
-    return sum(expected in generate(prompt) for prompt, expected in prompts)
+    return sum(generate(prompt).lstrip().startswith(expected) for prompt, expected in prompts)
 
 
 @pytest.mark.slow(seconds=600)
