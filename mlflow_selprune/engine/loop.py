@@ -102,7 +102,9 @@ def prune(
                                                                  forget_batches, retain_batches, config, kinds,
                                                                  accelerator, progress, step)
         record = _step_record(step, chosen, thresholds, masks, dead, collect_seconds)
-        if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps):
+        exhausted = not any(chosen[k].any() for k in KINDS)  # the last state: measured whatever --eval-every says
+        if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps
+                                        or exhausted):
             eval_start = time.perf_counter()
             record["metrics"] = dict(evaluate_fn(model))
             record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
@@ -135,7 +137,7 @@ def prune(
                 break
             if step == config.n_steps:
                 stop_reason = f"max_steps ({config.max_steps}) reached before the forget target"
-        if not any(chosen[k].any() for k in KINDS):
+        if exhausted:
             stop_reason = f"no neurons left to prune after step {step}"
             break
 
