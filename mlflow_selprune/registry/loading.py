@@ -41,7 +41,7 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-    from ..kinds import IMAGE_CLASSIFIER, kind_of_class
+    from ..kinds import IMAGE_CLASSIFIER, known_kind
 
     path = local_dir or download(resolved)
     model_dir, tokenizer_dir = path, path
@@ -74,7 +74,7 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
     torch_dtype = _dtype(dtype)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     architectures = config.architectures or []
-    image = any(kind_of_class(a) == IMAGE_CLASSIFIER for a in architectures)
+    image = any(known_kind(a) == IMAGE_CLASSIFIER for a in architectures)
     if image:
         if not (processor_dir / "preprocessor_config.json").is_file():
             raise BadInputError(
