@@ -238,7 +238,7 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     if evidence.relearn_steps:
         forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
         settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=config.seed,
-                        masking=getattr(forget_data, "masking", None))
+                        masking=getattr(forget_data, "masking", None), batch_size=evidence.relearn_batch_size)
         relearned = relearn(model, forget_data.collect_batches, **settings)
         metrics["relearn_forget_top1"] = forget_only(relearned)["forget_top1"]
         del relearned
@@ -365,7 +365,7 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
 
     forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
     settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=seed,
-                    masking=getattr(forget_data, "masking", None))
+                    masking=getattr(forget_data, "masking", None), batch_size=evidence.relearn_batch_size)
     out = {"relearn_forget_top1": forget_only(relearn(model, forget_data.collect_batches, **settings))["forget_top1"]}
     if parent_model is not None:
         out["relearn_parent_forget_top1"] = forget_only(

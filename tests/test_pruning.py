@@ -479,3 +479,22 @@ def test_running_out_of_neurons_still_measures_the_last_state():
     assert result.stop_reason == "no neurons left to prune after step 4"
     assert result.final_metrics["ff_dead"] == result.ff_mask.numel() != result.baseline_metrics["ff_dead"]
     assert len(calls) == 2  # the baseline and the last state
+
+
+def test_relearn_batch_size_regroups_the_rows_it_trains_on():
+    """--relearn-batch-size is used: each AdamW step sees that many rows (every row of FORGET once per pass)."""
+    from mlflow_selprune.engine import relearn
+    from mlflow_selprune.engine.control import rebatched
+
+    regrouped = rebatched(FORGET, 3)
+    assert [b["input_ids"].shape[0] for b in regrouped] == [3, 3, 2]  # 8 rows
+    assert torch.equal(torch.cat([b["attention_mask"] for b in regrouped]),
+                       torch.cat([b["attention_mask"] for b in FORGET]))
+    model = build("llama")
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        relearn(model, FORGET, steps=4, lr=1e-3, seed=0, batch_size=3)
+    finally:
+        handle.remove()
+    assert sorted(seen) == [2, 3, 3, 3]

@@ -74,8 +74,21 @@ def _swapped(model, result: PruneResult, replacement: dict):
             state.restore()
 
 
-def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None):
-    """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order).
+def rebatched(batches: list[dict], batch_size: int) -> list[dict]:
+    """The same rows in batches of ``batch_size``: token tensors right-padded with 0 to one width (their
+    attention mask is 0 there, so no loss is taken on them), image tensors as they are."""
+    keys = list(batches[0])
+    width = {k: max(b[k].shape[1] for b in batches) for k in keys if batches[0][k].dim() == 2}
+    rows = {k: torch.cat([torch.nn.functional.pad(b[k], (0, width[k] - b[k].shape[1])) if k in width else b[k]
+                          for b in batches]) for k in keys}
+    n = rows[keys[0]].shape[0]
+    return [{k: v[start:start + batch_size] for k, v in rows.items()} for start in range(0, n, batch_size)]
+
+
+def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None,
+            batch_size: int | None = None):
+    """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order),
+    regrouped into ``batch_size`` rows a step when given (``--relearn-batch-size``).
 
     The model's own training loss: on ``labels`` when a batch carries them
     (image classes), on seeded masked tokens for a masked LM (``masking``:
@@ -85,6 +98,8 @@ def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int, mas
     from ..kinds import MASKED_LM, model_kind
 
     torch.manual_seed(seed)
+    if batch_size is not None:
+        batches = rebatched(batches, batch_size)
     masked = model_kind(model) == MASKED_LM
     if masked and masking is None and not all("labels" in batch for batch in batches):
         raise ValueError("relearning a masked LM needs masking ids (PreparedData.masking) or batches with labels")
