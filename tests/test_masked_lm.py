@@ -61,10 +61,24 @@ def test_masking_is_seeded_and_chooses_15_percent_of_ordinary_tokens_80_10_10(to
         assert len(chosen) == n
         assert torch.equal(labels[chosen], original[chosen])
         n_mask = sum(int(masked[i]) == tokenizer.mask_token_id for i in chosen)
-        assert n_mask == int(n * 0.8)
+        n_unchanged = sum(int(masked[i]) == int(original[i]) for i in chosen)
+        assert n_mask >= 1 and abs(n_mask - 0.8 * n) < 1  # the nearest apportionment, never none masked
+        assert abs(n_unchanged - 0.1 * n) < 1 + 0.1 * n  # unchanged, or a random draw that hit the same token
         changed = [i for i in range(len(original)) if masked[i] != original[i]]
         assert set(changed) <= set(chosen)  # nothing outside the chosen positions changes
         assert all(int(masked[i]) not in special for i in chosen if int(masked[i]) != tokenizer.mask_token_id)
+
+
+@pytest.mark.parametrize("n, expected", [(1, (1, 0)), (2, (2, 0)), (3, (3, 0)), (5, (4, 1)), (10, (8, 1)),
+                                         (18, (14, 2)), (19, (15, 2))])
+def test_the_80_10_10_shares_round_to_the_nearest_and_mask_a_lone_position(n, expected):
+    """Rounding both shares down used to leave a lone scored position unmasked (the model saw the answer) and a
+    third of a short chunk's scored positions visible."""
+    from mlflow_selprune.data.masking import shares
+
+    masked, random_ = shares(n)
+    assert (masked, random_) == expected
+    assert n - masked - random_ <= max(1, round(0.1 * n))  # visible: at most the 10% share, rounded
 
 
 def _train(model, batches, masking, lr=3e-3):

@@ -3,8 +3,10 @@
 A masked LM is measured on positions it cannot see, as in its pre-training
 and in the reference implementation: of each chunk's non-special tokens,
 ``int(15%)`` (at least one) are chosen at random; 80% of those become the mask
-token, 10% a random non-special token, 10% stay as they are. The model is
-scored on every chosen position (``labels``; -100 elsewhere).
+token, 10% a random non-special token, 10% stay as they are, the counts
+apportioned by largest remainder (ties to the mask), so a lone chosen position
+is always masked and a short chunk never shows the model most of its answers.
+The model is scored on every chosen position (``labels``; -100 elsewhere).
 
 The choice is seeded by the batch's position in its list, so a parent and its
 pruned child are scored on exactly the same masked inputs, on every machine,
@@ -40,13 +42,23 @@ def mask_batch(batch: dict, tokenizer_or_ids, *, seed: int) -> dict:
             continue
         n_chosen = max(1, int(positions.numel() * MASK_FRACTION))
         chosen = positions[torch.randperm(positions.numel(), generator=generator)[:n_chosen]]
-        n_masked = int(n_chosen * MASKED_SHARE)
-        n_random = int(n_chosen * RANDOM_SHARE)
+        n_masked, n_random = shares(n_chosen)
         labels[row, chosen] = input_ids[row, chosen]
         masked_ids[row, chosen[:n_masked]] = ids.mask
         replacements = ids.ordinary[torch.randint(len(ids.ordinary), (n_random,), generator=generator)]
         masked_ids[row, chosen[n_masked:n_masked + n_random]] = replacements
     return {"input_ids": masked_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def shares(n_chosen: int) -> tuple[int, int]:
+    """(masked, random) of ``n_chosen`` positions: 80% / 10% / 10% (the rest unchanged) by largest remainder,
+    ties to the mask, then to the random token."""
+    exact = (n_chosen * MASKED_SHARE, n_chosen * RANDOM_SHARE, n_chosen * (1 - MASKED_SHARE - RANDOM_SHARE))
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(3), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[:n_chosen - sum(counts)]:
+        counts[i] += 1
+    return counts[0], counts[1]
 
 
 class MaskingIds:
