@@ -44,9 +44,10 @@ class RealModelRecipe:
 
 RECIPE = RealModelRecipe()
 
-# The gate the demo must pass (docs/demo.md): a minimum at most 1/2 of the worst measured value over
-# three split seeds and torch thread counts 1, 2 and 4, a maximum at least 2x the worst.
-MIN_FORGET_DROP = 0.25
+# The gate the demo must pass (docs/demo.md): a minimum at most 1/2 of the worst value measured over split
+# seeds 0, 1, 2 and torch thread counts 1, 2, 4, a maximum at least 2x the worst. Worst forget top-1 drop
+# 0.372 (seed 0), worst retain top-1 drop 0.029 (seed 2). Selectivity (15-24) is not gated: the two drops are.
+MIN_FORGET_DROP = 0.18
 MAX_RETAIN_DROP = 0.06
 MIN_SELECTIVITY = None
 
