@@ -2,7 +2,7 @@
 
 1. Write scikit-learn's handwritten digits (1,797 8x8 images; a test-extra
    dependency) as a ``save_to_disk`` dataset under ``./selprune-vision-data``.
-2. Train a small ViT (8x8 images, 2x2 patches: 16 patch tokens + CLS) for a
+2. Train a small ViT (8x8 images, 4x4 patches: 4 patch tokens + CLS; one layer) for a
    fixed number of seeded steps on the images the pruning will use as its
    *collect* part (the same hash split), so its test accuracy is measured on
    images it never saw; register it as ``selprune-vision-demo@base``.
@@ -38,17 +38,24 @@ TORCH_THREADS = 1
 
 @dataclass(frozen=True)
 class VisionRecipe:
-    """The demo ViT, its training and its pruning (chosen by measurement: README, "The vision demo")."""
+    """The demo ViT, its training and its pruning, chosen by measurement across seeds and torch thread
+    counts (docs/vision-demo-frontier.md; examples/benchmarks/vision_demo_margins.py).
+
+    4x4 patches (4 patch tokens + CLS), one layer with a wide MLP, lr 1e-3: the recipe whose worst case
+    over 3 seeds x 3 thread counts still forgets digit 3 and keeps the others. The earlier recipe (2x2
+    patches, 4 layers, MLP 512, lr 3e-3; the same pruning) had, over the same 9 runs, a worst forget drop
+    of 6.9% and a worst retain drop of 12.0%: which seed and thread count trained it decided the outcome.
+    """
 
     image_size: int = 8
-    patch_size: int = 2
+    patch_size: int = 4
     hidden_size: int = 64
-    num_layers: int = 4
+    num_layers: int = 1
     num_heads: int = 4
-    intermediate_size: int = 512  # 128 (4x fewer FF neurons) kept the digits in shared neurons: see the frontier
+    intermediate_size: int = 2048
     train_steps: int = 600
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-3  # at 3e-3 some seeds hid digit 3 in shared neurons (forget drop < 40%): see the frontier
     forget_class: str = FORGET_CLASS
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.02, attn_frac=0.0, steps=4))
     data: DataOptions = field(default_factory=lambda: DataOptions(batch_size=64, eval_fraction=0.3,
@@ -57,11 +64,17 @@ class VisionRecipe:
 
 RECIPE = VisionRecipe()
 
-# The gate the demo must pass: the target (forget-class top-1 drop >= 50%, retain top-1 drop <= 3%) with
-# margins: a minimum at 3/4 of what must hold, a maximum at 4/3 of it.
-MIN_FORGET_DROP = 0.375  # 0.75 x 0.5
-MAX_RETAIN_DROP = 0.04  # 4/3 x 0.03
-MIN_SELECTIVITY = 9.375  # 0.375 / 0.04
+# The gate the demo must pass, set from the recipe's measured worst case, not from a wish. Rule (the margins
+# cover a CPU that rounds differently from the ones measured): the minimum forget drop at most 1/2 of the
+# worst measured, the maximum retain drop at least 2x the worst measured (a drop under the 1% noise floor,
+# drops.RETAIN_DROP_FLOOR, counts as 1%), the minimum selectivity at most 1/2 of the worst measured.
+# Measured (examples/benchmarks/vision_demo_margins.py; docs/vision-demo-frontier.md): seeds 0,1,2 x torch
+# threads 1,2,4 for training and pruning, 9 runs: worst forget top-1 drop 0.949, worst retain top-1 drop 0.000
+# (every run -0.2%..0.0%), worst selectivity 94.9. Seeds 3..9 (1 thread) added: worst forget 0.677 (seed 6),
+# worst retain 0.004, worst selectivity 67.7. The gate holds the rule over all 16 runs:
+MIN_FORGET_DROP = 0.33  # <= 0.677 / 2 (<= 0.949 / 2 over the 9 runs)
+MAX_RETAIN_DROP = 0.02  # >= 2 x max(0.004, RETAIN_DROP_FLOOR 0.01)
+MIN_SELECTIVITY = 16.5  # = MIN_FORGET_DROP / MAX_RETAIN_DROP; <= 67.7 / 2
 
 
 def write_digits(directory: str | Path) -> Path:

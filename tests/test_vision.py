@@ -424,13 +424,15 @@ def test_vision_demo_training_is_deterministic(tmp_path):
     assert weights_sha256(other) != digests[0]
 
 
-@pytest.mark.slow(seconds=90)
+@pytest.mark.slow(seconds=40)
 def test_the_readme_vision_demo_command_passes_its_gate(tmp_path):
     """`mlflow-selprune demo --vision` exactly as the README prints it, in an empty directory: trains, registers,
     forgets digit 3, passes its gate (exit 0) and points @unlearned at the result."""
     import shutil
 
     from mlflow.tracking import MlflowClient
+
+    from mlflow_selprune.demo_vision import MAX_RETAIN_DROP, MIN_FORGET_DROP, MIN_SELECTIVITY
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -439,6 +441,9 @@ def test_the_readme_vision_demo_command_passes_its_gate(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     unlearned = client.get_model_version_by_alias("selprune-vision-demo", "unlearned")
-    assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= 0.5
-    assert float(unlearned.tags["selprune.metric.retain_top1_drop"]) <= 0.03
+    # the gate's own thresholds (set from the recipe's worst case over seeds x thread counts), nothing stricter:
+    # a machine that rounds differently trains a different model, and the demo promises only its gate
+    assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= MIN_FORGET_DROP
+    assert float(unlearned.tags["selprune.metric.retain_top1_drop"]) <= MAX_RETAIN_DROP
+    assert float(unlearned.tags["selprune.metric.selectivity"]) >= MIN_SELECTIVITY
     assert "selprune.metric.control_forget_top1_drop" in unlearned.tags

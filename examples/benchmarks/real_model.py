@@ -12,6 +12,7 @@ Contenders run in interleaved rounds over the same batches (see common.interleav
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import time
@@ -35,22 +36,23 @@ def main(argv=None):
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_selprune import DataOptions, PruneConfig, collect_statistics, evaluate_model, prepare_data, prune
+    from mlflow_selprune import PruneConfig, collect_statistics, evaluate_model, prepare_data, prune
     from mlflow_selprune.demo import RECIPE
     from mlflow_selprune.registry.model_sources import prepare
 
     directory = prepare(RECIPE.source).directory
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    data = DataOptions(max_length=128, batch_size=16, collect_tokens=args.tokens, eval_tokens=args.tokens)
+    # unique storage: the tied input and output embeddings are one tensor
+    model_bytes = sum({p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}.values())
+    data = dataclasses.replace(RECIPE.data, collect_tokens=args.tokens, eval_tokens=args.tokens)
     forget = prepare_data(RECIPE.forget, tokenizer, data)
     retain = prepare_data(RECIPE.retain, tokenizer, data)
     collect_batches, eval_batches = forget.collect_batches, forget.eval_batches
     print(f"   model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{model_bytes / 2**20:.0f} MiB float32")
     print(f"   data: {n_real_tokens(collect_batches):,} collect and {n_real_tokens(eval_batches):,} eval tokens of "
-          f"{RECIPE.forget} (batches of 16 x up to 128)")
+          f"{RECIPE.forget} (the demo's data options: batches of 16, one chunk of up to 128 tokens per document)")
 
     contenders = {
         "plain forward (body)": plain_forward(model, collect_batches, body=True),

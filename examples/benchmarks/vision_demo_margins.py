@@ -12,7 +12,8 @@ numbers the demo's gate sees (``summary_metrics``). No MLflow, no clock: steps a
 
 ``--frontier-steps N`` prunes N steps and prints every step's drops (a step's pruning does not depend
 on how many follow it), so one run per model shows the whole frontier; the control is then of step N.
-Trained models are cached under ``--cache`` (keyed by everything that decides the weights).
+Trained models are cached under ``--cache`` (keyed by the recipe's model and training fields, seed, threads,
+torch and plugin versions); delete it after changing training code.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from mlflow_selprune import __version__  # noqa: E402
 from mlflow_selprune.demo_vision import RECIPE, train_demo_vit, write_digits  # noqa: E402
 
 
@@ -60,8 +62,9 @@ def recipe_from(args):
     prune = dataclasses.replace(RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, ff_eps=args.ff_eps,
                                 attn_eps=args.attn_eps, steps=args.frontier_steps or args.steps,
                                 scoring=args.scoring, selection=args.selection)
-    return dataclasses.replace(RECIPE, patch_size=args.patch_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
-                               num_heads=args.num_heads, intermediate_size=args.intermediate_size,
+    return dataclasses.replace(RECIPE, patch_size=args.patch_size, hidden_size=args.hidden_size,
+                               num_layers=args.num_layers, num_heads=args.num_heads,
+                               intermediate_size=args.intermediate_size,
                                train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, prune=prune)
 
 
@@ -71,7 +74,7 @@ def trained(data_dir: Path, recipe, seed: int, threads: int, cache: Path):
 
     key = {k: getattr(recipe, k) for k in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
                                            "intermediate_size", "train_steps", "batch_size", "lr")}
-    key.update(seed=seed, threads=threads, torch=torch.__version__)
+    key.update(seed=seed, threads=threads, torch=torch.__version__, selprune=__version__)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"vit-{digest}"
     if (path / "accuracy.json").is_file():
