@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri,  # noqa: F401
+from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri,
                    register_base_model, summarize_and_gate)
 
 logger = logging.getLogger(__name__)
