@@ -47,7 +47,7 @@ def provenance_tags(provenance: dict) -> dict[str, str]:
     return {SOURCE_PREFIX + key: str(value)[:4900] for key, value in sorted(provenance.items())}
 
 
-def register(source: str, name: str, alias: str | None = None, *, progress: bool = True) -> RegisteredBase:
+def register(source: str, name: str, alias: str | None = None) -> RegisteredBase:
     """Prepare SOURCE (``model_sources.prepare``), log it whole and register it as a new version of ``name``."""
     from .model_sources import kind_of, prepare
     from .resolve import check_alias, check_can_add_versions, check_registered_name
@@ -56,7 +56,7 @@ def register(source: str, name: str, alias: str | None = None, *, progress: bool
     check_alias(alias)
     kind_of(source)  # a SOURCE that cannot work fails before anything is fetched or written
     check_can_add_versions(name)
-    prepared = prepare(source, progress=progress)
+    prepared = prepare(source)
     from .loading import load_components
     from .resolve import ResolvedModel
 

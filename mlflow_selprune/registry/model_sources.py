@@ -104,7 +104,7 @@ def kind_of(source: str) -> str:
                         f"packaged model ({', '.join(PACKAGED)}); check the spelling")
 
 
-def prepare(source: str, progress: bool = True) -> PreparedSource:
+def prepare(source: str) -> PreparedSource:
     """A local model directory for SOURCE (fetched, checked and converted as its kind needs)."""
     kind = kind_of(source)
     if kind == "directory":
