@@ -2,10 +2,15 @@
 
 Only sums are kept (never per-token values), so memory is O(neurons), shards
 from several processes merge by addition, and an all-reduce is exact up to
-float64 rounding. Each batch's sums are taken in float32 by one masked
-reduction per projection (padding is excluded by the attention mask) and added
-into float64 totals on the model's device: no per-token Python loop and no
-host sync per batch.
+float64 rounding. Each batch's sums are taken by one masked reduction per
+projection (padding is excluded by the attention mask) and added into float64
+totals: no per-token Python loop and no host sync per batch. The plain and
+squared sums are taken in float64 from the start, because ``std`` subtracts
+them (E[x^2] - E[x]^2): in float32 that cancellation costs percents of the std
+when a neuron's mean is hundreds of times its spread. The other sums are taken
+in float32 per batch. Each projection's totals, token weights included, live
+on the device its input arrives on, so a model split over devices (a device
+map, disk offload) needs no gather until the end.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # The sums a statistic set may hold; n (the token count) is always kept.
 SUM_NAMES = ("sum", "sum_sq", "sum_abs", "sum_sqrt", "count_pos")
+# The sums ``std`` subtracts from each other: taken in float64 per batch, not only accumulated in it.
+WIDE_SUMS = ("sum", "sum_sq")
 
 
 @dataclass
@@ -89,7 +96,7 @@ class _Accumulator:
         self.sums = sums
         self.projections = arch.projections(kind)
         self.totals = [
-            {name: torch.zeros(p.n_neurons, dtype=torch.float64, device=p.module.weight.device) for name in sums}
+            {name: torch.zeros(p.n_neurons, dtype=torch.float64, device=_home(p.module.weight)) for name in sums}
             for p in self.projections
         ]
 
@@ -99,22 +106,29 @@ class _Accumulator:
 
         def pre_hook(module, args):
             x = args[0]
-            x = x.reshape(-1, x.shape[-1]).float()
-            weights = state["weights"]  # 1.0 for real tokens, 0.0 for padding; None: no padding
+            x = x.reshape(-1, x.shape[-1])
+            weights = _weights_on(state, x.device)  # 1.0 for real tokens, 0.0 for padding; None: no padding
+            if totals[sums[0]].device != x.device:  # offloaded weights: the totals follow the activations
+                for name in sums:
+                    totals[name] = totals[name].to(x.device)
 
             def add(name, values):
-                totals[name] += values.sum(0) if weights is None else weights @ values
+                w = weights if weights is None or values.dtype == weights.dtype else weights.to(values.dtype)
+                totals[name] += values.sum(0) if w is None else w @ values
 
+            if any(name in sums for name in WIDE_SUMS):
+                wide = x.double()
+                if "sum" in sums:
+                    add("sum", wide)
+                if "sum_sq" in sums:
+                    add("sum_sq", wide * wide)
+            x = x.float()
             if "sum_abs" in sums or "sum_sqrt" in sums:
                 a = x.abs()
                 if "sum_abs" in sums:
                     add("sum_abs", a)
                 if "sum_sqrt" in sums:
                     add("sum_sqrt", a.sqrt_())
-            if "sum" in sums:
-                add("sum", x)
-            if "sum_sq" in sums:
-                add("sum_sq", x * x)
             if "count_pos" in sums:
                 add("count_pos", (x > 0).float())
 
@@ -126,6 +140,22 @@ class _Accumulator:
         return NeuronStatistics(
             n_tokens, {name: torch.stack([t[name].to(device) for t in self.totals]) for name in self.sums}
         )
+
+
+def _home(weight: torch.Tensor) -> torch.device:
+    """Where a projection's totals start: its weight's device, or the CPU for a weight offloaded to disk (meta)."""
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _weights_on(state: dict, device: torch.device) -> torch.Tensor | None:
+    """This batch's token weights on ``device``: each device of a split model gets its own copy, once per batch."""
+    weights = state["weights"]
+    if weights is None or weights.device == device:
+        return weights
+    copies = state.setdefault("copies", {})
+    if device not in copies:
+        copies[device] = weights.to(device)
+    return copies[device]
 
 
 def _row_counter(state: dict):
@@ -145,7 +175,11 @@ def forward_body(model):
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    """Where inputs go: the first parameter's device (with disk offload, the device its hooks compute on)."""
+    for parameter in model.parameters():
+        if parameter.device.type != "meta":
+            return parameter.device
+    return torch.device("cpu")
 
 
 def shard(batches: Sequence, accelerator) -> Sequence:
@@ -219,6 +253,7 @@ def collect_statistics(
                     mask = mask.to(device)
                     # a masked reduction (one matrix-vector product) skips padding without a host sync
                     state["weights"] = mask.reshape(-1).float()
+                    state["copies"] = {}
                     n_tokens += mask.sum()
                 body(input_ids=input_ids, attention_mask=mask, use_cache=False)
                 n_batches += 1

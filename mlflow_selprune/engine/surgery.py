@@ -53,6 +53,7 @@ def prune_neurons(
                 f"the mean offset folds into the projection bias, but {missing[0]} has none; "
                 "prune without the attention mean offset for this model"
             )
+    _refuse_offloaded([p for p, m in zip(projections, mask) if m.any()])
     entries = []
     with torch.no_grad():
         for projection, layer_mask in zip(projections, mask):
@@ -72,8 +73,19 @@ def prune_neurons(
     return Undo(entries)
 
 
+def _refuse_offloaded(projections) -> None:
+    """Weights offloaded to disk (on the meta device) can be read by a forward pass, never edited in place."""
+    offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
+    if offloaded:
+        raise BadInputError(
+            f"{offloaded[0]} is offloaded to disk (its weight is not in memory), so its columns cannot be read or "
+            "zeroed; load the model without disk offload (more memory, or --device cpu)"
+        )
+
+
 def pruned_columns(arch: Architecture, kind: str) -> torch.Tensor:
     """Bool [n_layers, n_neurons]: which neurons' columns are all zero in the weights now."""
+    _refuse_offloaded(arch.projections(kind))
     return torch.stack([(p.columns() == 0).all(dim=0).cpu() for p in arch.projections(kind)])
 
 
