@@ -273,6 +273,29 @@ def test_control_and_parent_views_put_the_pruned_model_back_exactly(mean_offset)
         assert all(torch.equal(again[k], random_masks[k]) for k in again)  # seeded
 
 
+def test_the_control_removes_its_neurons_the_way_the_selective_run_did():
+    """With --attn-mean-offset the control's attention neurons give their parent retain mean, not zero:
+    like for like with the selective step, which folded its own neurons' means into the bias."""
+    from mlflow_selprune import PruneConfig
+    from mlflow_selprune.engine import randomly_pruned
+
+    original = build("gpt2")
+    arch_original = find_architecture(original)
+    means = collect_statistics(original, RETAIN, sums=("sum",), kinds=("attn",), progress=False).attn
+    retain_mean = means.sums["sum"] / means.n_tokens
+    model = copy.deepcopy(original)
+    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.0, attn_frac=0.2, steps=1, selection="per-layer",
+                                                      attn_mean_offset=True), progress=False)
+    with randomly_pruned(model, result, seed=3) as random_masks:
+        chosen = random_masks["attn"]
+        assert chosen.sum(1).min() > 0
+        for p, q in zip(find_architecture(model).attn, arch_original.attn):
+            index = chosen[p.layer].nonzero().squeeze(1)
+            expected = q.module.bias.double() + q.columns()[:, index].double() @ retain_mean[p.layer, index]
+            torch.testing.assert_close(p.module.bias.double(), expected, rtol=0, atol=1e-5)
+            assert (p.module.bias - q.module.bias).abs().max() > 1e-3, "the offset must matter for this check"
+
+
 def test_relearning_tunes_a_copy_and_recovers_the_loss():
     from mlflow_selprune import PruneConfig
     from mlflow_selprune.engine import relearn

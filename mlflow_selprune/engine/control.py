@@ -1,7 +1,11 @@
 """Evidence beside a result: the random control and the relearning check.
 
 The random control prunes, from the parent, the same number of neurons per
-kind and per layer as the selective run did, chosen at random (seeded). A
+kind and per layer as the selective run did, chosen at random (seeded) among
+the neurons still alive in the parent, and removes them the same way: with
+``--attn-mean-offset`` its attention neurons' mean retain activations (in the
+parent, as the first selective step measured them) are folded into the bias,
+as the selective run folded in its own. A
 selective drop far above the control's shows the *selection* did the work,
 not the sparsity. The relearning check fine-tunes a copy on forget data for a
 few steps: a capability that returns at once was hidden, not removed.
@@ -67,7 +71,8 @@ def _swapped(model, result: PruneResult, replacement: dict):
             undo.restore()
         for kind in KINDS:
             if replacement[kind].any():
-                prune_neurons(arch, kind, replacement[kind])
+                offset = result.attn_parent_means if kind == ATTN and result.config.attn_mean_offset else None
+                prune_neurons(arch, kind, replacement[kind], mean_offset=offset)
         yield
     finally:
         for state in saved:

@@ -78,6 +78,7 @@ def prune(
     # activity at the projection's input, so without this a chain would score and "prune" them again.
     dead = {kind: pruned_columns(arch, kind) for kind in KINDS}
     last_scores: dict[str, torch.Tensor | None] = {kind: None for kind in KINDS}
+    parent_means: dict[str, torch.Tensor] = {}  # the retain means the first step folded in (the random control's)
     records: list[dict] = []
     kept_undos: list = []
 
@@ -99,8 +100,8 @@ def prune(
     for step in range(1, config.n_steps + 1):
         step_start = time.perf_counter()
         chosen, thresholds, undos, collect_seconds = _prune_step(model, arch, masks, dead, last_scores,
-                                                                 forget_batches, retain_batches, config, kinds,
-                                                                 accelerator, progress, step)
+                                                                 parent_means, forget_batches, retain_batches,
+                                                                 config, kinds, accelerator, progress, step)
         record = _step_record(step, chosen, thresholds, masks, dead, collect_seconds)
         exhausted = not any(chosen[k].any() for k in KINDS)  # the last state: measured whatever --eval-every says
         if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps
@@ -147,14 +148,14 @@ def prune(
         ff_mask=masks[FF], attn_mask=masks[ATTN], ff_scores=last_scores[FF], attn_scores=last_scores[ATTN],
         steps=records, config=config, architecture=arch.describe(), baseline_metrics=baseline,
         final_metrics=latest_metrics, stop_reason=stop_reason, parent_undos=kept_undos,
-        ff_dead=dead[FF], attn_dead=dead[ATTN],
+        ff_dead=dead[FF], attn_dead=dead[ATTN], attn_parent_means=parent_means.get(ATTN),
     )
 
 
-def _prune_step(model, arch, masks, dead, last_scores, forget_batches, retain_batches, config, kinds, accelerator,
-                progress, step):
+def _prune_step(model, arch, masks, dead, last_scores, parent_means, forget_batches, retain_batches, config, kinds,
+                accelerator, progress, step):
     """Collect, score, select (among neurons neither pruned by this run nor dead before it) and zero one step's
-    neurons; masks are updated in place."""
+    neurons; masks are updated in place, and ``parent_means`` keeps the first step's mean offsets."""
     forget_stats, retain_stats, collect_seconds = _collect_both(
         model, forget_batches, retain_batches, config, kinds, accelerator, progress, step
     )
@@ -174,6 +175,7 @@ def _prune_step(model, arch, masks, dead, last_scores, forget_batches, retain_ba
         if kind == ATTN and config.attn_mean_offset:
             stats = retain_stats[kind]
             offset = stats.sums["sum"] / stats.n_tokens
+            parent_means.setdefault(kind, offset.cpu())
         undos.append(prune_neurons(arch, kind, chosen[kind], mean_offset=offset))
     for kind in KINDS:
         masks[kind] |= chosen[kind]

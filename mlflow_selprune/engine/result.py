@@ -36,6 +36,9 @@ class PruneResult:
     # neurons already dead (all-zero columns) in the parent before this run: never chosen, never in the control
     ff_dead: torch.Tensor | None = None
     attn_dead: torch.Tensor | None = None
+    # with --attn-mean-offset: every attention neuron's mean retain activation in the parent (the first step's
+    # statistics), which the random control folds in for its own neurons; never saved
+    attn_parent_means: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def ff_pruned(self) -> int:
