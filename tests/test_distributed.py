@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -91,6 +92,105 @@ def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store
     one_metrics, two_metrics = one_run.data.metrics, client.get_run(mv.run_id).data.metrics
     for key in ("forget_top1", "retain_top1", "forget_loss", "retain_loss"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=METRIC_TOL, abs=METRIC_TOL)
+
+
+def _run_ids(client) -> set[str]:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_id for r in client.search_runs(experiments)}
+
+
+def _nodes(command: list[str], env: dict, cwd: Path, timeout: float) -> list[tuple[int, str, str]]:
+    """Two torchrun agents ("nodes") of 1 process each, on loopback with a c10d rendezvous: the multi-node
+    command of docs/multi-gpu.md, with 127.0.0.1 as the first machine's address. Returns (code, stdout, stderr)
+    per node. On a timeout or any failure every process they started is killed by its PID: the agents and the
+    workers (which torchrun starts in sessions of their own, so a process-group kill would miss them)."""
+    import psutil
+
+    from mlflow_selprune.launch import _free_port
+
+    endpoint, rdzv_id = f"127.0.0.1:{_free_port()}", f"selprune-{os.getpid()}-{time.monotonic_ns()}"
+    full_env = {**os.environ, **env}
+    logs, agents, seen = [], [], {}
+    try:
+        for rank in (0, 1):
+            out, err = open(cwd / f"node{rank}.out", "w+"), open(cwd / f"node{rank}.err", "w+")
+            logs.append((out, err))
+            agents.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                 "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                 "--rdzv-id", rdzv_id, "--rdzv-conf", f"is_host={1 - rank}", "--local-addr", "127.0.0.1",
+                 "--max-restarts", "0", "--monitor-interval", "0.1", "-m", "mlflow_selprune", *command],
+                stdout=out, stderr=err, env=full_env, cwd=cwd,
+            ))
+        deadline = time.monotonic() + timeout
+        while any(a.poll() is None for a in agents):
+            for agent in agents:  # every descendant, so that a hang leaves no orphan behind
+                try:
+                    seen.update({c.pid: c for c in psutil.Process(agent.pid).children(recursive=True)})
+                except psutil.NoSuchProcess:
+                    pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"2-node prune still running after {timeout} s")
+            time.sleep(0.2)
+        results = []
+        for agent, (out, err) in zip(agents, logs):
+            out.seek(0)
+            err.seek(0)
+            results.append((agent.returncode, out.read(), err.read()))
+        return results
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.terminate()  # the agent stops its workers on SIGTERM
+        for agent in agents:
+            try:
+                agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+        for proc in seen.values():
+            try:
+                if proc.is_running():
+                    proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for out, err in logs:
+            out.close()
+            err.close()
+
+
+@pytest.mark.slow(seconds=40)
+def test_cli_on_two_nodes_registers_one_version_equal_to_one_process(store):
+    """The same ``prune`` on 2 "nodes" x 1 process (two torchrun agents, c10d rendezvous on 127.0.0.1, one
+    sqlite store and the same data paths) gives the masks and metrics of one process and ONE registered version:
+    only global rank 0 writes to MLflow, whichever node it lands on."""
+    client = MlflowClient()
+    base = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"], "--retain", store["retain"], *SMALL]
+    runs_before = _run_ids(client)
+    one = cli(*base, "--no-register", env=store["env"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    (one_run_id,) = _run_ids(client) - runs_before
+    before, runs_before = set(registry_snapshot()[TINY_NAME]["versions"]), _run_ids(client)
+    nodes = _nodes(base, store["env"], store["root"], timeout=240)
+    for rank, (code, _, err) in enumerate(nodes):
+        assert code == 0, f"node {rank}: {err[-3000:]}"
+    after = set(registry_snapshot()[TINY_NAME]["versions"])
+    assert len(after - before) == 1, "exactly one version from a 2-node prune"
+    version = (after - before).pop()
+    mv = client.get_model_version(TINY_NAME, version)
+    assert _run_ids(client) - runs_before == {mv.run_id}, "one run: the second node logged nothing"
+    printed = [out for _, out, _ in nodes if f"registered: models:/{TINY_NAME}/{version}" in out]
+    assert len(printed) == 1, "the summary comes from global rank 0 only"
+    masks = {}
+    for label, run_id in (("one", one_run_id), ("two", mv.run_id)):
+        path = client.download_artifacts(run_id, "selprune/masks.safetensors", str(store["root"] / f"nodes-{label}"))
+        masks[label] = load_file(path)
+    for name in ("ff_mask", "attn_mask"):
+        assert torch.equal(masks["one"][name], masks["two"][name]), name
+        assert masks["one"][name].any(), name
+    one_metrics, two_metrics = client.get_run(one_run_id).data.metrics, client.get_run(mv.run_id).data.metrics
+    for key in ("forget_top1", "retain_top1", "forget_loss", "retain_loss"):
+        assert two_metrics[key] == pytest.approx(one_metrics[key], rel=METRIC_TOL, abs=METRIC_TOL), key
 
 
 def test_bad_input_under_the_launcher_keeps_exit_code_2(store):
