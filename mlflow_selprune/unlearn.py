@@ -13,6 +13,7 @@ and its logged model, or names them where the server refuses that too).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -70,12 +71,12 @@ def check_data_specs(forget: str, retain: str | None, data: DataOptions) -> None
 
 
 def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions, trust_remote_code: bool = False,
-                  model=None):
+                  model=None, select_part: bool = False):
     """Prepare forget and retain data (each with its own source options); refuse the same data on both sides.
 
     The model's kind decides the preparation: token batches for language models, image batches
     (``data.images``) for image classifiers, whose ``tokenizer`` is the model's image processor.
-    ``model=None``: a language model.
+    ``model=None``: a language model. ``select_part``: a third part for a budget to stop on (budget runs).
     """
     from .kinds import IMAGE_CLASSIFIER, model_kind
 
@@ -83,9 +84,9 @@ def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions,
         from .data.images import prepare_image_data
 
         prepared = list(prepare_image_data(forget, retain, tokenizer, model.config, data,
-                                           trust_remote_code=trust_remote_code))
+                                           trust_remote_code=trust_remote_code, select_part=select_part))
     else:
-        prepared = _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model)
+        prepared = _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model, select_part)
     if prepared[0].digest == prepared[1].digest:
         raise BadInputError(
             f"forget and retain are the same data ({forget} and {retain} have digest {prepared[0].digest[:12]}); "
@@ -94,7 +95,7 @@ def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions,
     return prepared[0], prepared[1]
 
 
-def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model):
+def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model, select_part):
     from .data.batching import prepare_data
     from .data.images import looks_like_image_data
     from .errors import ConfigError
@@ -106,12 +107,13 @@ def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, mode
         if isinstance(spec, str) and looks_like_image_data(spec):
             raise BadInputError(f"--{side}: DATA {spec!r} holds images, but {what}; give it text DATA")
     return [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,
-                         trust_remote_code=trust_remote_code)
+                         select_part=select_part, trust_remote_code=trust_remote_code)
             for side, spec in zip(SIDES, (forget, retain))]
 
 
-def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES):
-    """Metrics on the eval parts (documents that never feed the statistics), prefixed ``forget_``/``retain_``."""
+def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES, part: str = "eval"):
+    """Metrics on the eval parts (documents that never feed the statistics), prefixed ``forget_``/``retain_``;
+    ``part="select"``: on the select parts a budget stops on instead."""
     from .evaluation.model_metrics import evaluate_model
 
     prepared = {"forget": forget, "retain": retain}
@@ -120,7 +122,7 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
         logger.debug("evaluating %s metrics", " and ".join(sides))
         metrics = {}
         for side in sides:
-            metrics.update(evaluate_model(model, prepared[side].eval_batches,
+            metrics.update(evaluate_model(model, getattr(prepared[side], f"{part}_batches"),
                                           skip_token_ids=prepared[side].skip_token_ids, prefix=f"{side}_",
                                           accelerator=accelerator, progress=progress,
                                           masking=getattr(prepared[side], "masking", None)))
@@ -177,7 +179,8 @@ def run_prune(
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
     parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
     phases.lap("digest")
-    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
+    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model,
+                                             select_part=config.budget_mode)
     phases.lap("data")
     full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
                    "trust_remote_code": trust_remote_code}
@@ -186,9 +189,12 @@ def run_prune(
         if run is not None:
             tracking.log_inputs(parent=parent, forget=forget_data, retain=retain_data,
                                 params=_params(parent, forget, retain, full_config))
+        on_step = None
+        if run is not None:
+            on_step = functools.partial(tracking.log_step, prefix="select_" if config.budget_mode else "")
         result, metrics = _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator,
-                                               progress, on_step=tracking.log_step if run is not None else None)
-        _check_budget_met(config, metrics, result)
+                                               progress, on_step=on_step)
+        _check_budget_met(config, result)
         phases.lap("prune_and_evidence")
         for key in ("seconds_collect", "seconds_evaluate", "seconds"):
             phases.seconds[f"steps_{key.replace('seconds_', '') if key != 'seconds' else 'total'}"] = round(
@@ -204,8 +210,7 @@ def run_prune(
             delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": parent_digest,
                      "weights_sha256": weights_digest}
         model_info, artifacts = tracking.log_unlearned_model(
-            model, tokenizer, result, metrics, extra_record={"evidence": _evidence_record(metrics, evidence)},
-            delta=delta)
+            model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta)
         phases.lap("log_model")
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
@@ -224,13 +229,24 @@ def run_prune(
 
 
 def _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator, progress, on_step):
-    """Prune, then measure the random control and (opt-in) the relearning check beside the result."""
+    """Prune, then measure the random control and (opt-in) the relearning check beside the result.
+
+    A budget run stops on the select parts; its reported metrics (parent and result alike) are then
+    measured on the eval parts, which no choice has seen.
+    """
     from .engine import parent_restored, prune, randomly_pruned, relearn
     from .evaluation.drops import control_metrics, relearn_recovery, summary_metrics
 
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
+    stop_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress, part="select") \
+        if config.budget_mode else evaluate_fn
     result = prune(model, forget_data.collect_batches, retain_data.collect_batches, config,
-                   evaluate_fn=evaluate_fn, on_step=on_step, accelerator=accelerator, progress=progress)
+                   evaluate_fn=stop_fn, on_step=on_step, accelerator=accelerator, progress=progress)
+    if config.budget_mode:
+        result.select_metrics = {"baseline": result.baseline_metrics, "final": result.final_metrics}
+        result.final_metrics = evaluate_fn(model)
+        with parent_restored(model, result):
+            result.baseline_metrics = evaluate_fn(model)
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
     if evidence.control:
         with randomly_pruned(model, result, seed=config.seed):
@@ -251,9 +267,14 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     return result, metrics
 
 
-def _evidence_record(metrics: dict, evidence: EvidenceOptions) -> dict:
-    return {"options": evidence.to_dict(),
-            "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))}}
+def _extra_record(metrics: dict, evidence: EvidenceOptions, result) -> dict:
+    """The evidence, and for a budget run which split each number comes from."""
+    record = {"evidence": {"options": evidence.to_dict(),
+                           "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))}}}
+    if result.select_metrics is not None:
+        record["splits"] = {"steps": "select", "baseline_metrics": "eval", "final_metrics": "eval",
+                            "select_metrics": result.select_metrics}
+    return record
 
 
 def _target_name(parent, register_as: str | None, register: bool) -> str | None:
@@ -268,11 +289,12 @@ def _target_name(parent, register_as: str | None, register: bool) -> str | None:
     return name
 
 
-def _check_budget_met(config: PruneConfig, metrics: dict, result) -> None:
-    """A budget run that stopped short of its forget target registers nothing."""
+def _check_budget_met(config: PruneConfig, result) -> None:
+    """A budget run that stopped short of its forget target (on the select parts it stops on) registers nothing."""
     if config.target_forget_drop is None:
         return
-    reached = metrics[f"forget_{config.budget_metric}_drop"]
+    kept = [step["forget_drop"] for step in result.steps if step.get("kept") and "forget_drop" in step]
+    reached = kept[-1] if kept else 0.0
     if not reached >= config.target_forget_drop:
         raise BadInputError(
             f"the budget cannot be met: forget {config.budget_metric} dropped {reached:.1%} "

@@ -371,6 +371,34 @@ def test_budget_takes_whole_chunks_in_hash_order(tiny_tokenizer):
     assert bigger.digest != prepared.digest  # the digest covers the documents actually used
 
 
+def _texts_of(prepared, tokenizer, part: str) -> set[str]:
+    """The documents behind a part's batches (decoded rows), to compare parts without trusting the code's labels."""
+    rows = set()
+    for batch in getattr(prepared, f"{part}_batches"):
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            rows.add(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip())
+    return rows
+
+
+@pytest.mark.parametrize("eval_fraction", [0.2, 0.5])
+def test_a_budget_run_gets_a_third_part_disjoint_from_the_other_two(tiny_tokenizer, eval_fraction):
+    """Collect, select (what a budget stops on) and eval (what is reported): no document in two of them."""
+    docs = make_docs(80, words_per_doc=12)
+    docs += docs[:6]  # identical documents share a part
+    options = dict(max_length=64, collect_tokens=10_000, eval_tokens=10_000, eval_fraction=eval_fraction)
+    three = prepare_data(docs, tiny_tokenizer, select_part=True, **options)
+    two = prepare_data(docs, tiny_tokenizer, **options)
+    parts = {part: _texts_of(three, tiny_tokenizer, part) for part in ("collect", "select", "eval")}
+    assert all(parts.values())
+    assert not parts["collect"] & parts["select"] and not parts["collect"] & parts["eval"]
+    assert not parts["select"] & parts["eval"]
+    assert parts["collect"] == _texts_of(two, tiny_tokenizer, "collect")  # the collect part does not change
+    assert parts["select"] | parts["eval"] == _texts_of(two, tiny_tokenizer, "eval")  # eval is shared out
+    assert abs(len(parts["select"]) - len(parts["eval"])) <= 6
+    assert three.select_tokens > 0 and two.select_batches is None
+    assert three.digest != two.digest  # which part a document is in is part of the digest
+
+
 def test_skip_token_ids_are_the_most_frequent_collect_tokens(tiny_tokenizer):
     prepared = prepare_data(make_docs(40, words_per_doc=30), tiny_tokenizer, max_length=32)
     ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in prepared.collect_batches])

@@ -355,3 +355,36 @@ def test_served_model_is_greedy_and_honours_request_params(store, pruned):
 
 
 # 9. quiet output: checked on the real prune processes of test_mlflow_run_logs_params_once_and_registers_one_version
+
+
+def test_a_budget_run_stops_on_one_split_and_reports_on_another(store):
+    """The budget reads the select split; what is logged and gated is measured on eval documents it never saw."""
+    from mlflow_selprune.config import DataOptions, PruneConfig
+    from mlflow_selprune.evaluation.model_metrics import evaluate_model
+    from mlflow_selprune.registry.loading import load_components
+    from mlflow_selprune.registry.resolve import resolve
+    from mlflow_selprune.unlearn import load_datasets, run_prune
+
+    uri = f"models:/{TINY_NAME}@base"
+    data = DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500)
+    result = run_prune(uri, store["forget"], store["retain"], register=False, data=data, progress=False,
+                       config=PruneConfig(ff_frac=0.1, max_retain_drop=0.99, max_steps=2))
+    assert result.model_uri is None and result.run_id
+    parent, tokenizer = load_components(resolve(uri))
+    forget, retain = load_datasets(tokenizer, store["forget"], store["retain"], data, model=parent, select_part=True)
+    for side, prepared in (("forget", forget), ("retain", retain)):
+        reported = evaluate_model(parent, prepared.eval_batches, skip_token_ids=prepared.skip_token_ids,
+                                  prefix=f"{side}_", progress=False)
+        stopped_on = evaluate_model(parent, prepared.select_batches, skip_token_ids=prepared.skip_token_ids,
+                                    prefix=f"{side}_", progress=False)
+        assert result.metrics[f"parent_{side}_top1"] == pytest.approx(reported[f"{side}_top1"], abs=1e-12)
+        assert result.pruning.select_metrics["baseline"][f"{side}_top1"] == pytest.approx(
+            stopped_on[f"{side}_top1"], abs=1e-12)
+        assert reported[f"{side}_top1"] != stopped_on[f"{side}_top1"], "two splits, two measurements"
+    client = MlflowClient()
+    run = client.get_run(result.run_id)
+    assert run.data.metrics["forget_top1"] == pytest.approx(result.metrics["forget_top1"], abs=1e-12)
+    assert sorted(m.step for m in client.get_metric_history(result.run_id, "select_forget_top1")) == [0, 1, 2]
+    record = json.loads(Path(client.download_artifacts(result.run_id, "selprune/pruning_record.json",
+                                                        str(store["root"]))).read_text())
+    assert record["splits"]["steps"] == "select" and record["splits"]["final_metrics"] == "eval"

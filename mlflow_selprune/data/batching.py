@@ -2,7 +2,11 @@
 
 Documents are split into a *collect* part (activation statistics for
 pruning) and an *eval* part (metrics) by a hash of their text, so the split is
-the same on every machine and run, and no document is in both parts. Each
+the same on every machine and run, and no document is in both parts. A budget
+run needs a third part: it reads a *select* part to decide where to stop, and
+reports (and gates) on the eval part, which then never influenced a choice.
+The select documents are every other eval document in hash order, so the
+three parts stay disjoint at any ``--eval-fraction``. Each
 chunk is wrapped in the special tokens the model's tokenizer puts around a
 text (a BOS before it for OPT or Llama, ``[CLS]`` ... ``[SEP]`` for BERT,
 nothing for GPT-2), so the model sees inputs shaped like those it was trained
@@ -50,6 +54,8 @@ class PreparedData:
     warnings: list[str] = field(default_factory=list)
     documents: datasets.Dataset | None = None
     masking: MaskingIds | None = None  # the tokenizer's mask/special ids, for masked LMs (None: no mask token)
+    select_batches: list[dict] | None = None  # budget runs: what the budget reads to stop (None: two parts only)
+    select_tokens: int = 0
 
 
 
@@ -92,6 +98,7 @@ def prepare_data(
     source: SourceOptions | None = None,
     min_tokens: int | None = None,
     eval_only: bool = False,
+    select_part: bool = False,
     trust_remote_code: bool = False,
     **option_fields,
 ) -> PreparedData:
@@ -109,7 +116,10 @@ def prepare_data(
     fewer than 2 tokens predict nothing and are dropped. ``min_tokens``
     (default 1) is the fewest tokens each part may end with. ``eval_only``:
     every document is evaluated (nothing is held back for statistics); the
-    skip-50 tokens then come from the eval part itself.
+    skip-50 tokens then come from the eval part itself. ``select_part``: the
+    eval documents alternate (in hash order) between a *select* part and the
+    eval part, each with the eval budget (budget runs: one to stop on, one to
+    report).
     """
     source_names = set(SourceOptions.__dataclass_fields__)
     source_fields = {k: option_fields.pop(k) for k in list(option_fields) if k in source_names}
@@ -123,6 +133,7 @@ def prepare_data(
         collect_order, eval_order = [], sorted(range(len(keys)), key=lambda i: (split_keys[i], i))
     else:
         collect_order, eval_order = split_documents(split_keys, options.eval_fraction, spec)
+    select_order, eval_order = split_select(split_keys, eval_order, spec) if select_part else ([], eval_order)
     tokenizer_key = _tokenizer_key(tokenizer)
     prefix, suffix = special_affixes(tokenizer)
     use_disk = token_cache.enabled(options.token_cache)
@@ -159,26 +170,30 @@ def prepare_data(
     else:
         collect_used, collect_chunks, n_collect = take("collect", collect_order, options.collect_tokens, 1)
     eval_used, eval_chunks, n_eval = take("eval", eval_order, options.eval_tokens, 2)
+    select_used, select_chunks, n_select = (take("select", select_order, options.eval_tokens, 2) if select_part
+                                            else ([], [], 0))
     if use_disk:
         entries = {key: _TOKEN_CACHE.get((tokenizer_key, key)) for key in keys}
         entries = {key: ids for key, ids in entries.items() if ids is not None}
         if set(entries) - set(stored):
             token_cache.save(tokenizer_key, keys, entries)
     texts = {"collect": documents[collect_used]["text"] if collect_used else [],
-             "eval": documents[eval_used]["text"]}
+             "eval": documents[eval_used]["text"], "select": documents[select_used]["text"] if select_used else []}
     frequent_from = eval_chunks if eval_only else collect_chunks
     prepared = PreparedData(
         spec=spec,
-        digest=documents_digest(texts["collect"], texts["eval"]),
+        digest=documents_digest(texts["collect"], texts["eval"], texts["select"]),
         collect_batches=make_batches(collect_chunks, options.batch_size, pad_id),
         eval_batches=make_batches(eval_chunks, options.batch_size, pad_id),
         collect_tokens=n_collect,
         eval_tokens=n_eval,
         skip_token_ids=most_frequent_tokens([c[len(prefix):len(c) - len(suffix)] for c in frequent_from], 50),
-        n_documents=len(collect_used) + len(eval_used),
+        n_documents=len(collect_used) + len(eval_used) + len(select_used),
         warnings=warnings,
-        documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"]}),
+        documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"] + texts["select"]}),
         masking=masking_ids(tokenizer) if getattr(tokenizer, "mask_token_id", None) is not None else None,
+        select_batches=make_batches(select_chunks, options.batch_size, pad_id) if select_part else None,
+        select_tokens=n_select,
     )
     logger.debug("DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
                  spec, n_collect, len(collect_used), n_eval, len(eval_used), prepared.digest[:12])
@@ -264,6 +279,22 @@ def split_documents(keys: Sequence[bytes], eval_fraction: float, spec: str = "DA
         raise DataError(f"{spec!r}: need at least 2 distinct documents (one to collect statistics "
                         f"on, one to evaluate on); found {len(set(keys))}")
     return order[n_eval:], order[:n_eval]
+
+
+def split_select(keys: Sequence[bytes], eval_order: list[int], spec: str = "DATA") -> tuple[list[int], list[int]]:
+    """(select, eval): the eval documents alternately, in hash order, so both span the same hash range.
+    Identical documents (one hash) stay together, in one part."""
+    select: list[int] = []
+    report: list[int] = []
+    position = 0
+    while position < len(eval_order):
+        end = _group_end(eval_order, keys, position)
+        (report if len(select) > len(report) else select).extend(eval_order[position:end])
+        position = end
+    if not report:
+        raise DataError(f"{spec!r}: a budget run needs at least 2 distinct eval documents (one part to stop on, "
+                        "one to report on): add documents or raise --eval-fraction")
+    return select, report
 
 
 def _group_end(order, keys, position) -> int:
@@ -371,14 +402,16 @@ def most_frequent_tokens(chunks: Sequence[torch.Tensor], k: int = 50) -> list[in
     return ids[:min(k, int((counts > 0).sum()))].tolist()
 
 
-def documents_digest(collect_texts: Sequence[str], eval_texts: Sequence[str]) -> str:
+def documents_digest(collect_texts: Sequence[str], eval_texts: Sequence[str], select_texts: Sequence[str] = ()) -> str:
     """sha256 of the documents used, part by part, each length-prefixed UTF-8.
 
     Independent of the tokenizer and of the machine; any change to a used
-    document, or to which part it is in, changes it.
+    document, or to which part it is in, changes it. A select part (budget runs) is a third part; without
+    one the digest is the two-part digest.
     """
     digest = hashlib.sha256()
-    for part, texts in (("collect", collect_texts), ("eval", eval_texts)):
+    parts = [("collect", collect_texts), ("eval", eval_texts)] + ([("select", select_texts)] if select_texts else [])
+    for part, texts in parts:
         digest.update(part.encode("ascii"))
         digest.update(len(texts).to_bytes(8, "big"))
         for text in texts:

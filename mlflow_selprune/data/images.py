@@ -29,7 +29,7 @@ import datasets
 import torch
 
 from ..config import DataOptions, SourceOptions
-from .batching import documents_digest, split_documents
+from .batching import documents_digest, split_documents, split_select
 from .sources import DataError, _download_mlflow_artifacts, _load_hub, _pick_split
 from .specs import BUILTIN_PREFIX, _MLFLOW_URI, looks_like_path
 
@@ -61,6 +61,8 @@ class PreparedImages:
     skip_token_ids: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     documents: datasets.Dataset | None = None  # one row per image used: its pixel digest, label and part
+    select_batches: list[dict] | None = None  # budget runs: what the budget reads to stop (None: two parts only)
+    select_tokens: int = 0
 
     @property
     def collect_images(self) -> int:
@@ -252,9 +254,10 @@ def _batches(dataset, rows: list[int], image_column: str, labels: list[int], pro
 
 
 def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: str, labels: list[int],
-                       keep: set[int] | None, processor, model_config, options: DataOptions, flag: str
-                       ) -> PreparedImages:
-    """Batches of the rows whose label is in ``keep`` (None: all), split by pixel hash."""
+                       keep: set[int] | None, processor, model_config, options: DataOptions, flag: str,
+                       select_part: bool = False) -> PreparedImages:
+    """Batches of the rows whose label is in ``keep`` (None: all), split by pixel hash (``select_part``: the
+    eval images alternate with a select part, as text documents do)."""
     rows = [i for i, label in enumerate(labels) if keep is None or label in keep]
     if not rows:
         raise DataError(f"{flag}: DATA {spec!r} has no image of the classes asked for")
@@ -262,8 +265,10 @@ def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: st
     keys = [pixel_key(_convert(image, channels))
             for image in dataset.select(rows)[image_column]]
     collect_order, eval_order = split_documents(keys, options.eval_fraction, f"{flag} {spec}")
+    select_order, eval_order = split_select(keys, eval_order, f"{flag} {spec}") if select_part else ([], eval_order)
     collect_rows = [rows[i] for i in collect_order[:options.collect_images]]
     eval_rows = [rows[i] for i in eval_order[:options.eval_images]]
+    select_rows = [rows[i] for i in select_order[:options.eval_images]]
     warnings = []
     for part, used, wanted in (("collect", collect_rows, options.collect_images),
                                ("eval", eval_rows, options.eval_images)):
@@ -276,22 +281,25 @@ def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: st
     def lines(part_rows):
         return [f"{key_of[r].hex()} {labels[r]}" for r in part_rows]
 
-    classes = sorted({labels[r] for r in collect_rows + eval_rows})
+    classes = sorted({labels[r] for r in collect_rows + eval_rows + select_rows})
     prepared = PreparedImages(
         spec=spec,
-        digest=documents_digest(lines(collect_rows), lines(eval_rows)),
+        digest=documents_digest(lines(collect_rows), lines(eval_rows), lines(select_rows)),
         collect_batches=_batches(dataset, collect_rows, image_column, labels, processor, channels, options.batch_size),
         eval_batches=_batches(dataset, eval_rows, image_column, labels, processor, channels, options.batch_size),
         collect_tokens=len(collect_rows),
         eval_tokens=len(eval_rows),
-        n_documents=len(collect_rows) + len(eval_rows),
+        n_documents=len(collect_rows) + len(eval_rows) + len(select_rows),
         classes=classes,
         warnings=warnings,
         documents=datasets.Dataset.from_dict({
-            "image_sha256": [key_of[r].hex() for r in collect_rows + eval_rows],
-            "label": [labels[r] for r in collect_rows + eval_rows],
-            "part": ["collect"] * len(collect_rows) + ["eval"] * len(eval_rows),
+            "image_sha256": [key_of[r].hex() for r in collect_rows + eval_rows + select_rows],
+            "label": [labels[r] for r in collect_rows + eval_rows + select_rows],
+            "part": ["collect"] * len(collect_rows) + ["eval"] * len(eval_rows) + ["select"] * len(select_rows),
         }),
+        select_batches=(_batches(dataset, select_rows, image_column, labels, processor, channels, options.batch_size)
+                        if select_part else None),
+        select_tokens=len(select_rows),
     )
     logger.debug("DATA %r (%s): %d collect and %d eval images of classes %s, digest %s", spec, flag,
                  len(collect_rows), len(eval_rows), classes, prepared.digest[:12])
@@ -299,7 +307,8 @@ def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: st
 
 
 def prepare_image_data(forget: str, retain: str | None, processor, model_config, options: DataOptions | None = None,
-                       *, trust_remote_code: bool = False) -> tuple[PreparedImages, PreparedImages]:
+                       *, trust_remote_code: bool = False, select_part: bool = False
+                       ) -> tuple[PreparedImages, PreparedImages]:
     """(forget, retain) image data for an image classifier.
 
     With ``options.forget_classes``, the forget side keeps only those classes
@@ -341,5 +350,5 @@ def prepare_image_data(forget: str, retain: str | None, processor, model_config,
             spec = f"{spec} [{'classes' if side == 'forget' else 'without classes'} {options.forget_classes}]"
         prepared.append(prepare_image_side(dataset, spec, image_column=image_column, labels=labels, keep=keep[side],
                                            processor=processor, model_config=model_config, options=options,
-                                           flag=flag))
+                                           flag=flag, select_part=select_part))
     return prepared[0], prepared[1]

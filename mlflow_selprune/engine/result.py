@@ -39,6 +39,9 @@ class PruneResult:
     # with --attn-mean-offset: every attention neuron's mean retain activation in the parent (the first step's
     # statistics), which the random control folds in for its own neurons; never saved
     attn_parent_means: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # a budget run: its baseline and final metrics on the select split it stopped on (the fields above then hold
+    # the eval split's, measured after the loop)
+    select_metrics: dict | None = None
 
     @property
     def ff_pruned(self) -> int:

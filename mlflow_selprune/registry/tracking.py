@@ -185,10 +185,11 @@ def _new_params(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in logged or not _same_value(logged[k], v)}
 
 
-def log_step(record: dict) -> None:
-    """One kept pruning step's metrics, at its step number."""
+def log_step(record: dict, prefix: str = "") -> None:
+    """One kept pruning step's metrics, at its step number (``prefix="select_"``: a budget run's, measured on
+    the select split, kept apart from the reported metrics of the same name)."""
     metrics = {"ff_pruned_total": record["ff_pruned_total"], "attn_pruned_total": record["attn_pruned_total"]}
-    metrics.update(record.get("metrics", {}))
+    metrics.update({prefix + name: value for name, value in record.get("metrics", {}).items()})
     mlflow.log_metrics(finite(metrics), step=record["step"])
 
 
@@ -204,7 +205,8 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     anchored = recorded_lineage(mlflow.active_run().info.run_id)
     with tempfile.TemporaryDirectory() as tmp, _artifact_store_failures():
         files = result.save(tmp, extra_record=extra_record)
-        files["plot"] = plot_forget_vs_retain(result.baseline_metrics, result.steps, Path(tmp) / "forget_vs_retain.png")
+        steps_baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
+        files["plot"] = plot_forget_vs_retain(steps_baseline, result.steps, Path(tmp) / "forget_vs_retain.png")
         pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
         if anchored is None:
             for path in files.values():
@@ -224,8 +226,9 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
                                                 biases=delta_flavor.changed_biases(model, masks),
                                                 pruning_files=pruning_files, **delta)
     kept = [record for record in result.steps if record["kept"]]
-    # the per-step values are in the history already (logged live); add what only the summary has
-    logged = set(kept[-1].get("metrics", {})) if kept else set()
+    # the per-step values are in the history already (logged live); add what only the summary has (everything,
+    # for a budget run, whose steps were logged as select_*)
+    logged = set(kept[-1].get("metrics", {})) if kept and result.select_metrics is None else set()
     final = {k: v for k, v in metrics.items() if not k.startswith("parent_") and k not in logged}
     mlflow.log_metrics(finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
     return model_info, digests
