@@ -4,6 +4,9 @@
     python examples/gpu_check.py --shard    # several GPUs: load with device_map="auto" across them
     python examples/gpu_check.py --big      # also a ~1.1B Llama-shaped model in bf16, phase by phase
 
+With two or more GPUs visible, a two-device case always runs too: the model split layer-wise over cuda:0 and
+cuda:1 must give the same statistics and the same pruning masks as the model on one GPU.
+
 Checks, on a randomly initialised GPT-NeoX of the demo's shape (or --layers/--width):
 1. bf16 load, and that statistics are still float64;
 2. pruning in bf16 and save/reload equality of the logits;
@@ -115,10 +118,40 @@ def main() -> int:
         same = torch.equal(before, after)
         print(f"save/reload logits identical: {'ok' if same else 'FAIL (max diff %.3g)' % (before - after).abs().max()}")
         failures += [] if same else ["reload differs"]
+        if cuda and torch.cuda.device_count() >= 2:
+            failures += two_device_check(tmp, config, batches)
     if args.big:
         failures += big_model_phases(args, device, sync)
     print("all checks passed" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def two_device_check(tmp, config, batches) -> list[str]:
+    """The first half of the layers on cuda:0, the rest on cuda:1, against the same model on cuda:0 alone:
+    token weights and masks must reach each hook's device, and the choices must not change."""
+    half = config.num_hidden_layers // 2
+    one = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16).to("cuda:0").eval()
+    device_map = {f"gpt_neox.{name}": 0 for name, _ in one.gpt_neox.named_children() if name != "layers"}
+    device_map |= {name: 1 for name, _ in one.named_children() if name != "gpt_neox"}  # the output head
+    device_map |= {f"gpt_neox.layers.{i}": 0 if i < half else 1 for i in range(config.num_hidden_layers)}
+    two = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.bfloat16, device_map=device_map).eval()
+    print(f"two devices: layers on {sorted({str(p.device) for p in two.parameters()})}")
+    batches = [{k: v.to("cuda:0") for k, v in b.items()} for b in batches[:4]]
+    failures = []
+    stats_one = collect_statistics(one, batches, sums="all", progress=False)
+    stats_two = collect_statistics(two, batches, sums="all", progress=False)
+    worst = max(float(((stats_two[k].sums[n].cpu() - stats_one[k].sums[n].cpu()).abs()
+                       / stats_one[k].sums[n].cpu().abs().clamp_min(1e-6)).max())
+                for k in ("ff", "attn") for n in stats_one[k].sums)
+    print(f"two devices: statistics vs one device, worst relative difference {worst:.2e} "
+          f"({'ok' if worst < 1e-3 else 'FAIL'})")
+    failures += [] if worst < 1e-3 else ["two-device statistics differ"]
+    settings = PruneConfig(ff_frac=0.02, attn_frac=0.02, steps=2)
+    mask_one = prune(one, batches[:2], batches[2:], settings, progress=False)
+    mask_two = prune(two, batches[:2], batches[2:], settings, progress=False)
+    same = all(torch.equal(getattr(mask_one, m), getattr(mask_two, m)) for m in ("ff_mask", "attn_mask"))
+    print(f"two devices: pruning masks equal to one device: {'ok' if same else 'FAIL'}")
+    return failures + ([] if same else ["two-device masks differ"])
 
 
 def big_model_phases(args, device, sync) -> list[str]:
