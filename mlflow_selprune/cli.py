@@ -101,7 +101,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from .errors import BadInputError
+        from .errors import BadInputError, VerificationError
 
         try:
             return func(*args, **kwargs)
@@ -110,6 +110,9 @@ def handle_errors(func):
         except BadInputError as exc:
             click.echo(f"{_rank_prefix()}error: {_first_line(exc)}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except VerificationError as exc:  # what an audit finds: each finding on its line, as lineage --verify
+            click.echo(f"{_rank_prefix()}error: " + "\n  ".join(exc.findings), err=True)
+            sys.exit(EXIT_GATE_FAILED)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing was registered", err=True)
             sys.exit(130)
@@ -491,7 +494,7 @@ def _print_hop(i: int, row: dict) -> None:
                    f"@{deciding['alias_moved']} ({len(decisions)} decision(s) recorded)")
     elif decisions:
         last = decisions[-1]
-        click.echo(f"  gate:    last decision {last['verdict']} at {last['time']} "
+        click.echo(f"  gate:    last decision {last.get('verdict', 'unreadable')} at {last.get('time', '?')} "
                    f"({len(decisions)} decision(s) recorded)")
     else:
         click.echo("  gate:    not gated")

@@ -21,3 +21,12 @@ class NonFiniteActivationsError(BadInputError, FloatingPointError):
 class ServerFailure(RuntimeError):
     """The tracking server, its database or its artifact store failed during a job (exit 3, not the user's
     mistake); the message says what was left behind and how to finish."""
+
+
+class VerificationError(Exception):
+    """A version failed verification (registry.verify): the command refuses to use it and exits 1 listing the
+    findings, as ``lineage --verify`` does; nothing is written."""
+
+    def __init__(self, findings: list[str]):
+        super().__init__("; ".join(findings))
+        self.findings = findings

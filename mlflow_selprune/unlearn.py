@@ -154,6 +154,7 @@ def run_prune(
 
     ``storage="delta"`` logs only the masks (and changed biases) against the registered parent.
     """
+    from .registry import verify
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     config = (config or PruneConfig()).validate(has_evaluate=True)
@@ -165,6 +166,7 @@ def run_prune(
         raise BadInputError(f"--storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     check_data_specs(forget, retain, data)
     parent = resolve(model_uri)
+    verify.require_verified(parent, "prune")
     if storage == "delta" and not parent.is_registered:
         raise BadInputError(f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
                             f"addressable; '{model_uri}' is not one: use --storage full")
@@ -178,6 +180,8 @@ def run_prune(
 
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
     parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
+    if parent_digest is not None and dtype is None:
+        verify.require_weights(parent, parent_digest, "prune")
     phases.lap("digest")
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model,
                                              select_part=config.budget_mode)
@@ -208,7 +212,7 @@ def run_prune(
         delta = None
         if storage == "delta":
             delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": parent_digest,
-                     "weights_sha256": weights_digest}
+                     "weights_sha256": weights_digest, "dtype": str(model.dtype).removeprefix("torch.")}
         model_info, artifacts = tracking.log_unlearned_model(
             model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta)
         phases.lap("log_model")
@@ -345,7 +349,7 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
     With ``evidence.relearn_steps``, the relearning check runs too (against
     ``parent_model_uri`` when given, for the recovery figure).
     """
-    from .registry import tracking
+    from .registry import tracking, verify
     from .registry.resolve import resolve
 
     data = (data or DataOptions()).validate()
@@ -353,7 +357,17 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
     check_data_specs(forget, retain, data)
     resolved = resolve(model_uri)
     parent = resolve(parent_model_uri) if parent_model_uri else None
+    for version in (resolved, parent):
+        if version is not None:
+            verify.require_verified(version, "evaluate")
     model, tokenizer = _load(resolved, device, dtype, trust_remote_code, accelerator)
+    parent_model = _load(parent, device, dtype, trust_remote_code, accelerator)[0] if parent is not None else None
+    if dtype is None and _is_main(accelerator):  # the weights as loaded are the ones verified, before any run
+        from .registry.lineage import weights_sha256
+
+        for version, loaded in ((resolved, model), (parent, parent_model)):
+            if version is not None:
+                verify.require_weights(version, weights_sha256(loaded), "evaluate")
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     with tracking.job_run(run_name, "evaluate", enabled=_is_main(accelerator)) as run:
@@ -369,10 +383,9 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
         if parent is not None:
             from .evaluation.drops import summary_metrics
 
-            parent_model, _ = _load(parent, device, dtype, trust_remote_code, accelerator)
             metrics = summary_metrics(evaluate_fn(parent_model), metrics)
         if evidence.relearn_steps:
-            metrics.update(_relearn_only(model, parent_model if parent is not None else None, forget_data,
+            metrics.update(_relearn_only(model, parent_model, forget_data,
                                          retain_data, evidence, seed, metrics, accelerator, progress))
         if run is not None:
             import mlflow
@@ -407,7 +420,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     """
     import mlflow
 
-    from .registry import lineage, tracking
+    from .registry import lineage, tracking, verify
     from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
@@ -418,6 +431,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
         raise BadInputError(f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are "
                             "materialized")
+    verify.require_verified(resolved, "materialize")  # its lineage is copied: never an edited one
     check_can_add_versions(register_as or resolved.registered_name)
     model, tokenizer = load_components(resolved)  # rebuilt from its parent, both digests checked
     local = download(resolved)

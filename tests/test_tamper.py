@@ -163,8 +163,8 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
     assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "aliases"]
     assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "@base"]
-    for version, storage in (("2", "full"), ("3", "full"), ("4", "delta"), ("5", "full")):
-        assert rows[version][1:7] == ["unlearned", storage, "ok", "ok", "ok", "ok"], rows[version]
+    for uri, storage in ((v2, "full"), (v3, "full"), (v4, "delta"), (v5, "full")):
+        assert rows[_version(uri)][1:7] == ["unlearned", storage, "ok", "ok", "ok", "ok"], rows[_version(uri)]
     assert _lines(out) == []
 
     # a tag edited on the materialized version, and an unlearned version that never got its lineage (made, say,
@@ -176,7 +176,7 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
             out = invoke("lineage", "--all", TINY_NAME)
             assert out.exit_code == 1, out.output
             rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-            assert rows["5"][1:7] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok"]
+            assert rows[_version(v5)][1:7] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok"]
             assert rows[str(incomplete.version)][1:7] == ["incomplete", "full", "-", "-", "-", "-"]
             assert any(line.startswith(f"tampered: {v5}: tag {lineage.RETAIN_DATA} changed") for line in _lines(out))
             assert len(_lines(out)) == 1 and _lines(out, f"incomplete: models:/{TINY_NAME}/{incomplete.version}:")
@@ -253,3 +253,93 @@ def test_the_gate_verifies_before_it_decides_and_edited_metrics_cannot_promote(c
     assert {k for k in after.tags if k.startswith(lineage.GATE_RECORD_PREFIX)} == before  # nothing written
     assert "production" not in (client.get_registered_model(TINY_NAME).aliases or {})
     assert invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--dry-run").exit_code == 0
+
+
+def _all_runs() -> set[str]:
+    client = MlflowClient()
+    return {run.info.run_id for experiment in client.search_experiments()
+            for run in client.search_runs([experiment.experiment_id], max_results=1000)}
+
+
+@pytest.mark.slow(seconds=30)
+def test_every_command_that_builds_on_a_version_verifies_it_first(store, chain):
+    """Tags edited before `materialize`, `prune` from an unlearned parent, `evaluate`, and a delta's rebuild:
+    each refuses with exit 1 and the finding, and writes nothing (no run, no version). Untouched, each works."""
+    _, v2, v3 = chain
+    delta = _prune(store, v3, "--storage", "delta")
+    edited = lineage.FORGET_DATA
+    commands = {
+        "materialize": ["materialize", delta],
+        "prune": ["prune", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"], *PRUNE,
+                  *SMALL],
+        "evaluate": ["evaluate", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"],
+                     *SMALL],
+        "rebuild a delta to prune it": ["prune", "--model-uri", delta, "--forget", store["forget"], "--retain",
+                                        store["retain"], *PRUNE, *SMALL, "--register-as", "elsewhere"],
+    }
+    for label, args in commands.items():
+        target = delta if args[1] == delta or delta in args else v3
+        with _tag_set(target, edited, "not-what-was-forgotten.txt"):
+            before_registry, before_runs = registry_snapshot(), _all_runs()
+            out = invoke(*args)
+            assert out.exit_code == 1, (label, out.output)
+            assert "does not verify" in out.stderr and f"tag {edited} changed" in out.stderr, (label, out.stderr)
+            assert registry_snapshot() == before_registry, label
+            assert _all_runs() == before_runs, f"{label}: a refused command opened a run"
+    out = invoke("materialize", delta)
+    assert out.exit_code == 0, out.stderr
+    with _tag_set(v2, lineage.WEIGHTS_SHA, "0" * 64):  # the tag check names the edit before any weight loads
+        out = invoke(*commands["prune"][:2], v2, *commands["prune"][3:])
+        assert out.exit_code == 1 and f"tag {lineage.WEIGHTS_SHA} changed" in out.stderr, out.output
+
+
+@pytest.mark.slow(seconds=30)
+def test_a_bfloat16_delta_loads_and_verifies(store, chain):
+    """The parent digest of a --dtype bfloat16 prune is of bf16 weights: the delta records the dtype and loads
+    its parent in it, so it rebuilds, verifies, and materializes."""
+    from mlflow_selprune.registry.loading import load_components
+    from mlflow_selprune.registry.resolve import resolve
+
+    _, _, v3 = chain
+    delta = _prune(store, v3, "--storage", "delta", "--dtype", "bfloat16")
+    model, _ = load_components(resolve(delta))
+    assert model.dtype == torch.bfloat16
+    assert lineage.weights_sha256(model) == MlflowClient().get_model_version(TINY_NAME, _version(delta)).tags[
+        lineage.WEIGHTS_SHA]
+    out = invoke("lineage", delta, "--verify")
+    assert out.exit_code == 0, out.output
+    assert invoke("materialize", delta).exit_code == 0
+
+
+@pytest.mark.slow(seconds=20)
+def test_gate_records_never_vanish(chain):
+    """A record too long for a tag is kept whole in an artifact with its digest in the tag; a record that does
+    not parse, or whose artifact changed, is a finding (it used to be cut at 4,900 characters, or skipped)."""
+    from mlflow_selprune.registry import gate as gate_module
+    from mlflow_selprune.registry.resolve import resolve
+
+    _, _, v3 = chain
+    client = MlflowClient()
+    resolved = resolve(v3)
+    record = {"time": "2026-12-01T00:00:00.000000Z", "verdict": "fail", "user": "auditor", "alias_moved": None,
+              "failures": [f"threshold {i} failed" * 20 for i in range(40)]}
+    key = lineage.GATE_RECORD_PREFIX + "20261201T000000.000000Z-longlong"
+    value = gate_module._tag_value(resolved, key, record)
+    assert len(json.dumps(record)) > gate_module.TAG_VALUE_LIMIT >= len(value)
+    stored = json.loads(value)
+    whole = client.download_artifacts(resolved.run_id, stored["record_artifact"])
+    assert json.loads(Path(whole).read_text()) == record  # nothing cut
+    client.set_model_version_tag(TINY_NAME, _version(v3), key, value)
+    try:
+        assert invoke("lineage", v3, "--verify").exit_code == 0
+        with _file_edited(_run_file(v3, stored["record_artifact"])):
+            out = invoke("lineage", v3, "--verify")
+            assert out.exit_code == 1 and any("its full record" in line and "changed" in line for line in _lines(out))
+        with _tag_set(v3, key, '{"verdict": "pass", "alias_mo'):
+            out = invoke("lineage", v3, "--verify")
+            assert out.exit_code == 1, out.output
+            assert any(f"gate record {key} is not a JSON record" in line for line in _lines(out))
+            gated = invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--dry-run")
+            assert gated.exit_code == 1 and "is not a JSON record" in gated.stderr
+    finally:
+        client.delete_model_version_tag(TINY_NAME, _version(v3), key)

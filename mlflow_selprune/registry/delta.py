@@ -71,8 +71,11 @@ def changed_biases(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def save_model(path, *, parent_uri: str, parent_weights_sha256: str, weights_sha256: str,
                masks: dict[str, torch.Tensor], biases: dict[str, torch.Tensor], pruning_files: dict | None = None,
-               mlflow_model: Model | None = None, pip_requirements=None) -> None:
-    """Write a delta model directory (MLflow model with the ``selprune`` and ``python_function`` flavors)."""
+               dtype: str | None = None, mlflow_model: Model | None = None, pip_requirements=None) -> None:
+    """Write a delta model directory (MLflow model with the ``selprune`` and ``python_function`` flavors).
+
+    ``dtype``: the dtype the parent was loaded in when it was pruned (``prune --dtype``); both digests are of
+    weights in that dtype, so the parent is loaded in it again to rebuild the version."""
     from safetensors.torch import save_file
 
     from .flavor import RECORD_DIR, default_pip_requirements
@@ -94,7 +97,8 @@ def save_model(path, *, parent_uri: str, parent_weights_sha256: str, weights_sha
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module="mlflow_selprune.registry.delta")
     mlflow_model.add_flavor(FLAVOR_NAME, plugin_version=__version__, storage="delta", parent_model_uri=parent_uri,
                             parent_weights_sha256=parent_weights_sha256, weights_sha256=weights_sha256,
-                            masks=f"{DELTA_DIR}/{MASKS_FILE}", biases=f"{DELTA_DIR}/{BIASES_FILE}", files=files)
+                            masks=f"{DELTA_DIR}/{MASKS_FILE}", biases=f"{DELTA_DIR}/{BIASES_FILE}", files=files,
+                            **({"dtype": dtype} if dtype else {}))
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
     (path / "requirements.txt").write_text("\n".join(pip_requirements or default_pip_requirements()) + "\n")
 
@@ -110,8 +114,12 @@ def is_delta(flavors: dict) -> bool:
     return flavors.get(FLAVOR_NAME, {}).get("storage") == "delta"
 
 
-def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_code: bool = False, depth: int = 0):
-    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked)."""
+def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_code: bool = False, depth: int = 0,
+                recorded: dict | None = None):
+    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked).
+
+    ``recorded``: the version's verified lineage tags; the flavor's parent and digests must be theirs. The
+    parent loads in the dtype it was pruned in (recorded in the flavor) unless ``dtype`` says otherwise."""
     from safetensors.torch import load_file
 
     from .lineage import weights_sha256
@@ -122,6 +130,9 @@ def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_
         raise DeltaError(f"{what}: the delta chain is longer than {MAX_CHAIN} links (a loop?)")
     entry = Model.load(str(path / MLMODEL_FILE_NAME)).flavors[FLAVOR_NAME]
     parent_uri = entry["parent_model_uri"]
+    if recorded is not None:
+        _check_entry(entry, recorded, what)
+    dtype = dtype or entry.get("dtype")
     try:
         parent = resolve(parent_uri)
         model, tokenizer = load_components(parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -140,6 +151,20 @@ def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_
         raise DeltaError(f"{what}: applying its masks to {parent_uri} gives weights sha256 {rebuilt[:12]}, "
                          f"not the recorded {entry['weights_sha256'][:12]}; refusing a different model")
     return model, tokenizer
+
+
+def _check_entry(entry: dict, recorded: dict, what: str) -> None:
+    """The delta's own MLmodel says which parent and digests it means; they must be the verified lineage's."""
+    from ..errors import VerificationError
+    from . import lineage
+
+    for field_name, tag in (("parent_model_uri", lineage.PARENT), ("weights_sha256", lineage.WEIGHTS_SHA),
+                            ("parent_weights_sha256", lineage.PARENT_WEIGHTS_SHA)):
+        if tag in recorded and entry.get(field_name) != recorded[tag]:
+            raise VerificationError([f"refusing to rebuild {what}: it does not verify",
+                                     f"tampered: {what}: its MLmodel names {field_name} "
+                                     f"{str(entry.get(field_name))[:16]}, its verified lineage records "
+                                     f"{recorded[tag][:16]}"])
 
 
 def apply_delta(model, masks: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]) -> None:

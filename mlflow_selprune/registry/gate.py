@@ -9,6 +9,7 @@ is written (see ``_record_and_move``).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-from . import lineage
+from . import lineage, verify
 from ..errors import BadInputError
 from .resolve import check_alias, client, resolve
 
@@ -71,7 +72,8 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     tags = resolved.tags
     if lineage.PARENT in tags and tags.get(lineage.COMPLETE) != "true":
         raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
-    refusals = verification_findings(resolved)
+    # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
+    refusals = [f"refused, {line}" for line in verify.findings(resolved, load_weights=True)]
     thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop,
                   "min_selectivity": min_selectivity, "max_relearn_recovery": max_relearn_recovery, "metric": metric}
     if refusals:  # nothing is decided on, or written to, a version that does not verify
@@ -106,20 +108,6 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
                       {k: metrics[k] for k in wanted}, failures, alias_set)
 
 
-def verification_findings(resolved) -> list[str]:
-    """Why an unlearned version cannot be trusted: every ``lineage`` audit finding (tags against the record its
-    run anchored, weights, parent weights, masks and record), or no anchored record at all. Empty: verified."""
-    hop = lineage.Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id,
-                      resolved.tags)
-    if not hop.is_unlearned:
-        return []
-    found = lineage.audit(hop, cache={}, strict=False)
-    if found.status["tags"] == lineage.NOT_APPLICABLE:
-        return [f"unverifiable: {hop.uri}: its run holds no anchored lineage record, so its tags cannot be "
-                "trusted; refusing to gate it"]
-    return [f"refused, {line}" for line in found.findings]
-
-
 def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None) -> None:
     """Record the decision on the version, then move the alias: the audit trail never claims a move that did
     not happen, and no alias moves without its record.
@@ -150,7 +138,7 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
               **({"alias_requested": alias_set} if alias_set else {})}
     key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
     try:
-        client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+        client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except MlflowException as exc:
         if not permission_denied(exc):
             raise
@@ -168,7 +156,7 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
                                                                      or type(exc).__name__)
         record.update(alias_not_moved=f"{alias_set}: {reason}")
         try:  # the why, where it can still be written; the record already says the alias did not move
-            client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+            client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
         except Exception:  # noqa: BLE001 - the original failure is what the user must see
             logger.debug("could not add the reason to decision record %s", key, exc_info=True)
         if permission_denied(exc):
@@ -179,10 +167,28 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
         raise
     record["alias_moved"] = alias_set
     try:
-        client().set_model_version_tag(name, version, key, json.dumps(record, sort_keys=True)[:4900])
+        client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except Exception:  # noqa: BLE001 - the alias moved; the record under-claims, which an audit can see
         logger.warning("alias '%s' now points to %s, but its decision record %s could not be updated to say so "
                        "(it names the alias as requested)", alias_set, resolved.canonical_uri, key)
+
+
+# MLflow caps a model version tag's value at 5000 characters; a record never is cut to fit
+TAG_VALUE_LIMIT = 5000
+
+
+def _tag_value(resolved, key: str, record: dict) -> str:
+    """The decision record as the tag's value; one too long for a tag goes whole to an artifact of the version's
+    run (``selprune/gate/KEY.json``), and the tag keeps the verdict with the artifact's path and sha256."""
+    text = json.dumps(record, sort_keys=True)
+    if len(text) <= TAG_VALUE_LIMIT:
+        return text
+    path = f"{lineage.GATE_ARTIFACT_DIR}/{key}.json"
+    client().log_text(resolved.run_id, text, path)
+    summary = {k: record.get(k) for k in ("time", "verdict", "user", "alias_moved", "alias_requested",
+                                           "alias_not_moved") if k in record}
+    summary.update(record_artifact=path, record_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+    return json.dumps(summary, sort_keys=True)
 
 
 def _user() -> str:

@@ -55,6 +55,7 @@ ARTIFACTS_SHA = PREFIX + "artifacts_sha256"
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
 # The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
 LINEAGE_RECORD = "selprune/lineage.json"
+GATE_ARTIFACT_DIR = "selprune/gate"  # gate records too long for a tag, whole, with their digest in the tag
 LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
@@ -214,13 +215,15 @@ class Hop:
 
 
 def gate_records(tags: dict) -> list[dict]:
-    """Every gate decision recorded on a version, oldest first."""
+    """Every gate decision recorded on a version, oldest first; one that is not JSON reads as
+    ``{"unreadable": KEY}`` (and is a finding of ``check_gate_records``), never silently dropped."""
     records = []
     for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
         try:
-            records.append(json.loads(tags[key]))
+            record = json.loads(tags[key])
         except ValueError:
-            continue
+            record = None
+        records.append(record if isinstance(record, dict) else {"unreadable": key})
     return records
 
 
@@ -378,6 +381,24 @@ def check_tags(audit: Audit) -> None:
     audit.ok("tags")
 
 
+def check_gate_records(audit: Audit) -> None:
+    """Each gate decision must parse, and one kept whole in an artifact must match the digest in its tag."""
+    tags = audit.hop.tags
+    for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
+        try:
+            record = json.loads(tags[key])
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            audit.tampered("tags", f"gate record {key} is not a JSON record: {_short(tags[key])}")
+            continue
+        if "record_sha256" in record:
+            stored = run_artifact(_run_of(audit.hop), str(record.get("record_artifact")))
+            if stored is None or hashlib.sha256(stored).hexdigest() != record["record_sha256"]:
+                audit.tampered("tags", f"gate record {key}: its full record {record.get('record_artifact')} is "
+                                       f"{'missing' if stored is None else 'changed'}")
+
+
 def check_artifacts(audit: Audit) -> None:
     """The run's masks, scores and pruning record against their digests: the evidence of what was pruned."""
     recorded = audit.hop.tags.get(ARTIFACTS_SHA)
@@ -431,6 +452,7 @@ def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
     ``strict``: a model that cannot be loaded raises (else it is a finding, so a table of versions goes on)."""
     result = Audit(hop)
     check_tags(result)
+    check_gate_records(result)
     if hop.kind == "incomplete":
         result.findings.append(f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
                                "(its prune did not finish); do not deploy it")

@@ -52,8 +52,14 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
         from . import delta
 
         if delta.is_delta(flavors):
+            recorded = None
+            if resolved.is_registered:  # rebuilt only from a verified lineage (the parent, the digests)
+                from .verify import require_verified
+
+                require_verified(resolved, "rebuild the delta version")
+                recorded = resolved.tags
             return delta.materialize(path, resolved.uri, device=device, dtype=dtype,
-                                     trust_remote_code=trust_remote_code, depth=_depth)
+                                     trust_remote_code=trust_remote_code, depth=_depth, recorded=recorded)
         if "transformers" not in flavors:
             raise BadInputError(
                 f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
