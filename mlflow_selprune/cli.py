@@ -500,8 +500,13 @@ def _print_hop(i: int, row: dict) -> None:
         click.echo("  gate:    not gated")
     if "checks" in row:
         checks = row["checks"]
-        status = "verified" if checks["weights"] == "ok" else (
-            f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, actual {row['actual_weights_sha256'][:16]}")
+        if checks["weights"] == "ok":
+            status = "verified"
+        elif row.get("actual_weights_sha256") is None:
+            status = "not checked (see the findings)"
+        else:
+            status = (f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, "
+                      f"actual {row['actual_weights_sha256'][:16]}")
         click.echo(f"  weights: {status}")
         click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in checks.items() if name != "weights"))
 

@@ -176,7 +176,7 @@ def run_prune(
     phases = _Phases()
     model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
     phases.lap("load")
-    from .registry import lineage, tracking
+    from .registry import lineage, manifest, tracking
 
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
     parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
@@ -215,6 +215,7 @@ def run_prune(
                      "weights_sha256": weights_digest, "dtype": str(model.dtype).removeprefix("torch.")}
         model_info, artifacts = tracking.log_unlearned_model(
             model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta)
+        manifest_digest = manifest.log(run_id, model_info.model_uri)
         phases.lap("log_model")
         tags = lineage.build_tags(
             parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
@@ -222,7 +223,7 @@ def run_prune(
             attn_pruned=result.attn_pruned, ff_pruned_total=result.ff_pruned_total,
             attn_pruned_total=result.attn_pruned_total, metrics=metrics, plugin_version=__version__,
             trust_remote_code=trust_remote_code, storage=storage,
-            parent_weights_digest=parent_digest, artifacts=artifacts,
+            parent_weights_digest=parent_digest, artifacts=artifacts, manifest_digest=manifest_digest,
         )
         import mlflow
 
@@ -420,7 +421,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     """
     import mlflow
 
-    from .registry import lineage, tracking, verify
+    from .registry import lineage, manifest, tracking, verify
     from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
@@ -447,6 +448,7 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
         tags.pop(lineage.ARTIFACTS_SHA, None)
         if files:
             tags[lineage.ARTIFACTS_SHA] = lineage.canonical_json(lineage.artifact_digests(files))
+        tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, model_info.model_uri)
         tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,
                      lineage.PREFIX + "materialized_from": resolved.canonical_uri, lineage.COMPLETE: "true"})
         registered = tracking.register(model_info, register_as or resolved.registered_name, run.info.run_id, tags,

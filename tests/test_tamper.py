@@ -64,6 +64,15 @@ def _weights_file(uri: str) -> Path:
     return next(Path(local_file_uri_to_path(location)).rglob("model.safetensors"))
 
 
+def _model_dir(uri: str) -> Path:
+    """Where the store keeps the files of version ``uri`` (what its manifest lists)."""
+    return Path(local_file_uri_to_path(MlflowClient().get_model_version_download_uri(TINY_NAME, _version(uri))))
+
+
+def _in_model_dir(uri: str, path: Path) -> str:
+    return path.relative_to(_model_dir(uri)).as_posix()
+
+
 @contextlib.contextmanager
 def _file_edited(path: Path):
     """Change one value in a stored safetensors or JSON file; put the original bytes back afterwards."""
@@ -130,14 +139,19 @@ def test_verify_names_each_of_9_tampering_cases(chain):
         *[(f"{name} changed", _file_edited(_run_file(v3, path)), f"{v3}: artifact {path} of run")
           for name, path in zip(("masks", "scores", "pruning record"), lineage.RECORD_ARTIFACTS)],
         ("parent weights changed", _file_edited(_weights_file(root)), f"{v2}: parent {root} weights changed"),
-        ("own weights changed", _file_edited(_weights_file(v3)), f"{v3}: weights changed"),
+        # the manifest names the weights file; files that fail it are not loaded, so no second line
+        ("own weights changed", _file_edited(_weights_file(v3)),
+         f"{v3}: file {_in_model_dir(v3, _weights_file(v3))} changed"),
     ]
     assert len(cases) == 9
     for i, (case, tampering, expected) in enumerate(cases):
+        expected = (expected,) if isinstance(expected, str) else expected
         with tampering:
             out = invoke("lineage", v3, "--verify")
             assert out.exit_code == 1, (case, out.output)
-            assert [expected in line for line in _lines(out)] == [True], (case, _lines(out))
+            found = _lines(out)
+            assert len(found) == len(expected) and all(sum(e in line for line in found) == 1 for e in expected), (
+                case, found)
             assert "finding(s)" in out.stderr, case
             if i == 0:  # the JSON holds the same findings, each on the hop it concerns
                 as_json = json.loads(invoke("lineage", v3, "--verify", "--json").stdout)
@@ -161,10 +175,11 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
     out = invoke("lineage", "--all", TINY_NAME)
     assert out.exit_code == 0, out.output
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-    assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "aliases"]
-    assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "@base"]
+    assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "files",
+                               "aliases"]
+    assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "-", "@base"]
     for uri, storage in ((v2, "full"), (v3, "full"), (v4, "delta"), (v5, "full")):
-        assert rows[_version(uri)][1:7] == ["unlearned", storage, "ok", "ok", "ok", "ok"], rows[_version(uri)]
+        assert rows[_version(uri)][1:8] == ["unlearned", storage, "ok", "ok", "ok", "ok", "ok"], rows[_version(uri)]
     assert _lines(out) == []
 
     # a tag edited on the materialized version, and an unlearned version that never got its lineage (made, say,
@@ -176,8 +191,8 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
             out = invoke("lineage", "--all", TINY_NAME)
             assert out.exit_code == 1, out.output
             rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-            assert rows[_version(v5)][1:7] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok"]
-            assert rows[str(incomplete.version)][1:7] == ["incomplete", "full", "-", "-", "-", "-"]
+            assert rows[_version(v5)][1:8] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok", "ok"]
+            assert rows[str(incomplete.version)][1:8] == ["incomplete", "full", "-", "-", "-", "-", "-"]
             assert any(line.startswith(f"tampered: {v5}: tag {lineage.RETAIN_DATA} changed") for line in _lines(out))
             assert len(_lines(out)) == 1 and _lines(out, f"incomplete: models:/{TINY_NAME}/{incomplete.version}:")
             assert _lines(out, f"note: models:/{TINY_NAME}/{incomplete.version}: its run holds no lineage record")
@@ -212,12 +227,19 @@ def test_a_resumed_run_keeps_its_evidence_and_refuses_a_different_lineage(store,
             return invoke("prune", "--model-uri", store["base"], "--forget", str(forget), "--retain", store["retain"],
                           "--register-as", "resumed-lm", *PRUNE, *SMALL)
 
+    def logged_models():
+        run = MlflowClient().get_run(run_id)
+        return {m.model_id for m in MlflowClient().search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")}
+
     assert resume().exit_code == 0
     recorded = MlflowClient().get_run(run_id).data.params[lineage.LINEAGE_PARAM]
-    before = registry_snapshot()
-    again = resume()  # its pruning record's timings differ: the files the run recorded are kept
+    before, models = registry_snapshot(), logged_models()
+    assert len(models) == 1
+    again = resume()  # its pruning record's timings differ: the files and the model the run recorded are kept
     assert again.exit_code == 0, again.output
     assert registry_snapshot() == before
+    assert logged_models() == models, "a resumed run logs no second (orphan) model"
     verified = invoke("lineage", "models:/resumed-lm/1", "--verify")
     assert verified.exit_code == 0 and _lines(verified) == [], verified.output
 
@@ -248,7 +270,7 @@ def test_the_gate_verifies_before_it_decides_and_edited_metrics_cannot_promote(c
         assert "refused, tampered:" in out.stderr and "forget_top1_drop changed" in out.stderr
     with _file_edited(_weights_file(v3)):
         out = invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--set-alias", "production")
-        assert out.exit_code == 1 and "weights changed" in out.stderr, out.output
+        assert out.exit_code == 1 and "model.safetensors changed" in out.stderr, out.output
     after = client.get_model_version(TINY_NAME, _version(v3))
     assert {k for k in after.tags if k.startswith(lineage.GATE_RECORD_PREFIX)} == before  # nothing written
     assert "production" not in (client.get_registered_model(TINY_NAME).aliases or {})
@@ -343,3 +365,57 @@ def test_gate_records_never_vanish(chain):
             assert gated.exit_code == 1 and "is not a JSON record" in gated.stderr
     finally:
         client.delete_model_version_tag(TINY_NAME, _version(v3), key)
+
+
+@contextlib.contextmanager
+def _file_replaced(path: Path, content: bytes | None):
+    """Write ``content`` to ``path`` (None: remove it); put back what was there (or nothing) afterwards."""
+    original = path.read_bytes() if path.exists() else None
+    if content is None:
+        path.unlink()
+    else:
+        path.write_bytes(content)
+    try:
+        yield
+    finally:
+        if original is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(original)
+
+
+@pytest.mark.slow(seconds=25)
+def test_every_file_of_the_model_directory_is_covered_by_the_manifest(chain):
+    """config.json (hidden_act gelu -> relu changes what the model computes, and the weights digest cannot see
+    it), a tokenizer file, MLmodel, the record's copy inside the model directory, a file added, a file removed:
+    each is named by `lineage --verify`, and `gate` refuses the version."""
+    _, _, v3 = chain
+    root = _model_dir(v3)
+    config_path = next(root.rglob("config.json"))
+    config = json.loads(config_path.read_text())
+    relu = json.dumps({**config, "hidden_act": "relu"}).encode()
+    tokenizer_path = next(root.rglob("tokenizer.json"))
+    record_copy = next(p for p in root.rglob("pruning_record.json"))
+    cases = [
+        ("config.json: hidden_act gelu -> relu", _file_replaced(config_path, relu),
+         f"file {_in_model_dir(v3, config_path)} changed"),
+        ("tokenizer edited", _file_replaced(tokenizer_path, tokenizer_path.read_bytes() + b" "),
+         f"file {_in_model_dir(v3, tokenizer_path)} changed"),
+        ("MLmodel edited", _file_replaced(root / "MLmodel", (root / "MLmodel").read_bytes() + b"# edited\n"),
+         "file MLmodel changed"),
+        ("record copy edited", _file_edited(record_copy), f"file {_in_model_dir(v3, record_copy)} changed"),
+        ("file added", _file_replaced(config_path.parent / "extra.py", b"import os\n"),
+         f"file {_in_model_dir(v3, config_path.parent / 'extra.py')} added"),
+        ("file removed", _file_replaced(tokenizer_path, None), f"file {_in_model_dir(v3, tokenizer_path)} removed"),
+    ]
+    assert config["hidden_act"] != "relu"
+    for case, tampering, expected in cases:
+        with tampering:
+            out = invoke("lineage", v3, "--verify")
+            assert out.exit_code == 1, (case, out.output)
+            assert any(expected in line for line in _lines(out)), (case, _lines(out))
+            if case.startswith("config.json"):
+                assert not any("weights changed" in line for line in _lines(out))  # only the manifest sees it
+                gated = invoke("gate", "--model-uri", v3, "--max-retain-drop", "1", "--dry-run")
+                assert gated.exit_code == 1 and expected in gated.stderr, gated.output
+    assert invoke("lineage", v3, "--verify").exit_code == 0

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from .._version import __version__
 from ..errors import BadInputError
-from . import lineage
+from . import lineage, manifest
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def register_components(model, preprocessor, name: str, alias: str | None = None
             pip_requirements=default_pip_requirements(), model_card=model_card(model, license=license),
         )
         tags[lineage.RUN_ID] = run.info.run_id
+        tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, info.model_uri)
         record_lineage(run.info.run_id, tags)
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     if alias:

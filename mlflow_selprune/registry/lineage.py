@@ -52,6 +52,7 @@ PARENT_WEIGHTS_SHA = PREFIX + "parent_weights_sha256"
 SOURCE_PREFIX = PREFIX + "source."
 # {run artifact path: sha256} of the masks, scores and pruning record, as canonical JSON.
 ARTIFACTS_SHA = PREFIX + "artifacts_sha256"
+MANIFEST_SHA = PREFIX + "manifest_sha256"  # every file of the model directory (registry.manifest)
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
 # The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
 LINEAGE_RECORD = "selprune/lineage.json"
@@ -138,7 +139,8 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
                ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
                ff_pruned_total: int | None = None, attn_pruned_total: int | None = None,
                trust_remote_code: bool = False, storage: str = "full",
-               parent_weights_digest: str | None = None, artifacts: dict | None = None) -> dict[str, str]:
+               parent_weights_digest: str | None = None, artifacts: dict | None = None,
+               manifest_digest: str | None = None) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``; ``artifacts``:
     ``artifact_digests`` of the run's masks, scores and record)."""
     root = parent.tags.get(ROOT) or parent.canonical_uri
@@ -161,6 +163,7 @@ def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_dig
         STORAGE: storage,
         **({PARENT_WEIGHTS_SHA: parent_weights_digest} if parent_weights_digest else {}),
         **({ARTIFACTS_SHA: canonical_json(artifacts)} if artifacts else {}),
+        **({MANIFEST_SHA: manifest_digest} if manifest_digest else {}),
         **metric_tags(metrics),
     }
     tags[COMPLETE] = "true"
@@ -273,7 +276,7 @@ def aliases_of(hop: Hop) -> list[str]:
 # ----------------------------------------------------------------------------- tamper evidence
 
 OK, CHANGED, NOT_APPLICABLE = "ok", "CHANGED", "-"
-CHECKS = ("weights", "parent", "tags", "artifacts")
+CHECKS = ("weights", "parent", "tags", "artifacts", "files")
 
 
 @dataclass
@@ -420,6 +423,35 @@ def check_artifacts(audit: Audit) -> None:
     audit.ok("artifacts")
 
 
+def check_files(audit: Audit) -> None:
+    """Every file of the model directory (config, tokenizer, MLmodel, weights, the record's copies) against the
+    manifest recorded when the version was made, whose digest the (verified) tags hold."""
+    from mlflow.exceptions import MlflowException
+
+    from . import manifest
+
+    recorded_digest = audit.hop.tags.get(MANIFEST_SHA)
+    if recorded_digest is None:
+        return
+    run_id = _run_of(audit.hop)
+    stored = run_artifact(run_id, manifest.MANIFEST_ARTIFACT)
+    if stored is None:
+        audit.tampered("files", f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} is missing")
+        return
+    if (actual := hashlib.sha256(stored).hexdigest()) != recorded_digest:
+        audit.tampered("files", f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} changed: sha256 "
+                                f"{actual[:16]}, recorded {recorded_digest[:16]}")
+        return
+    try:
+        now = manifest.of_artifacts(audit.hop.uri)
+    except (MlflowException, OSError) as exc:
+        audit.tampered("files", f"the model files cannot be read ({str(exc).splitlines()[0][:120]})")
+        return
+    for difference in manifest.differences(json.loads(stored)["files"], now):
+        audit.tampered("files", difference)
+    audit.ok("files")
+
+
 def check_weights(audit: Audit, cache: dict) -> str:
     """The version's weights against the digest recorded when it was made; returns the dtype they load in."""
     actual, dtype = _weights(audit.hop.uri, None, cache)
@@ -459,6 +491,10 @@ def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
     if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
         return result
     check_artifacts(result)
+    check_files(result)
+    if result.status["files"] == CHANGED:  # files that fail their manifest are never loaded (nor their code run)
+        result.notes.append(f"note: {hop.uri}: weights not loaded: its files do not match their manifest")
+        return result
     try:
         dtype = check_weights(result, cache)
         if hop.kind == "unlearned":

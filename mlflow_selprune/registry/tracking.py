@@ -214,7 +214,11 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
             digests = lineage.artifact_digests(pruning_files)
         else:
             digests = json.loads(anchored.get(lineage.ARTIFACTS_SHA, "{}"))
-        if delta is None:
+        model_info = _anchored_model(mlflow.active_run(), anchored) if anchored is not None else None
+        if model_info is not None:
+            logger.info("run %s already logged this model (%s); reusing it", mlflow.active_run().info.run_id,
+                        model_info.model_id)
+        elif delta is None:
             from .flavor import components, log_model
 
             model_info = log_model(components(model, tokenizer), name="model", pruning_files=pruning_files)
@@ -232,6 +236,25 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     final = {k: v for k, v in metrics.items() if not k.startswith("parent_") and k not in logged}
     mlflow.log_metrics(finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
     return model_info, digests
+
+
+def _anchored_model(run, anchored: dict):
+    """The model a resumed run logged before it anchored its lineage: the one whose files have the anchored
+    manifest digest. Reused, so a retry logs no second (orphan) model; None when there is none."""
+    import types
+
+    from . import manifest
+
+    wanted = anchored.get(lineage.MANIFEST_SHA)
+    if wanted is None:
+        return None
+    found = client().search_logged_models([run.info.experiment_id],
+                                          filter_string=f"source_run_id = '{run.info.run_id}'")
+    for logged in found:
+        uri = f"models:/{logged.model_id}"
+        if manifest.digest(manifest.of_artifacts(uri)) == wanted:
+            return types.SimpleNamespace(model_uri=uri, model_id=logged.model_id)
+    return None
 
 
 @contextlib.contextmanager

@@ -5,8 +5,9 @@ a run anchored (an artifact whose sha256 is an immutable run param) is not. So
 before ``gate`` decides on a version's metrics, ``materialize`` copies its
 lineage, ``prune``/``evaluate`` start from it, or a delta version is rebuilt
 from its parent, the version's tags are checked against that record and the
-run's masks, scores and pruning record against their digests (``gate`` also
-reloads the weights and the parent's). What is then read is what was verified.
+run's masks, scores and pruning record against their digests, and every file
+of the model directory against its manifest (``gate`` also reloads the
+weights and the parent's). What is then read is what was verified.
 A finding stops the command with exit 1 and nothing written.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ def findings(resolved, *, load_weights: bool = False) -> list[str]:
         lineage.check_tags(audit)
         lineage.check_gate_records(audit)
         lineage.check_artifacts(audit)
+        lineage.check_files(audit)
     found = list(audit.findings)
     if hop.kind == "incomplete" and not load_weights:
         found.append(f"incomplete: {hop.uri}: an unlearned version without {lineage.COMPLETE} (its prune did not "
