@@ -281,6 +281,8 @@ def main(verbose, debug):
 @click.option("--alias", default=None, help="Set this alias on the new version.")
 @click.option("--storage", type=click.Choice(["full", "delta"]), default="full", show_default=True,
               help="full: the whole weights (transformers flavor); delta: only the masks, against the registered parent.")
+@click.option("--signing-key", default=None, metavar="KEY.pem",
+              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
 @data_options
 @handle_errors
 def prune(**kw):
@@ -295,6 +297,9 @@ def prune(**kw):
 
     check_alias(kw["alias"] or None)
     check_registered_name(kw["register_as"] or None)
+    from .registry.attest import load_signing_key
+
+    load_signing_key(kw["signing_key"])  # a bad key answers before anything is loaded
     _maybe_relaunch(kw["num_processes"])
     from .report import format_summary
     from .unlearn import run_prune
@@ -307,6 +312,7 @@ def prune(**kw):
         register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
         storage=kw["storage"], device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
         trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=_no_progress_bars(kw["no_progress"]),
+        signing_key=kw["signing_key"],
     )
     if accelerator is None or accelerator.is_main_process:
         click.echo(format_summary(result.metrics, result.model_uri, result.run_id))
@@ -355,16 +361,21 @@ def evaluate(**kw):
 @click.option("--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True)
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
+@click.option("--signing-key", default=None, metavar="KEY.pem",
+              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
 @handle_errors
 def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, metric, set_alias,
-         dry_run):
+         dry_run, signing_key):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
+    from .registry.attest import load_signing_key
+
+    key = None if dry_run else load_signing_key(signing_key)
     _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
     from .registry.gate import gate as run_gate
 
     result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
                       min_selectivity=min_selectivity, max_relearn_recovery=max_relearn_recovery, metric=metric,
-                      set_alias=set_alias or None, dry_run=dry_run)
+                      set_alias=set_alias or None, dry_run=dry_run, signing_key=key)
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")
     suffix = " (dry run: nothing written)" if dry_run else ""
@@ -382,9 +393,13 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relea
               help="Verify every version of registered model NAME: one table row each, then the findings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the chain (or, with --all, the table) as JSON.")
 @click.option("--verify", is_flag=True, help="Check each version for tampering: its weights, its parent's weights, "
-                                             "its tags against the run's lineage record, the run's masks and record.")
+                                             "its tags against the run's lineage record, the run's masks and record, "
+                                             "every file of its model directory.")
+@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="PUB.pem",
+              help="Require a valid signature by this Ed25519 public key (repeatable; default: $SELPRUNE_TRUSTED_KEYS) "
+                   "on every unlearned version and every gate decision that moved an alias. Implies --verify.")
 @handle_errors
-def lineage_command(model_uri, all_name, as_json, verify):
+def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
     """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions.
 
     With --verify (implied by --all NAME) each finding is one line, and the exit code is 1 if there is any.
@@ -394,17 +409,22 @@ def lineage_command(model_uri, all_name, as_json, verify):
     if (model_uri is None) == (all_name is None):
         raise BadInputError("give either MODEL_URI or --all NAME (exactly one): "
                             "mlflow-selprune lineage MODEL_URI [--verify] or mlflow-selprune lineage --all NAME")
+    from .registry.attest import load_trusted_keys
+
+    trusted = load_trusted_keys(trusted_keys) or None  # checked before the store is touched
     _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
     if all_name is not None:
-        findings = _lineage_table(all_name, as_json)
+        findings = _lineage_table(all_name, as_json, trusted)
     else:
-        findings = _lineage_chain(model_uri, as_json, verify)
+        findings = _lineage_chain(model_uri, as_json, verify or trusted is not None, trusted)
+    if (verify or all_name is not None) and trusted is None and not as_json:
+        click.echo("signatures: not checked (give --trusted-key PUB.pem to require them)")
     if findings:
         click.echo(f"error: {findings} finding(s): the lineage does not match what was recorded", err=True)
         sys.exit(EXIT_GATE_FAILED)
 
 
-def _lineage_chain(model_uri: str, as_json: bool, verify: bool) -> int:
+def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | None = None) -> int:
     """Print the chain (verified, with ``verify``); returns the number of findings."""
     from .registry import lineage
 
@@ -413,7 +433,7 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool) -> int:
     audits, cache = {}, {}
     if verify:
         for hop in reversed(hops):  # root first: a parent's digest is reused by its child's parent check
-            audits[hop.uri] = lineage.audit(hop, cache)
+            audits[hop.uri] = lineage.audit(hop, cache, trusted=trusted)
     for hop, row in zip(hops, rows):
         row["aliases"] = lineage.aliases_of(hop)
         row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
@@ -433,13 +453,13 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool) -> int:
     return len(findings)
 
 
-def _lineage_table(name: str, as_json: bool) -> int:
+def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int:
     """Verify every version of ``name``: a table (or JSON), then each finding; returns the number of findings."""
     from .registry import lineage
 
     hops, aliases = lineage.versions(name)
     cache = {}
-    audits = [lineage.audit(hop, cache, strict=False) for hop in hops]
+    audits = [lineage.audit(hop, cache, strict=False, trusted=trusted) for hop in hops]
     rows = [{"version": hop.version, "model_uri": hop.uri, "storage": hop.tags.get(lineage.STORAGE, "full"),
              "aliases": aliases.get(hop.version, []), **found.to_dict()} for hop, found in zip(hops, audits)]
     if as_json:
@@ -515,14 +535,31 @@ def _print_hop(i: int, row: dict) -> None:
 @click.argument("model_uri")
 @click.option("--register-as", default=None, help="Registered model name for the full version (default: the same).")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
+@click.option("--signing-key", default=None, metavar="KEY.pem",
+              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
 @handle_errors
-def materialize(model_uri, register_as, alias):
+def materialize(model_uri, register_as, alias, signing_key):
     """Turn a delta version into a full one (same lineage), e.g. before deleting its parent."""
+    from .registry.attest import load_signing_key
     from .unlearn import run_materialize
 
+    load_signing_key(signing_key)
     _announce_store(require_existing=True)
-    result = run_materialize(model_uri, register_as=register_as or None, alias=alias or None)
+    result = run_materialize(model_uri, register_as=register_as or None, alias=alias or None,
+                             signing_key=signing_key)
     click.echo(f"materialized {model_uri} as {result.model_uri} (run {result.run_id})")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@handle_errors
+def keygen(directory):
+    """Write an Ed25519 key pair for signed attestations into DIRECTORY (the private key owner-only)."""
+    from .registry.attest import keygen as write_key_pair
+
+    private, public = write_key_pair(directory)
+    click.echo(f"private key: {private} (mode 600: keep it secret; pass it as --signing-key)")
+    click.echo(f"public key:  {public} (give it to auditors: lineage --verify --trusted-key)")
 
 
 @main.command()

@@ -149,12 +149,15 @@ def run_prune(
     trust_remote_code: bool = False,
     accelerator=None,
     progress: bool = True,
+    signing_key: str | None = None,
 ) -> UnlearnResult:
     """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result.
 
     ``storage="delta"`` logs only the masks (and changed biases) against the registered parent.
+    ``signing_key``: a PEM Ed25519 private key path (default ``$SELPRUNE_SIGNING_KEY``): the version then
+    carries a signed in-toto attestation (``registry.attest``).
     """
-    from .registry import verify
+    from .registry import attest, verify
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     config = (config or PruneConfig()).validate(has_evaluate=True)
@@ -162,6 +165,7 @@ def run_prune(
     evidence = (evidence or EvidenceOptions()).validate()
     check_alias(alias)
     check_registered_name(register_as)
+    signer = attest.load_signing_key(signing_key)
     if storage not in STORAGES:
         raise BadInputError(f"--storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     check_data_specs(forget, retain, data)
@@ -225,6 +229,9 @@ def run_prune(
             trust_remote_code=trust_remote_code, storage=storage,
             parent_weights_digest=parent_digest, artifacts=artifacts, manifest_digest=manifest_digest,
         )
+        if signer is not None:
+            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(run_id, model_info.model_uri, tags,
+                                                                  parent.tags.get(lineage.MANIFEST_SHA), signer)
         import mlflow
 
         mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
@@ -412,7 +419,7 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
 
 
 def run_materialize(model_uri: str, *, register_as: str | None = None, alias: str | None = None,
-                    run_name: str | None = None) -> UnlearnResult:
+                    run_name: str | None = None, signing_key: str | None = None) -> UnlearnResult:
     """Turn a delta version into a full one: rebuilt and checked, logged whole, registered with the same lineage.
 
     For anyone about to delete a delta's parent. The new version's tags are the delta's (parent, root,
@@ -421,13 +428,14 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     """
     import mlflow
 
-    from .registry import lineage, manifest, tracking, verify
+    from .registry import attest, lineage, manifest, tracking, verify
     from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     check_alias(alias)
     check_registered_name(register_as)
+    signer = attest.load_signing_key(signing_key)
     resolved = resolve(model_uri)
     if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
         raise BadInputError(f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are "
@@ -451,6 +459,11 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
         tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, model_info.model_uri)
         tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,
                      lineage.PREFIX + "materialized_from": resolved.canonical_uri, lineage.COMPLETE: "true"})
+        tags.pop(lineage.ATTESTATION_SHA, None)  # the delta's statement names the delta's files, not these
+        if signer is not None:
+            parent_manifest = resolve(tags[lineage.PARENT]).tags.get(lineage.MANIFEST_SHA)
+            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(run.info.run_id, model_info.model_uri, tags,
+                                                                  parent_manifest, signer)
         registered = tracking.register(model_info, register_as or resolved.registered_name, run.info.run_id, tags,
                                        alias)
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

@@ -75,7 +75,7 @@ def test_run_records_inputs_params_metrics_and_artifacts(store, pruned):
     assert sorted(m.step for m in history) == [0, 1, 2]
     names = {f.path for f in client.list_artifacts(pruned.run_id, "selprune")}
     assert names == {"selprune/masks.safetensors", "selprune/scores.safetensors",
-                     "selprune/pruning_record.json", "selprune/forget_vs_retain.png", "selprune/lineage.json"}
+                     "selprune/pruning_record.json", "selprune/forget_vs_retain.png", "selprune/lineage.json", "selprune/manifest.json"}
     local = Path(mlflow.artifacts.download_artifacts(run_id=pruned.run_id, artifact_path="selprune"))
     masks = load_file(str(local / "masks.safetensors"))
     assert torch.equal(masks["ff_mask"], pruned.pruning.ff_mask)

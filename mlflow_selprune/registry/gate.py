@@ -44,7 +44,7 @@ def _check_fraction(name: str, value: float | None) -> None:
 
 def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_drop: float | None = None,
          min_selectivity: float | None = None, max_relearn_recovery: float | None = None, metric: str = "top1",
-         set_alias: str | None = None, dry_run: bool = False) -> GateResult:
+         set_alias: str | None = None, dry_run: bool = False, signing_key=None) -> GateResult:
     """Pass if ``retain_<metric>_drop <= max_retain_drop``, ``forget_<metric>_drop >= min_forget_drop``,
     the selectivity *of that metric* ``>= min_selectivity`` and ``relearn_recovery <= max_relearn_recovery``
     (each only when given).
@@ -52,7 +52,9 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     Every decision is appended to the version as its own tag (time, thresholds,
     verdict, failures, user, alias moved); none is ever overwritten, so a
     stricter what-if gate cannot rewrite the record of the one that promoted
-    it. ``dry_run`` decides without writing anything.
+    it. ``dry_run`` decides without writing anything. ``signing_key`` (an Ed25519 private key,
+    ``attest.load_signing_key``): the decision is also signed (``registry.attest``), its envelope in the version's
+    run and its digest in the record.
     """
     from ..evaluation.drops import selectivity_key
 
@@ -103,12 +105,13 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     passed = not failures
     alias_set = set_alias if passed and set_alias and not dry_run else None
     if not dry_run:
-        _record_and_move(resolved, thresholds, passed, failures, alias_set)
+        _record_and_move(resolved, thresholds, passed, failures, alias_set, signing_key)
     return GateResult(passed, resolved.canonical_uri, thresholds,
                       {k: metrics[k] for k in wanted}, failures, alias_set)
 
 
-def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None) -> None:
+def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None,
+                     signing_key=None) -> None:
     """Record the decision on the version, then move the alias: the audit trail never claims a move that did
     not happen, and no alias moves without its record.
 
@@ -137,6 +140,12 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
               "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": None,
               **({"alias_requested": alias_set} if alias_set else {})}
     key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+    if signing_key is not None:
+        from . import attest
+
+        subject = resolved.tags.get(lineage.MANIFEST_SHA) or resolved.tags.get(lineage.WEIGHTS_SHA, "")
+        record.update(attest.log_gate_decision(resolved.run_id, resolved.canonical_uri, subject, key, record,
+                                               signing_key))
     try:
         client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except MlflowException as exc:

@@ -53,6 +53,7 @@ SOURCE_PREFIX = PREFIX + "source."
 # {run artifact path: sha256} of the masks, scores and pruning record, as canonical JSON.
 ARTIFACTS_SHA = PREFIX + "artifacts_sha256"
 MANIFEST_SHA = PREFIX + "manifest_sha256"  # every file of the model directory (registry.manifest)
+ATTESTATION_SHA = PREFIX + "attestation_sha256"  # the signed statement's envelope (registry.attest)
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
 # The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
 LINEAGE_RECORD = "selprune/lineage.json"
@@ -276,7 +277,7 @@ def aliases_of(hop: Hop) -> list[str]:
 # ----------------------------------------------------------------------------- tamper evidence
 
 OK, CHANGED, NOT_APPLICABLE = "ok", "CHANGED", "-"
-CHECKS = ("weights", "parent", "tags", "artifacts", "files")
+CHECKS = ("weights", "parent", "tags", "artifacts", "files", "signature")
 
 
 @dataclass
@@ -452,6 +453,62 @@ def check_files(audit: Audit) -> None:
     audit.ok("files")
 
 
+def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -> None:
+    """With trusted keys: an unlearned version must carry a statement signed by one of them that says what its
+    verified tags say, and every gate decision that moved an alias must be signed the same way."""
+    from . import attest
+
+    hop, run_id = audit.hop, _run_of(audit.hop)
+
+    def opened(path: str | None, recorded_digest: str | None, what: str):
+        envelope = run_artifact(run_id, path) if path and recorded_digest else None
+        if envelope is None:
+            audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
+            return None
+        if attest.envelope_sha256(envelope) != recorded_digest:
+            audit.tampered("signature", f"{what}: its attestation {path} changed since it was recorded")
+            return None
+        try:
+            return attest.open_envelope(envelope, trusted)[0]
+        except attest.InvalidAttestation as exc:
+            audit.tampered("signature", f"{what}: {exc}")
+            return None
+
+    if hop.is_unlearned:
+        signed = opened(attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
+        if signed is not None:
+            expected = attest.unlearning_predicate(hop.tags, parent_manifest)
+            claims = {"predicate type": (signed.get("predicateType"), attest.UNLEARNING_PREDICATE),
+                      "subject": (signed.get("subject", [{}])[0].get("digest", {}).get("sha256"),
+                                  hop.tags.get(MANIFEST_SHA)),
+                      "run": (signed.get("predicate", {}).get("run_id"), run_id),
+                      "parent manifest": (signed.get("predicate", {}).get("parent", {}).get("manifest_sha256"),
+                                          parent_manifest),
+                      "lineage": (signed.get("predicate", {}).get("lineage_tags"), expected["lineage_tags"])}
+            for name, (said, now) in claims.items():
+                if said != now:
+                    audit.tampered("signature", f"the signed statement's {name} is not the version's "
+                                                f"({_short(said)} signed, {_short(now)} now)")
+    for key in sorted(k for k in hop.tags if k.startswith(GATE_RECORD_PREFIX)):
+        try:
+            record = json.loads(hop.tags[key])
+        except ValueError:
+            continue  # check_gate_records names it
+        if not isinstance(record, dict) or not record.get("alias_moved"):
+            continue
+        what = f"gate decision {key} (moved @{record['alias_moved']})"
+        signed = opened(record.get("attestation_artifact"), record.get("attestation_sha256"), what)
+        if signed is None:
+            continue
+        decision = signed.get("predicate", {}).get("decision", {})
+        if (signed.get("predicateType") != attest.GATE_PREDICATE
+                or signed.get("predicate", {}).get("model_version") != hop.uri
+                or decision.get("alias_requested") != record["alias_moved"]
+                or any(decision.get(k) != record.get(k) for k in ("time", "verdict", "thresholds", "user"))):
+            audit.tampered("signature", f"{what}: the signed decision is not the recorded one")
+    audit.ok("signature")
+
+
 def check_weights(audit: Audit, cache: dict) -> str:
     """The version's weights against the digest recorded when it was made; returns the dtype they load in."""
     actual, dtype = _weights(audit.hop.uri, None, cache)
@@ -479,12 +536,15 @@ def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
     audit.ok("parent")
 
 
-def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
+def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = None) -> Audit:
     """Every check on one version. ``cache`` holds weights digests across versions (each model loads once);
-    ``strict``: a model that cannot be loaded raises (else it is a finding, so a table of versions goes on)."""
+    ``strict``: a model that cannot be loaded raises (else it is a finding, so a table of versions goes on);
+    ``trusted``: key id -> public key; signatures by one of them are then required (None: not checked)."""
     result = Audit(hop)
     check_tags(result)
     check_gate_records(result)
+    if trusted is not None:
+        check_signatures(result, trusted, _parent_manifest(hop))
     if hop.kind == "incomplete":
         result.findings.append(f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
                                "(its prune did not finish); do not deploy it")
@@ -504,6 +564,18 @@ def audit(hop: Hop, cache: dict, strict: bool = True) -> Audit:
             raise
         result.findings.append(f"unverifiable: {hop.uri}: {str(exc).splitlines()[0]}")
     return result
+
+
+def _parent_manifest(hop: Hop) -> str | None:
+    """The parent's manifest digest as its tags say now (verified as that hop of the chain)."""
+    if not hop.is_unlearned:
+        return None
+    from .resolve import resolve
+
+    try:
+        return resolve(hop.tags[PARENT]).tags.get(MANIFEST_SHA)
+    except BadInputError:
+        return None
 
 
 def versions(name: str) -> tuple[list[Hop], dict[str, list[str]]]:
