@@ -132,6 +132,16 @@ def _classify(exc: Exception) -> tuple[str, int]:
 
     if isinstance(exc, ServerFailure):
         return _first_line(exc), EXIT_ERROR
+    from .registry.resolve import access_refused_message
+
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # a refusal (401/403) anywhere in the chain: exit 2
+        seen.add(id(cause))
+        refused = access_refused_message(cause)
+        if refused is not None:
+            return refused, EXIT_BAD_INPUT
+        cause = cause.__cause__ or cause.__context__
     try:
         from mlflow.exceptions import MlflowException
     except ImportError:  # pragma: no cover - mlflow is a dependency

@@ -41,6 +41,8 @@ USERS = {
     # may not even read the model: this MLflow refuses a NO_PERMISSIONS grant on a resource ("Resource-level grants
     # accept only: DENY, EDIT, MANAGE, READ, USE"); DENY is its explicit "no access" (can_read false, as NO_PERMISSIONS)
     "outsider": ("outsider-Pa55word", None, "DENY"),
+    # may read the model's versions but not the experiment that holds their runs and files
+    "modelonly": ("modelonly-Pa55word", "DENY", "READ"),
 }
 
 
@@ -302,5 +304,18 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
     assert len(errors) == 1 and "permission denied" in errors[0] and "user 'outsider'" in errors[0], errors
     assert "READ" in errors[0], errors
 
-    # 5. no password anywhere written
+    # 5. modelonly (READ on tiny-lm, DENY on the experiment of its runs and files): reading a version's run or files
+    #    is one permission line (exit 2), never a "missing file" finding nor an unexpected error
+    for args in (["lineage", f"models:/{TINY_NAME}/{new[0]}", "--verify"],
+                 ["evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", s["forget"], "--retain",
+                  s["retain"], *SMALL]):
+        with _as(s, "modelonly"):
+            out = invoke(*args)
+        outputs += [out.stdout, out.stderr]
+        assert out.exit_code == 2, (args[0], out.output)
+        errors = _error_lines(out.stderr)
+        assert len(errors) == 1 and "permission denied" in errors[0] and "user 'modelonly'" in errors[0], errors
+        assert not [line for line in out.stdout.splitlines() if line.startswith("tampered:")]
+
+    # 6. no password anywhere written
     _assert_no_password_written(s, outputs, tmp_path / "downloaded")

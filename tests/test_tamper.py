@@ -176,10 +176,11 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
     assert out.exit_code == 0, out.output
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
     assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "files",
-                               "aliases"]
-    assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "-", "@base"]
+                               "signature", "aliases"]
+    assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "-", "-", "@base"]
     for uri, storage in ((v2, "full"), (v3, "full"), (v4, "delta"), (v5, "full")):
-        assert rows[_version(uri)][1:8] == ["unlearned", storage, "ok", "ok", "ok", "ok", "ok"], rows[_version(uri)]
+        assert rows[_version(uri)][1:9] == ["unlearned", storage, "ok", "ok", "ok", "ok", "ok", "-"], rows[
+            _version(uri)]
     assert _lines(out) == []
 
     # a tag edited on the materialized version, and an unlearned version that never got its lineage (made, say,
@@ -191,8 +192,8 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
             out = invoke("lineage", "--all", TINY_NAME)
             assert out.exit_code == 1, out.output
             rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-            assert rows[_version(v5)][1:8] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok", "ok"]
-            assert rows[str(incomplete.version)][1:8] == ["incomplete", "full", "-", "-", "-", "-", "-"]
+            assert rows[_version(v5)][1:9] == ["unlearned", "full", "ok", "ok", "CHANGED", "ok", "ok", "-"]
+            assert rows[str(incomplete.version)][1:9] == ["incomplete", "full", "-", "-", "-", "-", "-", "-"]
             assert any(line.startswith(f"tampered: {v5}: tag {lineage.RETAIN_DATA} changed") for line in _lines(out))
             assert len(_lines(out)) == 1 and _lines(out, f"incomplete: models:/{TINY_NAME}/{incomplete.version}:")
             assert _lines(out, f"note: models:/{TINY_NAME}/{incomplete.version}: its run holds no lineage record")

@@ -313,6 +313,25 @@ def _run_of(hop: Hop) -> str | None:
     return hop.run_id or hop.tags.get(RUN_ID)
 
 
+def refuse_if_denied(exc: BaseException) -> None:
+    """A read the server refused (401/403) is a permission the user lacks, never a missing file or a finding:
+    one permission line (exit 2)."""
+    from .resolve import access_refused_message
+
+    for cause in _causes(exc):
+        message = access_refused_message(cause)
+        if message is not None:
+            raise BadInputError(message) from None
+
+
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def anchored_digest(run_id: str, param: str = LINEAGE_PARAM) -> str | None:
     """The record's sha256 that run ``run_id`` logged as its (immutable) ``param``, or None where it has none."""
     from .resolve import client
@@ -332,7 +351,10 @@ def run_artifact(run_id: str | None, path: str) -> bytes | None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp))
-        except (MlflowException, OSError):
+        except Exception as exc:  # noqa: BLE001 - a refusal is the user's to fix; anything else: the file is gone
+            refuse_if_denied(exc)
+            if not isinstance(exc, (MlflowException, OSError)):
+                raise
             return None
         return local.read_bytes() if local.is_file() else None
 
@@ -358,6 +380,7 @@ def check_tags(audit: Audit) -> None:
     try:
         anchored = anchored_digest(run_id) if run_id else None
     except MlflowException as exc:
+        refuse_if_denied(exc)
         audit.tampered("tags", f"its run {run_id} cannot be read ({str(exc).splitlines()[0]})")
         return
     if anchored is None:

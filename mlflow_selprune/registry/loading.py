@@ -21,12 +21,18 @@ def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
     """The model's files on local disk (a no-op for a local directory)."""
     if Path(resolved.load_uri).is_dir():
         return Path(resolved.load_uri)
+    from .lineage import refuse_if_denied
+
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved.load_uri, dst_path=dst_path))
     except MlflowException as exc:
+        refuse_if_denied(exc)
         raise BadInputError(f"cannot download '{resolved.uri}': {exc.message.splitlines()[0]}") from None
     except OSError as exc:
         raise BadInputError(f"cannot download '{resolved.uri}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - an HTTP refusal from the artifact proxy is a permission line
+        refuse_if_denied(exc)
+        raise
 
 
 def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype: str | None = None,

@@ -46,8 +46,14 @@ def of_artifacts(artifact_uri: str) -> dict[str, str]:
     """The manifest of a logged or registered model's files as stored now (``models:/...``)."""
     import mlflow
 
+    from .lineage import refuse_if_denied
+
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
+        except Exception as exc:  # noqa: BLE001 - a refusal is one permission line; anything else as it is
+            refuse_if_denied(exc)
+            raise
         return directory_files(local)
 
 
