@@ -15,8 +15,10 @@ Checks, on a randomly initialised GPT-NeoX of the demo's shape (or --layers/--wi
    bf16, ``--device auto`` style loading), one pruning step with small token
    budgets, each phase timed: load, collect, score/select/surgery, evaluate,
    weights digest, save; plus peak memory against the model's bytes.
-Offline: no hub access; needs torch and transformers only (no MLflow). Prints one line per figure; exits 1 if a check fails.
+Offline: no hub access; needs torch and transformers only (no MLflow). Prints one line per figure; exits 1 if a
+check fails.
 """
+
 import argparse
 import statistics
 import sys
@@ -55,9 +57,14 @@ def main() -> int:
     name = torch.cuda.get_device_name(0) if cuda else "CPU (no CUDA device)"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     print(f"device: {name}; GPUs visible: {torch.cuda.device_count()}; torch {torch.__version__}")
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=args.width, num_hidden_layers=args.layers,
-                           num_attention_heads=args.width // 64, intermediate_size=4 * args.width,
-                           max_position_embeddings=2048)
+    config = GPTNeoXConfig(
+        vocab_size=50304,
+        hidden_size=args.width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.width // 64,
+        intermediate_size=4 * args.width,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     failures = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,8 +79,13 @@ def main() -> int:
         print(f"loaded bf16 model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters on {devices}")
         first = next(model.parameters()).device
         g = torch.Generator().manual_seed(0)
-        batches = [{"input_ids": torch.randint(0, 50304, (args.batch, args.seq), generator=g),
-                    "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)} for _ in range(args.batches)]
+        batches = [
+            {
+                "input_ids": torch.randint(0, 50304, (args.batch, args.seq), generator=g),
+                "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+            }
+            for _ in range(args.batches)
+        ]
         batches = [{k: v.to(first) for k, v in b.items()} for b in batches]
         n_tokens = args.batches * args.batch * args.seq
 
@@ -96,15 +108,22 @@ def main() -> int:
         pairs = [(timed(plain, sync), timed(collect, sync)) for _ in range(3)]
         ratio = statistics.median(c / p for p, c in pairs)
         best_plain, best_collect = min(p for p, _ in pairs), min(c for _, c in pairs)
-        print(f"plain forward: {n_tokens / best_plain:,.0f} tokens/s; collection: {n_tokens / best_collect:,.0f} tokens/s; "
-              f"collection/forward time ratio (median of 3): {ratio:.2f}")
+        print(
+            f"plain forward: {n_tokens / best_plain:,.0f} tokens/s; "
+            f"collection: {n_tokens / best_collect:,.0f} tokens/s; "
+            f"collection/forward time ratio (median of 3): {ratio:.2f}"
+        )
         if cuda:
             print(f"peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
         half = max(1, len(batches) // 2)
-        result = prune(model, batches[:half], batches[half:] or batches, PruneConfig(ff_frac=0.02, steps=2), progress=False)
+        result = prune(
+            model, batches[:half], batches[half:] or batches, PruneConfig(ff_frac=0.02, steps=2), progress=False
+        )
         arch = find_architecture(model)
-        zeroed = all(bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, result.ff_mask))
+        zeroed = all(
+            bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, result.ff_mask)
+        )
         print(f"pruned {result.ff_pruned} FF neurons in bf16; columns zeroed: {'ok' if zeroed else 'FAIL'}")
         failures += [] if zeroed else ["columns not zeroed"]
         with torch.inference_mode():
@@ -116,7 +135,9 @@ def main() -> int:
         with torch.inference_mode():
             after = reloaded(**batches[0]).logits.float().cpu()
         same = torch.equal(before, after)
-        print(f"save/reload logits identical: {'ok' if same else 'FAIL (max diff %.3g)' % (before - after).abs().max()}")
+        print(
+            f"save/reload logits identical: {'ok' if same else 'FAIL (max diff %.3g)' % (before - after).abs().max()}"
+        )
         failures += [] if same else ["reload differs"]
         if cuda and torch.cuda.device_count() >= 2:
             failures += two_device_check(tmp, config, batches)
@@ -140,11 +161,20 @@ def two_device_check(tmp, config, batches) -> list[str]:
     failures = []
     stats_one = collect_statistics(one, batches, sums="all", progress=False)
     stats_two = collect_statistics(two, batches, sums="all", progress=False)
-    worst = max(float(((stats_two[k].sums[n].cpu() - stats_one[k].sums[n].cpu()).abs()
-                       / stats_one[k].sums[n].cpu().abs().clamp_min(1e-6)).max())
-                for k in ("ff", "attn") for n in stats_one[k].sums)
-    print(f"two devices: statistics vs one device, worst relative difference {worst:.2e} "
-          f"({'ok' if worst < 1e-3 else 'FAIL'})")
+    worst = max(
+        float(
+            (
+                (stats_two[k].sums[n].cpu() - stats_one[k].sums[n].cpu()).abs()
+                / stats_one[k].sums[n].cpu().abs().clamp_min(1e-6)
+            ).max()
+        )
+        for k in ("ff", "attn")
+        for n in stats_one[k].sums
+    )
+    print(
+        f"two devices: statistics vs one device, worst relative difference {worst:.2e} "
+        f"({'ok' if worst < 1e-3 else 'FAIL'})"
+    )
     failures += [] if worst < 1e-3 else ["two-device statistics differ"]
     settings = PruneConfig(ff_frac=0.02, attn_frac=0.02, steps=2)
     mask_one = prune(one, batches[:2], batches[2:], settings, progress=False)
@@ -165,8 +195,15 @@ def big_model_phases(args, device, sync) -> list[str]:
     from mlflow_selprune.evaluation.next_token import token_statistics
     from mlflow_selprune.registry.lineage import weights_sha256
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.big_layers,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=args.big_layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+    )
     phases, failures = [], []
 
     def phase(name, fn):
@@ -182,17 +219,27 @@ def big_model_phases(args, device, sync) -> list[str]:
         with torch.device("cpu"):
             LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp)
         kwargs = {"dtype": torch.bfloat16, "device_map": "auto" if device == "cuda" else None}
-        model = phase("load (from_pretrained, bf16)", lambda: AutoModelForCausalLM.from_pretrained(tmp, **kwargs).eval())
+        model = phase(
+            "load (from_pretrained, bf16)", lambda: AutoModelForCausalLM.from_pretrained(tmp, **kwargs).eval()
+        )
         n_params = sum(p.numel() for p in model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         first = next(model.parameters()).device
         g = torch.Generator().manual_seed(0)
         seq = 128
         rows = max(1, args.big_tokens // seq)
-        forget = [{"input_ids": torch.randint(0, 16000, (rows, seq), generator=g).to(first),
-                   "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first)}]
-        retain = [{"input_ids": torch.randint(16000, 32000, (rows, seq), generator=g).to(first),
-                   "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first)}]
+        forget = [
+            {
+                "input_ids": torch.randint(0, 16000, (rows, seq), generator=g).to(first),
+                "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first),
+            }
+        ]
+        retain = [
+            {
+                "input_ids": torch.randint(16000, 32000, (rows, seq), generator=g).to(first),
+                "attention_mask": torch.ones(rows, seq, dtype=torch.long, device=first),
+            }
+        ]
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         stats_f = phase("collect forget", lambda: collect_statistics(model, forget, progress=False))
@@ -220,17 +267,21 @@ def big_model_phases(args, device, sync) -> list[str]:
         zeroed = all(bool((p.columns()[:, m.to(p.columns().device)] == 0).all()) for p, m in zip(arch.ff, mask))
         failures += [] if zeroed else ["big model: columns not zeroed"]
         digest_seconds = phases[digest_seconds_before][1]
-        print(f"\nbig model: Llama-shaped, {n_params / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in bf16, "
-              f"on {sorted({str(p.device) for p in model.parameters()})}; {rows * seq} tokens per side; "
-              f"{int(mask.sum())} FF neurons pruned")
+        print(
+            f"\nbig model: Llama-shaped, {n_params / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in bf16, "
+            f"on {sorted({str(p.device) for p in model.parameters()})}; {rows * seq} tokens per side; "
+            f"{int(mask.sum())} FF neurons pruned"
+        )
         for name, seconds in phases:
             print(f"  {name:<45}{seconds:8.2f} s")
         print(f"  digest speed: {model_bytes / digest_seconds / 1e9:.2f} GB/s")
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         print(f"  peak host RSS: {peak_rss / 2**30:.2f} GiB ({peak_rss / model_bytes:.2f}x the model's bytes)")
         if device == "cuda":
-            print(f"  peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
-                  f"({torch.cuda.max_memory_allocated() / model_bytes:.2f}x the model's bytes)")
+            print(
+                f"  peak CUDA memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB "
+                f"({torch.cuda.max_memory_allocated() / model_bytes:.2f}x the model's bytes)"
+            )
     return failures
 
 

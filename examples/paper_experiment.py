@@ -13,6 +13,7 @@ unlearned version has a parent to point at), samples documents from
 `mlflow-selprune prune` on them at the paper's budgets (100,000 tokens each
 for statistics and for metrics).
 """
+
 import argparse
 import subprocess
 import sys
@@ -58,16 +59,35 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.hub_model)
     tokenizer = AutoTokenizer.from_pretrained(args.hub_model)
     with mlflow.start_run(run_name=f"register {args.hub_model}"):
-        info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name="model",
-                                             task="text-generation", pip_requirements=default_pip_requirements())
+        info = mlflow.transformers.log_model(
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
+            pip_requirements=default_pip_requirements(),
+        )
     version = mlflow.register_model(info.model_uri, args.registered_name).version
     forget_dir, retain_dir = save_samples(args.documents)
     command = [
-        sys.executable, "-m", "mlflow_selprune", "prune",
-        "--model-uri", f"models:/{args.registered_name}/{version}",
-        "--forget", forget_dir, "--retain", retain_dir,
-        "--ff-frac", args.ff_frac, "--steps", args.steps, "--max-length", "512",
-        "--collect-tokens", "100000", "--eval-tokens", "100000",
+        sys.executable,
+        "-m",
+        "mlflow_selprune",
+        "prune",
+        "--model-uri",
+        f"models:/{args.registered_name}/{version}",
+        "--forget",
+        forget_dir,
+        "--retain",
+        retain_dir,
+        "--ff-frac",
+        args.ff_frac,
+        "--steps",
+        args.steps,
+        "--max-length",
+        "512",
+        "--collect-tokens",
+        "100000",
+        "--eval-tokens",
+        "100000",
     ]
     if args.device:
         command += ["--device", args.device]

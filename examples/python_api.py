@@ -7,6 +7,7 @@ Runs against whatever MLFLOW_TRACKING_URI points at (default: ./mlflow.db).
 The two halves show the library layers: the engine on plain token batches,
 then the whole registry round trip in one call.
 """
+
 import argparse
 
 import mlflow
@@ -39,12 +40,15 @@ def main() -> None:
     config = sp.PruneConfig(ff_frac=args.ff_frac, steps=args.steps)
     result = sp.prune(model, forget.collect_batches, retain.collect_batches, config, progress=False)
     after = sp.evaluate_model(model, forget.eval_batches, prefix="forget_", progress=False)
-    print(f"engine only: pruned {result.ff_pruned} FF neurons; forget top1 {before['forget_top1']:.4f} -> "
-          f"{after['forget_top1']:.4f}")
+    print(
+        f"engine only: pruned {result.ff_pruned} FF neurons; forget top1 {before['forget_top1']:.4f} -> "
+        f"{after['forget_top1']:.4f}"
+    )
 
     # 2. The MLflow round trip: pull, prune, log, register with lineage.
-    out = sp.run_prune(args.model_uri, args.forget, args.retain, config=config, data=data,
-                       register_as=args.register_as, progress=False)
+    out = sp.run_prune(
+        args.model_uri, args.forget, args.retain, config=config, data=data, register_as=args.register_as, progress=False
+    )
     print(format_summary(out.metrics, out.model_uri, out.run_id))
 
 

@@ -10,6 +10,7 @@ mlflow_selprune`` and the CLI's ``--help`` stay fast):
 - ``log_model`` / ``save_model`` / ``load_model``: the ``selprune`` MLflow flavor
 - ``run_prune(model_uri, forget, retain, ...)``: the whole registry round trip
 """
+
 from ._lazy import lazy_getattr
 from ._version import __version__
 from .config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
@@ -40,8 +41,16 @@ _LAZY = {
     "run_evaluate": "unlearn",
 }
 
-__all__ = ["BadInputError", "ConfigError", "DataOptions", "EvidenceOptions", "PruneConfig", "SourceOptions",
-           "__version__", *_LAZY]
+__all__ = [
+    "BadInputError",
+    "ConfigError",
+    "DataOptions",
+    "EvidenceOptions",
+    "PruneConfig",
+    "SourceOptions",
+    "__version__",
+    *_LAZY,
+]
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)

@@ -1,4 +1,5 @@
 """Names imported on first use (PEP 562), so importing a package stays cheap."""
+
 from __future__ import annotations
 
 import importlib

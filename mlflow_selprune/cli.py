@@ -11,6 +11,7 @@ Options come from the config dataclasses' fields, so a default is written
 once. torch, transformers and mlflow are imported inside the commands:
 ``--help`` and option errors answer at once.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,8 +78,10 @@ def _connection_message(exc: BaseException) -> str | None:
     if "Max retries exceeded" in text or "Connection refused" in text or "Failed to establish" in text:
         import mlflow
 
-        return (f"the MLflow tracking server at {mlflow.get_tracking_uri()} is not reachable; "
-                "start it or set MLFLOW_TRACKING_URI to a running server")
+        return (
+            f"the MLflow tracking server at {mlflow.get_tracking_uri()} is not reachable; "
+            "start it or set MLFLOW_TRACKING_URI to a running server"
+        )
     return None
 
 
@@ -128,24 +131,18 @@ def handle_errors(func):
 
 def _classify(exc: Exception) -> tuple[str, int]:
     """MLflow's own answers about the user's input are bad input; everything else is unexpected."""
-    from .errors import ServerFailure
+    from .errors import ServerFailure, causes
 
     if isinstance(exc, ServerFailure):
         return _first_line(exc), EXIT_ERROR
     from .registry.resolve import access_refused_message
 
-    cause: BaseException | None = exc
-    seen: set[int] = set()
-    while cause is not None and id(cause) not in seen:  # a refusal (401/403) anywhere in the chain: exit 2
-        seen.add(id(cause))
+    for cause in causes(exc):  # a refusal (401/403) anywhere in the chain: exit 2
         refused = access_refused_message(cause)
         if refused is not None:
             return refused, EXIT_BAD_INPUT
-        cause = cause.__cause__ or cause.__context__
-    try:
-        from mlflow.exceptions import MlflowException
-    except ImportError:  # pragma: no cover - mlflow is a dependency
-        MlflowException = ()  # noqa: N806
+    from mlflow.exceptions import MlflowException
+
     if isinstance(exc, MlflowException):
         message = _connection_message(exc)
         if message is not None:
@@ -153,8 +150,7 @@ def _classify(exc: Exception) -> tuple[str, int]:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return exc.message.splitlines()[0], EXIT_BAD_INPUT
         return f"MLflow failed: {_first_line(exc)} (rerun with --debug for the traceback)", EXIT_ERROR
-    return (f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)",
-            EXIT_ERROR)
+    return (f"unexpected {type(exc).__name__}: {_first_line(exc)} (rerun with --debug for the traceback)", EXIT_ERROR)
 
 
 def _debug() -> bool:
@@ -214,13 +210,22 @@ def data_options(func):
         config_options(SourceOptions, prefix="forget_"),
         config_options(SourceOptions, prefix="retain_"),
         click.option("--device", default=None, help="cpu, cuda, cuda:1, or auto (shard a big model across GPUs)."),
-        click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
-                     help="Load the model in this dtype (statistics stay float64)."),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "bfloat16", "float16"]),
+            default=None,
+            help="Load the model in this dtype (statistics stay float64).",
+        ),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the source (off by default)."),
         click.option("--run-name", default=None, help="MLflow run name."),
         click.option("--no-progress", is_flag=True, help="No progress bars."),
-        click.option("--num-processes", type=int, default=1, show_default=True,
-                     help="Data-parallel processes (launched like torchrun; ignored inside a torchrun/accelerate launch)."),
+        click.option(
+            "--num-processes",
+            type=int,
+            default=1,
+            show_default=True,
+            help="Data-parallel processes (launched like torchrun; ignored inside a torchrun/accelerate launch).",
+        ),
     ):
         func = decorator(func)
     return func
@@ -243,7 +248,7 @@ def _local_store_path(uri: str) -> str | None:
     from urllib.parse import unquote, urlparse
 
     if uri.startswith("sqlite:///"):
-        return unquote(uri[len("sqlite:///"):].split("?", 1)[0]) or None
+        return unquote(uri[len("sqlite:///") :].split("?", 1)[0]) or None
     if uri.startswith("file:"):
         return unquote(urlparse(uri).path) or None
     if "://" not in uri and not uri.startswith(("databricks", "uc")):
@@ -260,8 +265,10 @@ def _announce_store(require_existing: bool = False) -> str:
     uri = mlflow.get_tracking_uri()
     path = _local_store_path(uri) if require_existing else None
     if path is not None and not os.path.exists(path):
-        raise BadInputError(f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
-                            "or set MLFLOW_TRACKING_URI")
+        raise BadInputError(
+            f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
+            "or set MLFLOW_TRACKING_URI"
+        )
     click.echo(f"tracking: {uri}", err=True)
     return uri
 
@@ -281,18 +288,33 @@ def main(verbose, debug):
 
 
 @main.command()
-@click.option("--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/..., or a model directory.")
-@click.option("--forget", required=True, help="DATA to forget: file, directory, builtin:..., hub dataset, or MLflow dataset URI.")
-@click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes: then the --forget DATA).")
+@click.option(
+    "--model-uri", required=True, help="models:/NAME/VERSION, models:/NAME@ALIAS, runs:/..., or a model directory."
+)
+@click.option(
+    "--forget", required=True, help="DATA to forget: file, directory, builtin:..., hub dataset, or MLflow dataset URI."
+)
+@click.option(
+    "--retain", default=None, help="DATA to keep (required, except with --forget-classes: then the --forget DATA)."
+)
 @config_options(PruneConfig)
 @config_options(EvidenceOptions)
 @click.option("--register-as", default=None, help="Registered model name for the result (default: the parent's).")
 @click.option("--no-register", is_flag=True, help="Log the run and model but register nothing.")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
-@click.option("--storage", type=click.Choice(["full", "delta"]), default="full", show_default=True,
-              help="full: the whole weights (transformers flavor); delta: only the masks, against the registered parent.")
-@click.option("--signing-key", default=None, metavar="KEY.pem",
-              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
+@click.option(
+    "--storage",
+    type=click.Choice(["full", "delta"]),
+    default="full",
+    show_default=True,
+    help="full: the whole weights (transformers flavor); delta: only the masks, against the registered parent.",
+)
+@click.option(
+    "--signing-key",
+    default=None,
+    metavar="KEY.pem",
+    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
+)
 @data_options
 @handle_errors
 def prune(**kw):
@@ -318,10 +340,22 @@ def prune(**kw):
     if accelerator is None or accelerator.is_main_process:
         _announce_store()
     result = run_prune(
-        kw["model_uri"], kw["forget"], kw["retain"], config=config, data=data, evidence=evidence,
-        register=not kw["no_register"], register_as=kw["register_as"] or None, alias=kw["alias"] or None,
-        storage=kw["storage"], device=kw["device"], dtype=kw["dtype"], run_name=kw["run_name"],
-        trust_remote_code=kw["trust_remote_code"], accelerator=accelerator, progress=_no_progress_bars(kw["no_progress"]),
+        kw["model_uri"],
+        kw["forget"],
+        kw["retain"],
+        config=config,
+        data=data,
+        evidence=evidence,
+        register=not kw["no_register"],
+        register_as=kw["register_as"] or None,
+        alias=kw["alias"] or None,
+        storage=kw["storage"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        run_name=kw["run_name"],
+        trust_remote_code=kw["trust_remote_code"],
+        accelerator=accelerator,
+        progress=_no_progress_bars(kw["no_progress"]),
         signing_key=kw["signing_key"],
     )
     if accelerator is None or accelerator.is_main_process:
@@ -350,10 +384,21 @@ def evaluate(**kw):
     accelerator = _accelerator()
     if accelerator is None or accelerator.is_main_process:
         _announce_store()
-    result = run_evaluate(kw["model_uri"], kw["forget"], kw["retain"], data=data, evidence=evidence,
-                          parent_model_uri=kw["parent_model_uri"], seed=kw["seed"], device=kw["device"],
-                          dtype=kw["dtype"], run_name=kw["run_name"], trust_remote_code=kw["trust_remote_code"],
-                          accelerator=accelerator, progress=_no_progress_bars(kw["no_progress"]))
+    result = run_evaluate(
+        kw["model_uri"],
+        kw["forget"],
+        kw["retain"],
+        data=data,
+        evidence=evidence,
+        parent_model_uri=kw["parent_model_uri"],
+        seed=kw["seed"],
+        device=kw["device"],
+        dtype=kw["dtype"],
+        run_name=kw["run_name"],
+        trust_remote_code=kw["trust_remote_code"],
+        accelerator=accelerator,
+        progress=_no_progress_bars(kw["no_progress"]),
+    )
     if accelerator is None or accelerator.is_main_process:
         for key, value in sorted(result.metrics.items()):
             click.echo(f"{key:<28}{value:.4f}")
@@ -364,18 +409,41 @@ def evaluate(**kw):
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION (or @ALIAS) of an unlearned version.")
 @click.option("--max-retain-drop", type=float, default=None, help="Highest acceptable relative retain drop, e.g. 0.05.")
 @click.option("--min-forget-drop", type=float, default=None, help="Lowest acceptable relative forget drop, e.g. 0.2.")
-@click.option("--min-selectivity", type=float, default=None,
-              help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.")
-@click.option("--max-relearn-recovery", type=float, default=None,
-              help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.")
-@click.option("--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True)
+@click.option(
+    "--min-selectivity",
+    type=float,
+    default=None,
+    help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.",
+)
+@click.option(
+    "--max-relearn-recovery",
+    type=float,
+    default=None,
+    help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.",
+)
+@click.option(
+    "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
+)
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
-@click.option("--signing-key", default=None, metavar="KEY.pem",
-              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
+@click.option(
+    "--signing-key",
+    default=None,
+    metavar="KEY.pem",
+    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
+)
 @handle_errors
-def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, metric, set_alias,
-         dry_run, signing_key):
+def gate(
+    model_uri,
+    max_retain_drop,
+    min_forget_drop,
+    min_selectivity,
+    max_relearn_recovery,
+    metric,
+    set_alias,
+    dry_run,
+    signing_key,
+):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
     from .registry.attest import load_signing_key
 
@@ -383,15 +451,26 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relea
     _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
     from .registry.gate import gate as run_gate
 
-    result = run_gate(model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
-                      min_selectivity=min_selectivity, max_relearn_recovery=max_relearn_recovery, metric=metric,
-                      set_alias=set_alias or None, dry_run=dry_run, signing_key=key)
+    result = run_gate(
+        model_uri,
+        max_retain_drop=max_retain_drop,
+        min_forget_drop=min_forget_drop,
+        min_selectivity=min_selectivity,
+        max_relearn_recovery=max_relearn_recovery,
+        metric=metric,
+        set_alias=set_alias or None,
+        dry_run=dry_run,
+        signing_key=key,
+    )
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")
     suffix = " (dry run: nothing written)" if dry_run else ""
     if result.passed:
-        click.echo(f"gate PASSED for {result.model_uri}" + (f"; alias '{result.alias_set}' now points to it"
-                                                            if result.alias_set else "") + suffix)
+        click.echo(
+            f"gate PASSED for {result.model_uri}"
+            + (f"; alias '{result.alias_set}' now points to it" if result.alias_set else "")
+            + suffix
+        )
         sys.exit(EXIT_OK)
     click.echo(f"gate FAILED for {result.model_uri}: " + "; ".join(result.failures) + suffix, err=True)
     sys.exit(EXIT_GATE_FAILED)
@@ -399,15 +478,29 @@ def gate(model_uri, max_retain_drop, min_forget_drop, min_selectivity, max_relea
 
 @main.command(name="lineage")
 @click.argument("model_uri", required=False)
-@click.option("--all", "all_name", metavar="NAME", default=None,
-              help="Verify every version of registered model NAME: one table row each, then the findings.")
+@click.option(
+    "--all",
+    "all_name",
+    metavar="NAME",
+    default=None,
+    help="Verify every version of registered model NAME: one table row each, then the findings.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the chain (or, with --all, the table) as JSON.")
-@click.option("--verify", is_flag=True, help="Check each version for tampering: its weights, its parent's weights, "
-                                             "its tags against the run's lineage record, the run's masks and record, "
-                                             "every file of its model directory.")
-@click.option("--trusted-key", "trusted_keys", multiple=True, metavar="PUB.pem",
-              help="Require a valid signature by this Ed25519 public key (repeatable; default: $SELPRUNE_TRUSTED_KEYS) "
-                   "on every unlearned version and every gate decision that moved an alias. Implies --verify.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check each version for tampering: its weights, its parent's weights, "
+    "its tags against the run's lineage record, the run's masks and record, "
+    "every file of its model directory.",
+)
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    metavar="PUB.pem",
+    help="Require a valid signature by this Ed25519 public key (repeatable; default: $SELPRUNE_TRUSTED_KEYS) "
+    "on every unlearned version and every gate decision that moved an alias. Implies --verify.",
+)
 @handle_errors
 def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
     """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions.
@@ -417,8 +510,10 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
     from .errors import BadInputError
 
     if (model_uri is None) == (all_name is None):
-        raise BadInputError("give either MODEL_URI or --all NAME (exactly one): "
-                            "mlflow-selprune lineage MODEL_URI [--verify] or mlflow-selprune lineage --all NAME")
+        raise BadInputError(
+            "give either MODEL_URI or --all NAME (exactly one): "
+            "mlflow-selprune lineage MODEL_URI [--verify] or mlflow-selprune lineage --all NAME"
+        )
     from .registry.attest import load_trusted_keys
 
     trusted = load_trusted_keys(trusted_keys) or None  # checked before the store is touched
@@ -440,7 +535,8 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
 
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
-    audits, cache = {}, {}
+    audits: dict = {}
+    cache: dict = {}
     if verify:
         for hop in reversed(hops):  # root first: a parent's digest is reused by its child's parent check
             audits[hop.uri] = lineage.audit(hop, cache, trusted=trusted)
@@ -468,16 +564,32 @@ def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int
     from .registry import lineage
 
     hops, aliases = lineage.versions(name)
-    cache = {}
+    cache: dict = {}
     audits = [lineage.audit(hop, cache, strict=False, trusted=trusted) for hop in hops]
-    rows = [{"version": hop.version, "model_uri": hop.uri, "storage": hop.tags.get(lineage.STORAGE, "full"),
-             "aliases": aliases.get(hop.version, []), **found.to_dict()} for hop, found in zip(hops, audits)]
+    rows = [
+        {
+            "version": hop.version,
+            "model_uri": hop.uri,
+            "storage": hop.tags.get(lineage.STORAGE, "full"),
+            "aliases": aliases.get(hop.version or "", []),
+            **found.to_dict(),
+        }
+        for hop, found in zip(hops, audits)
+    ]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
         header = ("version", "kind", "storage", *lineage.CHECKS, "aliases")
-        table = [header] + [(row["version"], row["kind"], row["storage"], *row["checks"].values(),
-                             " ".join(f"@{a}" for a in row["aliases"]) or "-") for row in rows]
+        table = [header] + [
+            (
+                row["version"],
+                row["kind"],
+                row["storage"],
+                *row["checks"].values(),
+                " ".join(f"@{a}" for a in row["aliases"]) or "-",
+            )
+            for row in rows
+        ]
         widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
         for line in table:
             click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
@@ -499,8 +611,11 @@ def _print_hop(i: int, row: dict) -> None:
     if not row["unlearned"]:
         source = row.get("source") or {}
         if source:
-            gguf = (f", GGUF {source['gguf_quantization']} sha256 {source['gguf_sha256'][:16]}"
-                    if "gguf_sha256" in source else "")
+            gguf = (
+                f", GGUF {source['gguf_quantization']} sha256 {source['gguf_sha256'][:16]}"
+                if "gguf_sha256" in source
+                else ""
+            )
             click.echo(f"  source:  {source.get('source')} ({source.get('source_kind')}{gguf})")
         if "checks" in row and row["checks"].get("weights") != "-":
             click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in row["checks"].items()))
@@ -509,10 +624,15 @@ def _print_hop(i: int, row: dict) -> None:
     click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
     click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
     click.echo(f"  stored:  {row.get('storage', 'full')}")
-    totals = (f" (dead in total: {row['ff_pruned_total']} FF, {row['attn_pruned_total']} attention)"
-              if row.get("ff_pruned_total") is not None else "")
-    click.echo(f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons{totals}"
-               f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}")
+    totals = (
+        f" (dead in total: {row['ff_pruned_total']} FF, {row['attn_pruned_total']} attention)"
+        if row.get("ff_pruned_total") is not None
+        else ""
+    )
+    click.echo(
+        f"  pruned:  {row['ff_pruned']} FF, {row['attn_pruned']} attention neurons{totals}"
+        f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}"
+    )
     m = row["metrics"]
     shown = ("forget_top1_drop", "retain_top1_drop", "selectivity", "control_forget_top1_drop", "relearn_recovery")
     if m:
@@ -520,12 +640,16 @@ def _print_hop(i: int, row: dict) -> None:
     decisions = row["gate_decisions"]
     deciding = row["deciding_gate"]
     if deciding:
-        click.echo(f"  gate:    {deciding['verdict']} at {deciding['time']} by {deciding['user']}, moved "
-                   f"@{deciding['alias_moved']} ({len(decisions)} decision(s) recorded)")
+        click.echo(
+            f"  gate:    {deciding['verdict']} at {deciding['time']} by {deciding['user']}, moved "
+            f"@{deciding['alias_moved']} ({len(decisions)} decision(s) recorded)"
+        )
     elif decisions:
         last = decisions[-1]
-        click.echo(f"  gate:    last decision {last.get('verdict', 'unreadable')} at {last.get('time', '?')} "
-                   f"({len(decisions)} decision(s) recorded)")
+        click.echo(
+            f"  gate:    last decision {last.get('verdict', 'unreadable')} at {last.get('time', '?')} "
+            f"({len(decisions)} decision(s) recorded)"
+        )
     else:
         click.echo("  gate:    not gated")
     if "checks" in row:
@@ -535,8 +659,7 @@ def _print_hop(i: int, row: dict) -> None:
         elif row.get("actual_weights_sha256") is None:
             status = "not checked (see the findings)"
         else:
-            status = (f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, "
-                      f"actual {row['actual_weights_sha256'][:16]}")
+            status = f"MISMATCH: recorded {str(row['weights_sha256'])[:16]}, actual {row['actual_weights_sha256'][:16]}"
         click.echo(f"  weights: {status}")
         click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in checks.items() if name != "weights"))
 
@@ -545,8 +668,12 @@ def _print_hop(i: int, row: dict) -> None:
 @click.argument("model_uri")
 @click.option("--register-as", default=None, help="Registered model name for the full version (default: the same).")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
-@click.option("--signing-key", default=None, metavar="KEY.pem",
-              help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).")
+@click.option(
+    "--signing-key",
+    default=None,
+    metavar="KEY.pem",
+    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
+)
 @handle_errors
 def materialize(model_uri, register_as, alias, signing_key):
     """Turn a delta version into a full one (same lineage), e.g. before deleting its parent."""
@@ -555,8 +682,7 @@ def materialize(model_uri, register_as, alias, signing_key):
 
     load_signing_key(signing_key)
     _announce_store(require_existing=True)
-    result = run_materialize(model_uri, register_as=register_as or None, alias=alias or None,
-                             signing_key=signing_key)
+    result = run_materialize(model_uri, register_as=register_as or None, alias=alias or None, signing_key=signing_key)
     click.echo(f"materialized {model_uri} as {result.model_uri} (run {result.run_id})")
 
 
@@ -595,25 +721,49 @@ def register(source, name, alias):
     from .registry.base_models import register as register_base
 
     registered = register_base(source, name, alias or None)
-    click.echo(f"registered {source} as {registered.model_uri}{f' (@{alias})' if alias else ''} "
-               f"(run {registered.run_id}, weights sha256 {registered.tags['selprune.weights_sha256'][:16]})")
+    click.echo(
+        f"registered {source} as {registered.model_uri}{f' (@{alias})' if alias else ''} "
+        f"(run {registered.run_id}, weights sha256 {registered.tags['selprune.weights_sha256'][:16]})"
+    )
 
 
 @main.command()
-@click.option("--tiny", is_flag=True, help="The self-trained demo: train a ~5M-parameter LM here, then unlearn "
-                                           "(quick; its effect is small).")
-@click.option("--vision", is_flag=True, help="The image demo: a small ViT on handwritten digits forgets one digit "
-                                             "(needs scikit-learn).")
-@click.option("--seed", type=int, default=0, show_default=True,
-              help="The collect/eval split of the documents and the random control (--tiny/--vision: also the "
-                   "training).")
-@click.option("--train-steps", type=int, default=None,
-              help="--tiny/--vision: optimizer steps for the demo model (default: the recipe's).")
+@click.option(
+    "--tiny",
+    is_flag=True,
+    help="The self-trained demo: train a ~5M-parameter LM here, then unlearn (quick; its effect is small).",
+)
+@click.option(
+    "--vision",
+    is_flag=True,
+    help="The image demo: a small ViT on handwritten digits forgets one digit (needs scikit-learn).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="The collect/eval split of the documents and the random control (--tiny/--vision: also the training).",
+)
+@click.option(
+    "--train-steps",
+    type=int,
+    default=None,
+    help="--tiny/--vision: optimizer steps for the demo model (default: the recipe's).",
+)
 @click.option("--retrain", is_flag=True, help="--tiny/--vision: train a new base model even if '@base' exists.")
-@click.option("--collect-tokens", type=int, default=None,
-              help="Text demos: statistics tokens per side (default: the recipe's; smaller for a quick look).")
-@click.option("--eval-tokens", type=int, default=None,
-              help="Text demos: eval tokens per side (default: the recipe's; its measured numbers need the default).")
+@click.option(
+    "--collect-tokens",
+    type=int,
+    default=None,
+    help="Text demos: statistics tokens per side (default: the recipe's; smaller for a quick look).",
+)
+@click.option(
+    "--eval-tokens",
+    type=int,
+    default=None,
+    help="Text demos: eval tokens per side (default: the recipe's; its measured numbers need the default).",
+)
 @click.option("--no-progress", is_flag=True)
 @handle_errors
 def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress):
@@ -635,8 +785,16 @@ def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, 
     if tiny:
         from .demo_tiny import run_demo as run_tiny_demo
 
-        sys.exit(run_tiny_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress,
-                               collect_tokens=collect_tokens, eval_tokens=eval_tokens))
+        sys.exit(
+            run_tiny_demo(
+                train_steps=train_steps,
+                seed=seed,
+                retrain=retrain,
+                progress=not no_progress,
+                collect_tokens=collect_tokens,
+                eval_tokens=eval_tokens,
+            )
+        )
     if train_steps is not None or retrain:
         raise ConfigError("--train-steps/--retrain apply to --tiny and --vision; the demo's model is pretrained")
     from .demo import run_demo

@@ -10,6 +10,7 @@ user typed, so the same message serves the CLI and the Python API.
 
 Importing this module is cheap (no torch): the CLI reads it for ``--help``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,9 +60,11 @@ class PruneConfig:
     attn_frac: float = option(0.0, "Fraction of all attention neurons pruned per step.", type=float)
     steps: int | None = option(None, "Fixed number of steps (default 1 unless a budget is given).", type=int)
     target_forget_drop: float | None = option(
-        None, "Budget mode: stop once the forget drop (relative, --budget-metric) reaches this.", type=float)
+        None, "Budget mode: stop once the forget drop (relative, --budget-metric) reaches this.", type=float
+    )
     max_retain_drop: float | None = option(
-        None, "Budget mode: never keep a step that pushes the retain drop past this.", type=float)
+        None, "Budget mode: never keep a step that pushes the retain drop past this.", type=float
+    )
     max_steps: int = option(50, "Budget mode: give up after this many steps.", type=int)
     budget_metric: str = option("top1", "The metric whose relative drops the budget reads.", choices=BUDGET_METRICS)
     scoring: str = option("abs", "Importance: " + ", ".join(SCORINGS) + " (rand = random).")
@@ -69,8 +72,9 @@ class PruneConfig:
     selection: str = option("global", "Rank neurons across all layers or within each layer.", choices=SELECTIONS)
     ff_eps: float = option(DEFAULT_EPS[FF], "eps in I(forget) / (I(retain) + eps) for FF neurons.", type=float)
     attn_eps: float = option(DEFAULT_EPS[ATTN], "eps for attention neurons.", type=float)
-    attn_mean_offset: bool = option(False, "Fold pruned attention neurons' mean activation into the bias.",
-                                    is_flag=True)
+    attn_mean_offset: bool = option(
+        False, "Fold pruned attention neurons' mean activation into the bias.", is_flag=True
+    )
     eval_every: int = option(1, "Evaluate every k steps (the last step always).", type=int)
     seed: int = option(0, "Seed for random scoring, the random control and the relearning check.", type=int)
 
@@ -117,7 +121,9 @@ class PruneConfig:
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown --selection '{self.selection}'; choose 'global' or 'per-layer'")
         if self.budget_metric not in BUDGET_METRICS:
-            raise ConfigError(f"unknown --budget-metric '{self.budget_metric}'; choose one of {', '.join(BUDGET_METRICS)}")
+            raise ConfigError(
+                f"unknown --budget-metric '{self.budget_metric}'; choose one of {', '.join(BUDGET_METRICS)}"
+            )
         for name in ("ff_eps", "attn_eps"):
             if not _fraction(getattr(self, name)) or not getattr(self, name) > 0:
                 raise ConfigError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
@@ -125,17 +131,24 @@ class PruneConfig:
             raise ConfigError(f"--eval-every must be >= 1, got {self.eval_every}")
         if self.budget_mode:
             if self.steps is not None:
-                raise ConfigError("choose either --steps or a budget (--target-forget-drop / --max-retain-drop), not both")
-            if self.target_forget_drop is not None and not (_fraction(self.target_forget_drop)
-                                                            and 0 < self.target_forget_drop <= 1):
+                raise ConfigError(
+                    "choose either --steps or a budget (--target-forget-drop / --max-retain-drop), not both"
+                )
+            if self.target_forget_drop is not None and not (
+                _fraction(self.target_forget_drop) and 0 < self.target_forget_drop <= 1
+            ):
                 raise ConfigError(f"--target-forget-drop must be in (0, 1], got {self.target_forget_drop}")
-            if self.max_retain_drop is not None and not (_fraction(self.max_retain_drop) and 0 <= self.max_retain_drop < 1):
+            if self.max_retain_drop is not None and not (
+                _fraction(self.max_retain_drop) and 0 <= self.max_retain_drop < 1
+            ):
                 raise ConfigError(f"--max-retain-drop must be in [0, 1), got {self.max_retain_drop}")
             if not isinstance(self.max_steps, int) or self.max_steps < 1:
                 raise ConfigError(f"--max-steps must be >= 1, got {self.max_steps}")
             if not has_evaluate:
                 raise ConfigError("budget mode needs an evaluation function to measure forget and retain drops")
-        elif self.steps is not None and (not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1):
+        elif self.steps is not None and (
+            not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1
+        ):
             raise ConfigError(f"--steps must be an integer >= 1, got {self.steps}")
         return self
 
@@ -149,8 +162,7 @@ class SourceOptions:
 
     text_column: str | None = option(None, "Column holding the text (default: detect text/content/code/...).")
     glob: str | None = option(None, "For a directory DATA: which files to read, e.g. '*.py'.")
-    paragraphs: bool | None = option(None, "For .txt DATA: one document per blank-line-separated block.",
-                                     is_flag=True)
+    paragraphs: bool | None = option(None, "For .txt DATA: one document per blank-line-separated block.", is_flag=True)
     split: str | None = option(None, "Dataset split (hub datasets, DatasetDicts).")
     data_config: str | None = option(None, "Hub dataset configuration, e.g. Python-all.")
     revision: str | None = option(None, "Hub dataset revision.")
@@ -159,8 +171,12 @@ class SourceOptions:
 
     def over(self, shared: "SourceOptions") -> "SourceOptions":
         """These options, with unset fields taken from ``shared``."""
-        return SourceOptions(**{f.name: getattr(shared, f.name) if getattr(self, f.name) is None
-                                else getattr(self, f.name) for f in dataclasses.fields(self)})
+        return SourceOptions(
+            **{
+                f.name: getattr(shared, f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
 
 
 SIDES = ("forget", "retain")
@@ -174,26 +190,36 @@ class DataOptions:
     batch_size: int = option(16, "Sequences per batch.", type=int)
     collect_tokens: int = option(20_000, "Token budget per dataset for statistics (paper: 100000).", type=int)
     eval_tokens: int = option(10_000, "Token budget per dataset for metrics (paper: 100000).", type=int)
-    eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).",
-                                  type=float)
+    eval_fraction: float = option(0.2, "Share of documents held out for metrics (split by document hash).", type=float)
     chunks_per_document: int | None = option(
-        None, "Take at most this many chunks (of --max-length tokens) from each document, so a token budget "
-              "spans more documents (default: every chunk).", type=int)
-    split_seed: int = option(0, "Which collect/eval split of the documents (and order within each part); 0 is "
-                                "the plain hash split, other seeds salt the hash.", type=int)
-    token_cache: bool = option(True, "Keep token ids on disk (user cache dir) so reruns do not tokenize again.",
-                               flag="--token-cache/--no-token-cache")
+        None,
+        "Take at most this many chunks (of --max-length tokens) from each document, so a token budget "
+        "spans more documents (default: every chunk).",
+        type=int,
+    )
+    split_seed: int = option(
+        0,
+        "Which collect/eval split of the documents (and order within each part); 0 is "
+        "the plain hash split, other seeds salt the hash.",
+        type=int,
+    )
+    token_cache: bool = option(
+        True,
+        "Keep token ids on disk (user cache dir) so reruns do not tokenize again.",
+        flag="--token-cache/--no-token-cache",
+    )
     # how DATA is read: for both sides, and per side (--forget-text-column, --retain-split, ...)
     source: SourceOptions = field(default_factory=SourceOptions)
     forget_source: SourceOptions = field(default_factory=SourceOptions)
     retain_source: SourceOptions = field(default_factory=SourceOptions)
     # image classifiers only (token budgets and --max-length do not apply to them)
-    collect_images: int = option(2_000, "Image classifiers: images per dataset for statistics (at most).",
-                                 type=int)
+    collect_images: int = option(2_000, "Image classifiers: images per dataset for statistics (at most).", type=int)
     eval_images: int = option(1_000, "Image classifiers: images per dataset for metrics (at most).", type=int)
     forget_classes: str | None = option(
-        None, "Image classifiers: forget these classes (names or ids, comma-separated, e.g. 3,7); the other "
-              "classes are retained. --retain may then be left out (it defaults to the --forget DATA).")
+        None,
+        "Image classifiers: forget these classes (names or ids, comma-separated, e.g. 3,7); the other "
+        "classes are retained. --retain may then be left out (it defaults to the --forget DATA).",
+    )
 
     def source_for(self, side: str) -> SourceOptions:
         return getattr(self, f"{side}_source").over(self.source)
@@ -208,11 +234,17 @@ class DataOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{flag_of(DataOptions, name)} must be an integer >= 1, got {value}")
-        if self.chunks_per_document is not None and (not isinstance(self.chunks_per_document, int)
-                                                     or isinstance(self.chunks_per_document, bool)
-                                                     or self.chunks_per_document < 1):
+        if self.chunks_per_document is not None and (
+            not isinstance(self.chunks_per_document, int)
+            or isinstance(self.chunks_per_document, bool)
+            or self.chunks_per_document < 1
+        ):
             raise ConfigError(f"--chunks-per-document must be an integer >= 1, got {self.chunks_per_document}")
-        if not isinstance(self.split_seed, int) or isinstance(self.split_seed, bool) or not 0 <= self.split_seed < 2**62:
+        if (
+            not isinstance(self.split_seed, int)
+            or isinstance(self.split_seed, bool)
+            or not 0 <= self.split_seed < 2**62
+        ):
             raise ConfigError(f"--split-seed must be an integer >= 0, got {self.split_seed}")
         if self.max_length < 2:
             raise ConfigError("--max-length must be >= 2: next-token metrics need two tokens")
@@ -229,8 +261,9 @@ class DataOptions:
         value = self.forget_classes
         items = [v.strip() for v in value.split(",")] if isinstance(value, str) else [str(v).strip() for v in value]
         if not items or any(not item for item in items):
-            raise ConfigError(f"--forget-classes must list class names or ids separated by commas, e.g. 3,7; "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"--forget-classes must list class names or ids separated by commas, e.g. 3,7; got {value!r}"
+            )
         if len(set(items)) != len(items):
             raise ConfigError(f"--forget-classes names a class twice: {value!r}")
         return items
@@ -243,10 +276,18 @@ class DataOptions:
 class EvidenceOptions:
     """The checks that make a drop mean something: a random control and an opt-in relearning test."""
 
-    control: bool = option(True, "Also prune the same number of neurons per kind and layer at random "
-                                 "and report its drops (--no-control skips it).", flag="--control/--no-control")
-    relearn_steps: int = option(0, "Relearning check: fine-tune the unlearned model (and the parent) this many "
-                                   "steps on forget collect documents, then measure forget top-1 (0: off).", type=int)
+    control: bool = option(
+        True,
+        "Also prune the same number of neurons per kind and layer at random "
+        "and report its drops (--no-control skips it).",
+        flag="--control/--no-control",
+    )
+    relearn_steps: int = option(
+        0,
+        "Relearning check: fine-tune the unlearned model (and the parent) this many "
+        "steps on forget collect documents, then measure forget top-1 (0: off).",
+        type=int,
+    )
     relearn_lr: float = option(1e-3, "Learning rate of the relearning check.", type=float)
     relearn_batch_size: int = option(8, "Sequences per relearning step.", type=int)
 

@@ -12,6 +12,7 @@ collect/eval split of the documents (``DataOptions.split_seed``) and another ran
 
 The helpers at the end are shared with the self-trained demos (``demo_tiny``, ``demo_vision``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,11 @@ class RealModelRecipe:
     # one step of 1% of the FF neurons and 2% of the attention neurons (docs/demo.md: the frontier)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.01, attn_frac=0.02, steps=1))
     # one chunk per document: a budget spans many definitions and paragraphs, not a few long classes
-    data: DataOptions = field(default_factory=lambda: DataOptions(max_length=128, batch_size=16,
-                                                                  collect_tokens=8_000, eval_tokens=4_000,
-                                                                  chunks_per_document=1))
+    data: DataOptions = field(
+        default_factory=lambda: DataOptions(
+            max_length=128, batch_size=16, collect_tokens=8_000, eval_tokens=4_000, chunks_per_document=1
+        )
+    )
 
 
 RECIPE = RealModelRecipe()
@@ -52,8 +55,13 @@ MAX_RETAIN_DROP = 0.06
 MIN_SELECTIVITY = None
 
 
-def run_demo(seed: int = 0, progress: bool = True, recipe: RealModelRecipe = RECIPE,
-             collect_tokens: int | None = None, eval_tokens: int | None = None) -> int:
+def run_demo(
+    seed: int = 0,
+    progress: bool = True,
+    recipe: RealModelRecipe = RECIPE,
+    collect_tokens: int | None = None,
+    eval_tokens: int | None = None,
+) -> int:
     """Run the demo; returns the exit code (0 when the gate passed). ``collect_tokens``/``eval_tokens``
     shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's)."""
     from .errors import ConfigError
@@ -62,9 +70,11 @@ def run_demo(seed: int = 0, progress: bool = True, recipe: RealModelRecipe = REC
     if not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"--seed must be an integer >= 0, got {seed}")
     data = dataclasses.replace(
-        recipe.data, split_seed=seed,
+        recipe.data,
+        split_seed=seed,
         collect_tokens=recipe.data.collect_tokens if collect_tokens is None else collect_tokens,
-        eval_tokens=recipe.data.eval_tokens if eval_tokens is None else eval_tokens).validate()
+        eval_tokens=recipe.data.eval_tokens if eval_tokens is None else eval_tokens,
+    ).validate()
 
     from .registry.base_models import ensure_registered
     from .registry.tracking import job_run
@@ -76,16 +86,28 @@ def run_demo(seed: int = 0, progress: bool = True, recipe: RealModelRecipe = REC
     # Under `mlflow run`, the project's run is the parent of the demo's runs.
     with job_run("selprune-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
         base, new = ensure_registered(recipe.source, DEMO_MODEL, BASE_ALIAS)
-        print(f"{'registered' if new else 'reusing the registered base model'} {base} as "
-              f"{DEMO_MODEL}@{BASE_ALIAS} ({recipe.source})")
+        print(
+            f"{'registered' if new else 'reusing the registered base model'} {base} as "
+            f"{DEMO_MODEL}@{BASE_ALIAS} ({recipe.source})"
+        )
         print(f"unlearning {recipe.forget} while keeping {recipe.retain}...")
         result = run_prune(
-            f"models:/{DEMO_MODEL}@{BASE_ALIAS}", recipe.forget, recipe.retain,
-            config=dataclasses.replace(recipe.prune, seed=seed), data=data,
-            run_name="selprune-demo-unlearn", progress=progress,
+            f"models:/{DEMO_MODEL}@{BASE_ALIAS}",
+            recipe.forget,
+            recipe.retain,
+            config=dataclasses.replace(recipe.prune, seed=seed),
+            data=data,
+            run_name="selprune-demo-unlearn",
+            progress=progress,
         )
-        return summarize_and_gate(result, DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
-                                  max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)
+        return summarize_and_gate(
+            result,
+            DEMO_MODEL,
+            min_forget_drop=MIN_FORGET_DROP,
+            max_retain_drop=MAX_RETAIN_DROP,
+            min_selectivity=MIN_SELECTIVITY,
+            start=start,
+        )
 
 
 # ----------------------------------------------------------------------------- shared by the demos
@@ -113,11 +135,21 @@ def register_base_model(model, tokenizer, seed: int, steps: int, name: str, extr
     """
     from .registry.base_models import register_components
 
-    provenance = {"source": f"trained by mlflow-selprune demo ({name})", "source_kind": "trained",
-                  "train_seed": seed, "train_steps": steps}
-    registered = register_components(model, tokenizer, name, BASE_ALIAS, provenance=provenance,
-                                     extra_params={"demo_seed": seed, "demo_train_steps": steps},
-                                     extra_metrics=extra_metrics)
+    provenance = {
+        "source": f"trained by mlflow-selprune demo ({name})",
+        "source_kind": "trained",
+        "train_seed": seed,
+        "train_steps": steps,
+    }
+    registered = register_components(
+        model,
+        tokenizer,
+        name,
+        BASE_ALIAS,
+        provenance=provenance,
+        extra_params={"demo_seed": seed, "demo_train_steps": steps},
+        extra_metrics=extra_metrics,
+    )
     return registered.model_uri
 
 
@@ -130,8 +162,15 @@ def checked_train_steps(train_steps: int | None, default: int) -> int:
     return default if train_steps is None else train_steps
 
 
-def summarize_and_gate(result, model_name: str, *, min_forget_drop: float, max_retain_drop: float,
-                       min_selectivity: float | None, start: float) -> int:
+def summarize_and_gate(
+    result,
+    model_name: str,
+    *,
+    min_forget_drop: float,
+    max_retain_drop: float,
+    min_selectivity: float | None,
+    start: float,
+) -> int:
     """Print a demo's summary, gate its unlearned version (moving ``@unlearned`` only on a pass) and say
     what to look at next; returns the exit code (0 when the gate passed)."""
     import mlflow
@@ -140,10 +179,18 @@ def summarize_and_gate(result, model_name: str, *, min_forget_drop: float, max_r
     from .report import format_summary
 
     print(format_summary(result.metrics, result.model_uri, result.run_id))
-    verdict = gate(result.model_uri, max_retain_drop=max_retain_drop, min_forget_drop=min_forget_drop,
-                   min_selectivity=min_selectivity, set_alias=UNLEARNED_ALIAS)
-    outcome = (f"PASSED: {model_name}@{UNLEARNED_ALIAS} -> {result.model_uri}" if verdict.passed
-               else f"FAILED ({'; '.join(verdict.failures)}); alias '{UNLEARNED_ALIAS}' not moved")
+    verdict = gate(
+        result.model_uri,
+        max_retain_drop=max_retain_drop,
+        min_forget_drop=min_forget_drop,
+        min_selectivity=min_selectivity,
+        set_alias=UNLEARNED_ALIAS,
+    )
+    outcome = (
+        f"PASSED: {model_name}@{UNLEARNED_ALIAS} -> {result.model_uri}"
+        if verdict.passed
+        else f"FAILED ({'; '.join(verdict.failures)}); alias '{UNLEARNED_ALIAS}' not moved"
+    )
     thresholds = [f"forget top-1 drop >= {min_forget_drop}", f"retain top-1 drop <= {max_retain_drop}"]
     if min_selectivity is not None:
         thresholds.append(f"selectivity >= {min_selectivity}")

@@ -16,6 +16,7 @@ rounding trains a slightly different one: its gate carries wide margins.
 Everything is decided by step counts, seeds and a fixed torch thread count:
 a busy machine makes the demo slower, never different.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,11 +24,17 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri,
-                   register_base_model, summarize_and_gate)
+from .demo import (
+    BASE_ALIAS,
+    _existing_base,
+    _nothing,
+    checked_train_steps,
+    ensure_tracking_uri,
+    register_base_model,
+    summarize_and_gate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +66,9 @@ class DemoRecipe:
     train_code_chars: int = 1_200_000
     train_prose_chars: int = 2_500_000  # all of the plain-English prose there is (about 0.8M characters)
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.0, attn_frac=0.08, steps=6))
-    data: DataOptions = field(default_factory=lambda: DataOptions(max_length=128, batch_size=32,
-                                                                  collect_tokens=20_000, eval_tokens=10_000))
+    data: DataOptions = field(
+        default_factory=lambda: DataOptions(max_length=128, batch_size=32, collect_tokens=20_000, eval_tokens=10_000)
+    )
 
 
 RECIPE = DemoRecipe()
@@ -105,24 +113,44 @@ def train_demo_model(recipe: DemoRecipe = RECIPE, seed: int = 0, steps: int | No
         tokenizer = train_bpe_tokenizer(texts, vocab_size=recipe.vocab_size)
         blocks = pack_token_blocks(tokenizer, texts, block_len=recipe.block_len, seed=seed)
         torch.manual_seed(seed)
-        config = GPTNeoXConfig(
-            vocab_size=len(tokenizer), hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
-            num_attention_heads=recipe.num_heads, intermediate_size=recipe.intermediate_size,
-            max_position_embeddings=max(512, recipe.block_len), rotary_pct=0.25, hidden_act=recipe.hidden_act,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        config = GPTNeoXConfig(  # type: ignore[call-arg]  # the config's own keyword arguments
+            vocab_size=len(tokenizer),
+            hidden_size=recipe.hidden_size,
+            num_hidden_layers=recipe.num_layers,
+            num_attention_heads=recipe.num_heads,
+            intermediate_size=recipe.intermediate_size,
+            max_position_embeddings=max(512, recipe.block_len),
+            rotary_pct=0.25,
+            hidden_act=recipe.hidden_act,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         model = GPTNeoXForCausalLM(config)
-        loss = train_causal_lm(model, blocks, steps=recipe.train_steps if steps is None else steps,
-                               batch_size=recipe.batch_size, lr=recipe.lr, seed=seed, progress=progress)
+        loss = train_causal_lm(
+            model,
+            blocks,
+            steps=recipe.train_steps if steps is None else steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            seed=seed,
+            progress=progress,
+        )
     finally:
         torch.set_num_threads(previous_threads)
     logger.info("demo model trained: final loss %.3f", loss)
     return model, tokenizer
 
 
-def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,
-             recipe: DemoRecipe = RECIPE, collect_tokens: int | None = None, eval_tokens: int | None = None) -> int:
+def run_demo(
+    train_steps: int | None = None,
+    seed: int = 0,
+    retrain: bool = False,
+    progress: bool = True,
+    recipe: DemoRecipe = RECIPE,
+    collect_tokens: int | None = None,
+    eval_tokens: int | None = None,
+) -> int:
     """Run the demo; returns the exit code (0 when the gate passed). ``collect_tokens``/``eval_tokens``
     shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's)."""
     import dataclasses
@@ -132,7 +160,8 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
     data = dataclasses.replace(
         recipe.data,
         collect_tokens=recipe.data.collect_tokens if collect_tokens is None else collect_tokens,
-        eval_tokens=recipe.data.eval_tokens if eval_tokens is None else eval_tokens).validate()
+        eval_tokens=recipe.data.eval_tokens if eval_tokens is None else eval_tokens,
+    ).validate()
 
     import torch
 
@@ -155,11 +184,19 @@ def run_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = Fals
             print(f"registered {base} as {DEMO_MODEL}@{BASE_ALIAS}")
         print(f"unlearning {FORGET} while keeping {RETAIN}...")
         result = run_prune(
-            f"models:/{DEMO_MODEL}@{BASE_ALIAS}", FORGET, RETAIN,
-            config=dataclasses.replace(recipe.prune, seed=seed), data=data,
-            run_name="selprune-tiny-demo-unlearn", progress=progress,
+            f"models:/{DEMO_MODEL}@{BASE_ALIAS}",
+            FORGET,
+            RETAIN,
+            config=dataclasses.replace(recipe.prune, seed=seed),
+            data=data,
+            run_name="selprune-tiny-demo-unlearn",
+            progress=progress,
         )
-        return summarize_and_gate(result, DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
-                                  max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)
-
-
+        return summarize_and_gate(
+            result,
+            DEMO_MODEL,
+            min_forget_drop=MIN_FORGET_DROP,
+            max_retain_drop=MAX_RETAIN_DROP,
+            min_selectivity=MIN_SELECTIVITY,
+            start=start,
+        )

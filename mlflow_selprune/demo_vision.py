@@ -13,6 +13,7 @@
 Steps, seeds and the torch thread count (``TORCH_THREADS``) decide
 everything; the clock never does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import DataOptions, PruneConfig
-from .demo import (BASE_ALIAS, _existing_base, _nothing, checked_train_steps, ensure_tracking_uri, register_base_model,
-                   summarize_and_gate)
+from .demo import (
+    BASE_ALIAS,
+    _existing_base,
+    _nothing,
+    checked_train_steps,
+    ensure_tracking_uri,
+    register_base_model,
+    summarize_and_gate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +66,9 @@ class VisionRecipe:
     lr: float = 1e-3  # at 3e-3 some seeds hid digit 3 in shared neurons (forget drop < 40%): see the frontier
     forget_class: str = FORGET_CLASS
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.02, attn_frac=0.0, steps=4))
-    data: DataOptions = field(default_factory=lambda: DataOptions(batch_size=64, eval_fraction=0.3,
-                                                                  forget_classes=FORGET_CLASS))
+    data: DataOptions = field(
+        default_factory=lambda: DataOptions(batch_size=64, eval_fraction=0.3, forget_classes=FORGET_CLASS)
+    )
 
 
 RECIPE = VisionRecipe()
@@ -88,8 +97,10 @@ def write_digits(directory: str | Path) -> Path:
     except ImportError:
         from .errors import BadInputError
 
-        raise BadInputError("the vision demo needs scikit-learn for its digits: pip install scikit-learn "
-                            "(it comes with the test extra: pip install -e '.[test]')") from None
+        raise BadInputError(
+            "the vision demo needs scikit-learn for its digits: pip install scikit-learn "
+            "(it comes with the test extra: pip install -e '.[test]')"
+        ) from None
     directory = Path(directory)
     if (directory / "dataset_info.json").is_file():
         return directory
@@ -97,8 +108,7 @@ def write_digits(directory: str | Path) -> Path:
     images = [Image.fromarray(np.clip(img * 16, 0, 255).astype(np.uint8), mode="L") for img in digits.images]
     names = [str(i) for i in range(10)]
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=names)})
-    dataset = datasets.Dataset.from_dict({"image": images, "label": [int(t) for t in digits.target]},
-                                         features=features)
+    dataset = datasets.Dataset.from_dict({"image": images, "label": [int(t) for t in digits.target]}, features=features)
     dataset.save_to_disk(str(directory))
     return directory
 
@@ -107,12 +117,19 @@ def image_processor(recipe: VisionRecipe = RECIPE):
     """The demo model's own preprocessing: scale to [0, 1], normalize to [-1, 1], RGB at 8x8."""
     from transformers import ViTImageProcessorPil
 
-    return ViTImageProcessorPil(size={"height": recipe.image_size, "width": recipe.image_size},
-                                image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return ViTImageProcessorPil(
+        size={"height": recipe.image_size, "width": recipe.image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
 
 
-def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: int = 0, steps: int | None = None,
-                   progress: bool = True, threads: int = TORCH_THREADS):
+def train_demo_vit(
+    data_dir: str | Path,
+    recipe: VisionRecipe = RECIPE,
+    seed: int = 0,
+    steps: int | None = None,
+    progress: bool = True,
+    threads: int = TORCH_THREADS,
+):
     """(model, image processor, test accuracy): a ViT trained on the collect part of the digits only.
 
     ``threads``: the torch thread count while training (restored after); the demo always uses
@@ -128,11 +145,20 @@ def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: in
     try:
         processor = image_processor(recipe)
         names = [str(i) for i in range(10)]
-        config = ViTConfig(image_size=recipe.image_size, patch_size=recipe.patch_size, num_channels=3,
-                           hidden_size=recipe.hidden_size, num_hidden_layers=recipe.num_layers,
-                           num_attention_heads=recipe.num_heads, intermediate_size=recipe.intermediate_size,
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
-                           id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        config = ViTConfig(  # type: ignore[call-arg]  # PretrainedConfig takes num_labels, id2label, ...
+            image_size=recipe.image_size,
+            patch_size=recipe.patch_size,
+            num_channels=3,
+            hidden_size=recipe.hidden_size,
+            num_hidden_layers=recipe.num_layers,
+            num_attention_heads=recipe.num_heads,
+            intermediate_size=recipe.intermediate_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            num_labels=10,
+            id2label=dict(enumerate(names)),
+            label2id={n: i for i, n in enumerate(names)},
+        )
         # all classes, split exactly as the pruning will split them: training never sees an eval image
         split = dataclasses.replace(recipe.data, forget_classes=None, collect_images=10**9, eval_images=10**9)
         both, _ = prepare_image_data(str(data_dir), str(data_dir), processor, config, split)
@@ -140,21 +166,37 @@ def train_demo_vit(data_dir: str | Path, recipe: VisionRecipe = RECIPE, seed: in
         train_y = torch.cat([b["labels"] for b in both.collect_batches])
         torch.manual_seed(seed)
         model = ViTForImageClassification(config)
-        loss = train_image_classifier(model, train_x, train_y, steps=recipe.train_steps if steps is None else steps,
-                                      batch_size=recipe.batch_size, lr=recipe.lr, seed=seed, progress=progress)
+        loss = train_image_classifier(
+            model,
+            train_x,
+            train_y,
+            steps=recipe.train_steps if steps is None else steps,
+            batch_size=recipe.batch_size,
+            lr=recipe.lr,
+            seed=seed,
+            progress=progress,
+        )
         with torch.inference_mode():
-            correct = sum(int((model(pixel_values=b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum())
-                          for b in both.eval_batches)
+            correct = sum(
+                int((model(pixel_values=b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum())
+                for b in both.eval_batches
+            )
         accuracy = correct / both.eval_images
     finally:
         torch.set_num_threads(previous_threads)
-    logger.info("vision demo model trained: final loss %.3f, test accuracy %.4f on %d images", loss, accuracy,
-                both.eval_images)
+    logger.info(
+        "vision demo model trained: final loss %.3f, test accuracy %.4f on %d images", loss, accuracy, both.eval_images
+    )
     return model, processor, accuracy
 
 
-def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool = False, progress: bool = True,
-                    recipe: VisionRecipe = RECIPE) -> int:
+def run_vision_demo(
+    train_steps: int | None = None,
+    seed: int = 0,
+    retrain: bool = False,
+    progress: bool = True,
+    recipe: VisionRecipe = RECIPE,
+) -> int:
     """Run the vision demo; returns the exit code (0 when the gate passed)."""
     steps = checked_train_steps(train_steps, recipe.train_steps)  # before anything is trained or written
     import torch
@@ -175,13 +217,26 @@ def run_vision_demo(train_steps: int | None = None, seed: int = 0, retrain: bool
             print(f"training the vision demo model ({steps} steps, seed {seed})...")
             model, processor, accuracy = train_demo_vit(data_dir, recipe, seed=seed, steps=steps, progress=progress)
             print(f"test accuracy (held-out digits): {accuracy:.4f}")
-            base = register_base_model(model, processor, seed, steps, name=VISION_DEMO_MODEL,
-                                       extra_metrics={"demo_test_accuracy": accuracy})
+            base = register_base_model(
+                model, processor, seed, steps, name=VISION_DEMO_MODEL, extra_metrics={"demo_test_accuracy": accuracy}
+            )
             print(f"registered {base} as {VISION_DEMO_MODEL}@{BASE_ALIAS}")
         print(f"unlearning digit {recipe.forget_class} of {data_dir} while keeping the other digits...")
         data = dataclasses.replace(recipe.data, forget_classes=recipe.forget_class)
-        result = run_prune(f"models:/{VISION_DEMO_MODEL}@{BASE_ALIAS}", str(data_dir), None,
-                           config=dataclasses.replace(recipe.prune, seed=seed), data=data,
-                           run_name="selprune-vision-demo-unlearn", progress=progress)
-        return summarize_and_gate(result, VISION_DEMO_MODEL, min_forget_drop=MIN_FORGET_DROP,
-                                  max_retain_drop=MAX_RETAIN_DROP, min_selectivity=MIN_SELECTIVITY, start=start)
+        result = run_prune(
+            f"models:/{VISION_DEMO_MODEL}@{BASE_ALIAS}",
+            str(data_dir),
+            None,
+            config=dataclasses.replace(recipe.prune, seed=seed),
+            data=data,
+            run_name="selprune-vision-demo-unlearn",
+            progress=progress,
+        )
+        return summarize_and_gate(
+            result,
+            VISION_DEMO_MODEL,
+            min_forget_drop=MIN_FORGET_DROP,
+            max_retain_drop=MAX_RETAIN_DROP,
+            min_selectivity=MIN_SELECTIVITY,
+            start=start,
+        )

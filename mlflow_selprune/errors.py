@@ -3,6 +3,7 @@
 Anything else that escapes is a bug or an environment failure and exits 3, so a
 programming error is never dressed up as the user's mistake.
 """
+
 from __future__ import annotations
 
 
@@ -30,3 +31,12 @@ class VerificationError(Exception):
     def __init__(self, findings: list[str]):
         super().__init__("; ".join(findings))
         self.findings = findings
+
+
+def causes(exc: BaseException | None):
+    """``exc`` and what raised it, each once: its ``__cause__`` or ``__context__``, and so on."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__

@@ -4,6 +4,7 @@ The engine never branches on kind (FF and attention neurons are the same
 concept in all of them); data preparation, metrics and the MLflow task do.
 Importing this module is cheap (no torch).
 """
+
 from __future__ import annotations
 
 CAUSAL_LM = "causal-lm"
@@ -34,9 +35,11 @@ def kind_of_class(class_name: str) -> str:
         return kind
     from .errors import BadInputError
 
-    raise BadInputError(f"{class_name} is not a model kind selective pruning measures here (a causal LM: "
-                        "*ForCausalLM / *LMHeadModel, a masked LM: *ForMaskedLM, or an image classifier: "
-                        "*ForImageClassification); load the model with one of those heads")
+    raise BadInputError(
+        f"{class_name} is not a model kind selective pruning measures here (a causal LM: "
+        "*ForCausalLM / *LMHeadModel, a masked LM: *ForMaskedLM, or an image classifier: "
+        "*ForImageClassification); load the model with one of those heads"
+    )
 
 
 def model_kind(model) -> str:

@@ -7,6 +7,7 @@ launch`` give. When one worker fails, the launcher stops the others (no hang)
 and we exit with that worker's own exit code (2 for bad input), not a
 generic failure.
 """
+
 from __future__ import annotations
 
 import socket

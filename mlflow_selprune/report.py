@@ -1,4 +1,5 @@
 """What a person sees: the terminal summary table and the forget-vs-retain plot."""
+
 from __future__ import annotations
 
 import math
@@ -19,7 +20,8 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
             if key not in m:
                 continue
             before, after = m.get(f"parent_{key}"), m[key]
-            row = f"{key:<22}{'' if before is None else f'{before:.4f}':>10}{after:>11.4f}{format_change(before, after):>12}"
+            parent_cell = "" if before is None else f"{before:.4f}"
+            row = f"{key:<22}{parent_cell:>10}{after:>11.4f}{format_change(before, after):>12}"
             if has_control:
                 drop_key = f"control_{side}_{name}_drop" if name != "loss" else f"control_{side}_loss_increase"
                 value = m.get(drop_key)
@@ -35,9 +37,11 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
             line += f"; random control: {_number(m['control_selectivity'])}"
         lines.append(line)
     if "relearn_forget_top1" in m:
-        lines.append(f"relearning: forget top-1 back to {m['relearn_forget_top1']:.4f} "
-                     f"(recovery {_number(m.get('relearn_recovery', math.nan), '.0%')}); "
-                     f"the parent after the same fine-tuning: {m.get('relearn_parent_forget_top1', math.nan):.4f}")
+        lines.append(
+            f"relearning: forget top-1 back to {m['relearn_forget_top1']:.4f} "
+            f"(recovery {_number(m.get('relearn_recovery', math.nan), '.0%')}); "
+            f"the parent after the same fine-tuning: {m.get('relearn_parent_forget_top1', math.nan):.4f}"
+        )
     if model_uri:
         lines.append(f"registered: {model_uri} (run {run_id})")
     return "\n".join(lines)
@@ -61,8 +65,9 @@ def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path) -> Path
             forget.append(record["metrics"]["forget_top1"])
             retain.append(record["metrics"]["retain_top1"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, forget, "o-", color="tab:red", label="forget top-1")
-    ax.plot(xs, retain, "s-", color="tab:blue", label="retain top-1")
+    # a missing value (None) is a gap in the line, as matplotlib draws it
+    ax.plot(xs, forget, "o-", color="tab:red", label="forget top-1")  # type: ignore[arg-type]
+    ax.plot(xs, retain, "s-", color="tab:blue", label="retain top-1")  # type: ignore[arg-type]
     ax.set_xlabel("pruning step")
     ax.set_ylabel("next-token top-1 accuracy")
     ax.set_title("Selective pruning: forget vs retain")

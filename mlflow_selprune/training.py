@@ -4,6 +4,7 @@ The offline demo and the tests need a model with a real capability to remove,
 and the Hugging Face hub is not always reachable, so both are trained here from
 plain strings in seconds to minutes on a CPU.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,9 +47,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrai
     )
 
 
-def pack_token_blocks(
-    tokenizer, texts: Sequence[str], block_len: int, seed: int = 0
-) -> torch.Tensor:
+def pack_token_blocks(tokenizer, texts: Sequence[str], block_len: int, seed: int = 0) -> torch.Tensor:
     """All texts tokenized, joined with EOS and cut into [n_blocks, block_len] rows, shuffled."""
     ids: list[int] = []
     for text in texts:

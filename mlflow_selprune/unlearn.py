@@ -11,6 +11,7 @@ the run opens writes nothing; anything after it leaves a FAILED run and no versi
 (a registration the server refuses for lack of permission deletes that run
 and its logged model, or names them where the server refuses that too).
 """
+
 from __future__ import annotations
 
 import functools
@@ -70,8 +71,15 @@ def check_data_specs(forget: str, retain: str | None, data: DataOptions) -> None
             check_spec(spec, side)
 
 
-def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions, trust_remote_code: bool = False,
-                  model=None, select_part: bool = False):
+def load_datasets(
+    tokenizer,
+    forget: str,
+    retain: str | None,
+    data: DataOptions,
+    trust_remote_code: bool = False,
+    model=None,
+    select_part: bool = False,
+):
     """Prepare forget and retain data (each with its own source options); refuse the same data on both sides.
 
     The model's kind decides the preparation: token batches for language models, image batches
@@ -83,8 +91,17 @@ def load_datasets(tokenizer, forget: str, retain: str | None, data: DataOptions,
     if model is not None and model_kind(model) == IMAGE_CLASSIFIER:
         from .data.images import prepare_image_data
 
-        prepared = list(prepare_image_data(forget, retain, tokenizer, model.config, data,
-                                           trust_remote_code=trust_remote_code, select_part=select_part))
+        prepared = list(
+            prepare_image_data(
+                forget,
+                retain,
+                tokenizer,
+                model.config,
+                data,
+                trust_remote_code=trust_remote_code,
+                select_part=select_part,
+            )
+        )
     else:
         prepared = _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model, select_part)
     if prepared[0].digest == prepared[1].digest:
@@ -106,9 +123,18 @@ def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, mode
     for side, spec in zip(SIDES, (forget, retain)):  # retain is given: check_data_specs made sure
         if isinstance(spec, str) and looks_like_image_data(spec):
             raise BadInputError(f"--{side}: DATA {spec!r} holds images, but {what}; give it text DATA")
-    return [prepare_data(spec, tokenizer, data, source=data.source_for(side), min_tokens=data.min_tokens,
-                         select_part=select_part, trust_remote_code=trust_remote_code)
-            for side, spec in zip(SIDES, (forget, retain))]
+    return [
+        prepare_data(
+            spec,
+            tokenizer,
+            data,
+            source=data.source_for(side),
+            min_tokens=data.min_tokens,
+            select_part=select_part,
+            trust_remote_code=trust_remote_code,
+        )
+        for side, spec in zip(SIDES, (forget, retain))
+    ]
 
 
 def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES, part: str = "eval"):
@@ -122,10 +148,17 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
         logger.debug("evaluating %s metrics", " and ".join(sides))
         metrics = {}
         for side in sides:
-            metrics.update(evaluate_model(model, getattr(prepared[side], f"{part}_batches"),
-                                          skip_token_ids=prepared[side].skip_token_ids, prefix=f"{side}_",
-                                          accelerator=accelerator, progress=progress,
-                                          masking=getattr(prepared[side], "masking", None)))
+            metrics.update(
+                evaluate_model(
+                    model,
+                    getattr(prepared[side], f"{part}_batches"),
+                    skip_token_ids=prepared[side].skip_token_ids,
+                    prefix=f"{side}_",
+                    accelerator=accelerator,
+                    progress=progress,
+                    masking=getattr(prepared[side], "masking", None),
+                )
+            )
         return metrics
 
     return evaluate_fn
@@ -172,8 +205,10 @@ def run_prune(
     parent = resolve(model_uri)
     verify.require_verified(parent, "prune")
     if storage == "delta" and not parent.is_registered:
-        raise BadInputError(f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
-                            f"addressable; '{model_uri}' is not one: use --storage full")
+        raise BadInputError(
+            f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
+            f"addressable; '{model_uri}' is not one: use --storage full"
+        )
     target_name = _target_name(parent, register_as, register)
     if target_name:
         check_can_add_versions(target_name)  # a user who could not register is refused before the run exists
@@ -187,26 +222,37 @@ def run_prune(
     if parent_digest is not None and dtype is None:
         verify.require_weights(parent, parent_digest, "prune")
     phases.lap("digest")
-    forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model,
-                                             select_part=config.budget_mode)
+    forget_data, retain_data = load_datasets(
+        tokenizer, forget, retain, data, trust_remote_code, model=model, select_part=config.budget_mode
+    )
     phases.lap("data")
-    full_config = {"prune": config.to_dict(), "data": data.to_dict(), "evidence": evidence.to_dict(),
-                   "trust_remote_code": trust_remote_code}
+    full_config = {
+        "prune": config.to_dict(),
+        "data": data.to_dict(),
+        "evidence": evidence.to_dict(),
+        "trust_remote_code": trust_remote_code,
+    }
 
     with tracking.job_run(run_name, "prune", enabled=_is_main(accelerator)) as run:
         if run is not None:
-            tracking.log_inputs(parent=parent, forget=forget_data, retain=retain_data,
-                                params=_params(parent, forget, retain, full_config))
+            tracking.log_inputs(
+                parent=parent,
+                forget=forget_data,
+                retain=retain_data,
+                params=_params(parent, forget, retain, full_config),
+            )
         on_step = None
         if run is not None:
             on_step = functools.partial(tracking.log_step, prefix="select_" if config.budget_mode else "")
-        result, metrics = _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator,
-                                               progress, on_step=on_step)
+        result, metrics = _prune_with_evidence(
+            model, forget_data, retain_data, config, evidence, accelerator, progress, on_step=on_step
+        )
         _check_budget_met(config, result)
         phases.lap("prune_and_evidence")
         for key in ("seconds_collect", "seconds_evaluate", "seconds"):
             phases.seconds[f"steps_{key.replace('seconds_', '') if key != 'seconds' else 'total'}"] = round(
-                sum(r.get(key, 0.0) for r in result.steps), 3)
+                sum(r.get(key, 0.0) for r in result.steps), 3
+            )
         if run is None:
             return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
         run_id = run.info.run_id
@@ -215,23 +261,40 @@ def run_prune(
         phases.lap("digest")
         delta = None
         if storage == "delta":
-            delta = {"parent_uri": parent.canonical_uri, "parent_weights_sha256": parent_digest,
-                     "weights_sha256": weights_digest, "dtype": str(model.dtype).removeprefix("torch.")}
+            delta = {
+                "parent_uri": parent.canonical_uri,
+                "parent_weights_sha256": parent_digest,
+                "weights_sha256": weights_digest,
+                "dtype": str(model.dtype).removeprefix("torch."),
+            }
         model_info, artifacts = tracking.log_unlearned_model(
-            model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta)
+            model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta
+        )
         manifest_digest = manifest.log(run_id, model_info.model_uri)
         phases.lap("log_model")
         tags = lineage.build_tags(
-            parent=parent, run_id=run_id, forget=forget_data, retain=retain_data, config=full_config,
-            weights_digest=weights_digest, ff_pruned=result.ff_pruned,
-            attn_pruned=result.attn_pruned, ff_pruned_total=result.ff_pruned_total,
-            attn_pruned_total=result.attn_pruned_total, metrics=metrics, plugin_version=__version__,
-            trust_remote_code=trust_remote_code, storage=storage,
-            parent_weights_digest=parent_digest, artifacts=artifacts, manifest_digest=manifest_digest,
+            parent=parent,
+            run_id=run_id,
+            forget=forget_data,
+            retain=retain_data,
+            config=full_config,
+            weights_digest=weights_digest,
+            ff_pruned=result.ff_pruned,
+            attn_pruned=result.attn_pruned,
+            ff_pruned_total=result.ff_pruned_total,
+            attn_pruned_total=result.attn_pruned_total,
+            metrics=metrics,
+            plugin_version=__version__,
+            trust_remote_code=trust_remote_code,
+            storage=storage,
+            parent_weights_digest=parent_digest,
+            artifacts=artifacts,
+            manifest_digest=manifest_digest,
         )
         if signer is not None:
-            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(run_id, model_info.model_uri, tags,
-                                                                  parent.tags.get(lineage.MANIFEST_SHA), signer)
+            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
+                run_id, model_info.model_uri, tags, parent.tags.get(lineage.MANIFEST_SHA), signer
+            )
         import mlflow
 
         mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
@@ -250,10 +313,21 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     from .evaluation.drops import control_metrics, relearn_recovery, summary_metrics
 
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
-    stop_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress, part="select") \
-        if config.budget_mode else evaluate_fn
-    result = prune(model, forget_data.collect_batches, retain_data.collect_batches, config,
-                   evaluate_fn=stop_fn, on_step=on_step, accelerator=accelerator, progress=progress)
+    stop_fn = (
+        make_evaluate_fn(forget_data, retain_data, accelerator, progress, part="select")
+        if config.budget_mode
+        else evaluate_fn
+    )
+    result = prune(
+        model,
+        forget_data.collect_batches,
+        retain_data.collect_batches,
+        config,
+        evaluate_fn=stop_fn,
+        on_step=on_step,
+        accelerator=accelerator,
+        progress=progress,
+    )
     if config.budget_mode:
         result.select_metrics = {"baseline": result.baseline_metrics, "final": result.final_metrics}
         result.final_metrics = evaluate_fn(model)
@@ -265,8 +339,13 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
             metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
     if evidence.relearn_steps:
         forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
-        settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=config.seed,
-                        masking=getattr(forget_data, "masking", None), batch_size=evidence.relearn_batch_size)
+        settings = dict(
+            steps=evidence.relearn_steps,
+            lr=evidence.relearn_lr,
+            seed=config.seed,
+            masking=getattr(forget_data, "masking", None),
+            batch_size=evidence.relearn_batch_size,
+        )
         relearned = relearn(model, forget_data.collect_batches, **settings)
         metrics["relearn_forget_top1"] = forget_only(relearned)["forget_top1"]
         del relearned
@@ -274,18 +353,27 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
             relearned_parent = relearn(model, forget_data.collect_batches, **settings)
         metrics["relearn_parent_forget_top1"] = forget_only(relearned_parent)["forget_top1"]
         del relearned_parent
-        metrics["relearn_recovery"] = relearn_recovery(metrics["parent_forget_top1"], metrics["forget_top1"],
-                                                       metrics["relearn_forget_top1"])
+        metrics["relearn_recovery"] = relearn_recovery(
+            metrics["parent_forget_top1"], metrics["forget_top1"], metrics["relearn_forget_top1"]
+        )
     return result, metrics
 
 
 def _extra_record(metrics: dict, evidence: EvidenceOptions, result) -> dict:
     """The evidence, and for a budget run which split each number comes from."""
-    record = {"evidence": {"options": evidence.to_dict(),
-                           "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))}}}
+    record: dict[str, dict] = {
+        "evidence": {
+            "options": evidence.to_dict(),
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))},
+        }
+    }
     if result.select_metrics is not None:
-        record["splits"] = {"steps": "select", "baseline_metrics": "eval", "final_metrics": "eval",
-                            "select_metrics": result.select_metrics}
+        record["splits"] = {
+            "steps": "select",
+            "baseline_metrics": "eval",
+            "final_metrics": "eval",
+            "select_metrics": result.select_metrics,
+        }
     return record
 
 
@@ -321,8 +409,12 @@ def _load(parent, device, dtype, trust_remote_code, accelerator):
     from .registry.loading import load_components
 
     def load():
-        return load_components(parent, device=device or (str(accelerator.device) if accelerator else None),
-                               dtype=dtype, trust_remote_code=trust_remote_code)
+        return load_components(
+            parent,
+            device=device or (str(accelerator.device) if accelerator else None),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
 
     if accelerator is not None and accelerator.num_processes > 1:
         with accelerator.main_process_first():
@@ -333,10 +425,15 @@ def _load(parent, device, dtype, trust_remote_code, accelerator):
     return model, tokenizer
 
 
-def _params(parent, forget: str, retain: str, full_config: dict) -> dict:
+def _params(parent, forget: str, retain: str | None, full_config: dict) -> dict:
     """Run params: the inputs as typed, the version an alias resolved to, and every setting."""
-    params = {"model_uri": parent.uri, "model_version_uri": parent.canonical_uri, "forget": forget,
-              "retain": retain, "trust_remote_code": full_config["trust_remote_code"]}
+    params = {
+        "model_uri": parent.uri,
+        "model_version_uri": parent.canonical_uri,
+        "forget": forget,
+        "retain": retain,
+        "trust_remote_code": full_config["trust_remote_code"],
+    }
     params.update(full_config["prune"])
     for key, value in full_config["data"].items():
         if isinstance(value, dict):
@@ -347,11 +444,22 @@ def _params(parent, forget: str, retain: str, full_config: dict) -> dict:
     return params
 
 
-def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions | None = None,
-                 evidence: EvidenceOptions | None = None, parent_model_uri: str | None = None,
-                 seed: int = 0, device: str | None = None, dtype: str | None = None,
-                 run_name: str | None = None, trust_remote_code: bool = False, accelerator=None,
-                 progress: bool = True) -> UnlearnResult:
+def run_evaluate(
+    model_uri: str,
+    forget: str,
+    retain: str,
+    *,
+    data: DataOptions | None = None,
+    evidence: EvidenceOptions | None = None,
+    parent_model_uri: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    dtype: str | None = None,
+    run_name: str | None = None,
+    trust_remote_code: bool = False,
+    accelerator=None,
+    progress: bool = True,
+) -> UnlearnResult:
     """Forget/retain metrics of one model, logged to a run; nothing is registered.
 
     With ``evidence.relearn_steps``, the relearning check runs too (against
@@ -374,7 +482,7 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
         from .registry.lineage import weights_sha256
 
         for version, loaded in ((resolved, model), (parent, parent_model)):
-            if version is not None:
+            if version is not None and loaded is not None:
                 verify.require_weights(version, weights_sha256(loaded), "evaluate")
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
@@ -383,18 +491,29 @@ def run_evaluate(model_uri: str, forget: str, retain: str, *, data: DataOptions 
             import mlflow
 
             mlflow.set_tag("selprune.evaluated_model_uri", resolved.canonical_uri)
-            full_config = {"data": data.to_dict(), "evidence": evidence.to_dict(), "trust_remote_code": trust_remote_code,
-                           "prune": {"seed": seed}}
-            tracking.log_inputs(parent=resolved, forget=forget_data, retain=retain_data,
-                                params=_params(resolved, forget, retain, full_config))
+            full_config = {
+                "data": data.to_dict(),
+                "evidence": evidence.to_dict(),
+                "trust_remote_code": trust_remote_code,
+                "prune": {"seed": seed},
+            }
+            tracking.log_inputs(
+                parent=resolved,
+                forget=forget_data,
+                retain=retain_data,
+                params=_params(resolved, forget, retain, full_config),
+            )
         metrics = evaluate_fn(model)
         if parent is not None:
             from .evaluation.drops import summary_metrics
 
             metrics = summary_metrics(evaluate_fn(parent_model), metrics)
         if evidence.relearn_steps:
-            metrics.update(_relearn_only(model, parent_model, forget_data,
-                                         retain_data, evidence, seed, metrics, accelerator, progress))
+            metrics.update(
+                _relearn_only(
+                    model, parent_model, forget_data, retain_data, evidence, seed, metrics, accelerator, progress
+                )
+            )
         if run is not None:
             import mlflow
 
@@ -407,19 +526,32 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
     from .evaluation.drops import relearn_recovery
 
     forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
-    settings = dict(steps=evidence.relearn_steps, lr=evidence.relearn_lr, seed=seed,
-                    masking=getattr(forget_data, "masking", None), batch_size=evidence.relearn_batch_size)
+    settings = dict(
+        steps=evidence.relearn_steps,
+        lr=evidence.relearn_lr,
+        seed=seed,
+        masking=getattr(forget_data, "masking", None),
+        batch_size=evidence.relearn_batch_size,
+    )
     out = {"relearn_forget_top1": forget_only(relearn(model, forget_data.collect_batches, **settings))["forget_top1"]}
     if parent_model is not None:
-        out["relearn_parent_forget_top1"] = forget_only(
-            relearn(parent_model, forget_data.collect_batches, **settings))["forget_top1"]
-        out["relearn_recovery"] = relearn_recovery(metrics["parent_forget_top1"], metrics["forget_top1"],
-                                                   out["relearn_forget_top1"])
+        out["relearn_parent_forget_top1"] = forget_only(relearn(parent_model, forget_data.collect_batches, **settings))[
+            "forget_top1"
+        ]
+        out["relearn_recovery"] = relearn_recovery(
+            metrics["parent_forget_top1"], metrics["forget_top1"], out["relearn_forget_top1"]
+        )
     return out
 
 
-def run_materialize(model_uri: str, *, register_as: str | None = None, alias: str | None = None,
-                    run_name: str | None = None, signing_key: str | None = None) -> UnlearnResult:
+def run_materialize(
+    model_uri: str,
+    *,
+    register_as: str | None = None,
+    alias: str | None = None,
+    run_name: str | None = None,
+    signing_key: str | None = None,
+) -> UnlearnResult:
     """Turn a delta version into a full one: rebuilt and checked, logged whole, registered with the same lineage.
 
     For anyone about to delete a delta's parent. The new version's tags are the delta's (parent, root,
@@ -438,17 +570,22 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
     signer = attest.load_signing_key(signing_key)
     resolved = resolve(model_uri)
     if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
-        raise BadInputError(f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are "
-                            "materialized")
+        raise BadInputError(
+            f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are materialized"
+        )
     verify.require_verified(resolved, "materialize")  # its lineage is copied: never an edited one
-    check_can_add_versions(register_as or resolved.registered_name)
+    target = register_as or resolved.registered_name or ""  # a delta is always a registered version
+    check_can_add_versions(target)
     model, tokenizer = load_components(resolved)  # rebuilt from its parent, both digests checked
     local = download(resolved)
     with tracking.job_run(run_name, "materialize") as run:
         mlflow.set_tag(lineage.PREFIX + "materialized_from", resolved.canonical_uri)
         record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
-        files = {name: str(local / "selprune" / file) for name, file in record_files.items()
-                 if (local / "selprune" / file).is_file()}
+        files = {
+            name: str(local / "selprune" / file)
+            for name, file in record_files.items()
+            if (local / "selprune" / file).is_file()
+        }
         for path in files.values():  # in this run too, where `lineage --verify` checks them against their digests
             mlflow.log_artifact(path, artifact_path="selprune")
         model_info = log_model(components(model, tokenizer), name="model", pruning_files=files)
@@ -457,13 +594,19 @@ def run_materialize(model_uri: str, *, register_as: str | None = None, alias: st
         if files:
             tags[lineage.ARTIFACTS_SHA] = lineage.canonical_json(lineage.artifact_digests(files))
         tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, model_info.model_uri)
-        tags.update({lineage.STORAGE: "full", lineage.RUN_ID: run.info.run_id,
-                     lineage.PREFIX + "materialized_from": resolved.canonical_uri, lineage.COMPLETE: "true"})
+        tags.update(
+            {
+                lineage.STORAGE: "full",
+                lineage.RUN_ID: run.info.run_id,
+                lineage.PREFIX + "materialized_from": resolved.canonical_uri,
+                lineage.COMPLETE: "true",
+            }
+        )
         tags.pop(lineage.ATTESTATION_SHA, None)  # the delta's statement names the delta's files, not these
         if signer is not None:
             parent_manifest = resolve(tags[lineage.PARENT]).tags.get(lineage.MANIFEST_SHA)
-            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(run.info.run_id, model_info.model_uri, tags,
-                                                                  parent_manifest, signer)
-        registered = tracking.register(model_info, register_as or resolved.registered_name, run.info.run_id, tags,
-                                       alias)
+            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
+                run.info.run_id, model_info.model_uri, tags, parent_manifest, signer
+            )
+        registered = tracking.register(model_info, target, run.info.run_id, tags, alias)
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

@@ -14,6 +14,7 @@ datasets as DATA specs (``forget``/``retain``: a file, a directory,
 With ``parent_model_uri`` in the config, relative drops vs that model are
 reported too.
 """
+
 from __future__ import annotations
 
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
@@ -57,8 +58,19 @@ class SelpruneEvaluator(ModelEvaluator):
     def can_evaluate(cls, *, model_type, evaluator_config, **kwargs) -> bool:
         return model_type in MODEL_TYPES or bool(evaluator_config.get("forget"))
 
-    def evaluate(self, *, model_type, dataset, run_id, evaluator_config, model=None, extra_metrics=None,
-                 custom_artifacts=None, predictions=None, **kwargs) -> EvaluationResult:
+    def evaluate(
+        self,
+        *,
+        model_type,
+        dataset,
+        run_id,
+        evaluator_config,
+        model=None,
+        extra_metrics=None,
+        custom_artifacts=None,
+        predictions=None,
+        **kwargs,
+    ) -> EvaluationResult:
         from mlflow.tracking import MlflowClient
 
         from mlflow_selprune.config import DataOptions
@@ -74,8 +86,10 @@ class SelpruneEvaluator(ModelEvaluator):
         hf_model, tokenizer = _hf_components(model)
         options = DataOptions(**{k: config[k] for k in ("max_length", "batch_size", "eval_tokens") if k in config})
         # An evaluator evaluates every row it is given: nothing is held back for statistics.
-        prepared = {role: prepare_data(_documents(dataset, config, role), tokenizer, options, eval_only=True)
-                    for role in ("forget", "retain")}
+        prepared = {
+            role: prepare_data(_documents(dataset, config, role), tokenizer, options, eval_only=True)
+            for role in ("forget", "retain")
+        }
         evaluate_fn = make_evaluate_fn(prepared["forget"], prepared["retain"], progress=False)
         metrics = evaluate_fn(hf_model)
         if config.get("parent_model_uri"):

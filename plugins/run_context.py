@@ -1,4 +1,5 @@
 """MLflow run-context provider: every run started where the plugin is installed records its version."""
+
 from mlflow.tracking.context.abstract_context import RunContextProvider
 
 

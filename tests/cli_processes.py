@@ -8,6 +8,7 @@ connections, which can be SIGKILLed; but a fresh interpreter spends ~8 s of a
 forked from it. Tests of start-up itself (``--help``, the console script,
 ``mlflow run``) use fresh interpreters instead.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -16,10 +17,21 @@ import sys
 import time
 from pathlib import Path
 
-PRELOAD = ["mlflow_selprune.cli", "mlflow_selprune.unlearn", "mlflow_selprune.registry.tracking",
-           "mlflow_selprune.registry.gate", "mlflow_selprune.registry.loading", "mlflow_selprune.engine",
-           "mlflow_selprune.data.batching", "mlflow_selprune.evaluation.model_metrics", "mlflow_selprune.report",
-           "mlflow_selprune.registry.flavor", "transformers", "datasets", "evaluate"]
+PRELOAD = [
+    "mlflow_selprune.cli",
+    "mlflow_selprune.unlearn",
+    "mlflow_selprune.registry.tracking",
+    "mlflow_selprune.registry.gate",
+    "mlflow_selprune.registry.loading",
+    "mlflow_selprune.engine",
+    "mlflow_selprune.data.batching",
+    "mlflow_selprune.evaluation.model_metrics",
+    "mlflow_selprune.report",
+    "mlflow_selprune.registry.flavor",
+    "transformers",
+    "datasets",
+    "evaluate",
+]
 
 _context = None
 

@@ -1,4 +1,5 @@
 """Shared fixtures: offline environment, a tiny tokenizer, tiny models from configs."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +21,7 @@ def pytest_unconfigure(config):
     import shutil
 
     shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
 
 import inspect  # noqa: E402
 import json  # noqa: E402
@@ -83,8 +85,11 @@ _LANES = {"start": None, "fast_end": None, "fast": 0, "slow": 0}
 # Tests that share a module fixture's costly setup (a tracking server, a pruned chain) run on one worker, so
 # the setup is paid once, not once per worker. xdist's own grouping marks nodeids, which pytest 9 no longer
 # lets it do; so the scheduler below groups by node id: module, and the backend a test is parametrized with.
-SHARED_SETUP_MODULES = {"tests/test_reliability.py": ("sqlite", "postgresql"), "tests/test_server_faults.py": (),
-                        "tests/test_tamper.py": ()}
+SHARED_SETUP_MODULES = {
+    "tests/test_reliability.py": ("sqlite", "postgresql"),
+    "tests/test_server_faults.py": (),
+    "tests/test_tamper.py": (),
+}
 
 
 def shared_setup_group(nodeid: str) -> str | None:
@@ -112,6 +117,7 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_collection_modifyitems(config, items):
     """The fast lane first; in the slow lane, the longest tests first (``@pytest.mark.slow(seconds=N)``),
     so that two workers end together instead of one waiting on a long test started last."""
+
     def order(item):
         slow = item.get_closest_marker("slow")
         return (slow is not None, -(slow.kwargs.get("seconds", 0) if slow else 0))
@@ -137,5 +143,7 @@ def pytest_terminal_summary(terminalreporter):
         return
     now = time.monotonic()
     fast = f"{_LANES['fast_end'] - _LANES['start']:.0f} s" if _LANES["fast_end"] else "-"
-    terminalreporter.write_line(f"lanes: fast (not slow) {_LANES['fast']} tests done after {fast}; "
-                                f"slow {_LANES['slow']} tests; whole run {now - _LANES['start']:.0f} s")
+    terminalreporter.write_line(
+        f"lanes: fast (not slow) {_LANES['fast']} tests done after {fast}; "
+        f"slow {_LANES['slow']} tests; whole run {now - _LANES['start']:.0f} s"
+    )

@@ -5,6 +5,7 @@
 With a single process (no torchrun) it computes the same thing without an
 accelerator, so a test can compare 1 process with N.
 """
+
 import json
 import os
 import sys
@@ -23,8 +24,14 @@ N_BATCHES = 5  # not divisible by 2: uneven shards
 
 def make_model():
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=128)
+    config = GPTNeoXConfig(
+        vocab_size=256,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     return GPTNeoXForCausalLM(config).eval()
 
 
@@ -34,7 +41,7 @@ def make_batches(seed):
     for i in range(N_BATCHES):
         ids = torch.randint(2, 256, (3, 16), generator=g) if seed == 1 else torch.randint(2, 128, (3, 16), generator=g)
         mask = torch.ones_like(ids)
-        mask[0, 16 - (i + 1):] = 0  # padding differs per batch
+        mask[0, 16 - (i + 1) :] = 0  # padding differs per batch
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 
@@ -56,16 +63,31 @@ def main(out_dir, fail_rank=None):
         out.update(evaluate_model(m, retain, prefix="retain_", accelerator=accelerator, progress=False))
         return out
 
-    result = prune(model, forget, retain, ff_frac=0.1, attn_frac=0.05, steps=3, evaluate_fn=evaluate_fn,
-                   accelerator=accelerator, progress=False)
+    result = prune(
+        model,
+        forget,
+        retain,
+        ff_frac=0.1,
+        attn_frac=0.05,
+        steps=3,
+        evaluate_fn=evaluate_fn,
+        accelerator=accelerator,
+        progress=False,
+    )
     if accelerator is None or accelerator.is_main_process:
         os.makedirs(out_dir, exist_ok=True)
         tensors = {f"ff_{k}": v.cpu() for k, v in stats.ff.sums.items()}
         tensors.update(result.masks())
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out_dir, "result.safetensors"))
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"n_tokens": stats.ff.n_tokens, "final_metrics": result.final_metrics,
-                       "world_size": 1 if accelerator is None else accelerator.num_processes}, f)
+            json.dump(
+                {
+                    "n_tokens": stats.ff.n_tokens,
+                    "final_metrics": result.final_metrics,
+                    "world_size": 1 if accelerator is None else accelerator.num_processes,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ requests, never by a timer. After a fault that killed the server, the proxy
 stops listening too: new connections are refused, as they would be by a dead
 server.
 """
+
 from __future__ import annotations
 
 import re

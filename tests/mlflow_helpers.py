@@ -3,6 +3,7 @@
 Nothing is mocked: the model is a real transformers model built from a config,
 logged with the transformers flavor and registered like a user would.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,9 +30,15 @@ TINY_NAME = "tiny-lm"
 def tiny_model(tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return GPTNeoXForCausalLM(config).eval()
 
@@ -41,7 +48,9 @@ def register_tiny(tokenizer, name: str = TINY_NAME, alias: str | None = "base") 
     model = tiny_model(tokenizer)
     with mlflow.start_run(run_name="register-tiny"):
         info = mlflow.transformers.log_model(
-            {"model": model, "tokenizer": tokenizer}, name="model", task="text-generation",
+            {"model": model, "tokenizer": tokenizer},
+            name="model",
+            task="text-generation",
             pip_requirements=default_pip_requirements(),
         )
     mv = mlflow.register_model(info.model_uri, name)
@@ -95,8 +104,14 @@ def sqlite_store(root: Path, tokenizer):
         try:
             base = register_tiny(tokenizer)
             forget, retain = write_data_files(root / "data")
-            yield {"root": root, "uri": uri, "base": base, "forget": str(forget), "retain": str(retain),
-                   "env": {"MLFLOW_TRACKING_URI": uri}}
+            yield {
+                "root": root,
+                "uri": uri,
+                "base": base,
+                "forget": str(forget),
+                "retain": str(retain),
+                "env": {"MLFLOW_TRACKING_URI": uri},
+            }
         finally:
             mlflow.set_tracking_uri(None)
 
@@ -114,8 +129,14 @@ def server_store(srv, tokenizer, **extra):
         try:
             register_tiny(tokenizer)
             forget, retain = write_data_files(srv.root / "data")
-            yield {"srv": srv, "root": srv.root, "forget": str(forget), "retain": str(retain),
-                   "env": {"MLFLOW_TRACKING_URI": srv.uri}, **extra}
+            yield {
+                "srv": srv,
+                "root": srv.root,
+                "forget": str(forget),
+                "retain": str(retain),
+                "env": {"MLFLOW_TRACKING_URI": srv.uri},
+                **extra,
+            }
         finally:
             mlflow.set_tracking_uri(None)
 
@@ -142,22 +163,47 @@ def registry_snapshot() -> dict:
             str(mv.version): dict(sorted((mv.tags or {}).items()))
             for mv in client.search_model_versions(f"name='{rm.name}'")
         }
-        snapshot[rm.name] = {"versions": versions, "aliases": {k: str(v) for k, v in sorted((rm.aliases or {}).items())}}
+        snapshot[rm.name] = {
+            "versions": versions,
+            "aliases": {k: str(v) for k, v in sorted((rm.aliases or {}).items())},
+        }
     return snapshot
 
 
 # Small token budgets: the registry tests are about the registry, not the compute.
-SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
-         "--eval-tokens", "1000", "--no-progress"]
+SMALL = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--collect-tokens",
+    "2000",
+    "--eval-tokens",
+    "1000",
+    "--no-progress",
+]
 
 
 def lineage_tags() -> tuple[str, ...]:
     """The tags every complete unlearned version carries."""
     from mlflow_selprune.registry import lineage
 
-    return (lineage.PARENT, lineage.ROOT, lineage.RUN_ID, lineage.FORGET_DATA, lineage.FORGET_DIGEST,
-            lineage.RETAIN_DATA, lineage.RETAIN_DIGEST, lineage.CONFIG_SHA, lineage.WEIGHTS_SHA,
-            lineage.FF_PRUNED, lineage.ATTN_PRUNED, lineage.COMPLETE, lineage.METRIC_PREFIX + "forget_top1_drop")
+    return (
+        lineage.PARENT,
+        lineage.ROOT,
+        lineage.RUN_ID,
+        lineage.FORGET_DATA,
+        lineage.FORGET_DIGEST,
+        lineage.RETAIN_DATA,
+        lineage.RETAIN_DIGEST,
+        lineage.CONFIG_SHA,
+        lineage.WEIGHTS_SHA,
+        lineage.FF_PRUNED,
+        lineage.ATTN_PRUNED,
+        lineage.COMPLETE,
+        lineage.METRIC_PREFIX + "forget_top1_drop",
+    )
 
 
 def assert_complete_or_absent(before: dict, name: str = TINY_NAME, aliases_unchanged: bool = True) -> list[str]:
@@ -182,8 +228,12 @@ def cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "mlflow_selprune", *args], capture_output=True, text=True,
-        env=full_env, cwd=cwd, timeout=timeout,
+        [sys.executable, "-m", "mlflow_selprune", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
     )
 
 
@@ -209,8 +259,14 @@ class MlflowServer:
     ``kill()`` and ``start()`` again, on the same port and stores, are the faults a server can suffer.
     """
 
-    def __init__(self, root: Path, app_name: str | None = None, extra_env: dict | None = None,
-                 backend_uri: str | None = None, artifacts: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        app_name: str | None = None,
+        extra_env: dict | None = None,
+        backend_uri: str | None = None,
+        artifacts: Path | None = None,
+    ):
         self.root = root
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -231,10 +287,21 @@ class MlflowServer:
     def start(self, timeout: float = 120) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", self.backend_uri,
-            "--serve-artifacts", "--artifacts-destination", str(self.artifacts),
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(self.artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
         ]
         if self.app_name:
             command += ["--app-name", self.app_name]
@@ -242,8 +309,9 @@ class MlflowServer:
         env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", **self.extra_env)
         if self.log is None:
             self.log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         import urllib.request
 
@@ -278,7 +346,9 @@ class MlflowServer:
 def post_json(url: str, payload: dict) -> dict:
     import urllib.request
 
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
 
@@ -291,8 +361,23 @@ def served_model(model_uri: str, store: dict):
     port = free_port()
     log_path = Path(store["root"]) / f"serve-{port}.log"
     env = dict(os.environ, **store["env"])
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-               "-p", str(port), "-h", "127.0.0.1", "-w", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model_uri,
+        "--env-manager",
+        "local",
+        "-p",
+        str(port),
+        "-h",
+        "127.0.0.1",
+        "-w",
+        "1",
+    ]
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=store["root"])
         try:
@@ -305,7 +390,9 @@ def served_model(model_uri: str, store: dict):
                             break
                 except OSError:
                     pass
-                assert time.monotonic() < deadline, "server did not answer /ping in 120 s: " + log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, (
+                    "server did not answer /ping in 120 s: " + log_path.read_text()[-3000:]
+                )
                 time.sleep(0.5)
             yield f"http://127.0.0.1:{port}/invocations", log_path
         finally:

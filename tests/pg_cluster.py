@@ -6,6 +6,7 @@ run as root, so as root the cluster belongs to the ``postgres`` system user.
 Under CI (``CI=true``) a cluster that cannot start fails the tests that need
 it; elsewhere they skip, with the reason printed.
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,8 +38,10 @@ def _binary(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    candidates = sorted(
+        glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+    )
     if candidates:
         return candidates[-1]
     raise PostgresUnavailable(f"no '{name}' on PATH or in /usr/lib/postgresql/*/bin (apt-get install -y postgresql)")
@@ -62,8 +65,9 @@ class PostgresCluster:
             try:
                 owner = pwd.getpwnam("postgres")
             except KeyError:
-                raise PostgresUnavailable("running as root and there is no 'postgres' user to own the cluster") \
-                    from None
+                raise PostgresUnavailable(
+                    "running as root and there is no 'postgres' user to own the cluster"
+                ) from None
             os.chown(self.root, owner.pw_uid, owner.pw_gid)
             self._run_as = [shutil.which("runuser") or "runuser", "-u", "postgres", "--"]
 
@@ -71,20 +75,30 @@ class PostgresCluster:
         out = subprocess.run([*self._run_as, *command], capture_output=True, text=True, timeout=timeout)
         if out.returncode != 0:
             tail = self.log.read_text()[-1500:] if self.log.exists() else ""
-            raise PostgresUnavailable(f"{Path(command[0]).name} failed ({out.returncode}): "
-                                      f"{(out.stderr or out.stdout)[-1500:]} {tail}")
+            raise PostgresUnavailable(
+                f"{Path(command[0]).name} failed ({out.returncode}): {(out.stderr or out.stdout)[-1500:]} {tail}"
+            )
         return out
 
     def start(self) -> "PostgresCluster":
         if not self.data.exists():
-            self._pg(_binary("initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "--encoding=UTF8",
-                     "--locale=C", "--no-sync")
+            self._pg(
+                _binary("initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                USER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
             self._pg("mkdir", "-p", str(self.socket_dir))
         # fsync off: a test database need not survive a power cut, and a clean restart still checkpoints
-        options = (f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                   "-c max_connections=200")
-        self._pg(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60",
-                 "start")
+        options = (
+            f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        )
+        self._pg(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
         return self
 
     @property
@@ -97,7 +111,9 @@ class PostgresCluster:
 
     def restart(self) -> None:
         """``pg_ctl restart -m fast``: every connection is cut, as in a database failover or upgrade."""
-        self._pg(_binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart")
+        self._pg(
+            _binary("pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart"
+        )
 
     def stop(self) -> None:
         """Stop the postmaster by its PID (SIGQUIT after a grace period), then remove the cluster."""

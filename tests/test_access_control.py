@@ -10,6 +10,7 @@ password is written anywhere.
 One test per backend: under pytest-xdist's load scheduling, tests sharing a module fixture may land on both
 workers, and each would start its own server and run its own prunes.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,7 +28,13 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.registry import lineage
 
 from mlflow_helpers import (
-    SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, invoke, register_tiny, registry_snapshot,
+    SMALL,
+    TINY_NAME,
+    MlflowServer,
+    assert_complete_or_absent,
+    invoke,
+    register_tiny,
+    registry_snapshot,
     write_data_files,
 )
 from pg_cluster import BACKENDS, backend_store_uri
@@ -57,7 +64,8 @@ def _cheap_hashes(auth_db: str, passwords: dict[str, str]) -> None:
             for user, password in passwords.items():
                 updated = connection.execute(
                     sqlalchemy.text("UPDATE users SET password_hash = :hash WHERE username = :user"),
-                    {"hash": generate_password_hash(password, method="pbkdf2:sha256:1"), "user": user})
+                    {"hash": generate_password_hash(password, method="pbkdf2:sha256:1"), "user": user},
+                )
                 assert updated.rowcount == 1, user
     finally:
         engine.dispose()
@@ -79,8 +87,11 @@ def auth_server(request, tmp_path_factory, tiny_tokenizer):
     backend = request.param
     root = tmp_path_factory.mktemp(f"auth-{backend}")
     tracking_db = backend_store_uri(request, backend)  # first: the cluster migrates its template on the first one
-    auth_db = (f"sqlite:///{root / 'auth.db'}" if backend == "sqlite"
-               else request.getfixturevalue("postgres").empty_database("auth"))
+    auth_db = (
+        f"sqlite:///{root / 'auth.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("postgres").empty_database("auth")
+    )
     ini = root / "basic_auth.ini"
     ini.write_text(
         "[mlflow]\ndefault_permission = READ\n"
@@ -88,8 +99,11 @@ def auth_server(request, tmp_path_factory, tiny_tokenizer):
         "admin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    env = {"MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+    }
     with MlflowServer(root, app_name="basic-auth", extra_env=env, backend_uri=tracking_db) as srv:
         _cheap_hashes(auth_db, {"admin": ADMIN_PASSWORD})
         with pytest.MonkeyPatch.context() as mp:
@@ -111,14 +125,23 @@ def auth_server(request, tmp_path_factory, tiny_tokenizer):
                     auth.grant_user_permission(user, "experiment", experiment_id, on_experiment)
                 auth.grant_user_permission(user, "registered_model", TINY_NAME, on_model)
             _cheap_hashes(auth_db, {user: password for user, (password, _, _) in USERS.items()})
-            yield {"srv": srv, "root": root, "forget": str(forget), "retain": str(retain),
-                   "experiment_id": experiment_id}
+            yield {
+                "srv": srv,
+                "root": root,
+                "forget": str(forget),
+                "retain": str(retain),
+                "experiment_id": experiment_id,
+            }
             mlflow.set_tracking_uri(None)
 
 
 def _env(auth_server, user: str) -> dict:
-    return {"MLFLOW_TRACKING_URI": auth_server["srv"].uri, "MLFLOW_TRACKING_USERNAME": user,
-            "MLFLOW_TRACKING_PASSWORD": USERS[user][0], "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    return {
+        "MLFLOW_TRACKING_URI": auth_server["srv"].uri,
+        "MLFLOW_TRACKING_USERNAME": user,
+        "MLFLOW_TRACKING_PASSWORD": USERS[user][0],
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
 
 
 @contextlib.contextmanager
@@ -144,18 +167,26 @@ def _refused_registration(auth_server, user: str) -> tuple[str, str, str]:
 
     with _as(auth_server, user), pytest.raises(BadInputError) as refused:
         with tracking.job_run(None, "prune") as run:
-            model = MlflowClient().create_logged_model(auth_server["experiment_id"], name="model",
-                                                       source_run_id=run.info.run_id)
+            model = MlflowClient().create_logged_model(
+                auth_server["experiment_id"], name="model", source_run_id=run.info.run_id
+            )
             tags = {lineage.PARENT: f"models:/{TINY_NAME}/1", lineage.RUN_ID: run.info.run_id}
-            tracking.register(SimpleNamespace(model_uri=f"models:/{model.model_id}", model_id=model.model_id),
-                              TINY_NAME, run.info.run_id, tags, alias=None)
+            tracking.register(
+                SimpleNamespace(model_uri=f"models:/{model.model_id}", model_id=model.model_id),
+                TINY_NAME,
+                run.info.run_id,
+                tags,
+                alias=None,
+            )
     assert mlflow.active_run() is None
     return str(refused.value), run.info.run_id, model.model_id
 
 
 def _every_run(experiment_id: str) -> dict:
-    return {run.info.run_id: run for run in
-            MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL, max_results=1000)}
+    return {
+        run.info.run_id: run
+        for run in MlflowClient().search_runs([experiment_id], run_view_type=ViewType.ALL, max_results=1000)
+    }
 
 
 def _assert_no_password_written(auth_server, outputs: list[str], tmp: Path) -> None:
@@ -171,8 +202,9 @@ def _assert_no_password_written(auth_server, outputs: list[str], tmp: Path) -> N
     for model in client.search_logged_models([auth_server["experiment_id"]]):
         written.append(json.dumps({"params": model.params, "tags": model.tags}, default=str))
         if client.list_logged_model_artifacts(model.model_id):
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model.model_id}",
-                                                dst_path=str(tmp / model.model_id))
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{model.model_id}", dst_path=str(tmp / model.model_id)
+            )
     for rm in client.search_registered_models():
         written.append(json.dumps({"tags": rm.tags, "description": rm.description}))
         for mv in client.search_model_versions(f"name='{rm.name}'"):
@@ -185,8 +217,7 @@ def _assert_no_password_written(auth_server, outputs: list[str], tmp: Path) -> N
 
 
 @pytest.mark.slow(seconds=35)
-def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_password_written(auth_server,
-                                                                                                 tmp_path):
+def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_password_written(auth_server, tmp_path):
     s = auth_server
     client = MlflowClient()
     outputs = []
@@ -196,12 +227,31 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
     tags_before = client.get_registered_model(TINY_NAME).tags
 
     # 1. reader (READ on tiny-lm) and editor (EDIT) prune at once: the reader is refused before any run exists
-    args = ["prune", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", s["forget"], "--retain", s["retain"],
-            "--ff-frac", "0.1", "--steps", "1", *SMALL]
-    procs = {user: subprocess.Popen([sys.executable, "-m", "mlflow_selprune", *args], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd=s["root"],
-                                    env=dict(os.environ, **_env(s, user)))
-             for user in ("reader", "editor")}
+    args = [
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}/1",
+        "--forget",
+        s["forget"],
+        "--retain",
+        s["retain"],
+        "--ff-frac",
+        "0.1",
+        "--steps",
+        "1",
+        *SMALL,
+    ]
+    procs = {
+        user: subprocess.Popen(
+            [sys.executable, "-m", "mlflow_selprune", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=s["root"],
+            env=dict(os.environ, **_env(s, user)),
+        )
+        for user in ("reader", "editor")
+    }
     # 2. meanwhile, in this process, the second line: a registration refused all the same deletes the job's run and
     #    logged model where the user may delete runs (cleaner), and names them where not (reader)
     refused = {user: _refused_registration(s, user) for user in ("cleaner", "reader")}
@@ -225,13 +275,17 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
     assert editor_version.run_id in editor.stdout
 
     for user, (message, _, _) in refused.items():
-        assert message.startswith(f"permission denied: user '{user}' may not add versions to registered model "
-                                  f"'{TINY_NAME}': MLflow needs EDIT on it"), message
+        assert message.startswith(
+            f"permission denied: user '{user}' may not add versions to registered model "
+            f"'{TINY_NAME}': MLflow needs EDIT on it"
+        ), message
     cleaned, cleaned_run, cleaned_model = refused["cleaner"]
     assert cleaned.endswith("the job's run and logged model were deleted"), cleaned
     left, left_run, left_model = refused["reader"]
-    assert f"left behind in experiment {s['experiment_id']}: logged model {left_model} and FAILED run {left_run}; " \
-           "deleting them needs MANAGE on the experiment" in left, left
+    assert (
+        f"left behind in experiment {s['experiment_id']}: logged model {left_model} and FAILED run {left_run}; "
+        "deleting them needs MANAGE on the experiment" in left
+    ), left
 
     runs = _every_run(s["experiment_id"])
     new_runs = {run_id: run for run_id, run in runs.items() if run_id not in runs_before}
@@ -245,8 +299,7 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
     assert client.get_registered_model(TINY_NAME).tags == tags_before  # the permission check wrote nothing
 
     # 3. gate --set-alias: READ is refused before the decision record, with or without an alias; EDIT moves it
-    gate = ["gate", "--model-uri", f"models:/{TINY_NAME}/{new[0]}", "--min-forget-drop", "-1",
-            "--max-retain-drop", "1"]
+    gate = ["gate", "--model-uri", f"models:/{TINY_NAME}/{new[0]}", "--min-forget-drop", "-1", "--max-retain-drop", "1"]
     before = registry_snapshot()
     for extra in (["--set-alias", "promoted"], []):
         with _as(s, "reader"):
@@ -306,9 +359,10 @@ def test_4_users_refused_in_1_line_before_writing_editor_publishes_1_version_no_
 
     # 5. modelonly (READ on tiny-lm, DENY on the experiment of its runs and files): reading a version's run or files
     #    is one permission line (exit 2), never a "missing file" finding nor an unexpected error
-    for args in (["lineage", f"models:/{TINY_NAME}/{new[0]}", "--verify"],
-                 ["evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", s["forget"], "--retain",
-                  s["retain"], *SMALL]):
+    for args in (
+        ["lineage", f"models:/{TINY_NAME}/{new[0]}", "--verify"],
+        ["evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", s["forget"], "--retain", s["retain"], *SMALL],
+    ):
         with _as(s, "modelonly"):
             out = invoke(*args)
         outputs += [out.stdout, out.stderr]

@@ -6,6 +6,7 @@ zeroes exactly the chosen input columns and nothing else; a pruned neuron no
 longer influences the output; and a pruned model saved with
 ``save_pretrained`` reloads with bit-identical logits.
 """
+
 import copy
 
 import pytest
@@ -270,8 +271,9 @@ def test_a_model_kind_not_handled_is_refused_not_scored_as_a_causal_lm(tiny_toke
     from mlflow_selprune.kinds import CAUSAL_LM, kind_of_class, model_kind
     from mlflow_selprune.unlearn import load_datasets
 
-    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=4, intermediate_size=64))
+    model = T.BertForSequenceClassification(
+        T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    )
     with pytest.raises(BadInputError, match="BertForSequenceClassification is not a model kind"):
         model_kind(model)
     with pytest.raises(BadInputError, match="not a model kind"):

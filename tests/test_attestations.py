@@ -5,6 +5,7 @@ by `mlflow-selprune keygen` chain from it, and a gate signed with the same key
 moves an alias. Each forgery is made with what a user holding EDIT (but not
 the key) can do through the MLflow client.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,25 @@ from mlflow_helpers import TINY_NAME, invoke
 
 pytestmark = pytest.mark.slow(seconds=40)
 
-SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
-         "--eval-tokens", "1000", "--no-progress", "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "1",
-         "--no-control"]
+SMALL = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--collect-tokens",
+    "2000",
+    "--eval-tokens",
+    "1000",
+    "--no-progress",
+    "--ff-frac",
+    "0.1",
+    "--attn-frac",
+    "0.05",
+    "--steps",
+    "1",
+    "--no-control",
+]
 
 
 def _latest() -> str:
@@ -47,16 +64,40 @@ def signed(store, tmp_path_factory):
     chain = []
     parent = store["base"]
     for _ in range(2):
-        out = invoke("prune", "--model-uri", parent, "--forget", store["forget"], "--retain", store["retain"],
-                     *SMALL, "--signing-key", str(private))
+        out = invoke(
+            "prune",
+            "--model-uri",
+            parent,
+            "--forget",
+            store["forget"],
+            "--retain",
+            store["retain"],
+            *SMALL,
+            "--signing-key",
+            str(private),
+        )
         assert out.exit_code == 0, out.output
         parent = _latest()
         chain.append(parent)
-    gated = invoke("gate", "--model-uri", parent, "--max-retain-drop", "1", "--set-alias", "signed-prod",
-                   "--signing-key", str(private))
+    gated = invoke(
+        "gate",
+        "--model-uri",
+        parent,
+        "--max-retain-drop",
+        "1",
+        "--set-alias",
+        "signed-prod",
+        "--signing-key",
+        str(private),
+    )
     assert gated.exit_code == 0, gated.output
-    return {"private": private, "public": public, "untrusted": keys / "theirs" / "signing_key.pub.pem",
-            "chain": chain, "keys": keys}
+    return {
+        "private": private,
+        "public": public,
+        "untrusted": keys / "theirs" / "signing_key.pub.pem",
+        "chain": chain,
+        "keys": keys,
+    }
 
 
 def test_keygen_writes_an_owner_only_private_key_and_never_overwrites(signed):
@@ -73,9 +114,15 @@ def test_a_genuine_signed_chain_verifies_and_without_keys_says_signatures_were_n
     assert _findings(out) == [] and "signature ok" in out.stdout
     plain = invoke("lineage", tip, "--verify")
     assert plain.exit_code == 0 and "signatures: not checked" in plain.stdout
-    envelope = json.loads(Path(MlflowClient().download_artifacts(
-        MlflowClient().get_model_version(TINY_NAME, tip.rsplit("/", 1)[1]).run_id, attest.ATTESTATION_ARTIFACT,
-        tempfile.mkdtemp())).read_text())
+    envelope = json.loads(
+        Path(
+            MlflowClient().download_artifacts(
+                MlflowClient().get_model_version(TINY_NAME, tip.rsplit("/", 1)[1]).run_id,
+                attest.ATTESTATION_ARTIFACT,
+                tempfile.mkdtemp(),
+            )
+        ).read_text()
+    )
     assert envelope["payloadType"] == "application/vnd.in-toto+json" and envelope["signatures"][0]["sig"]
 
 
@@ -99,9 +146,12 @@ def test_a_forged_version_from_a_fresh_run_with_copied_tags_fails_only_with_a_tr
                 mlflow.log_artifact(str(path), artifact_path="selprune")
         tags[lineage.RUN_ID] = run.info.run_id
         tracking.record_lineage(run.info.run_id, tags)
-    forged = client.create_model_version(TINY_NAME, genuine.source, run_id=run.info.run_id,
-                                         tags={**tags, **{k: v for k, v in genuine.tags.items()
-                                                          if k.startswith(lineage.GATE_RECORD_PREFIX)}})
+    forged = client.create_model_version(
+        TINY_NAME,
+        genuine.source,
+        run_id=run.info.run_id,
+        tags={**tags, **{k: v for k, v in genuine.tags.items() if k.startswith(lineage.GATE_RECORD_PREFIX)}},
+    )
     uri = f"models:/{TINY_NAME}/{forged.version}"
     try:
         hole = invoke("lineage", uri, "--verify")
@@ -119,8 +169,11 @@ def test_an_edited_gate_record_and_an_unsigned_promotion_are_findings(signed):
     client = MlflowClient()
     tip = signed["chain"][-1]
     version = tip.rsplit("/", 1)[1]
-    key = next(k for k, v in client.get_model_version(TINY_NAME, version).tags.items()
-               if k.startswith(lineage.GATE_RECORD_PREFIX) and json.loads(v).get("alias_moved"))
+    key = next(
+        k
+        for k, v in client.get_model_version(TINY_NAME, version).tags.items()
+        if k.startswith(lineage.GATE_RECORD_PREFIX) and json.loads(v).get("alias_moved")
+    )
     original = client.get_model_version(TINY_NAME, version).tags[key]
     edited = {**json.loads(original), "thresholds": {"max_retain_drop": 0.01, "metric": "top1"}}
     client.set_model_version_tag(TINY_NAME, version, key, json.dumps(edited, sort_keys=True))
@@ -140,8 +193,18 @@ def test_an_edited_gate_record_and_an_unsigned_promotion_are_findings(signed):
 def test_a_bad_signing_key_is_refused_before_anything_is_written(store, signed, tmp_path):
     not_a_key = tmp_path / "key.pem"
     not_a_key.write_text("not a key\n")
-    out = invoke("prune", "--model-uri", store["base"], "--forget", store["forget"], "--retain", store["retain"],
-                 *SMALL, "--signing-key", str(not_a_key))
+    out = invoke(
+        "prune",
+        "--model-uri",
+        store["base"],
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        *SMALL,
+        "--signing-key",
+        str(not_a_key),
+    )
     assert out.exit_code == 2 and "--signing-key" in out.stderr and "keygen" in out.stderr, out.output
     out = invoke("lineage", signed["chain"][-1], "--trusted-key", str(not_a_key))
     assert out.exit_code == 2 and "--trusted-key" in out.stderr

@@ -17,6 +17,7 @@ and be more selective than the control.
 Losses are the model's own mean cross-entropy on held-out documents of each
 source (never trained on).
 """
+
 import pytest
 
 from mlflow_selprune import PruneConfig, prune
@@ -56,8 +57,13 @@ def test_the_trained_model_has_both_capabilities(trained, data):
 def test_pruning_removes_the_forget_capability_and_keeps_the_other(trained, data, forget, retain, record_property):
     model = trained.load()
     base = {name: lm_loss(model, data[f"{name}_eval"]) for name in ("A", "B")}
-    result = prune(model, full_batches(data[forget]), full_batches(data[retain]),
-                   PruneConfig(ff_frac=FF_FRAC, steps=STEPS), progress=False)
+    result = prune(
+        model,
+        full_batches(data[forget]),
+        full_batches(data[retain]),
+        PruneConfig(ff_frac=FF_FRAC, steps=STEPS),
+        progress=False,
+    )
     assert result.ff_pruned == STEPS * round(FF_FRAC * 2 * 512)
     after = {name: lm_loss(model, data[f"{name}_eval"]) for name in ("A", "B")}
     with randomly_pruned(model, result, seed=0):

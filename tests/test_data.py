@@ -1,4 +1,5 @@
 """DATA specs load offline in every form; splitting, chunking, batching and digests behave."""
+
 import ast
 import copy
 import hashlib
@@ -21,8 +22,10 @@ from mlflow_selprune.errors import ConfigError
 from mlflow_selprune.data import DataError, load_documents, prepare_data, split_documents
 
 _letters = torch.Generator().manual_seed(1)
-WORDS = ["".join(chr(97 + c) for c in torch.randint(26, (int(n),), generator=_letters).tolist())
-         for n in torch.randint(2, 8, (300,), generator=_letters)]
+WORDS = [
+    "".join(chr(97 + c) for c in torch.randint(26, (int(n),), generator=_letters).tolist())
+    for n in torch.randint(2, 8, (300,), generator=_letters)
+]
 
 
 def make_docs(n, words_per_doc=12, seed=0):
@@ -48,7 +51,10 @@ def test_txt_whole_file_and_paragraphs(tmp_path):
     path.write_text("First paragraph,\ntwo lines.\n\nSecond one.\n\nThird.\n")
     assert texts(load_documents(str(path))) == [path.read_text()]
     assert [t.strip() for t in texts(load_documents(str(path), paragraphs=True))] == [
-        "First paragraph,\ntwo lines.", "Second one.", "Third."]
+        "First paragraph,\ntwo lines.",
+        "Second one.",
+        "Third.",
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
@@ -92,10 +98,12 @@ def test_saved_dataset_and_dataset_dict(tmp_path):
     datasets.Dataset.from_dict({"content": ["saved a", "saved b"]}).save_to_disk(str(tmp_path / "ds"))
     assert texts(load_documents(str(tmp_path / "ds"))) == ["saved a", "saved b"]
 
-    splits = datasets.DatasetDict({
-        "validation": datasets.Dataset.from_dict({"text": ["val doc"]}),
-        "train": datasets.Dataset.from_dict({"text": ["train doc"]}),
-    })
+    splits = datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_dict({"text": ["val doc"]}),
+            "train": datasets.Dataset.from_dict({"text": ["train doc"]}),
+        }
+    )
     splits.save_to_disk(str(tmp_path / "dd"))
     assert texts(load_documents(str(tmp_path / "dd"))) == ["train doc"]
     assert texts(load_documents(str(tmp_path / "dd"), split="validation")) == ["val doc"]
@@ -115,8 +123,7 @@ def test_builtin_corpora():
         tree = ast.parse(doc)
         nodes = [n for n in ast.walk(tree) if isinstance(n, corpora._DOC_OWNERS)]
         assert all(ast.get_docstring(n, clean=False) is None for n in nodes)
-        assert not [t for t in tokenize.generate_tokens(io.StringIO(doc).readline)
-                    if t.type == tokenize.COMMENT]
+        assert not [t for t in tokenize.generate_tokens(io.StringIO(doc).readline) if t.type == tokenize.COMMENT]
     for doc in prose[::20]:
         assert len(doc) >= corpora._MIN_PROSE_CHARS
         assert not any(line.lstrip().startswith(">>>") for line in doc.splitlines())
@@ -176,9 +183,11 @@ def test_mlflow_artifact_uri_is_downloaded_then_loaded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "columns, expected",
-    [({"id": [1, 2], "content": ["c1", "c2"], "text": ["t1", "t2"]}, ["t1", "t2"]),
-     ({"title": ["a", "b"], "body": ["b1", "b2"]}, ["b1", "b2"]),
-     ({"id": [1, 2], "snippet": ["s1", "s2"]}, ["s1", "s2"])],
+    [
+        ({"id": [1, 2], "content": ["c1", "c2"], "text": ["t1", "t2"]}, ["t1", "t2"]),
+        ({"title": ["a", "b"], "body": ["b1", "b2"]}, ["b1", "b2"]),
+        ({"id": [1, 2], "snippet": ["s1", "s2"]}, ["s1", "s2"]),
+    ],
 )
 def test_text_column_detection(tmp_path, columns, expected):
     path = tmp_path / "d.jsonl"
@@ -189,7 +198,8 @@ def test_text_column_detection(tmp_path, columns, expected):
 def test_text_column_option_and_errors(tmp_path):
     path = tmp_path / "d.jsonl"
     pd.DataFrame({"question": ["q1", "q2"], "answer": ["a1", "a2"], "n": [1, 2]}).to_json(
-        path, orient="records", lines=True)
+        path, orient="records", lines=True
+    )
     assert texts(load_documents(str(path), text_column="answer")) == ["a1", "a2"]
     with pytest.raises(DataError, match=r"available columns: question, answer, n.*--text-column"):
         load_documents(str(path))
@@ -271,8 +281,11 @@ def test_prepared_parts_share_no_document(tiny_tokenizer):
     prepared = prepare_data(docs, tiny_tokenizer, max_length=128, collect_tokens=10**6, eval_tokens=10**6)
 
     def decoded(batches):
-        return {tiny_tokenizer.decode(row[mask.bool()]) for b in batches
-                for row, mask in zip(b["input_ids"], b["attention_mask"])}
+        return {
+            tiny_tokenizer.decode(row[mask.bool()])
+            for b in batches
+            for row, mask in zip(b["input_ids"], b["attention_mask"])
+        }
 
     collect, evaluation = decoded(prepared.collect_batches), decoded(prepared.eval_batches)
     assert collect and evaluation and not collect & evaluation
@@ -284,8 +297,9 @@ def test_prepared_parts_share_no_document(tiny_tokenizer):
 def test_prepare_is_deterministic(tiny_tokenizer):
     docs = make_docs(80, words_per_doc=40)
     a = prepare_data(docs, tiny_tokenizer, max_length=32, batch_size=4, collect_tokens=800, eval_tokens=300)
-    b = prepare_data(list(reversed(docs)), tiny_tokenizer, max_length=32, batch_size=4,
-                     collect_tokens=800, eval_tokens=300)
+    b = prepare_data(
+        list(reversed(docs)), tiny_tokenizer, max_length=32, batch_size=4, collect_tokens=800, eval_tokens=300
+    )
     assert a.digest == b.digest  # order of the input does not matter: hash order does
     for x, y in zip(a.collect_batches + a.eval_batches, b.collect_batches + b.eval_batches, strict=True):
         assert torch.equal(x["input_ids"], y["input_ids"])
@@ -310,8 +324,9 @@ def test_digest_is_stable_across_processes(tiny_tokenizer, tmp_path):
     docs = make_docs(30)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tiny_tokenizer.save_pretrained(str(tmp_path / "tok"))
-    here = prepare_data(str(tmp_path / "docs.jsonl"), tiny_tokenizer, max_length=16,
-                        collect_tokens=200, eval_tokens=100)
+    here = prepare_data(
+        str(tmp_path / "docs.jsonl"), tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100
+    )
     script = (
         "import sys\n"
         "from transformers import PreTrainedTokenizerFast\n"
@@ -320,8 +335,14 @@ def test_digest_is_stable_across_processes(tiny_tokenizer, tmp_path):
         "print(prepare_data(sys.argv[1], tok, max_length=16, collect_tokens=200, eval_tokens=100).digest)\n"
     )
     env = {**os.environ, "PYTHONHASHSEED": "123", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "docs.jsonl"), str(tmp_path / "tok")],
-                         capture_output=True, text=True, env=env, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "docs.jsonl"), str(tmp_path / "tok")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=True,
+    )
     assert out.stdout.strip().splitlines()[-1] == here.digest
 
 
@@ -331,8 +352,9 @@ def test_digest_is_stable_across_processes(tiny_tokenizer, tmp_path):
 def test_chunking_keeps_every_token_and_pads_only_with_pad(tiny_tokenizer):
     docs = make_docs(25, words_per_doc=60)
     max_length = 16
-    prepared = prepare_data(docs, tiny_tokenizer, max_length=max_length, batch_size=5,
-                            collect_tokens=10**6, eval_tokens=10**6)
+    prepared = prepare_data(
+        docs, tiny_tokenizer, max_length=max_length, batch_size=5, collect_tokens=10**6, eval_tokens=10**6
+    )
     lengths = {d: len(tiny_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs}
     _, eval_idx = split_documents(keys_of(docs), 0.2)
     eval_docs = {docs[i] for i in eval_idx}
@@ -343,8 +365,10 @@ def test_chunking_keeps_every_token_and_pads_only_with_pad(tiny_tokenizer):
     assert prepared.eval_tokens == expected_eval
     assert prepared.n_documents == len(docs)
 
-    for batches, count in ((prepared.collect_batches, prepared.collect_tokens),
-                           (prepared.eval_batches, prepared.eval_tokens)):
+    for batches, count in (
+        (prepared.collect_batches, prepared.collect_tokens),
+        (prepared.eval_batches, prepared.eval_tokens),
+    ):
         assert sum(int(b["attention_mask"].sum()) for b in batches) == count
         lengths_in_order = []
         for b in batches:
@@ -427,19 +451,21 @@ def test_too_few_tokens_warns_and_min_tokens_errors(tiny_tokenizer, caplog):
 
 
 def test_enough_documents_give_no_data_size_warning(tiny_tokenizer):
-    from mlflow_selprune.data.batching import ADVISED_DOCUMENTS, ADVISED_EVAL_TOKENS
+    from mlflow_selprune.data.batching import ADVISED_EVAL_TOKENS
 
     docs = make_docs(600, words_per_doc=12)
-    prepared = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=3 * ADVISED_EVAL_TOKENS,
-                            eval_tokens=ADVISED_EVAL_TOKENS)
+    prepared = prepare_data(
+        docs, tiny_tokenizer, max_length=32, collect_tokens=3 * ADVISED_EVAL_TOKENS, eval_tokens=ADVISED_EVAL_TOKENS
+    )
     assert prepared.warnings == []
 
 
 def test_chunks_per_document_spreads_a_budget_over_more_documents(tiny_tokenizer):
     docs = make_docs(200, words_per_doc=120)
     whole = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=300)
-    first = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=300,
-                         chunks_per_document=1)
+    first = prepare_data(
+        docs, tiny_tokenizer, max_length=16, collect_tokens=600, eval_tokens=300, chunks_per_document=1
+    )
     assert first.n_documents > 3 * whole.n_documents
     for batch in first.collect_batches + first.eval_batches:  # one chunk per document: the first 16 tokens
         assert batch["input_ids"].shape[1] <= 16
@@ -451,8 +477,10 @@ def test_chunks_per_document_spreads_a_budget_over_more_documents(tiny_tokenizer
 def test_another_split_seed_draws_another_split_as_reproducibly(tiny_tokenizer):
     docs = make_docs(100)
     default = prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100)
-    seeded = [prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100, split_seed=s)
-              for s in (1, 1, 2)]
+    seeded = [
+        prepare_data(docs, tiny_tokenizer, max_length=16, collect_tokens=200, eval_tokens=100, split_seed=s)
+        for s in (1, 1, 2)
+    ]
     assert seeded[0].digest == seeded[1].digest  # the same seed, the same split
     assert len({default.digest, seeded[0].digest, seeded[2].digest}) == 3
 
@@ -470,8 +498,7 @@ def test_dataset_input_and_missing_pad_token(tiny_tokenizer):
     prepared = prepare_data(dataset, tokenizer, max_length=64, batch_size=8)
     assert prepared.spec == "<Dataset of 20 rows>"
     padded = [b for b in prepared.collect_batches if not b["attention_mask"].all()]
-    assert padded and all((b["input_ids"][~b["attention_mask"].bool()] == tokenizer.eos_token_id).all()
-                          for b in padded)
+    assert padded and all((b["input_ids"][~b["attention_mask"].bool()] == tokenizer.eos_token_id).all() for b in padded)
 
 
 def test_repeated_calls_reuse_the_tokenization(tiny_tokenizer, monkeypatch):
@@ -508,26 +535,36 @@ def test_a_rerun_reads_token_ids_from_the_disk_cache(tiny_tokenizer, monkeypatch
     calls = _counting(monkeypatch, tiny_tokenizer)
     again = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
     assert calls == []
-    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first.collect_batches, again.collect_batches))
+    assert all(
+        torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first.collect_batches, again.collect_batches)
+    )
     assert again.digest == first.digest
 
     files[0].write_bytes(b"not a safetensors file")  # damaged: ignored, rebuilt, never trusted
     monkeypatch.setattr(batching, "_TOKEN_CACHE", batching._TokenCache(max_tokens=4_000_000))
     rebuilt = prepare_data(docs, tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200)
     assert calls and rebuilt.digest == first.digest
-    assert token_cache.load(batching._tokenizer_key(tiny_tokenizer),
-                            [__import__("hashlib").sha256(d.encode()).digest() for d in docs])
+    assert token_cache.load(
+        batching._tokenizer_key(tiny_tokenizer), [__import__("hashlib").sha256(d.encode()).digest() for d in docs]
+    )
 
     monkeypatch.setenv("SELPRUNE_CACHE_MAX_BYTES", "1")  # the cap: everything old goes
-    prepare_data(make_docs(30, words_per_doc=25, seed=8), tiny_tokenizer, max_length=32, collect_tokens=400,
-                 eval_tokens=200)
+    prepare_data(
+        make_docs(30, words_per_doc=25, seed=8), tiny_tokenizer, max_length=32, collect_tokens=400, eval_tokens=200
+    )
     assert list((tmp_path / "tokens").glob("*.safetensors")) == []
 
 
 def test_no_token_cache_writes_nothing(tiny_tokenizer, monkeypatch, tmp_path):
     monkeypatch.setenv("SELPRUNE_CACHE_DIR", str(tmp_path))
-    prepare_data(make_docs(30, words_per_doc=25, seed=9), tiny_tokenizer, max_length=32, collect_tokens=400,
-                 eval_tokens=200, token_cache=False)
+    prepare_data(
+        make_docs(30, words_per_doc=25, seed=9),
+        tiny_tokenizer,
+        max_length=32,
+        collect_tokens=400,
+        eval_tokens=200,
+        token_cache=False,
+    )
     assert not (tmp_path / "tokens").exists()
 
 
@@ -535,11 +572,20 @@ def _bos_tokenizers():
     from transformers import GPT2TokenizerFast, LlamaTokenizerFast
 
     letters = "abcdefghijklmnopqrstuvwxyz"
-    llama = LlamaTokenizerFast(vocab={"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters + "▁ .:0123456789D")}},
-                               merges=[], add_bos_token=True)
+    llama = LlamaTokenizerFast(
+        vocab={"<unk>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(letters + "▁ .:0123456789D")}},
+        merges=[],
+        add_bos_token=True,
+    )
     # OPT's tokenizer is GPT-2's byte-level BPE with </s> put before every text
-    opt = GPT2TokenizerFast(vocab={"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(letters + "Ġ.:0123456789D")}},
-                            merges=[], bos_token="</s>", eos_token="</s>", pad_token="<pad>", add_bos_token=True)
+    opt = GPT2TokenizerFast(
+        vocab={"<pad>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(letters + "Ġ.:0123456789D")}},
+        merges=[],
+        bos_token="</s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        add_bos_token=True,
+    )
     return {"llama": llama, "opt": opt}
 
 
@@ -564,22 +610,41 @@ def test_inputs_start_with_bos_where_the_model_expects_one(family):
         assert int((batch["input_ids"][real] == bos).sum()) == batch["input_ids"].shape[0]  # one BOS a chunk
     assert bos not in prepared.skip_token_ids
     if family == "opt":
-        config = T.OPTConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                             num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
-                             pad_token_id=tokenizer.pad_token_id, bos_token_id=bos, eos_token_id=bos)
+        config = T.OPTConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=64,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=bos,
+            eos_token_id=bos,
+        )
         model = T.OPTForCausalLM(config)
     else:
-        config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                               bos_token_id=bos, eos_token_id=2, pad_token_id=0)
+        config = T.LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=bos,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         model = T.LlamaForCausalLM(config)
     torch.manual_seed(0)
     metrics = evaluate_model(model, prepared.eval_batches, progress=False)
     # every chunk of n tokens (BOS included) gives n - 1 predictions: BOS is an input, never a target
     pairs = sum(int(b["attention_mask"].sum()) - b["attention_mask"].shape[0] for b in prepared.eval_batches)
     assert metrics["n_tokens"] == pairs
-    result = prune(model, prepared.collect_batches, prepared.eval_batches, PruneConfig(ff_frac=0.1, steps=1),
-                   progress=False)
+    result = prune(
+        model, prepared.collect_batches, prepared.eval_batches, PruneConfig(ff_frac=0.1, steps=1), progress=False
+    )
     assert result.ff_pruned == round(0.1 * result.ff_mask.numel())
 
 

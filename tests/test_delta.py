@@ -1,4 +1,5 @@
 """Delta versions: only the masks are stored; loading rebuilds exactly the full version's weights, or fails clearly."""
+
 from __future__ import annotations
 
 import copy
@@ -17,15 +18,31 @@ from mlflow_selprune.registry.resolve import resolve
 from mlflow_helpers import TINY_NAME, invoke, registry_snapshot, sqlite_store
 from model_zoo import FAMILIES
 
-SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "1500",
-         "--eval-tokens", "800", "--no-progress", "--no-control"]
+SMALL = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "8",
+    "--collect-tokens",
+    "1500",
+    "--eval-tokens",
+    "800",
+    "--no-progress",
+    "--no-control",
+]
 PRUNE = ["--ff-frac", "0.1", "--attn-frac", "0.1", "--steps", "2", "--seed", "3"]
 
 
 def _batches(seed: int, low: int, high: int):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(low, high, (4, 12), generator=g),
-             "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(2)]
+    return [
+        {
+            "input_ids": torch.randint(low, high, (4, 12), generator=g),
+            "attention_mask": torch.ones(4, 12, dtype=torch.long),
+        }
+        for _ in range(2)
+    ]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -36,8 +53,13 @@ def test_a_delta_rebuilds_the_full_weights_exactly(family):
     parent = cls(copy.deepcopy(config)).eval()
     full = copy.deepcopy(parent)
     has_attn_bias = all(p.module.bias is not None for p in __import__("mlflow_selprune").find_architecture(full).attn)
-    result = prune(full, _batches(1, 4, 70), _batches(2, 60, 128),
-                   PruneConfig(ff_frac=0.2, attn_frac=0.2, steps=2, attn_mean_offset=has_attn_bias), progress=False)
+    result = prune(
+        full,
+        _batches(1, 4, 70),
+        _batches(2, 60, 128),
+        PruneConfig(ff_frac=0.2, attn_frac=0.2, steps=2, attn_mean_offset=has_attn_bias),
+        progress=False,
+    )
     masks = {"ff": result.ff_mask, "attn": result.attn_mask}
     stored = delta.unpack_masks(delta.pack_masks(masks))
     rebuilt = copy.deepcopy(parent)
@@ -54,8 +76,19 @@ def _latest() -> str:
 
 
 def _prune(store, parent: str, storage: str) -> str:
-    out = invoke("prune", "--model-uri", parent, "--forget", store["forget"], "--retain", store["retain"],
-                 "--storage", storage, *PRUNE, *SMALL)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        parent,
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--storage",
+        storage,
+        *PRUNE,
+        *SMALL,
+    )
     assert out.exit_code == 0, out.stderr
     return _latest()
 
@@ -93,8 +126,10 @@ def test_delta_versions_register_load_chain_serve_and_materialize(store):
 
     # a delta of a delta resolves the chain down to the full version; lineage shows each link's storage
     chained = _prune(store, as_delta, "delta")
-    assert lineage.weights_sha256(load_components(resolve(chained))[0]) == \
-        client.get_model_version(TINY_NAME, chained.rsplit("/", 1)[1]).tags[lineage.WEIGHTS_SHA]
+    assert (
+        lineage.weights_sha256(load_components(resolve(chained))[0])
+        == client.get_model_version(TINY_NAME, chained.rsplit("/", 1)[1]).tags[lineage.WEIGHTS_SHA]
+    )
     out = invoke("lineage", chained, "--json", "--verify")
     assert out.exit_code == 0, out.stderr
     import json
@@ -119,8 +154,10 @@ def test_delta_versions_register_load_chain_serve_and_materialize(store):
 
     # the parent deleted: loading the delta fails with one line naming the missing link
     client.delete_model_version(TINY_NAME, "1")
-    for args in (["evaluate", "--model-uri", as_delta, "--forget", store["forget"], "--retain", store["retain"],
-                  *SMALL[:-1]], ["lineage", as_delta]):
+    for args in (
+        ["evaluate", "--model-uri", as_delta, "--forget", store["forget"], "--retain", store["retain"], *SMALL[:-1]],
+        ["lineage", as_delta],
+    ):
         out = invoke(*args)
         assert out.exit_code == 2, out.stderr
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -134,8 +171,21 @@ def test_delta_needs_a_registered_parent(store, tmp_path, tiny_tokenizer):
     tiny_model(tiny_tokenizer).save_pretrained(tmp_path / "local")
     tiny_tokenizer.save_pretrained(tmp_path / "local")
     before = registry_snapshot()
-    out = invoke("prune", "--model-uri", str(tmp_path / "local"), "--forget", store["forget"], "--retain",
-                 store["retain"], "--storage", "delta", "--register-as", "x", *PRUNE, *SMALL)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        str(tmp_path / "local"),
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--storage",
+        "delta",
+        "--register-as",
+        "x",
+        *PRUNE,
+        *SMALL,
+    )
     assert out.exit_code == 2 and "--storage delta needs a registered parent" in out.stderr
     assert registry_snapshot() == before
 

@@ -1,4 +1,5 @@
 """The demo is decided by seeds and step counts, never by the clock or the machine's load."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,9 +12,18 @@ from mlflow_selprune.registry.lineage import weights_sha256
 # builds the standard-library corpora and trains three tiny models: tens of seconds
 pytestmark = pytest.mark.slow
 
-SMALL = dataclasses.replace(RECIPE, vocab_size=512, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
-                            block_len=32, batch_size=4, train_code_chars=40_000,
-                            train_prose_chars=40_000)
+SMALL = dataclasses.replace(
+    RECIPE,
+    vocab_size=512,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=64,
+    block_len=32,
+    batch_size=4,
+    train_code_chars=40_000,
+    train_prose_chars=40_000,
+)
 
 
 def test_same_seed_same_weights_digest():
@@ -80,10 +90,30 @@ def test_mlflow_run_runs_the_tiny_demo(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(_demo_env(tmp_path), MLFLOW_TRACKING_URI=uri)
     root = Path(__file__).resolve().parents[1]
-    project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
-                              "-P", "demo=tiny", "-P", "train_steps=4", "-P", "collect_tokens=4000", "-P", "eval_tokens=2000"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=900)
+    project = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(root),
+            "--env-manager",
+            "local",
+            "-P",
+            "demo=tiny",
+            "-P",
+            "train_steps=4",
+            "-P",
+            "collect_tokens=4000",
+            "-P",
+            "eval_tokens=2000",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert "Changing param values is not allowed" not in project.stderr
     assert "training the demo model (4 steps, seed 0)" in project.stdout + project.stderr, project.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
@@ -99,16 +129,19 @@ def test_mlflow_run_runs_the_tiny_demo(tmp_path):
     assert "gate (forget top-1 drop" in project.stdout + project.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--tiny", "--train-steps", "0"], "--train-steps must be an integer >= 1"),
-    (["--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
-    (["--tiny", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
-    (["--seed", "-1"], "--seed must be an integer >= 0"),
-    (["--train-steps", "10"], "apply to --tiny and --vision"),
-    (["--tiny", "--vision"], "choose one"),
-    (["--vision", "--train-steps", "-3"], "--train-steps must be an integer >= 1"),
-    (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tiny", "--train-steps", "0"], "--train-steps must be an integer >= 1"),
+        (["--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+        (["--tiny", "--eval-tokens", "0"], "--eval-tokens must be an integer >= 1"),
+        (["--seed", "-1"], "--seed must be an integer >= 0"),
+        (["--train-steps", "10"], "apply to --tiny and --vision"),
+        (["--tiny", "--vision"], "choose one"),
+        (["--vision", "--train-steps", "-3"], "--train-steps must be an integer >= 1"),
+        (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
+    ],
+)
 def test_bad_demo_options_exit_2_before_anything_is_written(tmp_path, monkeypatch, args, message):
     from mlflow_helpers import invoke
 

@@ -1,4 +1,5 @@
 """Data parallel through Accelerate on CPU: torchrun with 2 processes (gloo) equals 1 process."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,9 @@ pytestmark = pytest.mark.slow
 def torchrun(*args, timeout=300):
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -64,14 +67,39 @@ def test_a_failing_rank_ends_the_whole_launch_with_its_message(tmp_path):
     assert not (tmp_path / "fail" / "result.json").exists()
 
 
-SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
-         "--eval-tokens", "1000", "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", "--no-progress"]
+SMALL = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--collect-tokens",
+    "2000",
+    "--eval-tokens",
+    "1000",
+    "--ff-frac",
+    "0.1",
+    "--attn-frac",
+    "0.05",
+    "--steps",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.mark.slow(seconds=35)
 def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store):
     client = MlflowClient()
-    base = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"], "--retain", store["retain"], *SMALL]
+    base = [
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        *SMALL,
+    ]
     one = cli(*base, "--no-register", env=store["env"])
     assert one.returncode == 0, one.stderr[-3000:]
     before = set(registry_snapshot()[TINY_NAME]["versions"])
@@ -115,13 +143,42 @@ def _nodes(command: list[str], env: dict, cwd: Path, timeout: float) -> list[tup
         for rank in (0, 1):
             out, err = open(cwd / f"node{rank}.out", "w+"), open(cwd / f"node{rank}.err", "w+")
             logs.append((out, err))
-            agents.append(subprocess.Popen(
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                 "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                 "--rdzv-id", rdzv_id, "--rdzv-conf", f"is_host={1 - rank}", "--local-addr", "127.0.0.1",
-                 "--max-restarts", "0", "--monitor-interval", "0.1", "-m", "mlflow_selprune", *command],
-                stdout=out, stderr=err, env=full_env, cwd=cwd,
-            ))
+            agents.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        "--nnodes",
+                        "2",
+                        "--nproc-per-node",
+                        "1",
+                        "--node-rank",
+                        str(rank),
+                        "--rdzv-backend",
+                        "c10d",
+                        "--rdzv-endpoint",
+                        endpoint,
+                        "--rdzv-id",
+                        rdzv_id,
+                        "--rdzv-conf",
+                        f"is_host={1 - rank}",
+                        "--local-addr",
+                        "127.0.0.1",
+                        "--max-restarts",
+                        "0",
+                        "--monitor-interval",
+                        "0.1",
+                        "-m",
+                        "mlflow_selprune",
+                        *command,
+                    ],
+                    stdout=out,
+                    stderr=err,
+                    env=full_env,
+                    cwd=cwd,
+                )
+            )
         deadline = time.monotonic() + timeout
         while any(a.poll() is None for a in agents):
             for agent in agents:  # every descendant, so that a hang leaves no orphan behind
@@ -165,7 +222,16 @@ def test_cli_on_two_nodes_registers_one_version_equal_to_one_process(store):
     sqlite store and the same data paths) gives the masks and metrics of one process and ONE registered version:
     only global rank 0 writes to MLflow, whichever node it lands on."""
     client = MlflowClient()
-    base = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"], "--retain", store["retain"], *SMALL]
+    base = [
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        *SMALL,
+    ]
     runs_before = _run_ids(client)
     one = cli(*base, "--no-register", env=store["env"])
     assert one.returncode == 0, one.stderr[-3000:]
@@ -195,8 +261,19 @@ def test_cli_on_two_nodes_registers_one_version_equal_to_one_process(store):
 
 def test_bad_input_under_the_launcher_keeps_exit_code_2(store):
     before = registry_snapshot()
-    out = cli("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", "./no-such.jsonl",
-              "--retain", store["retain"], "--num-processes", "2", *SMALL, env=store["env"])
+    out = cli(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        "./no-such.jsonl",
+        "--retain",
+        store["retain"],
+        "--num-processes",
+        "2",
+        *SMALL,
+        env=store["env"],
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert "no-such.jsonl" in out.stderr
     assert registry_snapshot() == before
@@ -216,9 +293,18 @@ def test_bfloat16_with_a_device_map_prunes_and_keeps_float64_statistics(store):
     batch = {"input_ids": torch.randint(2, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
     stats = collect_statistics(model, [batch], sums="all", progress=False)
     assert all(v.dtype == torch.float64 for v in stats.ff.sums.values())
-    result = run_prune(f"models:/{TINY_NAME}/1", store["forget"], store["retain"], register=False,
-                       config=PruneConfig(ff_frac=0.1, steps=1), device="auto", dtype="bfloat16",
-                       data=DataOptions(max_length=64, batch_size=4, collect_tokens=1000, eval_tokens=500, source=SourceOptions(paragraphs=True)),
-                       progress=False)
+    result = run_prune(
+        f"models:/{TINY_NAME}/1",
+        store["forget"],
+        store["retain"],
+        register=False,
+        config=PruneConfig(ff_frac=0.1, steps=1),
+        device="auto",
+        dtype="bfloat16",
+        data=DataOptions(
+            max_length=64, batch_size=4, collect_tokens=1000, eval_tokens=500, source=SourceOptions(paragraphs=True)
+        ),
+        progress=False,
+    )
     assert result.pruning.ff_pruned == round(0.1 * 2 * 64)
     assert result.model_uri is None and 0 <= result.metrics["forget_top1"] <= 1

@@ -4,6 +4,7 @@
 left out of the nav is a warning, and `strict: true` makes any warning fail) checks the links between
 docs pages; it does not read README.md, so its links are checked here.
 """
+
 import re
 import subprocess
 import sys
@@ -29,8 +30,13 @@ def test_the_docs_site_builds_strictly(tmp_path):
     import importlib.util
 
     assert importlib.util.find_spec("mkdocs"), "mkdocs is missing: pip install -e '.[test]' (it is in the test extra)"
-    out = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     assert (tmp_path / "site" / "index.html").is_file()
 
@@ -56,6 +62,8 @@ def test_the_readme_links_every_docs_page_but_the_ones_it_leaves_to_the_site():
 
 
 def test_the_link_finder_sees_links_and_skips_code_and_urls():
-    text = ("[a](docs/a.md) ![b](docs/img.png \"t\") [c](https://x.org) [d](#anchor) `[e](docs/e.md)`\n"
-            "```\n[f](docs/f.md)\n```\n[g](docs/g.md#part)")
+    text = (
+        '[a](docs/a.md) ![b](docs/img.png "t") [c](https://x.org) [d](#anchor) `[e](docs/e.md)`\n'
+        "```\n[f](docs/f.md)\n```\n[g](docs/g.md#part)"
+    )
     assert _relative_links(text) == ["docs/a.md", "docs/img.png", "docs/g.md#part"]

@@ -1,4 +1,5 @@
 """The runnable examples and the MLproject, run for real (the hub-only paper example is not run: no hub here)."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,23 @@ def _run(command, store, timeout=600):
 
 def test_python_api_example_registers_a_version(store):
     before = registry_snapshot()
-    out = _run([sys.executable, str(ROOT / "examples" / "python_api.py"), "--model-uri", f"models:/{TINY_NAME}@base",
-                "--forget", store["forget"], "--retain", store["retain"], "--ff-frac", "0.1", "--tokens", "1500"], store)
+    out = _run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "python_api.py"),
+            "--model-uri",
+            f"models:/{TINY_NAME}@base",
+            "--forget",
+            store["forget"],
+            "--retain",
+            store["retain"],
+            "--ff-frac",
+            "0.1",
+            "--tokens",
+            "1500",
+        ],
+        store,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "engine only: pruned" in out.stdout and "registered: models:/" in out.stdout
     after = registry_snapshot()

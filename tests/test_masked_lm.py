@@ -1,4 +1,5 @@
 """Masked LMs (BERT, RoBERTa): wrapped inputs, seeded masking, masked-token metrics, relearning, registry."""
+
 from __future__ import annotations
 
 import inspect
@@ -29,8 +30,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prepared(tokenizer):
-    return prepare_data(_paragraphs(inspect), tokenizer, max_length=48, collect_tokens=800, eval_tokens=600,
-                        batch_size=4)
+    return prepare_data(
+        _paragraphs(inspect), tokenizer, max_length=48, collect_tokens=800, eval_tokens=600, batch_size=4
+    )
 
 
 def test_chunks_are_wrapped_in_cls_and_sep(tokenizer, prepared):
@@ -69,8 +71,9 @@ def test_masking_is_seeded_and_chooses_15_percent_of_ordinary_tokens_80_10_10(to
         assert all(int(masked[i]) not in special for i in chosen if int(masked[i]) != tokenizer.mask_token_id)
 
 
-@pytest.mark.parametrize("n, expected", [(1, (1, 0)), (2, (2, 0)), (3, (3, 0)), (5, (4, 1)), (10, (8, 1)),
-                                         (18, (14, 2)), (19, (15, 2))])
+@pytest.mark.parametrize(
+    "n, expected", [(1, (1, 0)), (2, (2, 0)), (3, (3, 0)), (5, (4, 1)), (10, (8, 1)), (18, (14, 2)), (19, (15, 2))]
+)
 def test_the_80_10_10_shares_round_to_the_nearest_and_mask_a_lone_position(n, expected):
     """Rounding both shares down used to leave a lone scored position unmasked (the model saw the answer) and a
     third of a short chunk's scored positions visible."""
@@ -107,17 +110,23 @@ def _direct_metrics(model, batches, ids, skip):
             targets.append(target)
     rare = [r for r, t in zip(ranks, targets) if t not in skip]
     loss = -sum(logprobs) / len(logprobs)
-    return {"top1": np.mean([r == 0 for r in ranks]), "top10": np.mean([r < 10 for r in ranks]),
-            "skip50_top1": np.mean([r == 0 for r in rare]), "loss": loss, "perplexity": math.exp(loss),
-            "n_tokens": len(ranks)}
+    return {
+        "top1": np.mean([r == 0 for r in ranks]),
+        "top10": np.mean([r < 10 for r in ranks]),
+        "skip50_top1": np.mean([r == 0 for r in rare]),
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "n_tokens": len(ranks),
+    }
 
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_masked_metrics_equal_a_direct_computation_on_masked_positions(tokenizer, prepared, family):
     model = tiny_masked_lm(tokenizer, family)
     _train(model, prepared.collect_batches * 2, prepared.masking)
-    got = evaluate_model(model, prepared.eval_batches, skip_token_ids=prepared.skip_token_ids,
-                         masking=prepared.masking, progress=False)
+    got = evaluate_model(
+        model, prepared.eval_batches, skip_token_ids=prepared.skip_token_ids, masking=prepared.masking, progress=False
+    )
     want = _direct_metrics(model, prepared.eval_batches, prepared.masking, set(prepared.skip_token_ids))
     assert got["n_tokens"] == want["n_tokens"] > 0
     for name in ("top1", "top10", "skip50_top1", "loss", "perplexity"):
@@ -172,19 +181,33 @@ def masked_store(tmp_path_factory, tokenizer):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         try:
-            both = prepare_data(_paragraphs(json) + _paragraphs(inspect), tokenizer, max_length=48,
-                                collect_tokens=4000, eval_tokens=100, batch_size=8)
+            both = prepare_data(
+                _paragraphs(json) + _paragraphs(inspect),
+                tokenizer,
+                max_length=48,
+                collect_tokens=4000,
+                eval_tokens=100,
+                batch_size=8,
+            )
             model = _train(tiny_masked_lm(tokenizer), both.collect_batches * 3, both.masking)
             with mlflow.start_run(run_name="register-bert"):
-                info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer},
-                                                     name="model", task="fill-mask",
-                                                     pip_requirements=default_pip_requirements())
+                info = mlflow.transformers.log_model(
+                    {"model": model, "tokenizer": tokenizer},
+                    name="model",
+                    task="fill-mask",
+                    pip_requirements=default_pip_requirements(),
+                )
             version = mlflow.register_model(info.model_uri, "tiny-bert").version
             MlflowClient().set_registered_model_alias("tiny-bert", "base", version)
-            result = run_prune("models:/tiny-bert@base", str(data / "forget.jsonl"), str(data / "retain.jsonl"),
-                               config=PruneConfig(ff_frac=0.05, attn_frac=0.05, steps=1),
-                               data=DataOptions(max_length=48, collect_tokens=600, eval_tokens=400, batch_size=4),
-                               evidence=EvidenceOptions(relearn_steps=2), progress=False)
+            result = run_prune(
+                "models:/tiny-bert@base",
+                str(data / "forget.jsonl"),
+                str(data / "retain.jsonl"),
+                config=PruneConfig(ff_frac=0.05, attn_frac=0.05, steps=1),
+                data=DataOptions(max_length=48, collect_tokens=600, eval_tokens=400, batch_size=4),
+                evidence=EvidenceOptions(relearn_steps=2),
+                progress=False,
+            )
             yield {"root": root, "uri": uri, "env": {"MLFLOW_TRACKING_URI": uri}, "result": result}
         finally:
             mlflow.set_tracking_uri(None)
@@ -201,12 +224,24 @@ def test_a_pruned_masked_lm_registers_with_masked_metrics_and_reloads_exactly(ma
     assert result.model_uri == "models:/tiny-bert/2"
     run = MlflowClient().get_run(result.run_id)
     metrics = run.data.metrics
-    for name in ("forget_top1", "retain_top1", "forget_top1_drop", "control_forget_top1_drop",
-                 "relearn_forget_top1", "relearn_parent_forget_top1"):
+    for name in (
+        "forget_top1",
+        "retain_top1",
+        "forget_top1_drop",
+        "control_forget_top1_drop",
+        "relearn_forget_top1",
+        "relearn_parent_forget_top1",
+    ):
         assert name in metrics, name
     # the masked-token definition: n_tokens counts masked positions (~15% of the ordinary tokens), not next tokens
-    prepared = prepare_data(str(masked_store["root"] / "data" / "forget.jsonl"), tokenizer, max_length=48,
-                            collect_tokens=600, eval_tokens=400, batch_size=4)
+    prepared = prepare_data(
+        str(masked_store["root"] / "data" / "forget.jsonl"),
+        tokenizer,
+        max_length=48,
+        collect_tokens=600,
+        eval_tokens=400,
+        batch_size=4,
+    )
     ordinary = sum(int(b["attention_mask"].sum()) - 2 * b["input_ids"].shape[0] for b in prepared.eval_batches)
     assert metrics["forget_n_tokens"] < 0.2 * ordinary
     info = mlflow.models.get_model_info(result.model_uri)

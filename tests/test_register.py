@@ -2,6 +2,7 @@
 
 The packaged model and GGUF conversion on the real SmolLM2 are in test_real_model.py (slow lane).
 """
+
 from __future__ import annotations
 
 import io
@@ -40,12 +41,15 @@ def _one_line_exit_2(out, message: str) -> None:
     assert [line for line in lines if line.startswith("error:")] == lines[-1:], out.stderr
 
 
-@pytest.mark.parametrize("make_source, message", [
-    (lambda d: str(d / "missing-model"), "neither a path that exists"),
-    (lambda d: str(d / "missing.gguf"), "no GGUF file at"),
-    (lambda d: (d / "empty").mkdir() or str(d / "empty"), "a directory without config.json"),
-    (lambda d: (d / "weights.bin").write_bytes(b"x") and str(d / "weights.bin"), "is a file but not a .gguf"),
-])
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda d: str(d / "missing-model"), "neither a path that exists"),
+        (lambda d: str(d / "missing.gguf"), "no GGUF file at"),
+        (lambda d: (d / "empty").mkdir() or str(d / "empty"), "a directory without config.json"),
+        (lambda d: (d / "weights.bin").write_bytes(b"x") and str(d / "weights.bin"), "is a file but not a .gguf"),
+    ],
+)
 def test_a_bad_source_exits_2_with_one_line_and_writes_nothing(fresh_dir, tmp_path_factory, make_source, message):
     outside = tmp_path_factory.mktemp("sources")
     out = invoke("register", make_source(outside), "--name", "base-model")
@@ -53,10 +57,13 @@ def test_a_bad_source_exits_2_with_one_line_and_writes_nothing(fresh_dir, tmp_pa
     assert list(fresh_dir.iterdir()) == []  # no store, no run
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--name", "bad/name"], "--name"),
-    (["--name", "ok-name", "--alias", "latest"], "--alias 'latest' cannot be used"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--name", "bad/name"], "--name"),
+        (["--name", "ok-name", "--alias", "latest"], "--alias 'latest' cannot be used"),
+    ],
+)
 def test_a_bad_name_or_alias_exits_2_before_anything_is_written(fresh_dir, model_dir, args, message):
     out = invoke("register", str(model_dir), *args)
     _one_line_exit_2(out, message)
@@ -74,22 +81,36 @@ def _fake_wheel(spec: model_sources.PackagedModel, directory, payload: bytes) ->
 
 def test_a_packaged_model_with_the_wrong_digest_is_refused(fresh_dir, monkeypatch):
     """A wheel whose GGUF is not the pinned one: one line naming both digests, exit 2, nothing registered."""
-    spec = model_sources.PackagedModel(name="fake-model", package="fake-model-wheel", version="1.0",
-                                       member="fake/model.gguf", sha256="0" * 64, license="apache-2.0",
-                                       description="a wheel that is not what was pinned")
+    spec = model_sources.PackagedModel(
+        name="fake-model",
+        package="fake-model-wheel",
+        version="1.0",
+        member="fake/model.gguf",
+        sha256="0" * 64,
+        license="apache-2.0",
+        description="a wheel that is not what was pinned",
+    )
     monkeypatch.setitem(model_sources.PACKAGED, spec.name, spec)
     _fake_wheel(spec, model_sources.cache_root() / "wheels", b"not the pinned model")
     out = invoke("register", spec.name, "--name", "fake")
     _one_line_exit_2(out, "not the pinned " + "0" * 64)
-    assert not (fresh_dir / "mlflow.db").exists() or not MlflowClient(
-        f"sqlite:///{fresh_dir / 'mlflow.db'}").search_registered_models()
+    assert (
+        not (fresh_dir / "mlflow.db").exists()
+        or not MlflowClient(f"sqlite:///{fresh_dir / 'mlflow.db'}").search_registered_models()
+    )
     assert not list((model_sources.cache_root() / "gguf").glob("*"))  # the refused file was not kept
 
 
 def test_a_packaged_model_that_cannot_be_fetched_says_so_in_one_line(fresh_dir, monkeypatch):
-    spec = model_sources.PackagedModel(name="unreachable-model", package="selprune-no-such-package",
-                                       version="0.0.1", member="x/model.gguf", sha256="0" * 64,
-                                       license="apache-2.0", description="never published")
+    spec = model_sources.PackagedModel(
+        name="unreachable-model",
+        package="selprune-no-such-package",
+        version="0.0.1",
+        member="x/model.gguf",
+        sha256="0" * 64,
+        license="apache-2.0",
+        description="never published",
+    )
     monkeypatch.setitem(model_sources.PACKAGED, spec.name, spec)
     # an index nobody listens on: pip fails at once
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
@@ -129,9 +150,26 @@ def test_a_model_directory_registers_as_a_verified_base_version(store, model_dir
 def test_a_prune_of_a_registered_base_keeps_it_as_the_root(store, model_dir):
     out = invoke("register", str(model_dir), "--name", "root-check", "--alias", "base")
     assert out.exit_code == 0, out.output
-    pruned = invoke("prune", "--model-uri", "models:/root-check@base", "--forget", store["forget"], "--retain",
-                    store["retain"], "--paragraphs", "--ff-frac", "0.1", "--collect-tokens", "1000", "--eval-tokens", "500",
-                    "--max-length", "32", "--no-progress", "--no-control")
+    pruned = invoke(
+        "prune",
+        "--model-uri",
+        "models:/root-check@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--paragraphs",
+        "--ff-frac",
+        "0.1",
+        "--collect-tokens",
+        "1000",
+        "--eval-tokens",
+        "500",
+        "--max-length",
+        "32",
+        "--no-progress",
+        "--no-control",
+    )
     assert pruned.exit_code == 0, pruned.output
     chain = invoke("lineage", "models:/root-check/2", "--verify")
     assert chain.exit_code == 0, chain.output

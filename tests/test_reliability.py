@@ -7,6 +7,7 @@ by sqlite and by PostgreSQL (kills, concurrency). Server faults are in
 test_server_faults.py, access control in test_access_control.py, tampering
 in test_tamper.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,14 +25,22 @@ from mlflow_selprune.registry import lineage
 
 import cli_processes
 from mlflow_helpers import (
-    SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, free_port, invoke, registry_snapshot, server_store,
-    sqlite_store, tiny_model,
+    SMALL,
+    TINY_NAME,
+    MlflowServer,
+    assert_complete_or_absent,
+    free_port,
+    invoke,
+    registry_snapshot,
+    server_store,
+    sqlite_store,
+    tiny_model,
 )
 from pg_cluster import BACKENDS, backend_store_uri
 
 
-
 # ---------------------------------------------------------------- bad input
+
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_tokenizer):
@@ -49,8 +58,9 @@ def store(tmp_path_factory, tiny_tokenizer):
         # local model directories: unsupported architecture, no tokenizer, non-finite weights
         from transformers import MambaConfig, MambaForCausalLM
 
-        MambaForCausalLM(MambaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2,
-                                     state_size=4, expand=2)).save_pretrained(root / "mamba")
+        MambaForCausalLM(
+            MambaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, state_size=4, expand=2)
+        ).save_pretrained(root / "mamba")
         tiny_tokenizer.save_pretrained(root / "mamba")
         tiny_model(tiny_tokenizer).save_pretrained(root / "no-tokenizer")
         broken = tiny_model(tiny_tokenizer)
@@ -76,39 +86,98 @@ def _cases(store):
     base = f"models:/{TINY_NAME}@base"
     prune = ["prune", "--forget", forget, "--retain", retain]
     return {
-        "unknown registered model": (["prune", "--model-uri", "models:/nope/1", "--forget", forget, "--retain", retain], "does not exist"),
+        "unknown registered model": (
+            ["prune", "--model-uri", "models:/nope/1", "--forget", forget, "--retain", retain],
+            "does not exist",
+        ),
         "unknown version": ([*prune, "--model-uri", f"models:/{TINY_NAME}/42"], "has no version 42"),
         "unknown alias": ([*prune, "--model-uri", f"models:/{TINY_NAME}@nope"], "has no alias"),
-        "run without a model": ([*prune, "--model-uri", f"runs:/{store['empty_run']}/model", "--register-as", "x"], "cannot download"),
+        "run without a model": (
+            [*prune, "--model-uri", f"runs:/{store['empty_run']}/model", "--register-as", "x"],
+            "cannot download",
+        ),
         "not a transformers model": ([*prune, "--model-uri", "models:/not-transformers/1"], "not a transformers model"),
         "unsupported architecture": ([*prune, "--model-uri", str(root / "mamba"), "--no-register"], "MambaForCausalLM"),
-        "model without tokenizer": ([*prune, "--model-uri", str(root / "no-tokenizer"), "--no-register"], "no tokenizer"),
+        "model without tokenizer": (
+            [*prune, "--model-uri", str(root / "no-tokenizer"), "--no-register"],
+            "no tokenizer",
+        ),
         "non-finite activations": ([*prune, "--model-uri", str(root / "overflow"), "--no-register"], "non-finite"),
         "forget equals retain": (["prune", "--model-uri", base, "--forget", forget, "--retain", forget], "same data"),
-        "empty data": (["prune", "--model-uri", base, "--forget", str(root / "data/empty.txt"), "--retain", retain], "empty"),
-        "unreadable data": (["prune", "--model-uri", base, "--forget", str(root / "nothing.csv"), "--retain", retain], "nothing.csv"),
-        "missing text column": ([*prune, "--model-uri", base, "--forget", str(root / "data/columns.jsonl"),
-                                 "--text-column", "content"], "content"),
-        "fewer tokens than one batch": (["prune", "--model-uri", base, "--forget", str(root / "data/short.txt"),
-                                         "--retain", retain], "fewer than"),
-        "fraction out of range": ([*prune, "--model-uri", base, "--attn-frac", "-0.1"], "--attn-frac must be in [0, 1)"),
+        "empty data": (
+            ["prune", "--model-uri", base, "--forget", str(root / "data/empty.txt"), "--retain", retain],
+            "empty",
+        ),
+        "unreadable data": (
+            ["prune", "--model-uri", base, "--forget", str(root / "nothing.csv"), "--retain", retain],
+            "nothing.csv",
+        ),
+        "missing text column": (
+            [*prune, "--model-uri", base, "--forget", str(root / "data/columns.jsonl"), "--text-column", "content"],
+            "content",
+        ),
+        "fewer tokens than one batch": (
+            ["prune", "--model-uri", base, "--forget", str(root / "data/short.txt"), "--retain", retain],
+            "fewer than",
+        ),
+        "fraction out of range": (
+            [*prune, "--model-uri", base, "--attn-frac", "-0.1"],
+            "--attn-frac must be in [0, 1)",
+        ),
         "fractions summing to nothing": ([*prune, "--model-uri", base, "--ff-frac", "0"], "both 0"),
         "steps below one": ([*prune, "--model-uri", base, "--steps", "0"], "steps must be"),
-        "budget that cannot be met": ([*prune, "--model-uri", base, "--target-forget-drop", "0.99",
-                                       "--max-retain-drop", "0.5", "--max-steps", "1"], "budget cannot be met"),
+        "budget that cannot be met": (
+            [
+                *prune,
+                "--model-uri",
+                base,
+                "--target-forget-drop",
+                "0.99",
+                "--max-retain-drop",
+                "0.5",
+                "--max-steps",
+                "1",
+            ],
+            "budget cannot be met",
+        ),
         "steps and budget": ([*prune, "--model-uri", base, "--steps", "2", "--max-retain-drop", "0.1"], "not both"),
-        "gate without recorded metrics": (["gate", "--model-uri", f"models:/{TINY_NAME}/1", "--min-forget-drop", "0.1"], "no recorded"),
-        "gate threshold out of range": (["gate", "--model-uri", f"models:/{TINY_NAME}/1", "--max-retain-drop", "2"], "[-1, 1]"),
-        "tracking server down": (["prune", "--model-uri", base, "--forget", forget, "--retain", retain], "not reachable"),
+        "gate without recorded metrics": (
+            ["gate", "--model-uri", f"models:/{TINY_NAME}/1", "--min-forget-drop", "0.1"],
+            "no recorded",
+        ),
+        "gate threshold out of range": (
+            ["gate", "--model-uri", f"models:/{TINY_NAME}/1", "--max-retain-drop", "2"],
+            "[-1, 1]",
+        ),
+        "tracking server down": (
+            ["prune", "--model-uri", base, "--forget", forget, "--retain", retain],
+            "not reachable",
+        ),
     }
 
 
 BAD_INPUT_CASES = [
-    "unknown registered model", "unknown version", "unknown alias", "run without a model", "not a transformers model",
-    "unsupported architecture", "model without tokenizer", "non-finite activations", "forget equals retain",
-    "empty data", "unreadable data", "missing text column", "fewer tokens than one batch", "fraction out of range",
-    "fractions summing to nothing", "steps below one", "budget that cannot be met", "steps and budget",
-    "gate without recorded metrics", "gate threshold out of range", "tracking server down",
+    "unknown registered model",
+    "unknown version",
+    "unknown alias",
+    "run without a model",
+    "not a transformers model",
+    "unsupported architecture",
+    "model without tokenizer",
+    "non-finite activations",
+    "forget equals retain",
+    "empty data",
+    "unreadable data",
+    "missing text column",
+    "fewer tokens than one batch",
+    "fraction out of range",
+    "fractions summing to nothing",
+    "steps below one",
+    "budget that cannot be met",
+    "steps and budget",
+    "gate without recorded metrics",
+    "gate threshold out of range",
+    "tracking server down",
 ]
 
 
@@ -138,11 +207,21 @@ def test_nothing_we_write_is_pickle(store):
     from safetensors.torch import load_file
 
     client = MlflowClient()
-    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
-                 "--retain", store["retain"], "--no-register", *SMALL)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--no-register",
+        *SMALL,
+    )
     assert out.exit_code == 0, out.stderr
-    run = client.search_runs([client.get_experiment_by_name("Default").experiment_id],
-                             order_by=["attributes.start_time DESC"], max_results=1)[0]
+    run = client.search_runs(
+        [client.get_experiment_by_name("Default").experiment_id], order_by=["attributes.start_time DESC"], max_results=1
+    )[0]
     local = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="selprune"))
     for path in local.iterdir():
         head = path.read_bytes()[:2]
@@ -153,29 +232,50 @@ def test_nothing_we_write_is_pickle(store):
 
 # ---------------------------------------------------------------- a real server
 
+
 @pytest.fixture(scope="module", params=BACKENDS)
 def server(request, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp(f"server-{request.param}")
-    with MlflowServer(root, backend_uri=backend_store_uri(request, request.param)) as srv, \
-            server_store(srv, tiny_tokenizer, backend=request.param) as store:
+    with (
+        MlflowServer(root, backend_uri=backend_store_uri(request, request.param)) as srv,
+        server_store(srv, tiny_tokenizer, backend=request.param) as store,
+    ):
         yield store
 
 
 def _prune_process(server, *extra):
     """A prune in its own process (forked from a preloaded server: cli_processes.py), logging verbosely."""
-    args = ["-v", "prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", server["forget"],
-            "--retain", server["retain"], "--ff-frac", "0.1", "--steps", "2", "--no-control", *CONCURRENT, *extra]
+    args = [
+        "-v",
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        server["forget"],
+        "--retain",
+        server["retain"],
+        "--ff-frac",
+        "0.1",
+        "--steps",
+        "2",
+        "--no-control",
+        *CONCURRENT,
+        *extra,
+    ]
     log = server["root"] / f"prune-{time.monotonic_ns()}.log"
     return cli_processes.start(args, env=server["env"], cwd=server["root"], log_path=log)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase,marker", [
-    ("collection", "collecting statistics"),
-    ("evaluation", "evaluating forget and retain metrics"),
-    ("logging", "logging the unlearned model"),
-    ("registration", "registering a new version"),
-])
+@pytest.mark.parametrize(
+    "phase,marker",
+    [
+        ("collection", "collecting statistics"),
+        ("evaluation", "evaluating forget and retain metrics"),
+        ("logging", "logging the unlearned model"),
+        ("registration", "registering a new version"),
+    ],
+)
 def test_sigkill_in_4_phases_leaves_no_version_or_a_complete_one(server, phase, marker):
     before = registry_snapshot()
     process = _prune_process(server)
@@ -194,8 +294,20 @@ def test_sigkill_in_4_phases_leaves_no_version_or_a_complete_one(server, phase, 
 @pytest.mark.slow
 def test_rerun_after_a_kill_succeeds(server):
     before = registry_snapshot()
-    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", server["forget"],
-                 "--retain", server["retain"], "--ff-frac", "0.1", "--steps", "1", *SMALL)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        server["forget"],
+        "--retain",
+        server["retain"],
+        "--ff-frac",
+        "0.1",
+        "--steps",
+        "1",
+        *SMALL,
+    )
     assert out.exit_code == 0, out.stderr[-3000:]
     assert len(assert_complete_or_absent(before)) == 1
 
@@ -208,16 +320,42 @@ def _job(server, i: int) -> cli_processes.CliProcess:
     # gate always passes, the second never does
     thresholds = ["--metric", "top10", *(["--max-retain-drop", "1"] if passing else ["--min-selectivity", "1000"])]
     alias = ["--set-alias", f"job{i}"] if i % 4 in (0, 1) else []
-    prune = ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", server["forget"],
-             "--retain", server["retain"], "--ff-frac", str(0.05 * (1 + i % 4)), "--steps", "1", "--seed", str(i),
-             "--no-control", *CONCURRENT]
+    prune = [
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        server["forget"],
+        "--retain",
+        server["retain"],
+        "--ff-frac",
+        str(0.05 * (1 + i % 4)),
+        "--steps",
+        "1",
+        "--seed",
+        str(i),
+        "--no-control",
+        *CONCURRENT,
+    ]
     gate = ["gate", "--model-uri", "{registered}", *thresholds, *alias]
-    return cli_processes.start(prune, gate, env=server["env"], cwd=server["root"], log_path=server["root"] / f"job{i}.log")
+    return cli_processes.start(
+        prune, gate, env=server["env"], cwd=server["root"], log_path=server["root"] / f"job{i}.log"
+    )
 
 
 # Smaller still than SMALL: jobs share two cores, and the point is the registry, not the compute.
-CONCURRENT = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "600",
-              "--eval-tokens", "300", "--no-progress"]
+CONCURRENT = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--collect-tokens",
+    "600",
+    "--eval-tokens",
+    "300",
+    "--no-progress",
+]
 
 
 # Eight jobs where concurrency bites (PostgreSQL); four on sqlite, which serializes its writers anyway.
@@ -225,8 +363,7 @@ JOBS = {"postgresql": 8, "sqlite": 4}
 
 
 @pytest.mark.slow(seconds=50)
-def test_concurrent_jobs_8_on_postgresql_4_on_sqlite_get_complete_versions_and_aliases_only_where_gates_passed(
-        server):
+def test_concurrent_jobs_8_on_postgresql_4_on_sqlite_get_complete_versions_and_aliases_only_where_gates_passed(server):
     count = JOBS[server["backend"]]
     before = registry_snapshot()
     jobs = [_job(server, i) for i in range(count)]

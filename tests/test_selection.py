@@ -1,4 +1,5 @@
 """Selection: exact counts, exclusion of pruned neurons, tie-breaking, determinism."""
+
 import copy
 
 import pytest
@@ -111,9 +112,11 @@ def test_ties_in_large_layers_follow_the_reference_order(selection):
     frac = 0.1
     chosen = select(scores, pruned, frac, selection=selection)
     expected = torch.zeros(shape, dtype=torch.bool)
-    groups = [list(range(shape[0] * shape[1]))] if selection == "global" else [
-        list(range(layer * shape[1], (layer + 1) * shape[1])) for layer in range(shape[0])
-    ]
+    groups = (
+        [list(range(shape[0] * shape[1]))]
+        if selection == "global"
+        else [list(range(layer * shape[1], (layer + 1) * shape[1])) for layer in range(shape[0])]
+    )
     flat_scores, flat_pruned = scores.view(-1).tolist(), pruned.view(-1).tolist()
     for group in groups:
         k = round(frac * len(group))
@@ -161,8 +164,15 @@ def run(batch_size, selection="global", scoring="abs"):
     forget, retain = token_rows(1, 4, 70), token_rows(2, 60, 128)
     model = tiny_neox()
     result = prune(
-        model, as_batches(forget, batch_size), as_batches(retain, batch_size), ff_frac=0.05, attn_frac=0.05,
-        steps=3, selection=selection, scoring=scoring, progress=False,
+        model,
+        as_batches(forget, batch_size),
+        as_batches(retain, batch_size),
+        ff_frac=0.05,
+        attn_frac=0.05,
+        steps=3,
+        selection=selection,
+        scoring=scoring,
+        progress=False,
     )
     return result, model
 

@@ -9,6 +9,7 @@ one version. The phase a fault hits is decided by the job's own requests
 (a proxy in front of the server, fault_proxy.py) or its own log lines, never
 by a timer.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,15 @@ from mlflow.tracking import MlflowClient
 import cli_processes
 from fault_proxy import FaultProxy
 from mlflow_helpers import (
-    SMALL, TINY_NAME, MlflowServer, assert_complete_or_absent, invoke, register_tiny, registry_snapshot,
-    server_store, write_data_files,
+    SMALL,
+    TINY_NAME,
+    MlflowServer,
+    assert_complete_or_absent,
+    invoke,
+    register_tiny,
+    registry_snapshot,
+    server_store,
+    write_data_files,
 )
 
 # A dead server is reported in a second instead of after MLflow's default minutes of retries; one retry
@@ -37,14 +45,25 @@ PRUNE = ["--ff-frac", "0.1", "--steps", "1", "--no-control", *SMALL]
 @pytest.fixture(scope="module")
 def pg_server(postgres, tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("faults")
-    with MlflowServer(root, backend_uri=postgres.new_database()) as srv, \
-            server_store(srv, tiny_tokenizer, postgres=postgres) as store:
+    with (
+        MlflowServer(root, backend_uri=postgres.new_database()) as srv,
+        server_store(srv, tiny_tokenizer, postgres=postgres) as store,
+    ):
         yield store
 
 
 def _prune_args(server, *extra):
-    return ["prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", server["forget"],
-            "--retain", server["retain"], *PRUNE, *extra]
+    return [
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        server["forget"],
+        "--retain",
+        server["retain"],
+        *PRUNE,
+        *extra,
+    ]
 
 
 def _prune_process(server, tracking_uri):
@@ -107,6 +126,7 @@ def test_server_killed_in_3_phases_fails_in_one_line_and_the_rerun_registers_exa
 
 # ---------------------------------------------------------------- the database restarted
 
+
 @pytest.mark.slow(seconds=20)
 def test_database_restarted_2_times_under_the_server_a_later_prune_and_one_in_flight_both_register(pg_server):
     srv, postgres = pg_server["srv"], pg_server["postgres"]
@@ -120,8 +140,12 @@ def test_database_restarted_2_times_under_the_server_a_later_prune_and_one_in_fl
 
     # restarted again while a prune is in flight, just before it registers
     before = registry_snapshot()
-    with FaultProxy(srv.port, r"^POST /api/2\.0/mlflow/model-versions/create", postgres.restart,
-                    close_after=False) as proxy, pytest.MonkeyPatch.context() as mp:
+    with (
+        FaultProxy(
+            srv.port, r"^POST /api/2\.0/mlflow/model-versions/create", postgres.restart, close_after=False
+        ) as proxy,
+        pytest.MonkeyPatch.context() as mp,
+    ):
         mp.setenv("MLFLOW_TRACKING_URI", proxy.uri)
         mlflow.set_tracking_uri(proxy.uri)
         try:
@@ -141,10 +165,12 @@ def test_database_restarted_2_times_under_the_server_a_later_prune_and_one_in_fl
 
 # ---------------------------------------------------------------- the artifact destination full or read-only
 
+
 def _mount_tmpfs(path, size: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if out.returncode != 0:
         reason = f"cannot mount a small tmpfs for the artifact destination: {out.stderr.strip()}"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -154,13 +180,16 @@ def _mount_tmpfs(path, size: str) -> None:
 
 @pytest.mark.slow(seconds=30)
 def test_artifact_destination_full_or_read_only_2_states_give_one_error_line_and_no_version(
-        postgres, tmp_path_factory, tiny_tokenizer):
+    postgres, tmp_path_factory, tiny_tokenizer
+):
     root = tmp_path_factory.mktemp("artifacts-fault")
     destination = root / "artifacts"
     _mount_tmpfs(destination, "8m")
     try:
-        with MlflowServer(root, backend_uri=postgres.new_database(), artifacts=destination) as srv, \
-                pytest.MonkeyPatch.context() as mp:
+        with (
+            MlflowServer(root, backend_uri=postgres.new_database(), artifacts=destination) as srv,
+            pytest.MonkeyPatch.context() as mp,
+        ):
             mp.chdir(root)
             mp.setenv("MLFLOW_TRACKING_URI", srv.uri)
             for key, value in FEW_RETRIES.items():

@@ -4,6 +4,7 @@ The reference captures the projections' inputs with its own forward pre-hooks
 on an ordinary forward pass of the full model, keeps only the non-padding
 tokens, and computes every sum and importance in float64.
 """
+
 import copy
 import math
 
@@ -54,9 +55,11 @@ def reference_activations(model, batches) -> dict[str, list[torch.Tensor]]:
     handles = []
     for kind in ("ff", "attn"):
         for p in arch.projections(kind):
+
             def hook(module, args, kind=kind, layer=p.layer):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 captured[kind][layer].append(x[current["keep"]])
+
             handles.append(p.module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -249,7 +252,9 @@ def test_default_collects_only_sum_abs(setup):
 
 
 def test_chosen_kinds_and_sums_only(setup):
-    stats = collect_statistics(setup["model"], setup["forget"], sums=("sum", "count_pos"), kinds=("ff",), progress=False)
+    stats = collect_statistics(
+        setup["model"], setup["forget"], sums=("sum", "count_pos"), kinds=("ff",), progress=False
+    )
     assert stats.attn is None
     assert set(stats.ff.sums) == {"sum", "count_pos"}
     with pytest.raises(ValueError, match="unknown statistics"):
@@ -330,8 +335,9 @@ def test_statistics_of_a_model_offloaded_to_disk_equal_the_in_memory_ones(tmp_pa
     device_map = {f"gpt_neox.{name}": "cpu" for name, _ in model.gpt_neox.named_children() if name != "layers"}
     device_map |= {name: "cpu" for name, _ in model.named_children() if name != "gpt_neox"}
     device_map |= {"gpt_neox.layers.0": "cpu", "gpt_neox.layers.1": "disk"}
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
-                                                     offload_folder=str(tmp_path / "offload")).eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
     assert offloaded.gpt_neox.layers[1].mlp.dense_4h_to_h.weight.device.type == "meta"
     batches = make_batches(4)
     expected = collect_statistics(model, batches, sums="all", progress=False)

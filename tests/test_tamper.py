@@ -5,6 +5,7 @@ through the CLI. Each case edits the registry through the MLflow client, or a
 stored file where the store keeps it, and is undone before the next, so every
 case must give exactly its own finding line and exit 1.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,18 @@ from mlflow_selprune.registry import lineage
 
 from mlflow_helpers import TINY_NAME, invoke, registry_snapshot
 
-SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000",
-         "--eval-tokens", "1000", "--no-progress"]
+SMALL = [
+    "--paragraphs",
+    "--max-length",
+    "64",
+    "--batch-size",
+    "4",
+    "--collect-tokens",
+    "2000",
+    "--eval-tokens",
+    "1000",
+    "--no-progress",
+]
 PRUNE = ["--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "1", "--no-control"]
 
 
@@ -33,8 +44,9 @@ def _latest() -> str:
 
 
 def _prune(store, parent: str, *extra: str) -> str:
-    out = invoke("prune", "--model-uri", parent, "--forget", store["forget"], "--retain", store["retain"],
-                 *PRUNE, *SMALL, *extra)
+    out = invoke(
+        "prune", "--model-uri", parent, "--forget", store["forget"], "--retain", store["retain"], *PRUNE, *SMALL, *extra
+    )
     assert out.exit_code == 0, out.stderr[-3000:]
     return _latest()
 
@@ -130,18 +142,29 @@ def test_verify_names_each_of_9_tampering_cases(chain):
 
     removed = lineage.METRIC_PREFIX + "retain_top1"
     cases = [
-        ("tag changed", _tag_set(v3, lineage.FORGET_DATA, "elsewhere.jsonl"),
-         f"{v3}: tag {lineage.FORGET_DATA} changed: recorded"),
+        (
+            "tag changed",
+            _tag_set(v3, lineage.FORGET_DATA, "elsewhere.jsonl"),
+            f"{v3}: tag {lineage.FORGET_DATA} changed: recorded",
+        ),
         ("tag removed", _tag_set(v3, removed, None), f"{v3}: tag {removed} removed"),
         ("tag added", _tag_set(v3, "selprune.approved", "true"), f"{v3}: tag selprune.approved added"),
-        ("lineage record changed", _file_edited(_run_file(v3, lineage.LINEAGE_RECORD)),
-         f"{v3}: the lineage record artifact changed"),
-        *[(f"{name} changed", _file_edited(_run_file(v3, path)), f"{v3}: artifact {path} of run")
-          for name, path in zip(("masks", "scores", "pruning record"), lineage.RECORD_ARTIFACTS)],
+        (
+            "lineage record changed",
+            _file_edited(_run_file(v3, lineage.LINEAGE_RECORD)),
+            f"{v3}: the lineage record artifact changed",
+        ),
+        *[
+            (f"{name} changed", _file_edited(_run_file(v3, path)), f"{v3}: artifact {path} of run")
+            for name, path in zip(("masks", "scores", "pruning record"), lineage.RECORD_ARTIFACTS)
+        ],
         ("parent weights changed", _file_edited(_weights_file(root)), f"{v2}: parent {root} weights changed"),
         # the manifest names the weights file; files that fail it are not loaded, so no second line
-        ("own weights changed", _file_edited(_weights_file(v3)),
-         f"{v3}: file {_in_model_dir(v3, _weights_file(v3))} changed"),
+        (
+            "own weights changed",
+            _file_edited(_weights_file(v3)),
+            f"{v3}: file {_in_model_dir(v3, _weights_file(v3))} changed",
+        ),
     ]
     assert len(cases) == 9
     for i, (case, tampering, expected) in enumerate(cases):
@@ -151,7 +174,9 @@ def test_verify_names_each_of_9_tampering_cases(chain):
             assert out.exit_code == 1, (case, out.output)
             found = _lines(out)
             assert len(found) == len(expected) and all(sum(e in line for line in found) == 1 for e in expected), (
-                case, found)
+                case,
+                found,
+            )
             assert "finding(s)" in out.stderr, case
             if i == 0:  # the JSON holds the same findings, each on the hop it concerns
                 as_json = json.loads(invoke("lineage", v3, "--verify", "--json").stdout)
@@ -175,12 +200,23 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
     out = invoke("lineage", "--all", TINY_NAME)
     assert out.exit_code == 0, out.output
     rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()}
-    assert rows["version"] == ["version", "kind", "storage", "weights", "parent", "tags", "artifacts", "files",
-                               "signature", "aliases"]
+    assert rows["version"] == [
+        "version",
+        "kind",
+        "storage",
+        "weights",
+        "parent",
+        "tags",
+        "artifacts",
+        "files",
+        "signature",
+        "aliases",
+    ]
     assert rows["1"] == ["1", "root", "full", "-", "-", "-", "-", "-", "-", "@base"]
     for uri, storage in ((v2, "full"), (v3, "full"), (v4, "delta"), (v5, "full")):
         assert rows[_version(uri)][1:9] == ["unlearned", storage, "ok", "ok", "ok", "ok", "ok", "-"], rows[
-            _version(uri)]
+            _version(uri)
+        ]
     assert _lines(out) == []
 
     # a tag edited on the materialized version, and an unlearned version that never got its lineage (made, say,
@@ -209,7 +245,8 @@ def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions
         assert out.exit_code == 2, out.output
         assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
             "error: give either MODEL_URI or --all NAME (exactly one): mlflow-selprune lineage MODEL_URI [--verify] "
-            "or mlflow-selprune lineage --all NAME"]
+            "or mlflow-selprune lineage --all NAME"
+        ]
 
 
 @pytest.mark.slow(seconds=12)
@@ -225,13 +262,28 @@ def test_a_resumed_run_keeps_its_evidence_and_refuses_a_different_lineage(store,
     def resume():
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_RUN_ID", run_id)  # MLflow unsets it once a run starts
-            return invoke("prune", "--model-uri", store["base"], "--forget", str(forget), "--retain", store["retain"],
-                          "--register-as", "resumed-lm", *PRUNE, *SMALL)
+            return invoke(
+                "prune",
+                "--model-uri",
+                store["base"],
+                "--forget",
+                str(forget),
+                "--retain",
+                store["retain"],
+                "--register-as",
+                "resumed-lm",
+                *PRUNE,
+                *SMALL,
+            )
 
     def logged_models():
         run = MlflowClient().get_run(run_id)
-        return {m.model_id for m in MlflowClient().search_logged_models(
-            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")}
+        return {
+            m.model_id
+            for m in MlflowClient().search_logged_models(
+                [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'"
+            )
+        }
 
     assert resume().exit_code == 0
     recorded = MlflowClient().get_run(run_id).data.params[lineage.LINEAGE_PARAM]
@@ -261,11 +313,14 @@ def test_the_gate_verifies_before_it_decides_and_edited_metrics_cannot_promote(c
     and moves no alias. Changed weights are refused the same way. The untouched version passes."""
     _, _, v3 = chain
     client = MlflowClient()
-    gate = ["--model-uri", v3, "--max-retain-drop", "0.01", "--min-forget-drop", "0.5",
-            "--set-alias", "production"]
-    before = {k for k in client.get_model_version(TINY_NAME, _version(v3)).tags if k.startswith(lineage.GATE_RECORD_PREFIX)}
-    with _tag_set(v3, lineage.METRIC_PREFIX + "retain_top1_drop", "0.0"), \
-            _tag_set(v3, lineage.METRIC_PREFIX + "forget_top1_drop", "0.9"):
+    gate = ["--model-uri", v3, "--max-retain-drop", "0.01", "--min-forget-drop", "0.5", "--set-alias", "production"]
+    before = {
+        k for k in client.get_model_version(TINY_NAME, _version(v3)).tags if k.startswith(lineage.GATE_RECORD_PREFIX)
+    }
+    with (
+        _tag_set(v3, lineage.METRIC_PREFIX + "retain_top1_drop", "0.0"),
+        _tag_set(v3, lineage.METRIC_PREFIX + "forget_top1_drop", "0.9"),
+    ):
         out = invoke("gate", *gate)
         assert out.exit_code == 1, out.output
         assert "refused, tampered:" in out.stderr and "forget_top1_drop changed" in out.stderr
@@ -280,8 +335,11 @@ def test_the_gate_verifies_before_it_decides_and_edited_metrics_cannot_promote(c
 
 def _all_runs() -> set[str]:
     client = MlflowClient()
-    return {run.info.run_id for experiment in client.search_experiments()
-            for run in client.search_runs([experiment.experiment_id], max_results=1000)}
+    return {
+        run.info.run_id
+        for experiment in client.search_experiments()
+        for run in client.search_runs([experiment.experiment_id], max_results=1000)
+    }
 
 
 @pytest.mark.slow(seconds=30)
@@ -293,12 +351,21 @@ def test_every_command_that_builds_on_a_version_verifies_it_first(store, chain):
     edited = lineage.FORGET_DATA
     commands = {
         "materialize": ["materialize", delta],
-        "prune": ["prune", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"], *PRUNE,
-                  *SMALL],
-        "evaluate": ["evaluate", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"],
-                     *SMALL],
-        "rebuild a delta to prune it": ["prune", "--model-uri", delta, "--forget", store["forget"], "--retain",
-                                        store["retain"], *PRUNE, *SMALL, "--register-as", "elsewhere"],
+        "prune": ["prune", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"], *PRUNE, *SMALL],
+        "evaluate": ["evaluate", "--model-uri", v3, "--forget", store["forget"], "--retain", store["retain"], *SMALL],
+        "rebuild a delta to prune it": [
+            "prune",
+            "--model-uri",
+            delta,
+            "--forget",
+            store["forget"],
+            "--retain",
+            store["retain"],
+            *PRUNE,
+            *SMALL,
+            "--register-as",
+            "elsewhere",
+        ],
     }
     for label, args in commands.items():
         target = delta if args[1] == delta or delta in args else v3
@@ -327,8 +394,10 @@ def test_a_bfloat16_delta_loads_and_verifies(store, chain):
     delta = _prune(store, v3, "--storage", "delta", "--dtype", "bfloat16")
     model, _ = load_components(resolve(delta))
     assert model.dtype == torch.bfloat16
-    assert lineage.weights_sha256(model) == MlflowClient().get_model_version(TINY_NAME, _version(delta)).tags[
-        lineage.WEIGHTS_SHA]
+    assert (
+        lineage.weights_sha256(model)
+        == MlflowClient().get_model_version(TINY_NAME, _version(delta)).tags[lineage.WEIGHTS_SHA]
+    )
     out = invoke("lineage", delta, "--verify")
     assert out.exit_code == 0, out.output
     assert invoke("materialize", delta).exit_code == 0
@@ -344,8 +413,13 @@ def test_gate_records_never_vanish(chain):
     _, _, v3 = chain
     client = MlflowClient()
     resolved = resolve(v3)
-    record = {"time": "2026-12-01T00:00:00.000000Z", "verdict": "fail", "user": "auditor", "alias_moved": None,
-              "failures": [f"threshold {i} failed" * 20 for i in range(40)]}
+    record = {
+        "time": "2026-12-01T00:00:00.000000Z",
+        "verdict": "fail",
+        "user": "auditor",
+        "alias_moved": None,
+        "failures": [f"threshold {i} failed" * 20 for i in range(40)],
+    }
     key = lineage.GATE_RECORD_PREFIX + "20261201T000000.000000Z-longlong"
     value = gate_module._tag_value(resolved, key, record)
     assert len(json.dumps(record)) > gate_module.TAG_VALUE_LIMIT >= len(value)
@@ -398,15 +472,27 @@ def test_every_file_of_the_model_directory_is_covered_by_the_manifest(chain):
     tokenizer_path = next(root.rglob("tokenizer.json"))
     record_copy = next(p for p in root.rglob("pruning_record.json"))
     cases = [
-        ("config.json: hidden_act gelu -> relu", _file_replaced(config_path, relu),
-         f"file {_in_model_dir(v3, config_path)} changed"),
-        ("tokenizer edited", _file_replaced(tokenizer_path, tokenizer_path.read_bytes() + b" "),
-         f"file {_in_model_dir(v3, tokenizer_path)} changed"),
-        ("MLmodel edited", _file_replaced(root / "MLmodel", (root / "MLmodel").read_bytes() + b"# edited\n"),
-         "file MLmodel changed"),
+        (
+            "config.json: hidden_act gelu -> relu",
+            _file_replaced(config_path, relu),
+            f"file {_in_model_dir(v3, config_path)} changed",
+        ),
+        (
+            "tokenizer edited",
+            _file_replaced(tokenizer_path, tokenizer_path.read_bytes() + b" "),
+            f"file {_in_model_dir(v3, tokenizer_path)} changed",
+        ),
+        (
+            "MLmodel edited",
+            _file_replaced(root / "MLmodel", (root / "MLmodel").read_bytes() + b"# edited\n"),
+            "file MLmodel changed",
+        ),
         ("record copy edited", _file_edited(record_copy), f"file {_in_model_dir(v3, record_copy)} changed"),
-        ("file added", _file_replaced(config_path.parent / "extra.py", b"import os\n"),
-         f"file {_in_model_dir(v3, config_path.parent / 'extra.py')} added"),
+        (
+            "file added",
+            _file_replaced(config_path.parent / "extra.py", b"import os\n"),
+            f"file {_in_model_dir(v3, config_path.parent / 'extra.py')} added",
+        ),
         ("file removed", _file_replaced(tokenizer_path, None), f"file {_in_model_dir(v3, tokenizer_path)} removed"),
     ]
     assert config["hidden_act"] != "relu"

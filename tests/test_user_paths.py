@@ -4,6 +4,7 @@ store discovery, typos, flag names in errors, serving, and a quiet terminal.
 Everything runs for real: a sqlite MLflow store with a tiny registered model, the console entry point in
 fresh processes (``cli``) or in this one (``invoke``), ``mlflow run`` and ``mlflow models serve``.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from mlflow_selprune.registry.tracking import FAILURE_TAG
 from mlflow_helpers import TINY_NAME, cli, invoke, jsonl_retain_store, post_json, registry_snapshot, served_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_DATA = ["--max-length", "64", "--batch-size", "8", "--collect-tokens", "3000", "--eval-tokens", "1500",
-              "--no-progress"]
+SMALL_DATA = [
+    "--max-length",
+    "64",
+    "--batch-size",
+    "8",
+    "--collect-tokens",
+    "3000",
+    "--eval-tokens",
+    "1500",
+    "--no-progress",
+]
 # the same budget as MLproject parameters
 SMALL_PARAMS = ["-P", "max_length=64", "-P", "batch_size=8", "-P", "collect_tokens=3000", "-P", "eval_tokens=1500"]
 HEAVY = ("torch", "transformers", "mlflow")
@@ -53,8 +63,22 @@ def pruned(store):
     """One `mlflow-selprune prune` (2 steps) through the CLI in this process: the new version, its run, and
     what it printed (a fresh process's output is checked by the `mlflow run` tests)."""
     before = _versions()
-    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
-                 "--retain", store["retain"], "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2", *SMALL_DATA)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--ff-frac",
+        "0.1",
+        "--attn-frac",
+        "0.05",
+        "--steps",
+        "2",
+        *SMALL_DATA,
+    )
     assert out.exit_code == 0, out.stderr[-3000:]
     (version,) = _versions() - before
     mv = MlflowClient().get_model_version(TINY_NAME, version)
@@ -66,8 +90,14 @@ def pruned(store):
 
 def _mlflow_run(store, entry_point, *params):
     env = dict(os.environ, **store["env"])
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager",
-                           "local", *params], capture_output=True, text=True, env=env, cwd=store["root"], timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", entry_point, "--env-manager", "local", *params],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=store["root"],
+        timeout=900,
+    )
 
 
 @pytest.mark.slow(seconds=35)
@@ -76,9 +106,22 @@ def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_poin
     """`mlflow run` logs every entry-point param to the run the job then fills; values spelled differently
     from the job's own (0.10 vs 0.1, 01 vs 1) must not trip "Changing param values is not allowed"."""
     before = _versions()
-    out = _mlflow_run(store, entry_point, "-P", f"model_uri=models:/{TINY_NAME}/1", "-P", f"forget={store['forget']}",
-                      "-P", f"retain={store['retain']}", "-P", "ff_frac=0.10", "-P", "steps=01", *SMALL_PARAMS,
-                      *(["-P", "alias=from-project"] if entry_point == "prune" else []))
+    out = _mlflow_run(
+        store,
+        entry_point,
+        "-P",
+        f"model_uri=models:/{TINY_NAME}/1",
+        "-P",
+        f"forget={store['forget']}",
+        "-P",
+        f"retain={store['retain']}",
+        "-P",
+        "ff_frac=0.10",
+        "-P",
+        "steps=01",
+        *SMALL_PARAMS,
+        *(["-P", "alias=from-project"] if entry_point == "prune" else []),
+    )
     assert out.returncode == 0, [line for line in out.stderr.splitlines() if "error" in line.lower()]
     assert "Changing param values is not allowed" not in out.stderr
     # the job's own output, in its own process: it names the store, and no hub model-card/license noise
@@ -118,8 +161,11 @@ def test_mlproject_defaults_are_the_cli_defaults():
             if param == "steps":  # None in the config means "1 unless a budget is given"
                 assert int(spec["default"]) == PruneConfig().n_steps, (name, spec["default"])
                 continue
-            assert float(spec["default"]) == float(defaults[param]) if isinstance(defaults[param], (int, float)) \
-                else spec["default"] == defaults[param], (name, param, spec["default"], defaults[param])
+            assert (
+                float(spec["default"]) == float(defaults[param])
+                if isinstance(defaults[param], (int, float))
+                else spec["default"] == defaults[param]
+            ), (name, param, spec["default"], defaults[param])
             checked += 1
     assert checked >= 10
     main = project["entry_points"]["main"]["parameters"]
@@ -131,8 +177,14 @@ def test_mlproject_defaults_are_the_cli_defaults():
 
 def _python(code: str, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 _RUN_CLI_AND_REPORT_MODULES = """
@@ -155,8 +207,9 @@ def _modules_after(argv, env=None):
     return json.loads(out.stdout.strip().splitlines()[-1]), out
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["prune", "--help"], ["prune", "--ff-frac", "abc"],
-                                  ["gate", "--max-retain-drop", "x"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["prune", "--help"], ["prune", "--ff-frac", "abc"], ["gate", "--max-retain-drop", "x"]]
+)
 def test_help_and_option_errors_import_no_heavy_library(argv):
     report, _ = _modules_after(argv)
     assert report["modules"] == [], report["modules"][:20]
@@ -196,9 +249,22 @@ def test_successful_prune_run_is_finished_with_per_step_history(store, pruned):
 
 def test_budget_that_cannot_be_met_leaves_a_failed_run_and_no_version(store, pruned):
     before_versions, before_runs = registry_snapshot(), set(_all_runs())
-    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
-                 "--retain", store["retain"], "--target-forget-drop", "0.99", "--max-retain-drop", "0.0",
-                 "--max-steps", "1", *SMALL_DATA)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        "--target-forget-drop",
+        "0.99",
+        "--max-retain-drop",
+        "0.0",
+        "--max-steps",
+        "1",
+        *SMALL_DATA,
+    )
     assert out.exit_code == 2, (out.stdout, out.stderr)
     assert "budget cannot be met" in out.stderr
     assert registry_snapshot() == before_versions
@@ -216,8 +282,18 @@ def test_budget_that_cannot_be_met_leaves_a_failed_run_and_no_version(store, pru
 
 def test_gate_dry_run_writes_nothing(store, pruned):
     before = registry_snapshot()
-    out = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--min-forget-drop", "-1",
-                 "--set-alias", "dry", "--dry-run")
+    out = invoke(
+        "gate",
+        "--model-uri",
+        pruned["uri"],
+        "--max-retain-drop",
+        "1",
+        "--min-forget-drop",
+        "-1",
+        "--set-alias",
+        "dry",
+        "--dry-run",
+    )
     assert out.exit_code == 0, out.stderr
     assert "dry run: nothing written" in out.stdout
     assert registry_snapshot() == before
@@ -226,8 +302,17 @@ def test_gate_dry_run_writes_nothing(store, pruned):
 def test_stricter_what_if_gate_keeps_the_decision_that_moved_the_alias(store, pruned):
     client = MlflowClient()
     version = pruned["version"]
-    passing = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--min-forget-drop", "-1",
-                     "--set-alias", "production")
+    passing = invoke(
+        "gate",
+        "--model-uri",
+        pruned["uri"],
+        "--max-retain-drop",
+        "1",
+        "--min-forget-drop",
+        "-1",
+        "--set-alias",
+        "production",
+    )
     assert passing.exit_code == 0, passing.stderr
     strict = invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", "0", "--min-forget-drop", "0.99")
     assert strict.exit_code == 1, strict.stderr
@@ -248,19 +333,28 @@ def _no_store_env() -> dict:
     return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
 
 
-@pytest.mark.parametrize("argv,store_uri", [
-    (["lineage", "models:/x/1"], None),  # MLflow's default: ./mlflow.db
-    (["gate", "--model-uri", "models:/x/1", "--max-retain-drop", "0.1"], None),
-    (["lineage", "models:/x/1"], "file"),  # a file store that is not there
-])
+@pytest.mark.parametrize(
+    "argv,store_uri",
+    [
+        (["lineage", "models:/x/1"], None),  # MLflow's default: ./mlflow.db
+        (["gate", "--model-uri", "models:/x/1", "--max-retain-drop", "0.1"], None),
+        (["lineage", "models:/x/1"], "file"),  # a file store that is not there
+    ],
+)
 def test_gate_and_lineage_refuse_to_create_a_store(tmp_path, argv, store_uri):
     empty = tmp_path / "elsewhere"
     empty.mkdir()
     env = _no_store_env()
     if store_uri == "file":
         env["MLFLOW_TRACKING_URI"] = (empty / "mlruns").as_uri()
-    out = subprocess.run([sys.executable, "-m", "mlflow_selprune", *argv], capture_output=True, text=True,
-                         env=env, cwd=empty, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow_selprune", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=empty,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr
     (line,) = out.stderr.splitlines()
     assert line.startswith("error: no MLflow store") and "MLFLOW_TRACKING_URI" in line
@@ -270,16 +364,28 @@ def test_gate_and_lineage_refuse_to_create_a_store(tmp_path, argv, store_uri):
 def test_mlflow_default_tracking_uri_is_the_sqlite_file_the_check_looks_for(tmp_path):
     """The refusal above depends on MLflow's default store: a ./mlflow.db sqlite file (file store if ./mlruns
     already holds experiments)."""
-    out = subprocess.run([sys.executable, "-c", "import mlflow; print(mlflow.get_tracking_uri())"],
-                         capture_output=True, text=True, env=_no_store_env(), cwd=tmp_path, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", "import mlflow; print(mlflow.get_tracking_uri())"],
+        capture_output=True,
+        text=True,
+        env=_no_store_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.stdout.strip() == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
 
 
 @pytest.mark.slow
 def test_gate_and_lineage_work_where_the_default_store_exists(store, pruned):
     """The other side of the refusal: with MLFLOW_TRACKING_URI unset, the store in the working directory is used."""
-    out = subprocess.run([sys.executable, "-m", "mlflow_selprune", "lineage", pruned["uri"]], capture_output=True,
-                         text=True, env=_no_store_env(), cwd=store["root"], timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow_selprune", "lineage", pruned["uri"]],
+        capture_output=True,
+        text=True,
+        env=_no_store_env(),
+        cwd=store["root"],
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stderr.splitlines()[0] == f"tracking: sqlite:///{Path(store['root']).resolve() / 'mlflow.db'}"
 
@@ -287,10 +393,20 @@ def test_gate_and_lineage_work_where_the_default_store_exists(store, pruned):
 def test_first_stderr_line_names_the_store(store, pruned):
     expected = f"tracking: {store['uri']}"
     assert pruned["out"].stderr.splitlines()[0] == expected  # prune
-    for argv in (["gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--dry-run"],
-                 ["lineage", pruned["uri"]],
-                 ["evaluate", "--model-uri", pruned["uri"], "--forget", store["forget"], "--retain", store["retain"],
-                  *SMALL_DATA]):
+    for argv in (
+        ["gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--dry-run"],
+        ["lineage", pruned["uri"]],
+        [
+            "evaluate",
+            "--model-uri",
+            pruned["uri"],
+            "--forget",
+            store["forget"],
+            "--retain",
+            store["retain"],
+            *SMALL_DATA,
+        ],
+    ):
         out = invoke(*argv)
         assert out.exit_code == 0, (argv[0], out.stderr)
         assert out.stderr.splitlines()[0] == expected, (argv[0], out.stderr)
@@ -314,13 +430,29 @@ def test_lineage_of_a_misspelled_name_gets_a_suggestion(store):
     assert f"did you mean '{TINY_NAME}'?" in out.stderr
 
 
-@pytest.mark.parametrize("args,flag", [(["--ff-frac", "1.5"], "--ff-frac"), (["--attn-frac", "-0.5"], "--attn-frac"),
-                                       (["--max-length", "1"], "--max-length"), (["--batch-size", "0"], "--batch-size"),
-                                       (["--steps", "0"], "--steps")])
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--ff-frac", "1.5"], "--ff-frac"),
+        (["--attn-frac", "-0.5"], "--attn-frac"),
+        (["--max-length", "1"], "--max-length"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--steps", "0"], "--steps"),
+    ],
+)
 def test_errors_name_the_flag_the_user_typed(store, args, flag):
     before = registry_snapshot()
-    out = invoke("prune", "--model-uri", f"models:/{TINY_NAME}@base", "--forget", store["forget"],
-                 "--retain", store["retain"], *SMALL_DATA, *args)
+    out = invoke(
+        "prune",
+        "--model-uri",
+        f"models:/{TINY_NAME}@base",
+        "--forget",
+        store["forget"],
+        "--retain",
+        store["retain"],
+        *SMALL_DATA,
+        *args,
+    )
     assert out.exit_code == 2, out.stderr
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and flag in errors[0], out.stderr
@@ -347,8 +479,9 @@ def test_served_model_is_greedy_and_honours_request_params(store, pruned):
         (answer,) = first["predictions"]
         assert isinstance(answer, str)
         # the params are used, not ignored: sampling from an untrained model differs from greedy
-        sampled = [post_json(url, {"inputs": ["def "], "params": {"max_new_tokens": 5, "do_sample": True}})
-                   for _ in range(3)]
+        sampled = [
+            post_json(url, {"inputs": ["def "], "params": {"max_new_tokens": 5, "do_sample": True}}) for _ in range(3)
+        ]
         assert any(s != first for s in sampled), sampled
     text = log_path.read_text()
     assert "Ignoring provided params" not in text and "are ignored for inference" not in text, text[-3000:]
@@ -367,24 +500,35 @@ def test_a_budget_run_stops_on_one_split_and_reports_on_another(store):
 
     uri = f"models:/{TINY_NAME}@base"
     data = DataOptions(max_length=64, batch_size=8, collect_tokens=3000, eval_tokens=1500)
-    result = run_prune(uri, store["forget"], store["retain"], register=False, data=data, progress=False,
-                       config=PruneConfig(ff_frac=0.1, max_retain_drop=0.99, max_steps=2))
+    result = run_prune(
+        uri,
+        store["forget"],
+        store["retain"],
+        register=False,
+        data=data,
+        progress=False,
+        config=PruneConfig(ff_frac=0.1, max_retain_drop=0.99, max_steps=2),
+    )
     assert result.model_uri is None and result.run_id
     parent, tokenizer = load_components(resolve(uri))
     forget, retain = load_datasets(tokenizer, store["forget"], store["retain"], data, model=parent, select_part=True)
     for side, prepared in (("forget", forget), ("retain", retain)):
-        reported = evaluate_model(parent, prepared.eval_batches, skip_token_ids=prepared.skip_token_ids,
-                                  prefix=f"{side}_", progress=False)
-        stopped_on = evaluate_model(parent, prepared.select_batches, skip_token_ids=prepared.skip_token_ids,
-                                    prefix=f"{side}_", progress=False)
+        reported = evaluate_model(
+            parent, prepared.eval_batches, skip_token_ids=prepared.skip_token_ids, prefix=f"{side}_", progress=False
+        )
+        stopped_on = evaluate_model(
+            parent, prepared.select_batches, skip_token_ids=prepared.skip_token_ids, prefix=f"{side}_", progress=False
+        )
         assert result.metrics[f"parent_{side}_top1"] == pytest.approx(reported[f"{side}_top1"], abs=1e-12)
         assert result.pruning.select_metrics["baseline"][f"{side}_top1"] == pytest.approx(
-            stopped_on[f"{side}_top1"], abs=1e-12)
+            stopped_on[f"{side}_top1"], abs=1e-12
+        )
         assert reported[f"{side}_top1"] != stopped_on[f"{side}_top1"], "two splits, two measurements"
     client = MlflowClient()
     run = client.get_run(result.run_id)
     assert run.data.metrics["forget_top1"] == pytest.approx(result.metrics["forget_top1"], abs=1e-12)
     assert sorted(m.step for m in client.get_metric_history(result.run_id, "select_forget_top1")) == [0, 1, 2]
-    record = json.loads(Path(client.download_artifacts(result.run_id, "selprune/pruning_record.json",
-                                                        str(store["root"]))).read_text())
+    record = json.loads(
+        Path(client.download_artifacts(result.run_id, "selprune/pruning_record.json", str(store["root"]))).read_text()
+    )
     assert record["splits"]["steps"] == "select" and record["splits"]["final_metrics"] == "eval"

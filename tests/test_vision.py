@@ -3,6 +3,7 @@ the MLflow round trip, bad input through the real CLI, serving, and the vision d
 
 Nothing is mocked: models are real transformers models built from configs, images are real PNGs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,17 +31,27 @@ NAMES = ["zero", "one", "two", "three"]
 
 
 def vit_config(**overrides):
-    kwargs = dict(image_size=8, patch_size=2, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                  num_attention_heads=4, intermediate_size=64, num_labels=N_CLASSES,
-                  id2label=dict(enumerate(NAMES)), label2id={n: i for i, n in enumerate(NAMES)})
+    kwargs = dict(
+        image_size=8,
+        patch_size=2,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=N_CLASSES,
+        id2label=dict(enumerate(NAMES)),
+        label2id={n: i for i, n in enumerate(NAMES)},
+    )
     kwargs.update(overrides)
     return kwargs
 
 
 FAMILIES = {
     "vit": lambda: T.ViTForImageClassification(T.ViTConfig(**vit_config())),
-    "vit-wide": lambda: T.ViTForImageClassification(T.ViTConfig(**vit_config(hidden_size=48, intermediate_size=96,
-                                                                              num_attention_heads=6))),
+    "vit-wide": lambda: T.ViTForImageClassification(
+        T.ViTConfig(**vit_config(hidden_size=48, intermediate_size=96, num_attention_heads=6))
+    ),
     "deit": lambda: T.DeiTForImageClassification(T.DeiTConfig(**vit_config())),
     "deit-teacher": lambda: T.DeiTForImageClassificationWithTeacher(T.DeiTConfig(**vit_config())),
 }
@@ -57,7 +68,7 @@ def make_images(n_per_class: int = 12, seed: int = 0) -> tuple[list[Image.Image]
     for c in range(N_CLASSES):
         for _ in range(n_per_class):
             pixels = rng.integers(0, 60, size=(8, 8))
-            pixels[2 * c:2 * c + 2] += 180
+            pixels[2 * c : 2 * c + 2] += 180
             images.append(Image.fromarray(pixels.astype(np.uint8), mode="L"))
             labels.append(c)
     return images, labels
@@ -104,11 +115,16 @@ def test_statistics_cover_cls_and_patch_tokens(family):
     model = FAMILIES[family]().eval()
     arch = find_architecture(model)
     pixel_values = torch.randn(5, 3, 8, 8)
-    batches = [{"pixel_values": pixel_values[:3], "labels": torch.tensor([0, 1, 2])},
-               {"pixel_values": pixel_values[3:], "labels": torch.tensor([3, 0])}]
+    batches = [
+        {"pixel_values": pixel_values[:3], "labels": torch.tensor([0, 1, 2])},
+        {"pixel_values": pixel_values[3:], "labels": torch.tensor([3, 0])},
+    ]
     seen = {kind: [] for kind in ("ff", "attn")}
-    handles = [p.module.register_forward_pre_hook(lambda m, a, kind=kind: seen[kind].append(a[0].detach().clone()))
-               for kind in ("ff", "attn") for p in arch.projections(kind)]
+    handles = [
+        p.module.register_forward_pre_hook(lambda m, a, kind=kind: seen[kind].append(a[0].detach().clone()))
+        for kind in ("ff", "attn")
+        for p in arch.projections(kind)
+    ]
     with torch.no_grad():
         model(pixel_values=pixel_values)
     for h in handles:
@@ -135,8 +151,10 @@ def test_image_metric_module_matches_a_direct_computation():
     torch.manual_seed(0)
     model = FAMILIES["vit"]().eval()
     pixel_values, labels = torch.randn(11, 3, 8, 8), torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 3, 3, 1])
-    batches = [{"pixel_values": pixel_values[:6], "labels": labels[:6]},
-               {"pixel_values": pixel_values[6:], "labels": labels[6:]}]
+    batches = [
+        {"pixel_values": pixel_values[:6], "labels": labels[:6]},
+        {"pixel_values": pixel_values[6:], "labels": labels[6:]},
+    ]
     got = evaluate_image_model(model, batches, prefix="forget_", progress=False)
     with torch.no_grad():
         logits = model(pixel_values=pixel_values).logits.double()
@@ -151,8 +169,9 @@ def test_image_metric_module_matches_a_direct_computation():
         chosen = labels == c
         assert got[f"forget_class_{c}_top1"] == pytest.approx((predicted[chosen] == c).double().mean().item())
     # the module alone: ranks count strictly greater logits; a class with no image is NaN
-    out = image_classes_metric().compute(target_rank=[0, 6, 1], target_logprob=[-0.5, -3.0, -1.0],
-                                         label=[1, 1, 2], classes=[1, 9])
+    out = image_classes_metric().compute(
+        target_rank=[0, 6, 1], target_logprob=[-0.5, -3.0, -1.0], label=[1, 1, 2], classes=[1, 9]
+    )
     assert out["top1"] == pytest.approx(1 / 3) and out["top5"] == pytest.approx(2 / 3)
     assert out["loss"] == pytest.approx(1.5) and out["class_1_top1"] == 0.5 and np.isnan(out["class_9_top1"])
 
@@ -160,10 +179,22 @@ def test_image_metric_module_matches_a_direct_computation():
 def test_drops_and_selectivity_use_the_image_metrics():
     from mlflow_selprune.evaluation.drops import summary_metrics
 
-    base = {"forget_top1": 0.9, "forget_top5": 1.0, "forget_loss": 0.2, "retain_top1": 0.8, "retain_top5": 1.0,
-            "retain_loss": 0.3}
-    new = {"forget_top1": 0.45, "forget_top5": 0.9, "forget_loss": 1.2, "retain_top1": 0.78, "retain_top5": 1.0,
-           "retain_loss": 0.31}
+    base = {
+        "forget_top1": 0.9,
+        "forget_top5": 1.0,
+        "forget_loss": 0.2,
+        "retain_top1": 0.8,
+        "retain_top5": 1.0,
+        "retain_loss": 0.3,
+    }
+    new = {
+        "forget_top1": 0.45,
+        "forget_top5": 0.9,
+        "forget_loss": 1.2,
+        "retain_top1": 0.78,
+        "retain_top5": 1.0,
+        "retain_loss": 0.31,
+    }
     out = summary_metrics(base, new)
     assert out["forget_top1_drop"] == pytest.approx(0.5) and out["retain_top1_drop"] == pytest.approx(0.025)
     assert out["selectivity"] == pytest.approx(20) and "forget_top10_drop" not in out
@@ -193,11 +224,13 @@ def test_image_data_from_saved_and_imagefolder_dirs_split_by_class(tmp_path, lay
         assert collect and evals and not collect & evals
         assert prepared.collect_images + prepared.eval_images == prepared.n_documents
     # by id gives the same data as by name; the digest covers pixels and labels
-    by_id = prepare_image_data(spec, spec, processor(), model.config,
-                               DataOptions(batch_size=8, eval_fraction=0.3, forget_classes="2"))
+    by_id = prepare_image_data(
+        spec, spec, processor(), model.config, DataOptions(batch_size=8, eval_fraction=0.3, forget_classes="2")
+    )
     assert (by_id[0].digest, by_id[1].digest) == (forget.digest, retain.digest)
-    other = prepare_image_data(spec, None, processor(), model.config,
-                               DataOptions(batch_size=8, eval_fraction=0.3, forget_classes="1"))
+    other = prepare_image_data(
+        spec, None, processor(), model.config, DataOptions(batch_size=8, eval_fraction=0.3, forget_classes="1")
+    )
     assert other[0].digest != forget.digest and other[1].digest != retain.digest
 
 
@@ -221,11 +254,14 @@ def test_pixel_key_depends_on_pixels_only(tmp_path):
     assert pixel_key(changed) != pixel_key(image)
 
 
-@pytest.mark.parametrize("classes, message", [
-    ("seven", "--forget-classes: no class named 'seven'"),
-    ("9", "--forget-classes: DATA"),
-    ("0,1,2,3", "covers every class"),
-])
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ("seven", "--forget-classes: no class named 'seven'"),
+        ("9", "--forget-classes: DATA"),
+        ("0,1,2,3", "covers every class"),
+    ],
+)
 def test_bad_forget_classes_are_refused(tmp_path, classes, message):
     spec = str(write_saved(tmp_path / "d"))
     with pytest.raises(DataError, match=message):
@@ -257,20 +293,33 @@ def vision_store(tmp_path_factory):
     pixel_values = proc(images=[i.convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
     train_image_classifier(model, pixel_values, torch.tensor(labels), steps=40, batch_size=16, progress=False)
     with mlflow.start_run(run_name="register-tiny-vit"):
-        info = mlflow.transformers.log_model(components(model, proc), name="model", task="image-classification",
-                                             pip_requirements=default_pip_requirements(), model_card=model_card(model))
+        info = mlflow.transformers.log_model(
+            components(model, proc),
+            name="model",
+            task="image-classification",
+            pip_requirements=default_pip_requirements(),
+            model_card=model_card(model),
+        )
     mv = mlflow.register_model(info.model_uri, "tiny-vit")
     mlflow.MlflowClient().set_registered_model_alias("tiny-vit", "base", mv.version)
     text = root / "text.txt"
     text.write_text("Some prose.\n\nMore prose here.\n\nAnd a third paragraph.\n")
     # an unsupported vision architecture: a ResNet image classifier (no transformer blocks)
-    resnet = T.ResNetForImageClassification(T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                                            num_labels=N_CLASSES))
+    resnet = T.ResNetForImageClassification(
+        T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=N_CLASSES)
+    )
     resnet_dir = root / "resnet"
     resnet.save_pretrained(resnet_dir)
     proc.save_pretrained(resnet_dir)
-    yield {"root": root, "uri": uri, "saved": str(saved), "folder": str(folder), "text": str(text),
-           "resnet": str(resnet_dir), "env": {"MLFLOW_TRACKING_URI": uri}}
+    yield {
+        "root": root,
+        "uri": uri,
+        "saved": str(saved),
+        "folder": str(folder),
+        "text": str(text),
+        "resnet": str(resnet_dir),
+        "env": {"MLFLOW_TRACKING_URI": uri},
+    }
     if previous is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
@@ -288,8 +337,14 @@ def _registry_state():
 
 def _cli(store, *args, timeout=300) -> subprocess.CompletedProcess:
     env = dict(os.environ, **store["env"], HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "mlflow_selprune", *args], capture_output=True, text=True,
-                          env=env, cwd=store["root"], timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow_selprune", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=store["root"],
+        timeout=timeout,
+    )
 
 
 # One case goes through a fresh `mlflow-selprune` process (python -m, the console script's code); the
@@ -298,8 +353,17 @@ SUBPROCESS_CASES = {"text-data-for-vit"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["text-data-for-vit", "images-for-lm", "no-label-column", "unknown-class",
-                                  "every-class", "unsupported-architecture"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "text-data-for-vit",
+        "images-for-lm",
+        "no-label-column",
+        "unknown-class",
+        "every-class",
+        "unsupported-architecture",
+    ],
+)
 def test_bad_vision_input_exits_2_with_one_line_and_writes_nothing(vision_store, case, tmp_path):
     s = vision_store
     vit = "models:/tiny-vit@base"
@@ -313,17 +377,24 @@ def test_bad_vision_input_exits_2_with_one_line_and_writes_nothing(vision_store,
     no_label = tmp_path / "nolabel"
     if case == "no-label-column":
         images, _ = make_images(4)
-        datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})) \
-            .save_to_disk(str(no_label))
+        datasets.Dataset.from_dict(
+            {"image": images}, features=datasets.Features({"image": datasets.Image()})
+        ).save_to_disk(str(no_label))
     args = {
         "text-data-for-vit": (vit, ["--forget", s["text"], "--retain", s["saved"]], "--forget"),
-        "images-for-lm": (str(lm_dir), ["--forget", s["folder"], "--retain", s["text"], "--register-as", "x"],
-                          "--forget"),
+        "images-for-lm": (
+            str(lm_dir),
+            ["--forget", s["folder"], "--retain", s["text"], "--register-as", "x"],
+            "--forget",
+        ),
         "no-label-column": (vit, ["--forget", str(no_label), "--retain", s["saved"]], "--label-column"),
         "unknown-class": (vit, ["--forget", s["saved"], "--forget-classes", "seven"], "--forget-classes"),
         "every-class": (vit, ["--forget", s["saved"], "--forget-classes", "0,1,two,3"], "--forget-classes"),
-        "unsupported-architecture": (s["resnet"], ["--forget", s["saved"], "--forget-classes", "1",
-                                                   "--register-as", "x"], "ResNetForImageClassification"),
+        "unsupported-architecture": (
+            s["resnet"],
+            ["--forget", s["saved"], "--forget-classes", "1", "--register-as", "x"],
+            "ResNetForImageClassification",
+        ),
     }[case]
     before = _registry_state()
     argv = ("prune", "--model-uri", args[0], *args[1], "--no-progress")
@@ -344,9 +415,27 @@ def test_bad_vision_input_exits_2_with_one_line_and_writes_nothing(vision_store,
 
 @pytest.fixture(scope="module")
 def pruned_vit(vision_store):
-    out = _cli(vision_store, "prune", "--model-uri", "models:/tiny-vit@base", "--forget", vision_store["saved"],
-               "--forget-classes", "two", "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "2",
-               "--batch-size", "8", "--eval-fraction", "0.3", "--no-progress")
+    out = _cli(
+        vision_store,
+        "prune",
+        "--model-uri",
+        "models:/tiny-vit@base",
+        "--forget",
+        vision_store["saved"],
+        "--forget-classes",
+        "two",
+        "--ff-frac",
+        "0.1",
+        "--attn-frac",
+        "0.05",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--eval-fraction",
+        "0.3",
+        "--no-progress",
+    )
     assert out.returncode == 0, out.stderr
     return {"uri": out.stdout.strip().splitlines()[-1].split()[1], "stdout": out.stdout}
 
@@ -398,8 +487,11 @@ def test_served_vit_classifies_a_base64_png(vision_store, pruned_vit):
         answer = post_json(url, {"inputs": [base64.b64encode(buffer.getvalue()).decode()]})
     predictions = answer["predictions"]
     first = predictions[0] if isinstance(predictions, list) else predictions
-    labels = {p["label"] for p in (first if isinstance(first, list) else [first])} if not isinstance(first, dict) \
-        or "label" in first else {v["label"] for v in first.values()}
+    labels = (
+        {p["label"] for p in (first if isinstance(first, list) else [first])}
+        if not isinstance(first, dict) or "label" in first
+        else {v["label"] for v in first.values()}
+    )
     assert labels and labels <= set(NAMES), answer
 
 
@@ -436,8 +528,14 @@ def test_the_readme_vision_demo_command_passes_its_gate(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    out = subprocess.run([shutil.which("mlflow-selprune"), "demo", "--vision"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [shutil.which("mlflow-selprune"), "demo", "--vision"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     unlearned = client.get_model_version_by_alias("selprune-vision-demo", "unlearned")

@@ -16,6 +16,7 @@ test session: ``trained_model(tmp_path_factory)`` trains on first use and
 returns the cached result afterwards, so every test file can share it, and
 each test loads a fresh copy with ``TrainedModel.load()`` (``from_pretrained``).
 """
+
 from __future__ import annotations
 
 import random
@@ -50,7 +51,7 @@ def word_chain_text(rng: random.Random, n_lines: int) -> str:
     lines = []
     for _ in range(n_lines):
         start = rng.randrange(0, len(WORD_CHAIN) - 17)
-        lines.append(" ".join(WORD_CHAIN[start:start + rng.randrange(10, 18)]))
+        lines.append(" ".join(WORD_CHAIN[start : start + rng.randrange(10, 18)]))
     return "\n".join(lines)
 
 
@@ -84,25 +85,33 @@ class TrainedModel:
 
 def model_config(vocab_size: int, pad_token_id: int) -> T.GPTNeoXConfig:
     return T.GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=512, hidden_act="relu", max_position_embeddings=BLOCK_LEN, pad_token_id=pad_token_id,
-        eos_token_id=0, bos_token_id=0, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        hidden_act="relu",
+        max_position_embeddings=BLOCK_LEN,
+        pad_token_id=pad_token_id,
+        eos_token_id=0,
+        bos_token_id=0,
+        tie_word_embeddings=True,
     )
 
 
-def train_tiny_model(
-    directory: Path, *, steps: int = TRAIN_STEPS, seed: int = 0
-) -> TrainedModel:
+def train_tiny_model(directory: Path, *, steps: int = TRAIN_STEPS, seed: int = 0) -> TrainedModel:
     """Train the two-source model and save it (model + tokenizer) into ``directory``."""
     forget_train = make_documents(seed, 160, "counting")
     retain_train = make_documents(seed, 160, "words")
     forget_eval = make_documents(seed + 1000, 24, "counting")
     retain_eval = make_documents(seed + 1000, 24, "words")
     tokenizer = train_bpe_tokenizer(forget_train + retain_train, vocab_size=640)
-    blocks = torch.cat([
-        pack_token_blocks(tokenizer, forget_train, BLOCK_LEN, seed=seed),
-        pack_token_blocks(tokenizer, retain_train, BLOCK_LEN, seed=seed),
-    ])
+    blocks = torch.cat(
+        [
+            pack_token_blocks(tokenizer, forget_train, BLOCK_LEN, seed=seed),
+            pack_token_blocks(tokenizer, retain_train, BLOCK_LEN, seed=seed),
+        ]
+    )
     torch.manual_seed(seed)
     model = T.GPTNeoXForCausalLM(model_config(len(tokenizer), tokenizer.pad_token_id))
     # One thread, restored afterwards: a 64-wide model gains little from more, a busy machine
@@ -112,8 +121,7 @@ def train_tiny_model(
     torch.set_num_threads(1)
     start = time.monotonic()
     try:
-        loss = train_causal_lm(model, blocks, steps=steps, batch_size=16, lr=3e-3, seed=seed,
-                               progress=False)
+        loss = train_causal_lm(model, blocks, steps=steps, batch_size=16, lr=3e-3, seed=seed, progress=False)
     finally:
         torch.set_num_threads(threads)
     seconds = time.monotonic() - start
@@ -128,7 +136,7 @@ def lm_loss(model, blocks: torch.Tensor, batch_size: int = 16) -> float:
     total, n = 0.0, 0
     with torch.no_grad():
         for start in range(0, blocks.shape[0], batch_size):
-            rows = blocks[start:start + batch_size]
+            rows = blocks[start : start + batch_size]
             out = model(input_ids=rows, labels=rows)
             count = rows.shape[0] * (rows.shape[1] - 1)
             total += float(out.loss) * count
@@ -148,10 +156,7 @@ def trained_model(tmp_path_factory) -> TrainedModel:
 
 def full_batches(blocks: torch.Tensor, batch_size: int = 16) -> list[dict]:
     """Rows of ``blocks`` as tokenizer-style batches (no padding)."""
-    return [
-        {"input_ids": rows, "attention_mask": torch.ones_like(rows)}
-        for rows in blocks.split(batch_size)
-    ]
+    return [{"input_ids": rows, "attention_mask": torch.ones_like(rows)} for rows in blocks.split(batch_size)]
 
 
 def top1_accuracy(model, blocks: torch.Tensor, batch_size: int = 16) -> float:

@@ -11,6 +11,7 @@ random control, weights digest, log model, register), peak RSS as a multiple
 of the model's bytes, the artifact bytes of each version, and the load time of
 the delta against the full version. ``--layers 2`` gives a quick run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,16 +42,28 @@ def _child(args) -> dict:
 
         texts = [open(torch.__file__).read(), open(json.__file__).read()]
         tokenizer = train_bpe_tokenizer(texts, vocab_size=2048)
-        config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                             num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=args.layers,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(config).to(torch.bfloat16)
         with mlflow.start_run(run_name="big-base"):
-            info = mlflow.transformers.log_model({"model": model, "tokenizer": tokenizer}, name="model",
-                                                 task="text-generation", pip_requirements=default_pip_requirements(),
-                                                 model_card=model_card(model))
+            info = mlflow.transformers.log_model(
+                {"model": model, "tokenizer": tokenizer},
+                name="model",
+                task="text-generation",
+                pip_requirements=default_pip_requirements(),
+                model_card=model_card(model),
+            )
         mv = mlflow.register_model(info.model_uri, NAME)
         out["version"] = mv.version
         out["model_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -58,12 +71,17 @@ def _child(args) -> dict:
     elif args.action == "prune":
         from mlflow_selprune import DataOptions, EvidenceOptions, PruneConfig, run_prune
 
-        result = run_prune(f"models:/{NAME}/1", "builtin:stdlib-code", "builtin:stdlib-prose",
-                           config=PruneConfig(ff_frac=0.02, attn_frac=0.02, steps=1),
-                           data=DataOptions(max_length=128, batch_size=4, collect_tokens=args.tokens,
-                                            eval_tokens=args.tokens),
-                           evidence=EvidenceOptions(control=True), storage=args.storage, dtype="bfloat16",
-                           progress=False)
+        result = run_prune(
+            f"models:/{NAME}/1",
+            "builtin:stdlib-code",
+            "builtin:stdlib-prose",
+            config=PruneConfig(ff_frac=0.02, attn_frac=0.02, steps=1),
+            data=DataOptions(max_length=128, batch_size=4, collect_tokens=args.tokens, eval_tokens=args.tokens),
+            evidence=EvidenceOptions(control=True),
+            storage=args.storage,
+            dtype="bfloat16",
+            progress=False,
+        )
         out["version_uri"] = result.model_uri
         out["seconds"] = result.seconds
     elif args.action == "load":
@@ -82,8 +100,9 @@ def _child(args) -> dict:
 def _run(workdir: str, *extra) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, __file__, "--workdir", workdir, *extra], capture_output=True, text=True,
-                          cwd=workdir, env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--workdir", workdir, *extra], capture_output=True, text=True, cwd=workdir, env=env
+    )
     if proc.returncode != 0:
         sys.exit(f"{extra} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -105,9 +124,11 @@ def main(argv=None) -> int:
     common = ["--layers", str(args.layers), "--tokens", str(args.tokens)]
     base = _run(workdir, *common, "--action", "register")
     model_bytes = base["model_bytes"]
-    print(f"model: Llama-shaped, {base['parameters'] / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in "
-          f"bfloat16; {args.tokens} collect + {args.tokens} eval tokens per side; CPU threads {os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: Llama-shaped, {base['parameters'] / 1e9:.2f}B parameters, {model_bytes / 2**30:.2f} GiB in "
+        f"bfloat16; {args.tokens} collect + {args.tokens} eval tokens per side; CPU threads {os.cpu_count()}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     rows = {}
     for storage in ("full", "delta"):
         pruned = _run(workdir, *common, "--action", "prune", "--storage", storage)
@@ -115,18 +136,25 @@ def main(argv=None) -> int:
         rows[storage] = (pruned, loaded)
     print(f"\n{'phase (seconds)':<34}{'full':>10}{'delta':>10}")
     for phase in rows["full"][0]["seconds"]:
-        print(f"{phase:<34}{rows['full'][0]['seconds'][phase]:>10.2f}{rows['delta'][0]['seconds'].get(phase, 0):>10.2f}")
+        print(
+            f"{phase:<34}{rows['full'][0]['seconds'][phase]:>10.2f}{rows['delta'][0]['seconds'].get(phase, 0):>10.2f}"
+        )
     limit = 1.5 * model_bytes + 1.5 * 2**30
     for storage, (pruned, loaded) in rows.items():
-        print(f"{storage}: peak RSS of the prune {pruned['peak_rss'] / 2**30:.2f} GiB = "
-              f"{pruned['peak_rss'] / model_bytes:.2f}x the model's bytes (target <= 1.5x + 1.5 GiB = "
-              f"{limit / 2**30:.2f} GiB: {'met' if pruned['peak_rss'] <= limit else 'MISSED'}); "
-              f"artifacts {loaded['artifact_bytes'] / 2**20:,.1f} MiB; load {loaded['seconds']:.1f} s "
-              f"(peak RSS {loaded['peak_rss'] / 2**30:.2f} GiB)")
+        print(
+            f"{storage}: peak RSS of the prune {pruned['peak_rss'] / 2**30:.2f} GiB = "
+            f"{pruned['peak_rss'] / model_bytes:.2f}x the model's bytes (target <= 1.5x + 1.5 GiB = "
+            f"{limit / 2**30:.2f} GiB: {'met' if pruned['peak_rss'] <= limit else 'MISSED'}); "
+            f"artifacts {loaded['artifact_bytes'] / 2**20:,.1f} MiB; load {loaded['seconds']:.1f} s "
+            f"(peak RSS {loaded['peak_rss'] / 2**30:.2f} GiB)"
+        )
     ratio = rows["delta"][1]["artifact_bytes"] / rows["full"][1]["artifact_bytes"]
-    print(f"delta artifacts / full artifacts: {ratio:.2%} (target <= 1%: {'met' if ratio <= 0.01 else 'MISSED'}); "
-          f"delta registration (log model + register) {rows['delta'][0]['seconds']['log_model'] + rows['delta'][0]['seconds']['register']:.1f} s "
-          f"(target <= 10 s); delta load / full load: {rows['delta'][1]['seconds'] / rows['full'][1]['seconds']:.2f}")
+    print(
+        f"delta artifacts / full artifacts: {ratio:.2%} (target <= 1%: {'met' if ratio <= 0.01 else 'MISSED'}); "
+        f"delta registration (log model + register) "
+        f"{rows['delta'][0]['seconds']['log_model'] + rows['delta'][0]['seconds']['register']:.1f} s "
+        f"(target <= 10 s); delta load / full load: {rows['delta'][1]['seconds'] / rows['full'][1]['seconds']:.2f}"
+    )
     return 0
 
 

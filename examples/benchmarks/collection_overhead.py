@@ -15,14 +15,24 @@ hooks-only view.
 
     python examples/benchmarks/collection_overhead.py [--batches 2] [--repeats 15] [--threads N]
 """
+
 from __future__ import annotations
 
 import argparse
 
 import torch
 
-from common import (build_neox, footer, header, interleaved, make_batches, n_positions, n_real_tokens,
-                    plain_forward, table)
+from common import (
+    build_neox,
+    footer,
+    header,
+    interleaved,
+    make_batches,
+    n_positions,
+    n_real_tokens,
+    plain_forward,
+    table,
+)
 from mlflow_selprune import collect_statistics
 
 TARGETS = {"collect (abs)": 1.10, "collect (all)": 1.30}
@@ -48,10 +58,14 @@ def main(argv=None):
     model = build_neox(args.layers, args.hidden, args.intermediate, args.heads, args.vocab)
     batches = make_batches(args.batches, args.batch_size, args.seq_len, args.vocab)
     real = n_real_tokens(batches)
-    print(f"   model: GPT-NeoX {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"{args.heads} heads, vocab {args.vocab}, float32, random init")
-    print(f"   data per round: {args.batches} batches of {args.batch_size}x{args.seq_len}, "
-          f"{real:,} real tokens of {n_positions(batches):,} positions ({1 - real / n_positions(batches):.0%} padding)")
+    print(
+        f"   model: GPT-NeoX {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"{args.heads} heads, vocab {args.vocab}, float32, random init"
+    )
+    print(
+        f"   data per round: {args.batches} batches of {args.batch_size}x{args.seq_len}, "
+        f"{real:,} real tokens of {n_positions(batches):,} positions ({1 - real / n_positions(batches):.0%} padding)"
+    )
 
     contenders = {
         "plain forward (full)": plain_forward(model, batches),
@@ -64,17 +78,27 @@ def main(argv=None):
     print(f"\n   median over {args.repeats} interleaved rounds; ratio = median of per-round time ratios")
     rows = []
     for name in contenders:
-        rows.append([name, t.median(name), real / t.median(name),
-                     t.ratio(name, "plain forward (full)"), t.ratio(name, "plain forward (body)"),
-                     t.ratio(name, "plain forward (full)", cpu=True), t.ratio(name, "plain forward (body)", cpu=True)])
+        rows.append(
+            [
+                name,
+                t.median(name),
+                real / t.median(name),
+                t.ratio(name, "plain forward (full)"),
+                t.ratio(name, "plain forward (body)"),
+                t.ratio(name, "plain forward (full)", cpu=True),
+                t.ratio(name, "plain forward (body)", cpu=True),
+            ]
+        )
     table(rows, ["contender", "s/round", "tokens/s", "x full (wall)", "x body (wall)", "x full (cpu)", "x body (cpu)"])
 
     print("\n   targets (against the plain forward of the full model; body ratio shown for comparison):")
     for name, target in TARGETS.items():
         full, body = t.ratio(name, "plain forward (full)"), t.ratio(name, "plain forward (body)")
         verdict = "met" if full <= target else "NOT met"
-        print(f"   {name}: {full:.3f}x full forward (target <= {target:.2f}: {verdict}); "
-              f"{body:.3f}x body-only forward ({'within' if body <= target else 'over'} {target:.2f})")
+        print(
+            f"   {name}: {full:.3f}x full forward (target <= {target:.2f}: {verdict}); "
+            f"{body:.3f}x body-only forward ({'within' if body <= target else 'over'} {target:.2f})"
+        )
     footer()
 
 

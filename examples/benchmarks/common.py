@@ -3,6 +3,7 @@
 Everything is offline: models are built from configs (random init) and token
 batches are random ids, unless a script says otherwise.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,10 @@ def header(title: str, args=None) -> None:
     import transformers
 
     print(f"== {title}")
-    print(f"   cpu: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}")
+    print(
+        f"   cpu: {cpu_name()} ({os.cpu_count()} logical cores), torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}"
+    )
     if torch.cuda.is_available():
         print(f"   cuda: {torch.cuda.get_device_name(0)}")
     print(f"   load average (1/5/15 min) at start: {load_average()}")
@@ -52,24 +55,46 @@ def footer() -> None:
     print(f"   load average (1/5/15 min) at end: {load_average()}")
 
 
-def build_neox(layers: int = 4, hidden: int = 256, intermediate: int = 1024, heads: int = 4,
-               vocab: int = 4096, seed: int = 0, dtype: torch.dtype = torch.float32):
+def build_neox(
+    layers: int = 4,
+    hidden: int = 256,
+    intermediate: int = 1024,
+    heads: int = 4,
+    vocab: int = 4096,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+):
     """A randomly initialised GPT-NeoX causal LM in eval mode (the demo model's shape by default)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     config = GPTNeoXConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=intermediate, max_position_embeddings=512, rotary_pct=0.25,
-        bos_token_id=0, eos_token_id=0, pad_token_id=1,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     torch.manual_seed(seed)
     model = GPTNeoXForCausalLM(config).to(dtype).eval()
     return model
 
 
-def make_batches(n_batches: int, batch_size: int = 16, seq_len: int = 128, vocab: int = 4096,
-                 pad_fraction: float = 0.25, seed: int = 0, pad_id: int = 1,
-                 low: int = 2, high: int | None = None) -> list[dict]:
+def make_batches(
+    n_batches: int,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    vocab: int = 4096,
+    pad_fraction: float = 0.25,
+    seed: int = 0,
+    pad_id: int = 1,
+    low: int = 2,
+    high: int | None = None,
+) -> list[dict]:
     """Right-padded batches of random token ids in [low, high) (default [2, vocab)).
 
     ``pad_fraction`` of the rows are shorter than ``seq_len``: such a row
@@ -142,7 +167,7 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
             fns[name]()
     timings = Timings(names)
     for r in range(repeats):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             wall, cpu = timed(fns[name])
             timings.wall[name].append(wall)

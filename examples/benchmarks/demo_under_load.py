@@ -8,6 +8,7 @@ once busy (default): the digests and the metrics must be the same, the times not
 
     python examples/benchmarks/demo_under_load.py [--busy 2] [--seed 0] [--tiny] [--workdir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,8 +44,13 @@ def main(argv=None) -> int:
     start = time.monotonic()
     try:
         demo = ["demo", "--tiny", "--retrain"] if args.tiny else ["demo"]
-        out = subprocess.run([sys.executable, "-m", "mlflow_selprune", *demo, "--no-progress", "--seed", str(args.seed)],
-                             cwd=workdir, env=env, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "mlflow_selprune", *demo, "--no-progress", "--seed", str(args.seed)],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     finally:
         stop.set()
         for loop in loops:
@@ -59,14 +65,20 @@ def main(argv=None) -> int:
 
     name = "selprune-tiny-demo" if args.tiny else "selprune-demo"
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir}/mlflow.db")
-    (latest,) = [v for v in client.search_model_versions(f"name='{name}'")
-                 if v.version == str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))]
+    (latest,) = [
+        v
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.version == str(max(int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+    ]
     tags = latest.tags
-    print(f"busy loops: {args.busy}; seed {args.seed}; exit code {out.returncode} "
-          f"({'gate passed' if out.returncode == 0 else 'gate FAILED' if out.returncode == 1 else 'error'}); "
-          f"unlearned weights sha256 {tags.get('selprune.weights_sha256', '')[:16]}; forget top-1 drop "
-          f"{tags.get('selprune.metric.forget_top1_drop')}, retain top-1 drop {tags.get('selprune.metric.retain_top1_drop')}; "
-          f"wall time {seconds:.0f} s")
+    print(
+        f"busy loops: {args.busy}; seed {args.seed}; exit code {out.returncode} "
+        f"({'gate passed' if out.returncode == 0 else 'gate FAILED' if out.returncode == 1 else 'error'}); "
+        f"unlearned weights sha256 {tags.get('selprune.weights_sha256', '')[:16]}; forget top-1 drop "
+        f"{tags.get('selprune.metric.forget_top1_drop')}, "
+        f"retain top-1 drop {tags.get('selprune.metric.retain_top1_drop')}; "
+        f"wall time {seconds:.0f} s"
+    )
     return out.returncode
 
 

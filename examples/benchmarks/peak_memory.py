@@ -18,6 +18,7 @@ the heap, so its peak RSS can creep up with the number of batches;
 
     python examples/benchmarks/peak_memory.py [--budgets 20000 80000] [--threads 1] [--malloc-mmap-threshold 131072]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -104,12 +105,21 @@ def worker(tokens: int, threads: int | None) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[20_000, 80_000],
-                        help="collect tokens per dataset, one fresh process each")
+    parser.add_argument(
+        "--budgets",
+        type=int,
+        nargs="+",
+        default=[20_000, 80_000],
+        help="collect tokens per dataset, one fresh process each",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own)")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=None,
-                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the runs: a fixed threshold stops "
-                             "glibc from keeping large freed blocks on the heap")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the runs: a fixed threshold stops "
+        "glibc from keeping large freed blocks on the heap",
+    )
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -128,36 +138,61 @@ def main(argv=None):
         if args.malloc_mmap_threshold:
             env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
         if out.returncode != 0 or line is None:
             print(out.stdout[-2000:], out.stderr[-4000:])
             raise SystemExit(f"the worker for {budget} tokens failed (exit {out.returncode})")
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(json.loads(line[len("RESULT ") :]))
 
     r0 = results[0]
-    print(f"   model: GPT-NeoX 4x256, intermediate 1024, vocab 4096 on {r0['device']}, "
-          f"{r0['param_bytes'] / MB:.1f} MiB of parameters; statistics (default sums) "
-          f"{r0['stats_bytes_per_dataset'] / 1024:.0f} KiB per dataset; {r0['threads']} torch thread(s)"
-          + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else ""))
+    print(
+        f"   model: GPT-NeoX 4x256, intermediate 1024, vocab 4096 on {r0['device']}, "
+        f"{r0['param_bytes'] / MB:.1f} MiB of parameters; statistics (default sums) "
+        f"{r0['stats_bytes_per_dataset'] / 1024:.0f} KiB per dataset; {r0['threads']} torch thread(s)"
+        + (f"; MALLOC_MMAP_THRESHOLD_={args.malloc_mmap_threshold}" if args.malloc_mmap_threshold else "")
+    )
     print("   one pruning step: collect forget + collect retain + score/select/zero 2% FF, then evaluate both")
     rows = []
     for r in results:
-        rows.append([f"{r['tokens']:,}", r["collect_tokens"], r["eval_tokens"], r["data_bytes"] / MB,
-                     r["before"] / MB, (r["after_collect"] - r["before"]) / MB, (r["peak"] - r["after_collect"]) / MB,
-                     r["peak"] / MB, r["peak"] / r["param_bytes"]]
-                    + ([r["cuda_collect"] / MB, r["cuda_peak"] / MB] if r["cuda_peak"] is not None else []))
-    headers = ["budget/dataset", "collect tok", "eval tok", "batches MiB", "RSS before MiB",
-               "+collect MiB", "+evaluate MiB", "peak RSS MiB", "peak/params"]
+        rows.append(
+            [
+                f"{r['tokens']:,}",
+                r["collect_tokens"],
+                r["eval_tokens"],
+                r["data_bytes"] / MB,
+                r["before"] / MB,
+                (r["after_collect"] - r["before"]) / MB,
+                (r["peak"] - r["after_collect"]) / MB,
+                r["peak"] / MB,
+                r["peak"] / r["param_bytes"],
+            ]
+            + ([r["cuda_collect"] / MB, r["cuda_peak"] / MB] if r["cuda_peak"] is not None else [])
+        )
+    headers = [
+        "budget/dataset",
+        "collect tok",
+        "eval tok",
+        "batches MiB",
+        "RSS before MiB",
+        "+collect MiB",
+        "+evaluate MiB",
+        "peak RSS MiB",
+        "peak/params",
+    ]
     table(rows, headers + (["cuda collect MiB", "cuda peak MiB"] if r0["cuda_peak"] is not None else []))
     if len(results) >= 2:
         first, last = results[0], results[-1]
         added = [(r["after_collect"] - r["before"]) / MB for r in (first, last)]
-        print(f"   collect tokens x{last['collect_tokens'] / first['collect_tokens']:.1f} -> peak RSS added by "
-              f"the statistics phases {added[0]:.1f} -> {added[1]:.1f} MiB; whole run peak "
-              f"{first['peak'] / MB:.0f} -> {last['peak'] / MB:.0f} MiB (x{last['peak'] / first['peak']:.2f})")
-    print("   RSS before = high-water mark after imports, model and batches; the process baseline "
-          f"(python + torch + transformers + evaluate) is {r0['after_imports'] / MB:.0f} MiB. +collect / "
-          "+evaluate = how far each part raised the high-water mark (0: it stayed below the earlier peak)")
+        print(
+            f"   collect tokens x{last['collect_tokens'] / first['collect_tokens']:.1f} -> peak RSS added by "
+            f"the statistics phases {added[0]:.1f} -> {added[1]:.1f} MiB; whole run peak "
+            f"{first['peak'] / MB:.0f} -> {last['peak'] / MB:.0f} MiB (x{last['peak'] / first['peak']:.2f})"
+        )
+    print(
+        "   RSS before = high-water mark after imports, model and batches; the process baseline "
+        f"(python + torch + transformers + evaluate) is {r0['after_imports'] / MB:.0f} MiB. +collect / "
+        "+evaluate = how far each part raised the high-water mark (0: it stayed below the earlier peak)"
+    )
     footer()
 
 

@@ -9,6 +9,7 @@ Contenders run in interleaved rounds over the same batches (see common.interleav
 
     python examples/benchmarks/real_model.py [--tokens 4096] [--repeats 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,30 +50,39 @@ def main(argv=None):
     forget = prepare_data(RECIPE.forget, tokenizer, data)
     retain = prepare_data(RECIPE.retain, tokenizer, data)
     collect_batches, eval_batches = forget.collect_batches, forget.eval_batches
-    print(f"   model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{model_bytes / 2**20:.0f} MiB float32")
-    print(f"   data: {n_real_tokens(collect_batches):,} collect and {n_real_tokens(eval_batches):,} eval tokens of "
-          f"{RECIPE.forget} (the demo's data options: batches of 16, one chunk of up to 128 tokens per document)")
+    print(
+        f"   model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model_bytes / 2**20:.0f} MiB float32"
+    )
+    print(
+        f"   data: {n_real_tokens(collect_batches):,} collect and {n_real_tokens(eval_batches):,} eval tokens of "
+        f"{RECIPE.forget} (the demo's data options: batches of 16, one chunk of up to 128 tokens per document)"
+    )
 
     contenders = {
         "plain forward (body)": plain_forward(model, collect_batches, body=True),
         "collect (abs)": lambda: collect_statistics(model, collect_batches, progress=False),
         "plain forward (full)": plain_forward(model, eval_batches),
-        "evaluate": lambda: evaluate_model(model, eval_batches, skip_token_ids=forget.skip_token_ids,
-                                           progress=False),
+        "evaluate": lambda: evaluate_model(model, eval_batches, skip_token_ids=forget.skip_token_ids, progress=False),
     }
     t = interleaved(contenders, repeats=args.repeats, warmup=1)
     rows = []
-    for name, baseline, batches in (("collect (abs)", "plain forward (body)", collect_batches),
-                                    ("evaluate", "plain forward (full)", eval_batches)):
+    for name, baseline, batches in (
+        ("collect (abs)", "plain forward (body)", collect_batches),
+        ("evaluate", "plain forward (full)", eval_batches),
+    ):
         real = n_real_tokens(batches)
-        rows.append([name, real / t.median(name), real / t.median(baseline), t.ratio(name, baseline),
-                     baseline])
+        rows.append([name, real / t.median(name), real / t.median(baseline), t.ratio(name, baseline), baseline])
     table(rows, ["phase", "tokens/s", "baseline tokens/s", "x baseline", "baseline"])
 
     start = time.perf_counter()
-    prune(model, forget.collect_batches, retain.collect_batches,
-          PruneConfig(ff_frac=RECIPE.prune.ff_frac, attn_frac=RECIPE.prune.attn_frac, steps=1), progress=False)
+    prune(
+        model,
+        forget.collect_batches,
+        retain.collect_batches,
+        PruneConfig(ff_frac=RECIPE.prune.ff_frac, attn_frac=RECIPE.prune.attn_frac, steps=1),
+        progress=False,
+    )
     step_seconds = time.perf_counter() - start
     collected = n_real_tokens(forget.collect_batches) + n_real_tokens(retain.collect_batches)
     print(f"\n   one pruning step (statistics on {collected:,} tokens, scoring, surgery): {step_seconds:.1f} s")

@@ -9,6 +9,7 @@ No MLflow: the engine and the data layer only, so the numbers are the pruning's 
 
 Without recipe flags it runs the demo's recipe (``mlflow_selprune.demo.RECIPE``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,14 +64,17 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, nargs="+", default=[RECIPE.data.split_seed])
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
-    parser.add_argument("--stderr-only", action="store_true",
-                        help="print only the parent's top-1 with its standard error, per side and split seed")
+    parser.add_argument(
+        "--stderr-only",
+        action="store_true",
+        help="print only the parent's top-1 with its standard error, per side and split seed",
+    )
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlflow_selprune import PruneConfig, prepare_data, prune
+    from mlflow_selprune import prepare_data, prune
     from mlflow_selprune.engine import randomly_pruned
     from mlflow_selprune.evaluation.drops import relative_drop
     from mlflow_selprune.registry.model_sources import prepare
@@ -79,14 +83,21 @@ def main() -> None:
     header("selective pruning frontier on a real pretrained model", args)
     directory = prepare(args.source).directory
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = dataclasses.replace(RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, steps=args.steps,
-                                 scoring=args.scoring)
+    config = dataclasses.replace(
+        RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, steps=args.steps, scoring=args.scoring
+    )
     keys = ("top1", "skip50_top1")
     print("threads | data seed | step | forget top1 | forget skip50 | retain top1 | retain skip50 | seconds")
     for data_seed in args.data_seed:
-        data = dataclasses.replace(RECIPE.data, collect_tokens=args.collect_tokens, eval_tokens=args.eval_tokens,
-                                   max_length=args.max_length, batch_size=args.batch_size, split_seed=data_seed,
-                                   chunks_per_document=args.chunks_per_document)
+        data = dataclasses.replace(
+            RECIPE.data,
+            collect_tokens=args.collect_tokens,
+            eval_tokens=args.eval_tokens,
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            split_seed=data_seed,
+            chunks_per_document=args.chunks_per_document,
+        )
         forget = prepare_data(args.forget, tokenizer, data)
         retain = prepare_data(args.retain, tokenizer, data)
         evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
@@ -94,9 +105,11 @@ def main() -> None:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
             for side, prepared in (("forget", forget), ("retain", retain)):
                 p, se = top1_standard_error(model, prepared.eval_batches)
-                print(f"split seed {data_seed}: {side} top-1 {p:.4f} +- {se:.4f} (standard error; "
-                      f"{prepared.eval_tokens} eval tokens, {len(prepared.eval_batches)} batches); relative "
-                      f"error {se / p:.1%}")
+                print(
+                    f"split seed {data_seed}: {side} top-1 {p:.4f} +- {se:.4f} (standard error; "
+                    f"{prepared.eval_tokens} eval tokens, {len(prepared.eval_batches)} batches); relative "
+                    f"error {se / p:.1%}"
+                )
             continue
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -108,22 +121,40 @@ def main() -> None:
                 metrics = record.get("metrics", {})
                 if record["step"] == 0:
                     baseline.update(metrics)
-                    print(f"{threads} | {data_seed} | parent | " + " | ".join(
-                        f"{metrics[f'{side}_{k}']:.4f}" for side in ("forget", "retain") for k in keys) + " |",
-                          flush=True)
+                    print(
+                        f"{threads} | {data_seed} | parent | "
+                        + " | ".join(f"{metrics[f'{side}_{k}']:.4f}" for side in ("forget", "retain") for k in keys)
+                        + " |",
+                        flush=True,
+                    )
                 elif metrics:
-                    drops = [relative_drop(baseline[f"{side}_{k}"], metrics[f"{side}_{k}"])
-                             for side in ("forget", "retain") for k in keys]
-                    print(f"{threads} | {data_seed} | {record['step']} | " + " | ".join(f"{-d:+.1%}" for d in drops)
-                          + f" | {time.perf_counter() - start:.0f}", flush=True)
+                    drops = [
+                        relative_drop(baseline[f"{side}_{k}"], metrics[f"{side}_{k}"])
+                        for side in ("forget", "retain")
+                        for k in keys
+                    ]
+                    print(
+                        f"{threads} | {data_seed} | {record['step']} | "
+                        + " | ".join(f"{-d:+.1%}" for d in drops)
+                        + f" | {time.perf_counter() - start:.0f}",
+                        flush=True,
+                    )
 
-            result = prune(model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn,
-                           on_step=show, progress=False)
+            result = prune(
+                model,
+                forget.collect_batches,
+                retain.collect_batches,
+                config,
+                evaluate_fn=evaluate_fn,
+                on_step=show,
+                progress=False,
+            )
             base = result.baseline_metrics
             with randomly_pruned(model, result, seed=config.seed):
                 m = evaluate_fn(model)
-            drops = [relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain")
-                     for k in keys]
+            drops = [
+                relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain") for k in keys
+            ]
             print(f"{threads} | {data_seed} | control | " + " | ".join(f"{-d:+.1%}" for d in drops) + " |", flush=True)
             del model
 

@@ -21,6 +21,7 @@ float64 Welford computed here on the same data.
 
     python examples/benchmarks/reference_comparison.py [--batches 2] [--repeats 11] [--stat-batches 4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,11 +83,15 @@ class WelfordCollector:
             x = args[0].reshape(-1, args[0].shape[-1])[self.keep].to(self.dtype)
             for name, transform in self.TRANSFORMS.items():
                 self.state[kind][layer][name].update(transform(x))
+
         return hook
 
     def collect(self, batches) -> "WelfordCollector":
-        handles = [p.module.register_forward_hook(self._hook(kind, p.layer))
-                   for kind in ("ff", "attn") for p in self.arch.projections(kind)]
+        handles = [
+            p.module.register_forward_hook(self._hook(kind, p.layer))
+            for kind in ("ff", "attn")
+            for p in self.arch.projections(kind)
+        ]
         try:
             with torch.no_grad():
                 for batch in batches:
@@ -102,9 +107,11 @@ class WelfordCollector:
         rows = []
         for state in self.state[kind]:
             a, absolute = state["a"], state["abs"]
-            value = {"abs": absolute.mean,
-                     "rms": torch.sqrt(a.var.clamp_min(0) + a.mean ** 2),
-                     "std": torch.sqrt(a.var.clamp_min(0))}[name]
+            value = {
+                "abs": absolute.mean,
+                "rms": torch.sqrt(a.var.clamp_min(0) + a.mean**2),
+                "std": torch.sqrt(a.var.clamp_min(0)),
+            }[name]
             rows.append(value.double())
         return torch.stack(rows)
 
@@ -125,7 +132,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=2, help="batches per timing round")
     parser.add_argument("--repeats", type=int, default=11, help="timed rounds (after one warm-up round)")
-    parser.add_argument("--stat-batches", type=int, default=4, help="batches each of forget and retain for the top-k check")
+    parser.add_argument(
+        "--stat-batches", type=int, default=4, help="batches each of forget and retain for the top-k check"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -148,15 +157,30 @@ def main(argv=None):
         "reference: Welford hooks (float32)": lambda: WelfordCollector(model).collect(batches),
     }
     t = interleaved(contenders, repeats=args.repeats, warmup=1)
-    print(f"\n   timing: {args.batches} batches of {args.batch_size}x{args.seq_len} ({real:,} real tokens) per round, "
-          f"median over {args.repeats} interleaved rounds; ratio = median of per-round time ratios")
-    rows = [[name, t.median(name), real / t.median(name), t.ratio(name, "plain forward (full)"),
-             t.ratio(name, "plain forward (body)")] for name in contenders]
+    print(
+        f"\n   timing: {args.batches} batches of {args.batch_size}x{args.seq_len} ({real:,} real tokens) per round, "
+        f"median over {args.repeats} interleaved rounds; ratio = median of per-round time ratios"
+    )
+    rows = [
+        [
+            name,
+            t.median(name),
+            real / t.median(name),
+            t.ratio(name, "plain forward (full)"),
+            t.ratio(name, "plain forward (body)"),
+        ]
+        for name in contenders
+    ]
     rows.append(["reference as quoted (not measured here)", "", "", QUOTED_REFERENCE_RATIO, ""])
     table(rows, ["contender", "s/round", "tokens/s", "x full forward", "x body forward"])
-    ours, ref = t.ratio("ours: collect (abs)", "plain forward (full)"), t.ratio("reference: Welford hooks (float32)", "plain forward (full)")
-    print(f"   ours (abs) {ours:.2f}x vs reference {ref:.2f}x a plain full forward (measured here); "
-          f"reference quoted at ~{QUOTED_REFERENCE_RATIO}x; reference / ours = {ref / ours:.2f}")
+    ours, ref = (
+        t.ratio("ours: collect (abs)", "plain forward (full)"),
+        t.ratio("reference: Welford hooks (float32)", "plain forward (full)"),
+    )
+    print(
+        f"   ours (abs) {ours:.2f}x vs reference {ref:.2f}x a plain full forward (measured here); "
+        f"reference quoted at ~{QUOTED_REFERENCE_RATIO}x; reference / ours = {ref / ours:.2f}"
+    )
 
     # ---- agreement of the top-k neurons with a float64 Welford
     half = vocab // 2
@@ -164,14 +188,19 @@ def main(argv=None):
     retain = make_batches(args.stat_batches, args.batch_size, args.seq_len, vocab, seed=2, low=half, high=vocab)
     ours_f = collect_statistics(model, forget, sums="all", progress=False).ff
     ours_r = collect_statistics(model, retain, sums="all", progress=False).ff
-    exact_f, exact_r = WelfordCollector(model, torch.float64).collect(forget), WelfordCollector(model, torch.float64).collect(retain)
+    exact_f, exact_r = (
+        WelfordCollector(model, torch.float64).collect(forget),
+        WelfordCollector(model, torch.float64).collect(retain),
+    )
     ref_f, ref_r = WelfordCollector(model).collect(forget), WelfordCollector(model).collect(retain)
     n_ff = ours_f.sums["sum_abs"].numel()
     k = round(FRAC * n_ff)
-    print(f"\n   top-k agreement: forget = {args.stat_batches} batches of ids in [2, {half}), retain = "
-          f"{args.stat_batches} batches of ids in [{half}, {vocab}) ({n_real_tokens(forget):,} / "
-          f"{n_real_tokens(retain):,} real tokens); k = {FRAC:.0%} of {n_ff} FF neurons = {k}; "
-          f"score = I(forget) / (I(retain) + {EPS:g})")
+    print(
+        f"\n   top-k agreement: forget = {args.stat_batches} batches of ids in [2, {half}), retain = "
+        f"{args.stat_batches} batches of ids in [{half}, {vocab}) ({n_real_tokens(forget):,} / "
+        f"{n_real_tokens(retain):,} real tokens); k = {FRAC:.0%} of {n_ff} FF neurons = {k}; "
+        f"score = I(forget) / (I(retain) + {EPS:g})"
+    )
     rows = []
     for name in ("abs", "rms", "std"):
         exact = exact_f.importance("ff", name) / (exact_r.importance("ff", name) + EPS)
@@ -179,10 +208,29 @@ def main(argv=None):
         ref_scores = ref_f.importance("ff", name) / (ref_r.importance("ff", name) + EPS)
         truth, mine, theirs = top_k(exact), top_k(ours_scores), top_k(ref_scores)
         max_rel = float(((ours_scores - exact).abs() / exact.abs().clamp_min(1e-12)).max())
-        rows.append([name, str(mine == truth), f"{len(mine & truth)}/{k}", max_rel,
-                     str(theirs == truth), f"{len(theirs & truth)}/{k}", margin(exact, k)])
-    table(rows, ["importance", "ours: top-k identical", "overlap", "max rel. score error",
-                 "ref float32: identical", "overlap", "k-th/(k+1)-th gap (rel.)"])
+        rows.append(
+            [
+                name,
+                str(mine == truth),
+                f"{len(mine & truth)}/{k}",
+                max_rel,
+                str(theirs == truth),
+                f"{len(theirs & truth)}/{k}",
+                margin(exact, k),
+            ]
+        )
+    table(
+        rows,
+        [
+            "importance",
+            "ours: top-k identical",
+            "overlap",
+            "max rel. score error",
+            "ref float32: identical",
+            "overlap",
+            "k-th/(k+1)-th gap (rel.)",
+        ],
+    )
     for row in rows:
         print(f"   {row[0]}: top-k identical: {row[1]} (overlap {row[2]}) vs float64 Welford")
     footer()

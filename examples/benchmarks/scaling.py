@@ -17,6 +17,7 @@ shared with other jobs the 2-process speedup can only be what idle cores allow.
 
     python examples/benchmarks/scaling.py [--tokens 10000 20000 40000] [--process-tokens 20000] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ def worker(args) -> None:
     accelerator = Accelerator(cpu=True)
     model = build_neox()
     batches = batches_for_tokens(args.worker)
-    collect_statistics(model, batches[:accelerator.num_processes], accelerator=accelerator, progress=False)  # warm-up
+    collect_statistics(model, batches[: accelerator.num_processes], accelerator=accelerator, progress=False)  # warm-up
     times = []
     for _ in range(args.repeats):
         accelerator.wait_for_everyone()
@@ -50,31 +51,56 @@ def worker(args) -> None:
     if accelerator.is_main_process:
         if stats.ff.n_tokens != n_real_tokens(batches):
             print(f"warning: counted {stats.ff.n_tokens} tokens, expected {n_real_tokens(batches)}")
-        print("RESULT " + json.dumps({"processes": accelerator.num_processes, "times": times,
-                                      "tokens": n_real_tokens(batches), "threads": torch.get_num_threads()}))
+        print(
+            "RESULT "
+            + json.dumps(
+                {
+                    "processes": accelerator.num_processes,
+                    "times": times,
+                    "tokens": n_real_tokens(batches),
+                    "threads": torch.get_num_threads(),
+                }
+            )
+        )
 
 
 def launch(n_processes: int, args) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_processes}",
-               os.path.abspath(__file__), "--worker", str(args.process_tokens), "--threads", str(args.threads),
-               "--repeats", str(args.repeats)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={n_processes}",
+        os.path.abspath(__file__),
+        "--worker",
+        str(args.process_tokens),
+        "--threads",
+        str(args.threads),
+        "--repeats",
+        str(args.repeats),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     start = time.perf_counter()
     out = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((text for text in out.stdout.splitlines() if text.startswith("RESULT ")), None)
     if out.returncode != 0 or line is None:
         print(out.stdout[-2000:], out.stderr[-4000:])
         raise SystemExit(f"torchrun with {n_processes} process(es) failed (exit {out.returncode})")
-    result = json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT ") :])
     result["launch_wall"] = wall
     return result
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[10_000, 20_000, 40_000],
-                        help="token counts (positions) for the in-process sweep")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        nargs="+",
+        default=[10_000, 20_000, 40_000],
+        help="token counts (positions) for the in-process sweep",
+    )
     parser.add_argument("--sweep-repeats", type=int, default=3, help="interleaved rounds of the sweep")
     parser.add_argument("--process-tokens", type=int, default=20_000, help="tokens for the 1- vs 2-process runs")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -95,13 +121,18 @@ def main(argv=None):
 
     header("scaling of statistics collection with tokens and processes", args)
     model = build_neox()
-    print(f"   model: GPT-NeoX 4 layers, hidden 256, intermediate 1024, vocab 4096, random init; "
-          f"collect_statistics with default sums; {args.threads} torch thread(s) per process")
+    print(
+        f"   model: GPT-NeoX 4 layers, hidden 256, intermediate 1024, vocab 4096, random init; "
+        f"collect_statistics with default sums; {args.threads} torch thread(s) per process"
+    )
 
     # ---- tokens
     data = {n: batches_for_tokens(n) for n in args.tokens}
-    t = interleaved({n: (lambda b=b: collect_statistics(model, b, progress=False)) for n, b in data.items()},
-                    repeats=args.sweep_repeats, warmup=1)
+    t = interleaved(
+        {n: (lambda b=b: collect_statistics(model, b, progress=False)) for n, b in data.items()},
+        repeats=args.sweep_repeats,
+        warmup=1,
+    )
     base = None
     rows = []
     for n, batches in data.items():
@@ -125,13 +156,25 @@ def main(argv=None):
         seconds = statistics.median(times)
         base = base or seconds
         tokens = results[n][0]["tokens"]
-        rows.append([n, tokens, seconds, tokens / seconds, base / seconds,
-                     statistics.median(r["launch_wall"] for r in results[n])])
-    print(f"\n   2) processes through torchrun (gloo, Accelerator(cpu=True)), {args.threads} thread(s) each; "
-          f"median of {args.launches} launches x {args.repeats} collections")
+        rows.append(
+            [
+                n,
+                tokens,
+                seconds,
+                tokens / seconds,
+                base / seconds,
+                statistics.median(r["launch_wall"] for r in results[n]),
+            ]
+        )
+    print(
+        f"\n   2) processes through torchrun (gloo, Accelerator(cpu=True)), {args.threads} thread(s) each; "
+        f"median of {args.launches} launches x {args.repeats} collections"
+    )
     table(rows, ["processes", "real tokens", "seconds", "tokens/s", "speedup", "launch wall s"])
-    print(f"   {os.cpu_count()} logical cores on this machine; load average now {os.getloadavg()[0]:.2f}: "
-          "the 2-process speedup is bounded by the cores other jobs leave free")
+    print(
+        f"   {os.cpu_count()} logical cores on this machine; load average now {os.getloadavg()[0]:.2f}: "
+        "the 2-process speedup is bounded by the cores other jobs leave free"
+    )
     footer()
 
 

@@ -8,6 +8,7 @@ anywhere (the script checks that the directory stays empty and that each case ex
 
     python examples/benchmarks/startup_time.py [--rounds 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,21 @@ CASES = [
     ("mlflow-selprune --help", ["-m", "mlflow_selprune", "--help"], 0),
     ("prune --help", ["-m", "mlflow_selprune", "prune", "--help"], 0),
     ("prune --ff-frac abc (bad option)", ["-m", "mlflow_selprune", "prune", "--ff-frac", "abc"], 2),
-    ("prune --forget ./nope.txt (missing data)",
-     ["-m", "mlflow_selprune", "prune", "--model-uri", "models:/some-model/1", "--forget", "./nope.txt",
-      "--retain", "builtin:stdlib-prose"], 2),
+    (
+        "prune --forget ./nope.txt (missing data)",
+        [
+            "-m",
+            "mlflow_selprune",
+            "prune",
+            "--model-uri",
+            "models:/some-model/1",
+            "--forget",
+            "./nope.txt",
+            "--retain",
+            "builtin:stdlib-prose",
+        ],
+        2,
+    ),
     ("lineage, no store here (refusal)", ["-m", "mlflow_selprune", "lineage", "models:/some-model/1"], 2),
 ]
 
@@ -49,13 +62,16 @@ def main() -> int:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     times: dict[str, list[float]] = {label: [] for label, _, _ in CASES}
     print(f"== CLI start-up: median of {args.rounds} fresh processes per case, interleaved")
-    print(f"   python {sys.version.split()[0]}, {os.cpu_count()} logical cores, load average at start: {load_average()}")
+    print(
+        f"   python {sys.version.split()[0]}, {os.cpu_count()} logical cores, load average at start: {load_average()}"
+    )
     with tempfile.TemporaryDirectory() as empty:
         for _ in range(args.rounds):
             for label, argv, expected in CASES:
                 start = time.perf_counter()
-                out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=empty,
-                                     timeout=600)
+                out = subprocess.run(
+                    [sys.executable, *argv], capture_output=True, text=True, env=env, cwd=empty, timeout=600
+                )
                 times[label].append(time.perf_counter() - start)
                 if out.returncode != expected:
                     print(f"unexpected exit {out.returncode} (wanted {expected}) for {label}: {out.stderr[-500:]}")

@@ -15,6 +15,7 @@ on how many follow it), so one run per model shows the whole frontier; the contr
 Trained models are cached under ``--cache`` (keyed by the recipe's model and training fields, seed, threads,
 torch and plugin versions); delete it after changing training code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,15 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", default="1,2,4")
-    for name in ("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "train_steps",
-                 "batch_size"):
+    for name in (
+        "patch_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+        "train_steps",
+        "batch_size",
+    ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(RECIPE, name))
     p.add_argument("--lr", type=float, default=RECIPE.lr)
     for name in ("ff_frac", "attn_frac", "ff_eps", "attn_eps"):
@@ -60,21 +68,48 @@ def parse_args():
 
 
 def recipe_from(args):
-    prune = dataclasses.replace(RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, ff_eps=args.ff_eps,
-                                attn_eps=args.attn_eps, steps=args.frontier_steps or args.steps,
-                                scoring=args.scoring, selection=args.selection)
-    return dataclasses.replace(RECIPE, patch_size=args.patch_size, hidden_size=args.hidden_size,
-                               num_layers=args.num_layers, num_heads=args.num_heads,
-                               intermediate_size=args.intermediate_size,
-                               train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, prune=prune)
+    prune = dataclasses.replace(
+        RECIPE.prune,
+        ff_frac=args.ff_frac,
+        attn_frac=args.attn_frac,
+        ff_eps=args.ff_eps,
+        attn_eps=args.attn_eps,
+        steps=args.frontier_steps or args.steps,
+        scoring=args.scoring,
+        selection=args.selection,
+    )
+    return dataclasses.replace(
+        RECIPE,
+        patch_size=args.patch_size,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        intermediate_size=args.intermediate_size,
+        train_steps=args.train_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        prune=prune,
+    )
 
 
 def trained(data_dir: Path, recipe, seed: int, threads: int, cache: Path):
     """The demo ViT for (recipe's training, seed, threads), from the cache when it was trained before."""
     from transformers import ViTForImageClassification
 
-    key = {k: getattr(recipe, k) for k in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
-                                           "intermediate_size", "train_steps", "batch_size", "lr")}
+    key = {
+        k: getattr(recipe, k)
+        for k in (
+            "image_size",
+            "patch_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "train_steps",
+            "batch_size",
+            "lr",
+        )
+    }
     key.update(seed=seed, threads=threads, torch=torch.__version__, selprune=__version__)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"vit-{digest}"
@@ -102,17 +137,28 @@ def measure(data_dir: Path, recipe, seed: int, threads: int, cache: Path) -> dic
         forget, retain = load_datasets(image_processor(recipe), str(data_dir), None, data, model=model)
         config = dataclasses.replace(recipe.prune, seed=seed)  # the demo passes its --seed to the pruning too
         evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
-        result = mlflow_selprune.prune(model, forget.collect_batches, retain.collect_batches, config,
-                                       evaluate_fn=evaluate_fn, progress=False)
+        result = mlflow_selprune.prune(
+            model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn, progress=False
+        )
         metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
         with randomly_pruned(model, result, seed=config.seed):
             metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
     finally:
         torch.set_num_threads(previous)
-    per_step = [summary_metrics(result.baseline_metrics, r["metrics"]) for r in result.steps
-                if r.get("step", 0) > 0 and "metrics" in r and r.get("kept", True)]
-    return {"seed": seed, "threads": threads, "accuracy": accuracy, "metrics": metrics, "per_step": per_step,
-            "n_forget": forget.eval_images, "n_retain": retain.eval_images}
+    per_step = [
+        summary_metrics(result.baseline_metrics, r["metrics"])
+        for r in result.steps
+        if r.get("step", 0) > 0 and "metrics" in r and r.get("kept", True)
+    ]
+    return {
+        "seed": seed,
+        "threads": threads,
+        "accuracy": accuracy,
+        "metrics": metrics,
+        "per_step": per_step,
+        "n_forget": forget.eval_images,
+        "n_retain": retain.eval_images,
+    }
 
 
 def main() -> None:
@@ -121,11 +167,14 @@ def main() -> None:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     data_dir = write_digits(Path(args.data_dir) if args.data_dir else cache / "digits")
-    print("recipe:", json.dumps({k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("data",)},
-                                default=str))
+    print(
+        "recipe:", json.dumps({k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("data",)}, default=str)
+    )
     print(f"torch {torch.__version__}; seeds {args.seeds}; threads {args.threads}")
-    head = (f"{'seed':>4} {'thr':>3} {'test acc':>8} {'parent fgt':>10} {'parent ret':>10} {'fgt drop':>8} "
-            f"{'ret drop':>8} {'select.':>7} {'ctl fgt':>8} {'ctl ret':>8}")
+    head = (
+        f"{'seed':>4} {'thr':>3} {'test acc':>8} {'parent fgt':>10} {'parent ret':>10} {'fgt drop':>8} "
+        f"{'ret drop':>8} {'select.':>7} {'ctl fgt':>8} {'ctl ret':>8}"
+    )
     print(head)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -134,21 +183,27 @@ def main() -> None:
             row = measure(data_dir, recipe, seed, threads, cache)
             m = row["metrics"]
             rows.append(row)
-            print(f"{seed:>4} {threads:>3} {row['accuracy']:>8.4f} {m['parent_forget_top1']:>10.4f} "
-                  f"{m['parent_retain_top1']:>10.4f} {m['forget_top1_drop']:>8.1%} {m['retain_top1_drop']:>8.1%} "
-                  f"{m['selectivity']:>7.2f} {m['control_forget_top1_drop']:>8.1%} "
-                  f"{m['control_retain_top1_drop']:>8.1%}   ({time.perf_counter() - start:.0f}s, not a result)",
-                  flush=True)
+            print(
+                f"{seed:>4} {threads:>3} {row['accuracy']:>8.4f} {m['parent_forget_top1']:>10.4f} "
+                f"{m['parent_retain_top1']:>10.4f} {m['forget_top1_drop']:>8.1%} {m['retain_top1_drop']:>8.1%} "
+                f"{m['selectivity']:>7.2f} {m['control_forget_top1_drop']:>8.1%} "
+                f"{m['control_retain_top1_drop']:>8.1%}   ({time.perf_counter() - start:.0f}s, not a result)",
+                flush=True,
+            )
     print(f"eval images: forget {rows[0]['n_forget']}, retain {rows[0]['n_retain']}")
     forget_drops = [r["metrics"]["forget_top1_drop"] for r in rows]
     retain_drops = [r["metrics"]["retain_top1_drop"] for r in rows]
     selectivities = [r["metrics"]["selectivity"] for r in rows]
     worst_f, worst_r, worst_s = min(forget_drops), max(retain_drops), min(selectivities)
-    print(f"worst over {len(rows)} runs: forget top-1 drop {worst_f:.4f}, retain top-1 drop {worst_r:.4f}, "
-          f"selectivity {worst_s:.2f}")
-    print(f"gate by the rule (1/2 worst forget, 2x worst retain with drops under RETAIN_DROP_FLOOR counted as "
-          f"{RETAIN_DROP_FLOOR}, 1/2 worst selectivity): min_forget_drop <= {worst_f / 2:.4f}, "
-          f"max_retain_drop >= {2 * max(worst_r, RETAIN_DROP_FLOOR):.4f}, min_selectivity <= {worst_s / 2:.2f}")
+    print(
+        f"worst over {len(rows)} runs: forget top-1 drop {worst_f:.4f}, retain top-1 drop {worst_r:.4f}, "
+        f"selectivity {worst_s:.2f}"
+    )
+    print(
+        f"gate by the rule (1/2 worst forget, 2x worst retain with drops under RETAIN_DROP_FLOOR counted as "
+        f"{RETAIN_DROP_FLOOR}, 1/2 worst selectivity): min_forget_drop <= {worst_f / 2:.4f}, "
+        f"max_retain_drop >= {2 * max(worst_r, RETAIN_DROP_FLOOR):.4f}, min_selectivity <= {worst_s / 2:.2f}"
+    )
     if args.frontier_steps:
         print("frontier: worst (min forget drop / max retain drop / min selectivity) over the runs after each step")
         for i in range(args.frontier_steps):
@@ -158,9 +213,12 @@ def main() -> None:
             f = [s["forget_top1_drop"] for s in steps]
             r = [s["retain_top1_drop"] for s in steps]
             sel = [s["selectivity"] for s in steps]
-            print(f"  step {i + 1}: forget {min(f):6.1%} (mean {sum(f) / len(f):6.1%})  retain {max(r):6.1%} "
-                  f"(mean {sum(r) / len(r):6.1%})  selectivity {min(sel):6.2f}   "
-                  f"per run retain: {' '.join(f'{x:.3f}' for x in r)}", flush=True)
+            print(
+                f"  step {i + 1}: forget {min(f):6.1%} (mean {sum(f) / len(f):6.1%})  retain {max(r):6.1%} "
+                f"(mean {sum(r) / len(r):6.1%})  selectivity {min(sel):6.2f}   "
+                f"per run retain: {' '.join(f'{x:.3f}' for x in r)}",
+                flush=True,
+            )
     if any(math.isnan(x) for x in forget_drops + retain_drops):
         print("warning: a drop is NaN (parent value under the floor)")
 

@@ -12,6 +12,7 @@ text (a BOS before it for OPT or Llama, ``[CLS]`` ... ``[SEP]`` for BERT,
 nothing for GPT-2), so the model sees inputs shaped like those it was trained
 on.
 """
+
 from __future__ import annotations
 
 import collections
@@ -56,7 +57,6 @@ class PreparedData:
     masking: MaskingIds | None = None  # the tokenizer's mask/special ids, for masked LMs (None: no mask token)
     select_batches: list[dict] | None = None  # budget runs: what the budget reads to stop (None: two parts only)
     select_tokens: int = 0
-
 
 
 class _TokenCache:
@@ -130,7 +130,8 @@ def prepare_data(
     keys = [hashlib.sha256(text.encode("utf-8")).digest() for text in iter_texts(documents)]
     split_keys = seeded_keys(keys, options.split_seed)
     if eval_only:
-        collect_order, eval_order = [], sorted(range(len(keys)), key=lambda i: (split_keys[i], i))
+        collect_order: list[int] = []
+        eval_order = sorted(range(len(keys)), key=lambda i: (split_keys[i], i))
     else:
         collect_order, eval_order = split_documents(split_keys, options.eval_fraction, spec)
     select_order, eval_order = split_select(split_keys, eval_order, spec) if select_part else ([], eval_order)
@@ -145,22 +146,38 @@ def prepare_data(
     warnings: list[str] = []
 
     def take(part: str, order: list[int], budget: int, min_chunk: int):
-        used, chunks = _take_chunks(documents, order, keys, tokenizer, tokenizer_key, prefix=prefix,
-                                    suffix=suffix, budget=budget, max_length=options.max_length, min_chunk=min_chunk,
-                                    chunks_per_document=options.chunks_per_document)
+        used, chunks = _take_chunks(
+            documents,
+            order,
+            keys,
+            tokenizer,
+            tokenizer_key,
+            prefix=prefix,
+            suffix=suffix,
+            budget=budget,
+            max_length=options.max_length,
+            min_chunk=min_chunk,
+            chunks_per_document=options.chunks_per_document,
+        )
         n_tokens = sum(len(c) for c in chunks)
         if n_tokens < min_tokens:
-            raise DataError(f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
-                            f"{min_tokens} needed; add more documents")
+            raise DataError(
+                f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
+                f"{min_tokens} needed; add more documents"
+            )
         if n_tokens < budget:
-            message = (f"DATA {spec!r}: the {part} part has only {n_tokens} tokens "
-                       f"({len(used)} documents), fewer than the {budget} asked for")
+            message = (
+                f"DATA {spec!r}: the {part} part has only {n_tokens} tokens "
+                f"({len(used)} documents), fewer than the {budget} asked for"
+            )
             logger.warning(message)
             warnings.append(message)
         if len(used) < ADVISED_DOCUMENTS or (part == "eval" and n_tokens < ADVISED_EVAL_TOKENS):
-            message = (f"DATA {spec!r}: the {part} part has {len(used)} documents and {n_tokens} tokens; with "
-                       f"fewer than {ADVISED_DOCUMENTS} documents (or {ADVISED_EVAL_TOKENS} eval tokens) a side, "
-                       "drops follow those documents more than the capability: add data (docs/data.md)")
+            message = (
+                f"DATA {spec!r}: the {part} part has {len(used)} documents and {n_tokens} tokens; with "
+                f"fewer than {ADVISED_DOCUMENTS} documents (or {ADVISED_EVAL_TOKENS} eval tokens) a side, "
+                "drops follow those documents more than the capability: add data (docs/data.md)"
+            )
             logger.warning(message)
             warnings.append(message)
         return used, chunks, n_tokens
@@ -170,15 +187,19 @@ def prepare_data(
     else:
         collect_used, collect_chunks, n_collect = take("collect", collect_order, options.collect_tokens, 1)
     eval_used, eval_chunks, n_eval = take("eval", eval_order, options.eval_tokens, 2)
-    select_used, select_chunks, n_select = (take("select", select_order, options.eval_tokens, 2) if select_part
-                                            else ([], [], 0))
+    select_used, select_chunks, n_select = (
+        take("select", select_order, options.eval_tokens, 2) if select_part else ([], [], 0)
+    )
     if use_disk:
-        entries = {key: _TOKEN_CACHE.get((tokenizer_key, key)) for key in keys}
-        entries = {key: ids for key, ids in entries.items() if ids is not None}
+        cached = {key: _TOKEN_CACHE.get((tokenizer_key, key)) for key in keys}
+        entries = {key: ids for key, ids in cached.items() if ids is not None}
         if set(entries) - set(stored):
             token_cache.save(tokenizer_key, keys, entries)
-    texts = {"collect": documents[collect_used]["text"] if collect_used else [],
-             "eval": documents[eval_used]["text"], "select": documents[select_used]["text"] if select_used else []}
+    texts = {
+        "collect": documents[collect_used]["text"] if collect_used else [],
+        "eval": documents[eval_used]["text"],
+        "select": documents[select_used]["text"] if select_used else [],
+    }
     frequent_from = eval_chunks if eval_only else collect_chunks
     prepared = PreparedData(
         spec=spec,
@@ -187,7 +208,7 @@ def prepare_data(
         eval_batches=make_batches(eval_chunks, options.batch_size, pad_id),
         collect_tokens=n_collect,
         eval_tokens=n_eval,
-        skip_token_ids=most_frequent_tokens([c[len(prefix):len(c) - len(suffix)] for c in frequent_from], 50),
+        skip_token_ids=most_frequent_tokens([c[len(prefix) : len(c) - len(suffix)] for c in frequent_from], 50),
         n_documents=len(collect_used) + len(eval_used) + len(select_used),
         warnings=warnings,
         documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"] + texts["select"]}),
@@ -195,8 +216,15 @@ def prepare_data(
         select_batches=make_batches(select_chunks, options.batch_size, pad_id) if select_part else None,
         select_tokens=n_select,
     )
-    logger.debug("DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
-                 spec, n_collect, len(collect_used), n_eval, len(eval_used), prepared.digest[:12])
+    logger.debug(
+        "DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
+        spec,
+        n_collect,
+        len(collect_used),
+        n_eval,
+        len(eval_used),
+        prepared.digest[:12],
+    )
     return prepared
 
 
@@ -222,8 +250,8 @@ def _probe_affixes(tokenizer) -> tuple[list[int], list[int]]:
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe, add_special_tokens=True)["input_ids"]
     for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start]), list(full[start + len(plain):])
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start]), list(full[start + len(plain) :])
     return [], []
 
 
@@ -238,8 +266,9 @@ def _as_documents(spec_or_dataset, source: SourceOptions, trust_remote_code: boo
     if isinstance(spec_or_dataset, (list, tuple)) and all(isinstance(t, str) for t in spec_or_dataset):
         spec = f"<list of {len(spec_or_dataset)} documents>"
         return spec, text_documents(datasets.Dataset.from_dict({"text": list(spec_or_dataset)}), spec, None)
-    raise DataError(f"DATA must be a spec string, a datasets.Dataset or a list of strings, "
-                    f"not {type(spec_or_dataset).__name__}")
+    raise DataError(
+        f"DATA must be a spec string, a datasets.Dataset or a list of strings, not {type(spec_or_dataset).__name__}"
+    )
 
 
 def _pad_token_id(tokenizer) -> int:
@@ -276,8 +305,10 @@ def split_documents(keys: Sequence[bytes], eval_fraction: float, spec: str = "DA
     elif n_eval == len(order):
         n_eval = _group_start(order, keys, len(order) - 1)  # the highest-hash ones move to collect
     if n_eval == 0 or n_eval == len(order):
-        raise DataError(f"{spec!r}: need at least 2 distinct documents (one to collect statistics "
-                        f"on, one to evaluate on); found {len(set(keys))}")
+        raise DataError(
+            f"{spec!r}: need at least 2 distinct documents (one to collect statistics "
+            f"on, one to evaluate on); found {len(set(keys))}"
+        )
     return order[n_eval:], order[:n_eval]
 
 
@@ -292,8 +323,10 @@ def split_select(keys: Sequence[bytes], eval_order: list[int], spec: str = "DATA
         (report if len(select) > len(report) else select).extend(eval_order[position:end])
         position = end
     if not report:
-        raise DataError(f"{spec!r}: a budget run needs at least 2 distinct eval documents (one part to stop on, "
-                        "one to report on): add documents or raise --eval-fraction")
+        raise DataError(
+            f"{spec!r}: a budget run needs at least 2 distinct eval documents (one part to stop on, "
+            "one to report on): add documents or raise --eval-fraction"
+        )
     return select, report
 
 
@@ -317,33 +350,50 @@ def _tokenizer_key(tokenizer) -> tuple:
     """Identifies a tokenizer's behaviour for the token cache (name alone is not enough)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return (type(tokenizer).__name__, tokenizer.name_or_path, len(tokenizer),
-            hashlib.sha256(definition.encode("utf-8")).hexdigest())
+    return (
+        type(tokenizer).__name__,
+        tokenizer.name_or_path,
+        len(tokenizer),
+        hashlib.sha256(definition.encode("utf-8")).hexdigest(),
+    )
 
 
 def _token_ids(tokenizer, tokenizer_key, texts: list[str], keys: list[bytes]) -> list[torch.Tensor]:
     """Token ids of each text, from the in-process cache or one batched tokenizer call."""
-    ids = [_TOKEN_CACHE.get((tokenizer_key, key)) for key in keys]
-    missing = [i for i, cached in enumerate(ids) if cached is None]
+    found = [_TOKEN_CACHE.get((tokenizer_key, key)) for key in keys]
+    missing = [i for i, cached in enumerate(found) if cached is None]
     if missing:
-        encoded = tokenizer([texts[i] for i in missing], add_special_tokens=False,
-                            return_attention_mask=False, verbose=False)["input_ids"]
+        encoded = tokenizer(
+            [texts[i] for i in missing], add_special_tokens=False, return_attention_mask=False, verbose=False
+        )["input_ids"]
         for i, new in zip(missing, encoded):
-            ids[i] = torch.tensor(new, dtype=torch.long)
-            _TOKEN_CACHE.put((tokenizer_key, keys[i]), ids[i])
-    return ids
+            found[i] = ids = torch.tensor(new, dtype=torch.long)
+            _TOKEN_CACHE.put((tokenizer_key, keys[i]), ids)
+    return [ids for ids in found if ids is not None]
 
 
 def _document_tokens(documents, order, keys, tokenizer, tokenizer_key):
     """(index, token ids) of the documents in ``order``, tokenized lazily a group at a time."""
     for start in range(0, len(order), _TOKENIZE_GROUP):
-        group = order[start:start + _TOKENIZE_GROUP]
+        group = order[start : start + _TOKENIZE_GROUP]
         texts = documents[group]["text"]
         yield from zip(group, _token_ids(tokenizer, tokenizer_key, texts, [keys[i] for i in group]))
 
 
-def _take_chunks(documents, order, keys, tokenizer, tokenizer_key, *, prefix, suffix=(), budget, max_length,
-                 min_chunk, chunks_per_document=None):
+def _take_chunks(
+    documents,
+    order,
+    keys,
+    tokenizer,
+    tokenizer_key,
+    *,
+    prefix,
+    suffix=(),
+    budget,
+    max_length,
+    min_chunk,
+    chunks_per_document=None,
+):
     """(indices of the documents used, their chunks) until ``budget`` tokens are taken.
 
     Each chunk is ``prefix``, up to ``max_length - len(prefix) - len(suffix)``
@@ -382,13 +432,13 @@ def make_batches(chunks: Sequence[torch.Tensor], batch_size: int, pad_id: int) -
     by_length = sorted(range(len(chunks)), key=lambda i: (-len(chunks[i]), i))
     batches = []
     for start in range(0, len(by_length), batch_size):
-        rows = [chunks[i] for i in by_length[start:start + batch_size]]
+        rows = [chunks[i] for i in by_length[start : start + batch_size]]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         for row, ids in enumerate(rows):
-            input_ids[row, :len(ids)] = ids
-            attention_mask[row, :len(ids)] = 1
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
         batches.append({"input_ids": input_ids, "attention_mask": attention_mask})
     return batches
 
@@ -399,7 +449,7 @@ def most_frequent_tokens(chunks: Sequence[torch.Tensor], k: int = 50) -> list[in
         return []
     counts = torch.bincount(torch.cat(list(chunks)))
     ids = torch.sort(counts, descending=True, stable=True).indices  # stable: equal counts keep id order
-    return ids[:min(k, int((counts > 0).sum()))].tolist()
+    return ids[: min(k, int((counts > 0).sum()))].tolist()
 
 
 def documents_digest(collect_texts: Sequence[str], eval_texts: Sequence[str], select_texts: Sequence[str] = ()) -> str:

@@ -17,6 +17,7 @@ Both come from a single pass over the sources in sorted file order (``ast``
 finds the docstrings, a string-aware scan drops the comments), so they are
 deterministic for a given Python version. They are built once per process.
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,8 +40,20 @@ from .specs import BUILTIN_CORPORA, BUILTIN_PREFIX  # noqa: E402,F401 - one list
 # tables (``encodings``) and the topic texts (``pydoc_data``, used as prose)
 # are not representative hand-written library code.
 _SKIP_DIRS = frozenset(
-    {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages",
-     "dist-packages", "__pycache__", "encodings", "pydoc_data", "ensurepip"}
+    {
+        "test",
+        "tests",
+        "idlelib",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "encodings",
+        "pydoc_data",
+        "ensurepip",
+    }
 )
 _DOC_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 _MIN_PROSE_CHARS = 150
@@ -64,7 +77,7 @@ _STRING_OR_COMMENT = re.compile(
 
 def builtin_documents(name: str) -> list[str]:
     """The documents of built-in corpus ``name`` (with or without the ``builtin:`` prefix)."""
-    key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
+    key = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
     if key == "stdlib-code":
         return list(_stdlib_corpora()[0])
     if key == "stdlib-prose":
@@ -76,11 +89,9 @@ def builtin_documents(name: str) -> list[str]:
 def _stdlib_files() -> list[str]:
     """The standard library's ``.py`` files, in sorted (deterministic) order."""
     root = sysconfig.get_paths()["stdlib"]
-    files = []
+    files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(
-            d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(("config-", "."))
-        )
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(("config-", ".")))
         files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
     return files
 
@@ -95,8 +106,9 @@ def _stdlib_corpora() -> tuple[tuple[str, ...], tuple[str, ...]]:
         _scan_stdlib(code, prose)
     prose.extend(_pydoc_topic_documents())
     prose = list(dict.fromkeys(prose))  # the same docstring appears in several places
-    logger.debug("built stdlib corpora (%d code, %d prose documents) in %.1fs",
-                 len(code), len(prose), time.monotonic() - start)
+    logger.debug(
+        "built stdlib corpora (%d code, %d prose documents) in %.1fs", len(code), len(prose), time.monotonic() - start
+    )
     return tuple(code), tuple(prose)
 
 
@@ -127,8 +139,7 @@ def _scan_stdlib(code: list[str], prose: list[str]) -> None:
         except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
             continue  # unreadable or not parseable by this interpreter
         docstrings = list(_docstrings(tree))
-        prose.extend(filter(None, (_prose_from_docstring(inspect.cleandoc(d.value.value))
-                                   for _, d in docstrings)))
+        prose.extend(filter(None, (_prose_from_docstring(inspect.cleandoc(d.value.value)) for _, d in docstrings)))
         prose.extend(_comment_documents(source))
         stripped = _strip_code(source, docstrings)
         if stripped:
@@ -163,8 +174,13 @@ def _top_level_units(source: str) -> list[str]:
 def _docstrings(node: ast.AST):
     """(owner, docstring expression) pairs, visiting statements only (expressions hold none)."""
     body = getattr(node, "body", None)
-    if isinstance(node, _DOC_OWNERS) and body and isinstance(body[0], ast.Expr) \
-            and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (
+        isinstance(node, _DOC_OWNERS)
+        and body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         yield node, body[0]
     for field in ("body", "orelse", "finalbody", "handlers", "cases"):
         children = getattr(node, field, None)
@@ -178,8 +194,8 @@ def _code_string(m) -> str:
     text = m.group("string")
     if not text:
         return ""
-    quote = text[:3] if text[:3] in ("\'\'\'", '\"\"\"') else text[0]
-    body = text[len(quote):-len(quote)]
+    quote = text[:3] if text[:3] in ("'''", '"""') else text[0]
+    body = text[len(quote) : -len(quote)]
     return quote * 2 if re.search(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}", body) else text
 
 
@@ -196,7 +212,7 @@ def _strip_code(source: str, docstrings) -> str:
         indent = len(first) - len(first.lstrip())
         if doc.col_offset != indent or len(last.rstrip().encode()) != doc.end_col_offset:
             continue
-        lines[doc.lineno - 1:doc.end_lineno] = [""] * (doc.end_lineno - doc.lineno + 1)
+        lines[doc.lineno - 1 : doc.end_lineno] = [""] * (doc.end_lineno - doc.lineno + 1)
         if len(owner.body) == 1:
             lines[doc.lineno - 1] = first[:indent] + "pass\n"
     code = _STRING_OR_COMMENT.sub(_code_string, "".join(lines))
@@ -268,8 +284,11 @@ def _clean_prose(text: str, min_words: int = 4) -> str:
         if any(_NON_PROSE_LINE.match(line) for line in lines):
             continue
         flat = " ".join(line.strip() for line in lines)
-        kept = [s for s in _SENTENCE_END.split(flat)
-                if len(s.split()) >= min_words and not _CODE_WORD.search(s) and s.rstrip()[-1:] in ".!?:;,"]
+        kept = [
+            s
+            for s in _SENTENCE_END.split(flat)
+            if len(s.split()) >= min_words and not _CODE_WORD.search(s) and s.rstrip()[-1:] in ".!?:;,"
+        ]
         if kept:
             out.append(textwrap.fill(" ".join(kept), width=72))
     return "\n\n".join(out)
@@ -293,7 +312,8 @@ def _pydoc_topic_documents() -> list[str]:
     documents = []
     for name in sorted(topics):
         paragraphs = [
-            p.strip() for p in re.split(r"\n\s*\n", topics[name])
+            p.strip()
+            for p in re.split(r"\n\s*\n", topics[name])
             if p.strip() and not p[:1].isspace() and _is_prose_paragraph(p)
         ]
         text = _clean_prose("\n\n".join(paragraphs))

@@ -16,6 +16,7 @@ image processor. Batches are exactly ``{"pixel_values", "labels"}``. The
 data digest (``batching.documents_digest`` over "pixel-sha256 label" lines)
 covers pixels, labels and the part each image is in.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -98,12 +99,15 @@ def looks_like_image_data(spec: str) -> bool:
     return False
 
 
-def load_image_dataset(spec: str, source: SourceOptions, flag: str, trust_remote_code: bool = False
-                       ) -> datasets.Dataset:
+def load_image_dataset(
+    spec: str, source: SourceOptions, flag: str, trust_remote_code: bool = False
+) -> datasets.Dataset:
     """The raw dataset behind an image DATA spec (all columns)."""
     if spec.startswith(BUILTIN_PREFIX):
-        raise DataError(f"{flag}: {spec} is text, but the model is an image classifier; give image DATA "
-                        "(a save_to_disk or imagefolder directory, or a hub dataset)")
+        raise DataError(
+            f"{flag}: {spec} is text, but the model is an image classifier; give image DATA "
+            "(a save_to_disk or imagefolder directory, or a hub dataset)"
+        )
     if _MLFLOW_URI.match(spec):
         return load_image_dataset(_download_mlflow_artifacts(spec), source, flag, trust_remote_code)
     path = Path(spec).expanduser()
@@ -115,22 +119,32 @@ def load_image_dataset(spec: str, source: SourceOptions, flag: str, trust_remote
                 raise DataError(f"{flag}: could not load the saved dataset in {spec!r}: {exc}") from exc
             return _pick_split(loaded, source.split, spec) if isinstance(loaded, datasets.DatasetDict) else loaded
         if not looks_like_image_data(str(path)):
-            raise DataError(f"{flag}: directory {spec!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}),"
-                            " but the model is an image classifier; give image DATA (one sub-folder per class, "
-                            "or a save_to_disk directory)")
+            raise DataError(
+                f"{flag}: directory {spec!r} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}),"
+                " but the model is an image classifier; give image DATA (one sub-folder per class, "
+                "or a save_to_disk directory)"
+            )
         try:
             return datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
         except Exception as exc:
-            raise DataError(f"{flag}: could not read {spec!r} as an imagefolder directory: "
-                            f"{str(exc).splitlines()[0]}") from exc
+            raise DataError(
+                f"{flag}: could not read {spec!r} as an imagefolder directory: {str(exc).splitlines()[0]}"
+            ) from exc
     if path.is_file():
-        raise DataError(f"{flag}: {spec!r} is a file, but the model is an image classifier; give image DATA "
-                        "(a save_to_disk or imagefolder directory, or a hub dataset)")
+        raise DataError(
+            f"{flag}: {spec!r} is a file, but the model is an image classifier; give image DATA "
+            "(a save_to_disk or imagefolder directory, or a hub dataset)"
+        )
     if looks_like_path(spec):
         raise DataError(f"{flag}: no such file or directory: {spec!r}")
     try:
-        return _load_hub(spec, config=source.data_config, split=source.split, revision=source.revision,
-                         trust_remote_code=trust_remote_code)
+        return _load_hub(
+            spec,
+            config=source.data_config,
+            split=source.split,
+            revision=source.revision,
+            trust_remote_code=trust_remote_code,
+        )
     except DataError as exc:
         raise DataError(f"{flag}: {exc}") from None
 
@@ -143,20 +157,29 @@ def _columns(dataset: datasets.Dataset, spec: str, source: SourceOptions, flag: 
     available = f"its columns: {', '.join(columns) or '(none)'}"
     if image_column not in columns:
         if source.image_column is None and any(c in columns for c in ("text", "content", "code")):
-            raise DataError(f"{flag}: DATA {spec!r} holds text, but the model is an image classifier; give image "
-                            f"DATA, or name the image column with --image-column ({available})")
-        raise DataError(f"{flag}: DATA {spec!r} has no image column {image_column!r} ({available}); "
-                        "choose it with --image-column")
+            raise DataError(
+                f"{flag}: DATA {spec!r} holds text, but the model is an image classifier; give image "
+                f"DATA, or name the image column with --image-column ({available})"
+            )
+        raise DataError(
+            f"{flag}: DATA {spec!r} has no image column {image_column!r} ({available}); choose it with --image-column"
+        )
     if not isinstance(dataset.features[image_column], datasets.Image):
-        raise DataError(f"{flag}: column {image_column!r} of DATA {spec!r} holds {dataset.features[image_column]}, "
-                        "not images; choose the image column with --image-column")
+        raise DataError(
+            f"{flag}: column {image_column!r} of DATA {spec!r} holds {dataset.features[image_column]}, "
+            "not images; choose the image column with --image-column"
+        )
     if label_column not in columns:
-        raise DataError(f"--label-column: DATA {spec!r} ({flag}) has no label column {label_column!r} ({available}); "
-                        "choose it with --label-column (an imagefolder directory needs one sub-folder per class)")
+        raise DataError(
+            f"--label-column: DATA {spec!r} ({flag}) has no label column {label_column!r} ({available}); "
+            "choose it with --label-column (an imagefolder directory needs one sub-folder per class)"
+        )
     return image_column, label_column
 
 
-def _label_ids(dataset: datasets.Dataset, spec: str, label_column: str, model_config) -> tuple[list[int], list[str] | None]:
+def _label_ids(
+    dataset: datasets.Dataset, spec: str, label_column: str, model_config
+) -> tuple[list[int], list[str] | None]:
     """Every row's class id, and the dataset's class names when it has them (a ClassLabel column)."""
     feature = dataset.features[label_column]
     values = dataset[label_column]
@@ -167,18 +190,23 @@ def _label_ids(dataset: datasets.Dataset, spec: str, label_column: str, model_co
         label2id = {str(k): int(v) for k, v in (getattr(model_config, "label2id", None) or {}).items()}
         unknown = sorted({v for v in values if v not in label2id})
         if unknown:
-            raise DataError(f"--label-column: DATA {spec!r} has labels the model does not know: "
-                            f"{', '.join(map(repr, unknown[:5]))}; the model's classes: {', '.join(label2id) or '(none)'}")
+            raise DataError(
+                f"--label-column: DATA {spec!r} has labels the model does not know: "
+                f"{', '.join(map(repr, unknown[:5]))}; the model's classes: {', '.join(label2id) or '(none)'}"
+            )
         ids, names = [label2id[v] for v in values], None
     elif getattr(feature, "dtype", "").startswith(("int", "uint")):
         ids, names = [int(v) for v in values], None
     else:
-        raise DataError(f"--label-column: column {label_column!r} of DATA {spec!r} holds {feature}, "
-                        "not class ids or names")
+        raise DataError(
+            f"--label-column: column {label_column!r} of DATA {spec!r} holds {feature}, not class ids or names"
+        )
     bad = sorted({i for i in ids if i < 0 or (n_labels and i >= n_labels)})
     if bad:
-        raise DataError(f"--label-column: DATA {spec!r} has class ids {bad[:5]} outside the model's "
-                        f"{n_labels} classes (0..{n_labels - 1})")
+        raise DataError(
+            f"--label-column: DATA {spec!r} has class ids {bad[:5]} outside the model's "
+            f"{n_labels} classes (0..{n_labels - 1})"
+        )
     return ids, names
 
 
@@ -195,15 +223,16 @@ def _class_label_ids(values, names: list[str], spec: str, model_config) -> tuple
         return [int(v) for v in values], names
     unknown = [name for name in names if name not in label2id]
     if unknown:
-        raise DataError(f"--label-column: DATA {spec!r} has classes the model does not know: "
-                        f"{', '.join(map(repr, unknown[:5]))}; the model's classes: {', '.join(label2id)}")
+        raise DataError(
+            f"--label-column: DATA {spec!r} has classes the model does not know: "
+            f"{', '.join(map(repr, unknown[:5]))}; the model's classes: {', '.join(label2id)}"
+        )
     mapping = [label2id[name] for name in names]
     id2name = {i: name for name, i in label2id.items()}
     return [mapping[int(v)] for v in values], [id2name.get(i, str(i)) for i in range(max(id2name) + 1)]
 
 
-def resolve_classes(items: list[str], present: set[int], names: list[str] | None, model_config,
-                    spec: str) -> list[int]:
+def resolve_classes(items: list[str], present: set[int], names: list[str] | None, model_config, spec: str) -> list[int]:
     """``--forget-classes`` items (names or ids) as class ids, each present in the data."""
     id2label = {int(k): str(v) for k, v in (getattr(model_config, "id2label", None) or {}).items()}
     by_name = {name: i for i, name in id2label.items()}
@@ -239,39 +268,52 @@ def _convert(image, channels: int):
     return image.convert("L" if channels == 1 else "RGB")
 
 
-def _batches(dataset, rows: list[int], image_column: str, labels: list[int], processor, channels: int,
-             batch_size: int) -> list[dict]:
+def _batches(
+    dataset, rows: list[int], image_column: str, labels: list[int], processor, channels: int, batch_size: int
+) -> list[dict]:
     batches = []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         images = [_convert(img, channels) for img in dataset.select(chunk)[image_column]]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         if pixel_values.dim() == 3:  # a one-channel processor may drop the channel axis
             pixel_values = pixel_values.unsqueeze(1)
-        batches.append({"pixel_values": pixel_values.float(),
-                        "labels": torch.tensor([labels[i] for i in chunk], dtype=torch.long)})
+        batches.append(
+            {"pixel_values": pixel_values.float(), "labels": torch.tensor([labels[i] for i in chunk], dtype=torch.long)}
+        )
     return batches
 
 
-def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: str, labels: list[int],
-                       keep: set[int] | None, processor, model_config, options: DataOptions, flag: str,
-                       select_part: bool = False) -> PreparedImages:
+def prepare_image_side(
+    dataset: datasets.Dataset,
+    spec: str,
+    *,
+    image_column: str,
+    labels: list[int],
+    keep: set[int] | None,
+    processor,
+    model_config,
+    options: DataOptions,
+    flag: str,
+    select_part: bool = False,
+) -> PreparedImages:
     """Batches of the rows whose label is in ``keep`` (None: all), split by pixel hash (``select_part``: the
     eval images alternate with a select part, as text documents do)."""
     rows = [i for i, label in enumerate(labels) if keep is None or label in keep]
     if not rows:
         raise DataError(f"{flag}: DATA {spec!r} has no image of the classes asked for")
     channels = int(getattr(model_config, "num_channels", 3) or 3)
-    keys = [pixel_key(_convert(image, channels))
-            for image in dataset.select(rows)[image_column]]
+    keys = [pixel_key(_convert(image, channels)) for image in dataset.select(rows)[image_column]]
     collect_order, eval_order = split_documents(keys, options.eval_fraction, f"{flag} {spec}")
     select_order, eval_order = split_select(keys, eval_order, f"{flag} {spec}") if select_part else ([], eval_order)
-    collect_rows = [rows[i] for i in collect_order[:options.collect_images]]
-    eval_rows = [rows[i] for i in eval_order[:options.eval_images]]
-    select_rows = [rows[i] for i in select_order[:options.eval_images]]
+    collect_rows = [rows[i] for i in collect_order[: options.collect_images]]
+    eval_rows = [rows[i] for i in eval_order[: options.eval_images]]
+    select_rows = [rows[i] for i in select_order[: options.eval_images]]
     warnings = []
-    for part, used, wanted in (("collect", collect_rows, options.collect_images),
-                               ("eval", eval_rows, options.eval_images)):
+    for part, used, wanted in (
+        ("collect", collect_rows, options.collect_images),
+        ("eval", eval_rows, options.eval_images),
+    ):
         if len(used) < min(wanted, options.batch_size):
             message = f"DATA {spec!r} ({flag}): the {part} part has only {len(used)} images"
             logger.warning(message)
@@ -292,23 +334,42 @@ def prepare_image_side(dataset: datasets.Dataset, spec: str, *, image_column: st
         n_documents=len(collect_rows) + len(eval_rows) + len(select_rows),
         classes=classes,
         warnings=warnings,
-        documents=datasets.Dataset.from_dict({
-            "image_sha256": [key_of[r].hex() for r in collect_rows + eval_rows + select_rows],
-            "label": [labels[r] for r in collect_rows + eval_rows + select_rows],
-            "part": ["collect"] * len(collect_rows) + ["eval"] * len(eval_rows) + ["select"] * len(select_rows),
-        }),
-        select_batches=(_batches(dataset, select_rows, image_column, labels, processor, channels, options.batch_size)
-                        if select_part else None),
+        documents=datasets.Dataset.from_dict(
+            {
+                "image_sha256": [key_of[r].hex() for r in collect_rows + eval_rows + select_rows],
+                "label": [labels[r] for r in collect_rows + eval_rows + select_rows],
+                "part": ["collect"] * len(collect_rows) + ["eval"] * len(eval_rows) + ["select"] * len(select_rows),
+            }
+        ),
+        select_batches=(
+            _batches(dataset, select_rows, image_column, labels, processor, channels, options.batch_size)
+            if select_part
+            else None
+        ),
         select_tokens=len(select_rows),
     )
-    logger.debug("DATA %r (%s): %d collect and %d eval images of classes %s, digest %s", spec, flag,
-                 len(collect_rows), len(eval_rows), classes, prepared.digest[:12])
+    logger.debug(
+        "DATA %r (%s): %d collect and %d eval images of classes %s, digest %s",
+        spec,
+        flag,
+        len(collect_rows),
+        len(eval_rows),
+        classes,
+        prepared.digest[:12],
+    )
     return prepared
 
 
-def prepare_image_data(forget: str, retain: str | None, processor, model_config, options: DataOptions | None = None,
-                       *, trust_remote_code: bool = False, select_part: bool = False
-                       ) -> tuple[PreparedImages, PreparedImages]:
+def prepare_image_data(
+    forget: str,
+    retain: str | None,
+    processor,
+    model_config,
+    options: DataOptions | None = None,
+    *,
+    trust_remote_code: bool = False,
+    select_part: bool = False,
+) -> tuple[PreparedImages, PreparedImages]:
     """(forget, retain) image data for an image classifier.
 
     With ``options.forget_classes``, the forget side keeps only those classes
@@ -321,7 +382,7 @@ def prepare_image_data(forget: str, retain: str | None, processor, model_config,
         if items is None:
             raise DataError("--retain is required unless --forget-classes splits one dataset by class")
         retain = forget
-    loaded: dict[str, tuple] = {}
+    loaded: dict[tuple[str, str], tuple] = {}
     sides = {}
     for side, spec in (("forget", forget), ("retain", retain)):
         source = options.source_for(side)
@@ -333,22 +394,35 @@ def prepare_image_data(forget: str, retain: str | None, processor, model_config,
             labels, names = _label_ids(dataset, spec, label_column, model_config)
             loaded[cache_key] = (dataset, image_column, labels, names)
         sides[side] = (spec, flag, *loaded[cache_key])
-    keep = {"forget": None, "retain": None}
+    keep: dict[str, set[int] | None] = {"forget": None, "retain": None}
     if items is not None:
         spec, flag, dataset, image_column, labels, names = sides["forget"]
         forget_ids = set(resolve_classes(items, set(labels), names, model_config, spec))
         retain_labels = sides["retain"][4]
         left = set(retain_labels) - forget_ids
         if not left:
-            raise DataError(f"--forget-classes {options.forget_classes} covers every class of the retain DATA "
-                            f"{sides['retain'][0]!r}: nothing would be retained; forget fewer classes")
+            raise DataError(
+                f"--forget-classes {options.forget_classes} covers every class of the retain DATA "
+                f"{sides['retain'][0]!r}: nothing would be retained; forget fewer classes"
+            )
         keep = {"forget": forget_ids, "retain": left}
     prepared = []
     for side in ("forget", "retain"):
         spec, flag, dataset, image_column, labels, names = sides[side]
         if items is not None:  # the lineage and the run's inputs say which classes each side holds
             spec = f"{spec} [{'classes' if side == 'forget' else 'without classes'} {options.forget_classes}]"
-        prepared.append(prepare_image_side(dataset, spec, image_column=image_column, labels=labels, keep=keep[side],
-                                           processor=processor, model_config=model_config, options=options,
-                                           flag=flag, select_part=select_part))
+        prepared.append(
+            prepare_image_side(
+                dataset,
+                spec,
+                image_column=image_column,
+                labels=labels,
+                keep=keep[side],
+                processor=processor,
+                model_config=model_config,
+                options=options,
+                flag=flag,
+                select_part=select_part,
+            )
+        )
     return prepared[0], prepared[1]

@@ -12,6 +12,7 @@ The choice is seeded by the batch's position in its list, so a parent and its
 pruned child are scored on exactly the same masked inputs, on every machine,
 process count and run.
 """
+
 from __future__ import annotations
 
 import torch
@@ -46,7 +47,7 @@ def mask_batch(batch: dict, tokenizer_or_ids, *, seed: int) -> dict:
         labels[row, chosen] = input_ids[row, chosen]
         masked_ids[row, chosen[:n_masked]] = ids.mask
         replacements = ids.ordinary[torch.randint(len(ids.ordinary), (n_random,), generator=generator)]
-        masked_ids[row, chosen[n_masked:n_masked + n_random]] = replacements
+        masked_ids[row, chosen[n_masked : n_masked + n_random]] = replacements
     return {"input_ids": masked_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -56,7 +57,7 @@ def shares(n_chosen: int) -> tuple[int, int]:
     exact = (n_chosen * MASKED_SHARE, n_chosen * RANDOM_SHARE, n_chosen * (1 - MASKED_SHARE - RANDOM_SHARE))
     counts = [int(x) for x in exact]
     by_remainder = sorted(range(3), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[:n_chosen - sum(counts)]:
+    for i in by_remainder[: n_chosen - sum(counts)]:
         counts[i] += 1
     return counts[0], counts[1]
 
@@ -73,8 +74,10 @@ def masking_ids(tokenizer) -> MaskingIds:
     from ..errors import BadInputError
 
     if tokenizer.mask_token_id is None:
-        raise BadInputError(f"the tokenizer ({type(tokenizer).__name__}) has no mask token, so a masked LM cannot "
-                            "be evaluated; log the model with the tokenizer it was trained with")
+        raise BadInputError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no mask token, so a masked LM cannot "
+            "be evaluated; log the model with the tokenizer it was trained with"
+        )
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     vocab = torch.arange(len(tokenizer), dtype=torch.long)
     return MaskingIds(int(tokenizer.mask_token_id), special, vocab[~torch.isin(vocab, special)])

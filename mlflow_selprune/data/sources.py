@@ -7,6 +7,7 @@ MLflow artifact URI (``runs:/...``, ``mlflow-artifacts:/...``), or a Hugging
 Face hub dataset name. Everything goes through the ``datasets`` library.
 How a spec is read (text column, glob, split, ...) is a ``SourceOptions``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,9 @@ class DataError(BadInputError):
 # --------------------------------------------------------------------------- loading
 
 
-def load_documents(spec: str, source: SourceOptions | None = None, *, trust_remote_code: bool = False,
-                   **source_fields) -> datasets.Dataset:
+def load_documents(
+    spec: str, source: SourceOptions | None = None, *, trust_remote_code: bool = False, **source_fields
+) -> datasets.Dataset:
     """A datasets.Dataset with exactly one column 'text' (non-empty strings), one row per document.
 
     ``source`` (or its fields as keywords: ``paragraphs=True``, ``glob="*.py"``,
@@ -61,8 +63,13 @@ def _load_raw(spec: str, source: SourceOptions, trust_remote_code: bool) -> data
         return _load_files([path], spec, paragraphs=bool(source.paragraphs))
     if looks_like_path(spec):
         raise DataError(f"no such file or directory: {spec!r}")
-    return _load_hub(spec, config=source.data_config, split=source.split, revision=source.revision,
-                     trust_remote_code=trust_remote_code)
+    return _load_hub(
+        spec,
+        config=source.data_config,
+        split=source.split,
+        revision=source.revision,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def _download_mlflow_artifacts(uri: str) -> str:
@@ -83,7 +90,8 @@ def _load_directory(path: Path, *, split, glob, paragraphs) -> datasets.Dataset:
             raise DataError(f"could not load the saved dataset in {str(path)!r}: {exc}") from exc
         return _pick_split(loaded, split, str(path)) if isinstance(loaded, datasets.DatasetDict) else loaded
     files = sorted(
-        p for p in path.rglob(glob or "*")
+        p
+        for p in path.rglob(glob or "*")
         if p.is_file()
         and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts)
         and (glob is not None or p.suffix.lower() in TEXT_EXTENSIONS)
@@ -91,8 +99,10 @@ def _load_directory(path: Path, *, split, glob, paragraphs) -> datasets.Dataset:
     root = path.resolve()
     escaping = [f for f in files if not f.resolve().is_relative_to(root)]
     if escaping:
-        raise DataError(f"{str(escaping[0])!r} in DATA directory {str(path)!r} links outside it; "
-                        "remove the link or copy the file into the directory")
+        raise DataError(
+            f"{str(escaping[0])!r} in DATA directory {str(path)!r} links outside it; "
+            "remove the link or copy the file into the directory"
+        )
     if not files:
         wanted = f"files matching {glob!r}" if glob else "text or source files"
         raise DataError(f"no {wanted} under directory {str(path)!r}; pass a glob such as '*.py'")
@@ -103,8 +113,10 @@ def _load_files(files: list[Path], spec: str, *, paragraphs: bool) -> datasets.D
     """Load files of one format: structured ones by their builder, anything else as text."""
     builders = {_STRUCTURED_BUILDERS.get(f.suffix.lower(), "text") for f in files}
     if len(builders) > 1:
-        raise DataError(f"DATA {spec!r} mixes file formats ({', '.join(sorted(builders))}); "
-                        "select one kind with a glob such as '*.jsonl'")
+        raise DataError(
+            f"DATA {spec!r} mixes file formats ({', '.join(sorted(builders))}); "
+            "select one kind with a glob such as '*.jsonl'"
+        )
     builder = builders.pop()
     options = {}
     if builder == "text":
@@ -127,8 +139,10 @@ def _pick_split(dataset_dict: datasets.DatasetDict, split: str | None, spec: str
 
 def _load_hub(name, *, config, split, revision, trust_remote_code) -> datasets.Dataset:
     """A hub dataset; offline or unreachable hub gives one clear DataError, fast."""
-    unreachable = (f"could not load hub dataset {name!r}: the Hugging Face hub is not reachable "
-                   "({why}); use a local file, a directory, or builtin:stdlib-code / builtin:stdlib-prose")
+    unreachable = (
+        f"could not load hub dataset {name!r}: the Hugging Face hub is not reachable "
+        "({why}); use a local file, a directory, or builtin:stdlib-code / builtin:stdlib-prose"
+    )
     if not datasets.config.HF_HUB_OFFLINE:
         # One quick request first: the dataset loader retries for ~25 s when there is no network.
         _check_hub_dataset(name, revision, unreachable)
@@ -155,8 +169,10 @@ def _check_hub_dataset(name, revision, unreachable: str) -> None:
     except RevisionNotFoundError:
         raise DataError(f"could not load hub dataset {name!r}: it has no revision {revision!r}") from None
     except RepositoryNotFoundError:
-        raise DataError(f"could not load hub dataset {name!r}: no such dataset on the Hugging Face hub "
-                        "(or it is private/gated and you are not logged in)") from None
+        raise DataError(
+            f"could not load hub dataset {name!r}: no such dataset on the Hugging Face hub "
+            "(or it is private/gated and you are not logged in)"
+        ) from None
     except Exception as exc:  # network errors come from the HTTP client, whichever it is
         raise DataError(unreachable.format(why=type(exc).__name__)) from None
 
@@ -173,11 +189,14 @@ def text_documents(dataset: datasets.Dataset, spec: str, text_column: str | None
         if text_column is None and len(strings) == 1:
             text_column = strings[0]
         if text_column is None:
-            raise DataError(f"cannot tell which column of DATA {spec!r} holds the text; "
-                            f"{available} (choose one with --text-column)")
+            raise DataError(
+                f"cannot tell which column of DATA {spec!r} holds the text; {available} (choose one with --text-column)"
+            )
     if not _is_string_feature(dataset.features[text_column]):
-        raise DataError(f"column {text_column!r} of DATA {spec!r} holds {dataset.features[text_column]}, "
-                        f"not text; {available} (choose one with --text-column)")
+        raise DataError(
+            f"column {text_column!r} of DATA {spec!r} holds {dataset.features[text_column]}, "
+            f"not text; {available} (choose one with --text-column)"
+        )
     dataset = dataset.select_columns([text_column])
     if text_column != "text":
         dataset = dataset.rename_column(text_column, "text")

@@ -3,6 +3,7 @@
 Kept free of heavy imports (no torch, no ``datasets``), so the CLI can refuse a
 missing file or an unknown built-in corpus before it loads anything.
 """
+
 from __future__ import annotations
 
 import re
@@ -42,7 +43,7 @@ def check_spec(spec: str, side: str) -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"{flag} is empty; give a file, a directory, builtin:stdlib-code or a dataset name")
     if spec.startswith(BUILTIN_PREFIX):
-        if spec[len(BUILTIN_PREFIX):] not in BUILTIN_CORPORA:
+        if spec[len(BUILTIN_PREFIX) :] not in BUILTIN_CORPORA:
             known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_CORPORA)
             raise SpecError(f"{flag}: unknown built-in corpus {spec!r}; known: {known}")
         return

@@ -8,6 +8,7 @@ oldest files go once the directory passes ``$SELPRUNE_CACHE_MAX_BYTES``
 (default 1 GiB). ``--no-token-cache`` (or ``SELPRUNE_NO_TOKEN_CACHE=1``)
 turns it off. A damaged file is ignored and rewritten, never trusted.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +59,7 @@ def load(tokenizer_key: tuple, keys: list[bytes]) -> dict[bytes, torch.Tensor]:
         doc_keys = [bytes(row.tolist()) for row in stored["keys"]]
         ids = stored["ids"].long()
         os.utime(path)  # recently used: evicted last
-        return {k: ids[offsets[i]:offsets[i + 1]] for i, k in enumerate(doc_keys)}
+        return {k: ids[offsets[i] : offsets[i + 1]] for i, k in enumerate(doc_keys)}
     except Exception:  # noqa: BLE001 - a cache never decides a result; a bad file is rebuilt
         logger.debug("ignoring unreadable token cache %s", path, exc_info=True)
         return {}
@@ -76,9 +77,11 @@ def save(tokenizer_key: tuple, keys: list[bytes], entries: dict[bytes, torch.Ten
         doc_keys = list(entries)
         lengths = [len(entries[k]) for k in doc_keys]
         offsets = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-        tensors = {"ids": torch.cat([entries[k].to(torch.int64) for k in doc_keys]),
-                   "offsets": offsets,
-                   "keys": torch.tensor([list(k) for k in doc_keys], dtype=torch.uint8)}
+        tensors = {
+            "ids": torch.cat([entries[k].to(torch.int64) for k in doc_keys]),
+            "offsets": offsets,
+            "keys": torch.tensor([list(k) for k in doc_keys], dtype=torch.uint8),
+        }
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)  # readers never see a half-written file

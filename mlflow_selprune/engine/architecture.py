@@ -17,10 +17,13 @@ Discovery is generic, so families we never named work unchanged:
 ``ARCHITECTURE_OVERRIDES`` pins the two paths for a family whose modules defy
 that rule.
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from typing import cast
 
 import torch
 from torch import nn
@@ -58,10 +61,17 @@ class Projection:
     def n_neurons(self) -> int:
         return _in_out(self.module)[0]
 
+    @property
+    def weight(self) -> torch.Tensor:
+        return cast(torch.Tensor, self.module.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return cast("torch.Tensor | None", self.module.bias)
+
     def columns(self) -> torch.Tensor:
         """The weight viewed as [out, in], so column i belongs to neuron i."""
-        w = self.module.weight
-        return w.t() if self.transposed else w
+        return self.weight.t() if self.transposed else self.weight
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,7 @@ class Architecture:
 def _in_out(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]  # nn.Linear's ints
 
 
 def _is_projection(module: nn.Module) -> bool:
@@ -187,7 +197,8 @@ def find_architecture(model: nn.Module) -> Architecture:
         raise UnsupportedArchitectureError(
             f"{cls}: its config names no model width (hidden_size, n_embd or d_model), so it has no transformer "
             "blocks whose MLP and attention output projections could be found; selective pruning needs a "
-            "transformer (e.g. ViT or DeiT for images)")
+            "transformer (e.g. ViT or DeiT for images)"
+        )
     blocks_path, blocks = _find_blocks(model)
     model_type = getattr(model.config, "model_type", "")
     ff, attn = [], []

@@ -13,6 +13,7 @@ few steps: a capability that returns at once was hidden, not removed.
 Both work on the pruned model in place and leave it exactly as they found it
 (the parent is restored from the pruning run's saved columns, never reloaded).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,8 +52,10 @@ def parent_restored(model, result: PruneResult):
 @contextlib.contextmanager
 def randomly_pruned(model, result: PruneResult, seed: int):
     """Inside: the parent with as many random neurons per kind and layer pruned. On exit: the pruned model."""
-    random_masks = {kind: random_masks_like(mask, seed * 2 + (kind == ATTN), dead=result.dead_before(kind))
-                    for kind, mask in _masks(result).items()}
+    random_masks = {
+        kind: random_masks_like(mask, seed * 2 + (kind == ATTN), dead=result.dead_before(kind))
+        for kind, mask in _masks(result).items()
+    }
     with _swapped(model, result, random_masks):
         yield random_masks
 
@@ -84,14 +87,19 @@ def rebatched(batches: list[dict], batch_size: int) -> list[dict]:
     attention mask is 0 there, so no loss is taken on them), image tensors as they are."""
     keys = list(batches[0])
     width = {k: max(b[k].shape[1] for b in batches) for k in keys if batches[0][k].dim() == 2}
-    rows = {k: torch.cat([torch.nn.functional.pad(b[k], (0, width[k] - b[k].shape[1])) if k in width else b[k]
-                          for b in batches]) for k in keys}
+    rows = {
+        k: torch.cat(
+            [torch.nn.functional.pad(b[k], (0, width[k] - b[k].shape[1])) if k in width else b[k] for b in batches]
+        )
+        for k in keys
+    }
     n = rows[keys[0]].shape[0]
-    return [{k: v[start:start + batch_size] for k, v in rows.items()} for start in range(0, n, batch_size)]
+    return [{k: v[start : start + batch_size] for k, v in rows.items()} for start in range(0, n, batch_size)]
 
 
-def relearn(model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None,
-            batch_size: int | None = None):
+def relearn(
+    model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None, batch_size: int | None = None
+):
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order),
     regrouped into ``batch_size`` rows a step when given (``--relearn-batch-size``).
 

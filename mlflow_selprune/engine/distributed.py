@@ -1,4 +1,5 @@
 """Multi-process helpers on top of Accelerate: one place for the collectives we use."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ weights, and optionally evaluates. It stops after a fixed number of steps, or
 by a budget: once the forget drop reaches its target, or — rolling that step
 back — as soon as a step would push the retain drop past its budget.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,11 @@ def prune(
     if legacy_options:
         if config is not None:
             raise TypeError("pass either config=PruneConfig(...) or its fields as keywords, not both")
-        warnings.warn("prune(..., ff_frac=...) is deprecated; pass config=PruneConfig(ff_frac=...)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "prune(..., ff_frac=...) is deprecated; pass config=PruneConfig(ff_frac=...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         config = PruneConfig(**legacy_options)
     config = (config or PruneConfig()).validate(has_evaluate=evaluate_fn is not None)
     arch = find_architecture(model)
@@ -90,8 +94,15 @@ def prune(
         if config.budget_mode:
             _budget_drops(config, baseline, baseline)  # a missing budget metric fails now, before any surgery
         if on_step is not None:
-            on_step({"step": 0, "ff_pruned_total": int(dead[FF].sum()), "attn_pruned_total": int(dead[ATTN].sum()),
-                     "kept": True, "metrics": baseline})
+            on_step(
+                {
+                    "step": 0,
+                    "ff_pruned_total": int(dead[FF].sum()),
+                    "attn_pruned_total": int(dead[ATTN].sum()),
+                    "kept": True,
+                    "metrics": baseline,
+                }
+            )
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
     show = progress and (accelerator is None or accelerator.is_local_main_process)
@@ -99,13 +110,26 @@ def prune(
 
     for step in range(1, config.n_steps + 1):
         step_start = time.perf_counter()
-        chosen, thresholds, undos, collect_seconds = _prune_step(model, arch, masks, dead, last_scores,
-                                                                 parent_means, forget_batches, retain_batches,
-                                                                 config, kinds, accelerator, progress, step)
+        chosen, thresholds, undos, collect_seconds = _prune_step(
+            model,
+            arch,
+            masks,
+            dead,
+            last_scores,
+            parent_means,
+            forget_batches,
+            retain_batches,
+            config,
+            kinds,
+            accelerator,
+            progress,
+            step,
+        )
         record = _step_record(step, chosen, thresholds, masks, dead, collect_seconds)
         exhausted = not any(chosen[k].any() for k in KINDS)  # the last state: measured whatever --eval-every says
-        if evaluate_fn is not None and (config.budget_mode or step % config.eval_every == 0 or step == config.n_steps
-                                        or exhausted):
+        if evaluate_fn is not None and (
+            config.budget_mode or step % config.eval_every == 0 or step == config.n_steps or exhausted
+        ):
             eval_start = time.perf_counter()
             record["metrics"] = dict(evaluate_fn(model))
             record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
@@ -120,8 +144,10 @@ def prune(
                     masks[kind] &= ~chosen[kind]
                 record["kept"] = False
                 records.append(record)
-                stop_reason = (f"step {step} rolled back: retain {config.budget_metric} drop "
-                               f"{record['retain_drop']:.4f} exceeds the budget {config.max_retain_drop}")
+                stop_reason = (
+                    f"step {step} rolled back: retain {config.budget_metric} drop "
+                    f"{record['retain_drop']:.4f} exceeds the budget {config.max_retain_drop}"
+                )
                 break
         records.append(record)
         kept_undos.extend(undos)
@@ -133,8 +159,10 @@ def prune(
             on_step(record)
         if config.budget_mode:
             if config.target_forget_drop is not None and record["forget_drop"] >= config.target_forget_drop:
-                stop_reason = (f"forget {config.budget_metric} drop {record['forget_drop']:.4f} reached the target "
-                               f"{config.target_forget_drop} after {step} step(s)")
+                stop_reason = (
+                    f"forget {config.budget_metric} drop {record['forget_drop']:.4f} reached the target "
+                    f"{config.target_forget_drop} after {step} step(s)"
+                )
                 break
             if step == config.n_steps:
                 stop_reason = f"max_steps ({config.max_steps}) reached before the forget target"
@@ -145,15 +173,38 @@ def prune(
     bar.close()
     logger.info("stopped: %s", stop_reason)
     return PruneResult(
-        ff_mask=masks[FF], attn_mask=masks[ATTN], ff_scores=last_scores[FF], attn_scores=last_scores[ATTN],
-        steps=records, config=config, architecture=arch.describe(), baseline_metrics=baseline,
-        final_metrics=latest_metrics, stop_reason=stop_reason, parent_undos=kept_undos,
-        ff_dead=dead[FF], attn_dead=dead[ATTN], attn_parent_means=parent_means.get(ATTN),
+        ff_mask=masks[FF],
+        attn_mask=masks[ATTN],
+        ff_scores=last_scores[FF],
+        attn_scores=last_scores[ATTN],
+        steps=records,
+        config=config,
+        architecture=arch.describe(),
+        baseline_metrics=baseline,
+        final_metrics=latest_metrics,
+        stop_reason=stop_reason,
+        parent_undos=kept_undos,
+        ff_dead=dead[FF],
+        attn_dead=dead[ATTN],
+        attn_parent_means=parent_means.get(ATTN),
     )
 
 
-def _prune_step(model, arch, masks, dead, last_scores, parent_means, forget_batches, retain_batches, config, kinds,
-                accelerator, progress, step):
+def _prune_step(
+    model,
+    arch,
+    masks,
+    dead,
+    last_scores,
+    parent_means,
+    forget_batches,
+    retain_batches,
+    config,
+    kinds,
+    accelerator,
+    progress,
+    step,
+):
     """Collect, score, select (among neurons neither pruned by this run nor dead before it) and zero one step's
     neurons; masks are updated in place, and ``parent_means`` keeps the first step's mean offsets."""
     forget_stats, retain_stats, collect_seconds = _collect_both(
@@ -165,8 +216,11 @@ def _prune_step(model, arch, masks, dead, last_scores, parent_means, forget_batc
             chosen[kind] = torch.zeros(arch.shape(kind), dtype=torch.bool)
             continue
         scores = score(
-            forget_stats[kind], retain_stats[kind], config.scoring_for(kind),
-            eps=config.eps(kind), seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
+            forget_stats[kind],
+            retain_stats[kind],
+            config.scoring_for(kind),
+            eps=config.eps(kind),
+            seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
         ).cpu()
         last_scores[kind] = scores
         chosen[kind] = select(scores, masks[kind] | dead[kind], config.frac(kind), selection=config.selection)
@@ -221,7 +275,9 @@ def _budget_drops(config: PruneConfig, baseline: dict, metrics: dict) -> tuple[f
     key_f, key_r = f"forget_{config.budget_metric}", f"retain_{config.budget_metric}"
     for key in (key_f, key_r):
         if key not in baseline or key not in metrics:
-            raise BadInputError(f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}")
+            raise BadInputError(
+                f"budget mode needs '{key}' from the evaluation function; it returned {sorted(metrics)}"
+            )
     return relative_drop(baseline[key_f], metrics[key_f]), relative_drop(baseline[key_r], metrics[key_r])
 
 
@@ -241,6 +297,9 @@ def _brief(metrics: dict) -> str:
 def _log_step(record: dict) -> None:
     logger.debug(
         "step %d: pruned %d FF and %d attention neurons (%.1fs)%s",
-        record["step"], record["ff_pruned"], record["attn_pruned"], record["seconds"],
+        record["step"],
+        record["ff_pruned"],
+        record["attn_pruned"],
+        record["seconds"],
         f"; {_brief(record['metrics'])}" if "metrics" in record else "",
     )

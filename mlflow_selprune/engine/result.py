@@ -1,5 +1,6 @@
 """What a pruning run removed, and how it is written down: masks and scores as
 safetensors, everything else as one JSON record. Nothing is pickled."""
+
 from __future__ import annotations
 
 import json

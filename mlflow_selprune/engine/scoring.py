@@ -5,6 +5,7 @@ is how much more important it is on the forget data than on the retain data:
 ``I(forget) / (I(retain) + eps)``. The ``mean`` scoring is the exception: it
 scores the absolute difference of the two mean activations.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,10 +29,10 @@ assert tuple(REQUIRED_SUMS) == SCORINGS
 
 def check_scoring(name: str) -> str:
     """The canonical name of a known scoring (``rand`` is ``random``), or a ``ConfigError``."""
-    name = canonical_scoring(name)
-    if name not in REQUIRED_SUMS:
+    canonical = canonical_scoring(name)
+    if canonical is None or canonical not in REQUIRED_SUMS:
         raise ConfigError(f"unknown scoring '{name}'; choose one of {', '.join(SCORINGS)}")
-    return name
+    return canonical
 
 
 def required_sums(*names: str) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
 """Choose which neurons to prune this step: the top-k scores among those not yet pruned."""
+
 from __future__ import annotations
 
 import torch

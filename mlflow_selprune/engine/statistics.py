@@ -12,6 +12,7 @@ in float32 per batch. Each projection's totals, token weights included, live
 on the device its input arrives on, so a model split over devices (a device
 map, disk offload) needs no gather until the end.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,9 +74,10 @@ class ModelStatistics:
         return self.ff if kind == FF else self.attn
 
     def __add__(self, other: "ModelStatistics") -> "ModelStatistics":
-        return ModelStatistics(
-            *(None if self[k] is None else self[k] + other[k] for k in KINDS)
-        )
+        def merged(mine: NeuronStatistics | None, theirs: NeuronStatistics | None) -> NeuronStatistics | None:
+            return None if mine is None or theirs is None else mine + theirs
+
+        return ModelStatistics(merged(self.ff, other.ff), merged(self.attn, other.attn))
 
 
 def _resolve_sums(sums: str | Sequence[str]) -> tuple[str, ...]:
@@ -96,7 +98,7 @@ class _Accumulator:
         self.sums = sums
         self.projections = arch.projections(kind)
         self.totals = [
-            {name: torch.zeros(p.n_neurons, dtype=torch.float64, device=_home(p.module.weight)) for name in sums}
+            {name: torch.zeros(p.n_neurons, dtype=torch.float64, device=_home(p.weight)) for name in sums}
             for p in self.projections
         ]
 

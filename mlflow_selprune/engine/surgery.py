@@ -4,6 +4,7 @@ The change lives in the weights themselves, so a pruned model is a plain
 Hugging Face model: ``save_pretrained``/``from_pretrained`` carry it anywhere,
 no hooks or masks needed at inference time.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,7 +65,8 @@ def prune_neurons(
             index = index.to(columns.device)
             saved_bias = None
             if mean_offset is not None:
-                bias = projection.module.bias
+                bias = projection.bias
+                assert bias is not None  # checked above, before any weight was touched
                 saved_bias = bias.detach().clone()
                 means = mean_offset[projection.layer, index.cpu()].to(columns.device, torch.float64)
                 bias += (columns[:, index].double() @ means).to(bias.dtype)
@@ -99,7 +101,8 @@ def capture(arch: Architecture, kind: str, mask: torch.Tensor) -> Undo:
                 continue
             columns = projection.columns()
             index = index.to(columns.device)
-            bias = projection.module.bias
-            entries.append((projection, index, columns[:, index].clone(),
-                            None if bias is None else bias.detach().clone()))
+            bias = projection.bias
+            entries.append(
+                (projection, index, columns[:, index].clone(), None if bias is None else bias.detach().clone())
+            )
     return Undo(entries)

@@ -6,6 +6,7 @@ set that improved does not make pruning "infinitely selective". The floors
 below say where a number stops meaning something; under them the value is
 NaN (not logged, shown as an absolute change, refused by the gate).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,11 @@ def relative_drops(parent: dict, new: dict, prefix: str) -> dict[str, float]:
     def has(metrics: dict, name: str) -> bool:
         return prefix + name in metrics or name in metrics
 
-    drops = {f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m)) for m in ACCURACY_METRICS
-             if has(parent, m) and has(new, m)}
+    drops = {
+        f"{prefix}{m}_drop": relative_drop(value(parent, m), value(new, m))
+        for m in ACCURACY_METRICS
+        if has(parent, m) and has(new, m)
+    }
     drops[f"{prefix}loss_increase"] = -relative_drop(value(parent, "loss"), value(new, "loss")) + 0.0
     return drops
 

@@ -7,6 +7,7 @@ logged to MLflow come from one documented, reusable definition. Result keys
 have the same shape as the language models' (``{prefix}top1``, ``{prefix}loss``),
 so drops, selectivity, the random control and the gate apply unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,12 +64,22 @@ def evaluate_image_model(
     """
     if not batches:
         raise ValueError("evaluate_image_model needs at least one batch of eval images")
-    arrays = score_batches(model, batches, _image_batch, accelerator=accelerator, progress=progress,
-                           desc=f"evaluating {prefix.rstrip('_') or 'model'}")
+    arrays = score_batches(
+        model,
+        batches,
+        _image_batch,
+        accelerator=accelerator,
+        progress=progress,
+        desc=f"evaluating {prefix.rstrip('_') or 'model'}",
+    )
     present = sorted(int(c) for c in np.unique(arrays["target_id"]))
     classes = present if len(present) <= MAX_CLASSES_REPORTED else []
-    result = image_classes_metric().compute(target_rank=arrays["target_rank"], target_logprob=arrays["target_logprob"],
-                                            label=arrays["target_id"], classes=classes)
+    result = image_classes_metric().compute(
+        target_rank=arrays["target_rank"],
+        target_logprob=arrays["target_logprob"],
+        label=arrays["target_id"],
+        classes=classes,
+    )
     logger.debug("image metrics %s: %s", prefix or "(no prefix)", result)
     names = (*METRIC_NAMES, "n_images", *(f"class_{c}_top1" for c in classes))
     return {prefix + name: result[name] for name in names}

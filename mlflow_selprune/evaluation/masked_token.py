@@ -7,6 +7,7 @@ ranks happen here; the ``masked_token`` ``evaluate`` module in ``metrics/``
 aggregates them into the same metric names as for causal LMs, so drops,
 selectivity and the gate apply unchanged.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,8 +40,10 @@ def mask_batches(batches: Sequence[dict], masking) -> list[dict]:
     if masking is None:
         from ..errors import BadInputError
 
-        raise BadInputError("a masked LM is evaluated on masked tokens, but its tokenizer has no mask token; "
-                            "log the model with the tokenizer it was trained with")
+        raise BadInputError(
+            "a masked LM is evaluated on masked tokens, but its tokenizer has no mask token; "
+            "log the model with the tokenizer it was trained with"
+        )
     return [mask_batch(batch, masking, seed=batch_seed(i)) for i, batch in enumerate(batches)]
 
 
@@ -50,8 +53,16 @@ def _masked_batch(model, batch: dict, device) -> dict[str, torch.Tensor]:
     return masked_token_statistics(logits, labels)
 
 
-def evaluate_masked_model(model, batches: Sequence[dict], *, skip_token_ids: Sequence[int] = (), prefix: str = "",
-                          accelerator=None, progress: bool = True, masking=None) -> dict[str, float]:
+def evaluate_masked_model(
+    model,
+    batches: Sequence[dict],
+    *,
+    skip_token_ids: Sequence[int] = (),
+    prefix: str = "",
+    accelerator=None,
+    progress: bool = True,
+    masking=None,
+) -> dict[str, float]:
     """``{prefix + name: value}`` for METRIC_NAMES and ``n_tokens`` (masked positions) over all ``batches``.
 
     ``batches`` either carry ``labels`` (masked already) or are masked here
@@ -59,10 +70,19 @@ def evaluate_masked_model(model, batches: Sequence[dict], *, skip_token_ids: Seq
     """
     if not batches:
         raise ValueError("evaluate_masked_model needs at least one batch of eval tokens")
-    arrays = score_batches(model, mask_batches(batches, masking), _masked_batch, accelerator=accelerator,
-                           progress=progress, desc=f"evaluating {prefix.rstrip('_') or 'model'} (masked)")
-    result = masked_token_metric().compute(masked_rank=arrays["target_rank"], masked_logprob=arrays["target_logprob"],
-                                           masked_id=arrays["target_id"],
-                                           skip_token_ids=[int(i) for i in skip_token_ids])
+    arrays = score_batches(
+        model,
+        mask_batches(batches, masking),
+        _masked_batch,
+        accelerator=accelerator,
+        progress=progress,
+        desc=f"evaluating {prefix.rstrip('_') or 'model'} (masked)",
+    )
+    result = masked_token_metric().compute(
+        masked_rank=arrays["target_rank"],
+        masked_logprob=arrays["target_logprob"],
+        masked_id=arrays["target_id"],
+        skip_token_ids=[int(i) for i in skip_token_ids],
+    )
     logger.debug("masked-token metrics %s: %s", prefix or "(no prefix)", result)
     return {prefix + name: result[name] for name in (*METRIC_NAMES, "n_tokens")}

@@ -5,6 +5,7 @@ each target) happen here, vectorized in torch; aggregation is done by the
 ``next_token`` ``evaluate`` module shipped in ``mlflow_selprune/metrics``, so
 the numbers logged to MLflow come from one documented, reusable definition.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,8 +41,8 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, torch
     """
     ranks, logprobs = [], []
     for start in range(0, targets.shape[0], _ROWS_PER_CHUNK):
-        rows = scores[start:start + _ROWS_PER_CHUNK].float()
-        target_logit = rows.gather(1, targets[start:start + _ROWS_PER_CHUNK, None])
+        rows = scores[start : start + _ROWS_PER_CHUNK].float()
+        target_logit = rows.gather(1, targets[start : start + _ROWS_PER_CHUNK, None])
         ranks.append((rows > target_logit).sum(-1))
         logprobs.append(target_logit.squeeze(1) - torch.logsumexp(rows, dim=-1))
     empty = scores.new_zeros(0, dtype=torch.float32)
@@ -67,8 +68,15 @@ def token_statistics(
     return target_ranks(logits[:, :-1][valid], input_ids[:, 1:][valid])
 
 
-def score_batches(model, batches: Sequence[dict], batch_statistics, *, accelerator=None, progress: bool = True,
-                  desc: str = "evaluating") -> dict[str, np.ndarray]:
+def score_batches(
+    model,
+    batches: Sequence[dict],
+    batch_statistics,
+    *,
+    accelerator=None,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> dict[str, np.ndarray]:
     """Per-target arrays over all ``batches``: ``batch_statistics(model, batch, device)`` on each, concatenated.
 
     With an ``accelerator`` of several processes, ``batches`` is the full list
@@ -80,7 +88,7 @@ def score_batches(model, batches: Sequence[dict], batch_statistics, *, accelerat
         raise ValueError("evaluation needs at least one batch")
     distributed = accelerator is not None and accelerator.num_processes > 1
     if distributed:
-        batches = batches[accelerator.process_index::accelerator.num_processes]
+        batches = batches[accelerator.process_index :: accelerator.num_processes]
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     device = next(model.parameters()).device
     parts = []
@@ -122,8 +130,14 @@ def evaluate_model(
     """
     if not batches:
         raise ValueError("evaluate_model needs at least one batch of eval tokens")
-    arrays = score_batches(model, batches, _next_token_batch, accelerator=accelerator, progress=progress,
-                           desc=f"evaluating {prefix.rstrip('_') or 'model'}")
+    arrays = score_batches(
+        model,
+        batches,
+        _next_token_batch,
+        accelerator=accelerator,
+        progress=progress,
+        desc=f"evaluating {prefix.rstrip('_') or 'model'}",
+    )
     result = next_token_metric().compute(**arrays, skip_token_ids=[int(i) for i in skip_token_ids])
     logger.debug("next-token metrics %s: %s", prefix or "(no prefix)", result)
     return {prefix + name: result[name] for name in (*METRIC_NAMES, "n_tokens")}

@@ -1,4 +1,5 @@
 """The ``evaluate`` metric modules shipped in ``metrics/``, loaded from disk (never the hub), once each."""
+
 from __future__ import annotations
 
 import functools

@@ -19,6 +19,7 @@ key id is the sha256 of the raw public key. ``lineage --verify
 --trusted-key PUB.pem`` checks the signature and that the statement says what
 the version's verified tags say.
 """
+
 from __future__ import annotations
 
 import base64
@@ -50,14 +51,15 @@ def keygen(directory: str | os.PathLike) -> tuple[Path, Path]:
     directory = Path(directory)
     private_path, public_path = directory / "signing_key.pem", directory / "signing_key.pub.pem"
     if private_path.exists() or public_path.exists():
-        raise BadInputError(f"keygen: {directory} already holds a key pair; choose another directory (a key is "
-                            "never overwritten)")
+        raise BadInputError(
+            f"keygen: {directory} already holds a key pair; choose another directory (a key is never overwritten)"
+        )
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     descriptor = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(private)
@@ -78,12 +80,15 @@ def load_signing_key(path: str | os.PathLike | None, flag: str = "--signing-key"
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
-        raise BadInputError(f"{flag}: cannot read an unencrypted PEM private key from {path} "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                            "make one with `mlflow-selprune keygen DIR`") from None
+        raise BadInputError(
+            f"{flag}: cannot read an unencrypted PEM private key from {path} "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "make one with `mlflow-selprune keygen DIR`"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise BadInputError(f"{flag}: {path} is a {type(key).__name__}, not an Ed25519 key; make one with "
-                            "`mlflow-selprune keygen DIR`")
+        raise BadInputError(
+            f"{flag}: {path} is a {type(key).__name__}, not an Ed25519 key; make one with `mlflow-selprune keygen DIR`"
+        )
     return key
 
 
@@ -102,8 +107,10 @@ def load_trusted_keys(paths: list[str] | tuple[str, ...] = ()) -> dict:
         try:
             key = serialization.load_pem_public_key(Path(path).read_bytes())
         except (OSError, ValueError) as exc:
-            raise BadInputError(f"{flag}: cannot read a PEM public key from {path} "
-                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise BadInputError(
+                f"{flag}: cannot read a PEM public key from {path} "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+            ) from None
         if not isinstance(key, Ed25519PublicKey):
             raise BadInputError(f"{flag}: {path} is not an Ed25519 public key")
         keys[key_id(key)] = key
@@ -124,16 +131,23 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def statement(subject_name: str, manifest_digest: str, predicate_type: str, predicate: dict) -> dict:
-    return {"_type": STATEMENT_TYPE, "subject": [{"name": subject_name, "digest": {"sha256": manifest_digest}}],
-            "predicateType": predicate_type, "predicate": predicate}
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": subject_name, "digest": {"sha256": manifest_digest}}],
+        "predicateType": predicate_type,
+        "predicate": predicate,
+    }
 
 
 def sign(statement_: dict, key) -> bytes:
     """The DSSE envelope (JSON bytes) of ``statement_`` signed with ``key``."""
     payload = json.dumps(statement_, sort_keys=True, separators=(",", ":")).encode()
     signature = key.sign(pae(PAYLOAD_TYPE, payload))
-    envelope = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
-                "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode()}]}
+    envelope = {
+        "payloadType": PAYLOAD_TYPE,
+        "payload": base64.b64encode(payload).decode(),
+        "signatures": [{"keyid": key_id(key.public_key()), "sig": base64.b64encode(signature).decode()}],
+    }
     return json.dumps(envelope, sort_keys=True, indent=2).encode()
 
 
@@ -159,14 +173,19 @@ def open_envelope(envelope: bytes, trusted: dict) -> tuple[dict, str]:
         try:
             key.verify(base64.b64decode(entry["sig"]), pae(payload_type, payload))
         except (InvalidSignature, ValueError, KeyError):
-            raise InvalidAttestation(f"the signature by trusted key {entry['keyid'][:16]} does not verify (the "
-                                     "statement was changed after signing)") from None
+            raise InvalidAttestation(
+                f"the signature by trusted key {entry['keyid'][:16]} does not verify (the "
+                "statement was changed after signing)"
+            ) from None
         try:
             return json.loads(payload), entry["keyid"]
         except ValueError:
             raise InvalidAttestation("the signed payload is not JSON") from None
-    raise InvalidAttestation("signed by no trusted key (key ids " + ", ".join(str(k)[:16] for k in signed_by)
-                             + ")" if signed_by else "the envelope has no signature")
+    raise InvalidAttestation(
+        "signed by no trusted key (key ids " + ", ".join(str(k)[:16] for k in signed_by) + ")"
+        if signed_by
+        else "the envelope has no signature"
+    )
 
 
 def envelope_sha256(envelope: bytes) -> str:
@@ -182,15 +201,19 @@ def unlearning_predicate(tags: dict, parent_manifest: str | None) -> dict:
 
     signed = {k: v for k, v in lineage.lineage_tags(tags).items() if k != lineage.ATTESTATION_SHA}
     return {
-        "parent": {"uri": tags.get(lineage.PARENT), "manifest_sha256": parent_manifest,
-                   "weights_sha256": tags.get(lineage.PARENT_WEIGHTS_SHA)},
+        "parent": {
+            "uri": tags.get(lineage.PARENT),
+            "manifest_sha256": parent_manifest,
+            "weights_sha256": tags.get(lineage.PARENT_WEIGHTS_SHA),
+        },
         "forget": {"data": tags.get(lineage.FORGET_DATA), "digest": tags.get(lineage.FORGET_DIGEST)},
         "retain": {"data": tags.get(lineage.RETAIN_DATA), "digest": tags.get(lineage.RETAIN_DIGEST)},
         "config_sha256": tags.get(lineage.CONFIG_SHA),
         "weights_sha256": tags.get(lineage.WEIGHTS_SHA),
         "run_id": tags.get(lineage.RUN_ID),
-        "metrics": {k[len(lineage.METRIC_PREFIX):]: v for k, v in sorted(signed.items())
-                    if k.startswith(lineage.METRIC_PREFIX)},
+        "metrics": {
+            k[len(lineage.METRIC_PREFIX) :]: v for k, v in sorted(signed.items()) if k.startswith(lineage.METRIC_PREFIX)
+        },
         "lineage_tags": signed,
     }
 
@@ -200,8 +223,12 @@ def log_unlearning(run_id: str, subject_name: str, tags: dict, parent_manifest: 
     from . import lineage
     from .resolve import client
 
-    envelope = sign(statement(subject_name, tags[lineage.MANIFEST_SHA], UNLEARNING_PREDICATE,
-                              unlearning_predicate(tags, parent_manifest)), key)
+    envelope = sign(
+        statement(
+            subject_name, tags[lineage.MANIFEST_SHA], UNLEARNING_PREDICATE, unlearning_predicate(tags, parent_manifest)
+        ),
+        key,
+    )
     client().log_text(run_id, envelope.decode(), ATTESTATION_ARTIFACT)
     return envelope_sha256(envelope)
 
@@ -211,10 +238,13 @@ def log_gate_decision(run_id: str, version_uri: str, subject_digest: str, key_na
     from . import lineage
     from .resolve import client
 
-    decision = {k: record[k] for k in ("time", "verdict", "thresholds", "failures", "user", "alias_requested")
-                if k in record}
-    envelope = sign(statement(version_uri, subject_digest, GATE_PREDICATE,
-                              {"model_version": version_uri, "decision": decision}), key)
+    decision = {
+        k: record[k] for k in ("time", "verdict", "thresholds", "failures", "user", "alias_requested") if k in record
+    }
+    envelope = sign(
+        statement(version_uri, subject_digest, GATE_PREDICATE, {"model_version": version_uri, "decision": decision}),
+        key,
+    )
     path = f"{lineage.GATE_ARTIFACT_DIR}/{key_name}.dsse.json"
     client().log_text(run_id, envelope.decode(), path)
     return {"attestation_artifact": path, "attestation_sha256": envelope_sha256(envelope)}

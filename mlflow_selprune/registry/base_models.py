@@ -7,6 +7,7 @@ the GGUF file's sha256 and quantization type. The tags are anchored in the run e
 unlearned version's are (``tracking.record_lineage``), so ``lineage --verify`` checks a base version's
 provenance and weights too. Every check (name, alias, SOURCE, permission) runs before the run exists.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,16 +61,25 @@ def register(source: str, name: str, alias: str | None = None) -> RegisteredBase
     from .loading import load_components
     from .resolve import ResolvedModel
 
-    local = ResolvedModel(uri=str(prepared.directory), load_uri=str(prepared.directory),
-                          canonical_uri=str(prepared.directory))
+    local = ResolvedModel(
+        uri=str(prepared.directory), load_uri=str(prepared.directory), canonical_uri=str(prepared.directory)
+    )
     model, tokenizer = load_components(local)
-    return register_components(model, tokenizer, name, alias, provenance=prepared.provenance,
-                               license=prepared.license)
+    return register_components(model, tokenizer, name, alias, provenance=prepared.provenance, license=prepared.license)
 
 
-def register_components(model, preprocessor, name: str, alias: str | None = None, *, provenance: dict,
-                        license: str = "unknown", run_name: str | None = None, extra_params: dict | None = None,
-                        extra_metrics: dict | None = None) -> RegisteredBase:
+def register_components(
+    model,
+    preprocessor,
+    name: str,
+    alias: str | None = None,
+    *,
+    provenance: dict,
+    license: str = "unknown",
+    run_name: str | None = None,
+    extra_params: dict | None = None,
+    extra_metrics: dict | None = None,
+) -> RegisteredBase:
     """Log a loaded model and its tokenizer (or image processor) and register it as a base version."""
     import mlflow
 
@@ -77,16 +87,23 @@ def register_components(model, preprocessor, name: str, alias: str | None = None
     from .resolve import client
     from .tracking import job_run, record_lineage
 
-    tags = {BASE_KIND: "true", lineage.WEIGHTS_SHA: lineage.weights_sha256(model),
-            lineage.PLUGIN_VERSION: __version__, **provenance_tags(provenance)}
+    tags = {
+        BASE_KIND: "true",
+        lineage.WEIGHTS_SHA: lineage.weights_sha256(model),
+        lineage.PLUGIN_VERSION: __version__,
+        **provenance_tags(provenance),
+    }
     with job_run(run_name or f"{name}-base", "register") as run:
         if extra_params:
             mlflow.log_params(extra_params)
         if extra_metrics:
             mlflow.log_metrics(extra_metrics)
         info = mlflow.transformers.log_model(
-            components(model, preprocessor), name="model", task=task_for(model),
-            pip_requirements=default_pip_requirements(), model_card=model_card(model, license=license),
+            components(model, preprocessor),
+            name="model",
+            task=task_for(model),
+            pip_requirements=default_pip_requirements(),
+            model_card=model_card(model, license=license),
         )
         tags[lineage.RUN_ID] = run.info.run_id
         tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, info.model_uri)

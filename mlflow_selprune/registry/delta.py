@@ -12,6 +12,7 @@ one clear error, never a silently different model.
 It is also a ``python_function`` model (``mlflow.pyfunc.load_model`` and
 ``mlflow models serve`` work): prediction is greedy text generation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -65,13 +66,26 @@ def changed_biases(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     from ..engine.architecture import find_architecture
 
     arch = find_architecture(model)
-    return {p.name: p.module.bias.detach().cpu().clone() for p, row in zip(arch.attn, masks[ATTN])
-            if row.any() and p.module.bias is not None}
+    return {
+        p.name: p.bias.detach().cpu().clone()
+        for p, row in zip(arch.attn, masks[ATTN])
+        if row.any() and p.bias is not None
+    }
 
 
-def save_model(path, *, parent_uri: str, parent_weights_sha256: str, weights_sha256: str,
-               masks: dict[str, torch.Tensor], biases: dict[str, torch.Tensor], pruning_files: dict | None = None,
-               dtype: str | None = None, mlflow_model: Model | None = None, pip_requirements=None) -> None:
+def save_model(
+    path,
+    *,
+    parent_uri: str,
+    parent_weights_sha256: str,
+    weights_sha256: str,
+    masks: dict[str, torch.Tensor],
+    biases: dict[str, torch.Tensor],
+    pruning_files: dict | None = None,
+    dtype: str | None = None,
+    mlflow_model: Model | None = None,
+    pip_requirements=None,
+) -> None:
     """Write a delta model directory (MLflow model with the ``selprune`` and ``python_function`` flavors).
 
     ``dtype``: the dtype the parent was loaded in when it was pruned (``prune --dtype``); both digests are of
@@ -95,10 +109,18 @@ def save_model(path, *, parent_uri: str, parent_weights_sha256: str, weights_sha
     import mlflow.pyfunc
 
     mlflow.pyfunc.add_to_model(mlflow_model, loader_module="mlflow_selprune.registry.delta")
-    mlflow_model.add_flavor(FLAVOR_NAME, plugin_version=__version__, storage="delta", parent_model_uri=parent_uri,
-                            parent_weights_sha256=parent_weights_sha256, weights_sha256=weights_sha256,
-                            masks=f"{DELTA_DIR}/{MASKS_FILE}", biases=f"{DELTA_DIR}/{BIASES_FILE}", files=files,
-                            **({"dtype": dtype} if dtype else {}))
+    mlflow_model.add_flavor(
+        FLAVOR_NAME,
+        plugin_version=__version__,
+        storage="delta",
+        parent_model_uri=parent_uri,
+        parent_weights_sha256=parent_weights_sha256,
+        weights_sha256=weights_sha256,
+        masks=f"{DELTA_DIR}/{MASKS_FILE}",
+        biases=f"{DELTA_DIR}/{BIASES_FILE}",
+        files=files,
+        **({"dtype": dtype} if dtype else {}),
+    )
     mlflow_model.save(str(path / MLMODEL_FILE_NAME))
     (path / "requirements.txt").write_text("\n".join(pip_requirements or default_pip_requirements()) + "\n")
 
@@ -114,8 +136,16 @@ def is_delta(flavors: dict) -> bool:
     return flavors.get(FLAVOR_NAME, {}).get("storage") == "delta"
 
 
-def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_code: bool = False, depth: int = 0,
-                recorded: dict | None = None):
+def materialize(
+    path: Path,
+    what: str,
+    *,
+    device=None,
+    dtype=None,
+    trust_remote_code: bool = False,
+    depth: int = 0,
+    recorded: dict | None = None,
+):
     """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked).
 
     ``recorded``: the version's verified lineage tags; the flavor's parent and digests must be theirs. The
@@ -135,21 +165,28 @@ def materialize(path: Path, what: str, *, device=None, dtype=None, trust_remote_
     dtype = dtype or entry.get("dtype")
     try:
         parent = resolve(parent_uri)
-        model, tokenizer = load_components(parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                           _depth=depth + 1)
+        model, tokenizer = load_components(
+            parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code, _depth=depth + 1
+        )
     except BadInputError as exc:
-        raise DeltaError(f"{what} is a delta of {parent_uri}, which cannot be loaded ({str(exc).splitlines()[0]}); "
-                         "restore that version, or materialize this one while the parent exists") from None
+        raise DeltaError(
+            f"{what} is a delta of {parent_uri}, which cannot be loaded ({str(exc).splitlines()[0]}); "
+            "restore that version, or materialize this one while the parent exists"
+        ) from None
     actual = weights_sha256(model)
     if actual != entry["parent_weights_sha256"]:
-        raise DeltaError(f"{what} is a delta of {parent_uri}, whose weights changed since (sha256 {actual[:12]}, "
-                         f"recorded {entry['parent_weights_sha256'][:12]}); the delta cannot be applied")
+        raise DeltaError(
+            f"{what} is a delta of {parent_uri}, whose weights changed since (sha256 {actual[:12]}, "
+            f"recorded {entry['parent_weights_sha256'][:12]}); the delta cannot be applied"
+        )
     masks = unpack_masks(load_file(str(inside(path, entry["masks"], what))))
     apply_delta(model, masks, load_file(str(inside(path, entry["biases"], what))))
     rebuilt = weights_sha256(model)
     if rebuilt != entry["weights_sha256"]:
-        raise DeltaError(f"{what}: applying its masks to {parent_uri} gives weights sha256 {rebuilt[:12]}, "
-                         f"not the recorded {entry['weights_sha256'][:12]}; refusing a different model")
+        raise DeltaError(
+            f"{what}: applying its masks to {parent_uri} gives weights sha256 {rebuilt[:12]}, "
+            f"not the recorded {entry['weights_sha256'][:12]}; refusing a different model"
+        )
     return model, tokenizer
 
 
@@ -158,13 +195,20 @@ def _check_entry(entry: dict, recorded: dict, what: str) -> None:
     from ..errors import VerificationError
     from . import lineage
 
-    for field_name, tag in (("parent_model_uri", lineage.PARENT), ("weights_sha256", lineage.WEIGHTS_SHA),
-                            ("parent_weights_sha256", lineage.PARENT_WEIGHTS_SHA)):
+    for field_name, tag in (
+        ("parent_model_uri", lineage.PARENT),
+        ("weights_sha256", lineage.WEIGHTS_SHA),
+        ("parent_weights_sha256", lineage.PARENT_WEIGHTS_SHA),
+    ):
         if tag in recorded and entry.get(field_name) != recorded[tag]:
-            raise VerificationError([f"refusing to rebuild {what}: it does not verify",
-                                     f"tampered: {what}: its MLmodel names {field_name} "
-                                     f"{str(entry.get(field_name))[:16]}, its verified lineage records "
-                                     f"{recorded[tag][:16]}"])
+            raise VerificationError(
+                [
+                    f"refusing to rebuild {what}: it does not verify",
+                    f"tampered: {what}: its MLmodel names {field_name} "
+                    f"{str(entry.get(field_name))[:16]}, its verified lineage records "
+                    f"{recorded[tag][:16]}",
+                ]
+            )
 
 
 def apply_delta(model, masks: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]) -> None:
@@ -178,8 +222,9 @@ def apply_delta(model, masks: dict[str, torch.Tensor], biases: dict[str, torch.T
             prune_neurons(arch, kind, masks[kind])
     with torch.no_grad():
         for projection in arch.attn:
-            if projection.name in biases:
-                projection.module.bias.copy_(biases[projection.name].to(projection.module.bias.device))
+            bias = projection.bias
+            if projection.name in biases and bias is not None:
+                bias.copy_(biases[projection.name].to(bias.device))
 
 
 class _GreedyGenerator:
@@ -203,8 +248,12 @@ class _GreedyGenerator:
         for prompt in prompts:
             ids = self.tokenizer(prompt, return_tensors="pt")
             with torch.inference_mode():
-                generated = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                                pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+                generated = self.model.generate(
+                    **ids,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                )
             outputs.append(self.tokenizer.decode(generated[0], skip_special_tokens=True))
         return outputs
 

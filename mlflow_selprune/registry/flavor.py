@@ -8,6 +8,7 @@ its pruning record, masks and scores inside the model directory.
 Follows MLflow's flavor conventions: ``save_model``, ``log_model``,
 ``load_model``.
 """
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,10 @@ def model_card(model, license: str = "unknown"):
     from huggingface_hub import ModelCard
 
     name = type(model).__name__
-    return ModelCard(f"---\nlicense: {license}\nlibrary_name: transformers\n---\n\n# {name}\n\n"
-                     "Logged by mlflow-selprune. See the selprune/ record for what was pruned and why.\n")
+    return ModelCard(
+        f"---\nlicense: {license}\nlibrary_name: transformers\n---\n\n# {name}\n\n"
+        "Logged by mlflow-selprune. See the selprune/ record for what was pruned and why.\n"
+    )
 
 
 def signature_for(task: str):
@@ -77,11 +80,13 @@ def signature_for(task: str):
 
     if task != "text-generation":
         return None
-    params = ParamSchema([
-        ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
-        ParamSpec("do_sample", "boolean", GENERATION_DEFAULTS["do_sample"]),
-        ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),
-    ])
+    params = ParamSchema(
+        [
+            ParamSpec("max_new_tokens", "long", GENERATION_DEFAULTS["max_new_tokens"]),
+            ParamSpec("do_sample", "boolean", GENERATION_DEFAULTS["do_sample"]),
+            ParamSpec("temperature", "double", GENERATION_DEFAULTS["temperature"]),
+        ]
+    )
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
 
 
@@ -127,7 +132,9 @@ def save_model(
     mlflow_model.save(str(Path(path) / MLMODEL_FILE_NAME))
 
 
-def log_model(transformers_model, name: str = "model", *, pruning_files=None, task=None, pip_requirements=None, **kwargs):
+def log_model(
+    transformers_model, name: str = "model", *, pruning_files=None, task=None, pip_requirements=None, **kwargs
+):
     """Log an unlearned model to the active run (``Model.log`` with this module as the flavor)."""
     import mlflow_selprune.registry.flavor as flavor
 
@@ -159,4 +166,3 @@ def load_model(model_uri: str, dst_path: str | None = None, device=None, **kwarg
     if components.get("image_processor") is not None:
         loaded["image_processor"] = components["image_processor"]
     return loaded
-

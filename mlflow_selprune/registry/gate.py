@@ -6,6 +6,7 @@ not (never overwriting an earlier decision), and moves an alias only on a pass.
 A user without the permission to move the alias is refused before the record
 is written (see ``_record_and_move``).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -42,9 +43,18 @@ def _check_fraction(name: str, value: float | None) -> None:
         raise BadInputError(f"{name} must be a relative change in [-1, 1] (e.g. 0.05 for 5%), got {value}")
 
 
-def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_drop: float | None = None,
-         min_selectivity: float | None = None, max_relearn_recovery: float | None = None, metric: str = "top1",
-         set_alias: str | None = None, dry_run: bool = False, signing_key=None) -> GateResult:
+def gate(
+    model_uri: str,
+    *,
+    max_retain_drop: float | None = None,
+    min_forget_drop: float | None = None,
+    min_selectivity: float | None = None,
+    max_relearn_recovery: float | None = None,
+    metric: str = "top1",
+    set_alias: str | None = None,
+    dry_run: bool = False,
+    signing_key=None,
+) -> GateResult:
     """Pass if ``retain_<metric>_drop <= max_retain_drop``, ``forget_<metric>_drop >= min_forget_drop``,
     the selectivity *of that metric* ``>= min_selectivity`` and ``relearn_recovery <= max_relearn_recovery``
     (each only when given).
@@ -65,8 +75,10 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     if max_relearn_recovery is not None and (math.isnan(max_relearn_recovery) or max_relearn_recovery < 0):
         raise BadInputError(f"--max-relearn-recovery must be >= 0 (e.g. 0.5), got {max_relearn_recovery}")
     if all(t is None for t in (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery)):
-        raise BadInputError("give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity "
-                            "or --max-relearn-recovery")
+        raise BadInputError(
+            "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity "
+            "or --max-relearn-recovery"
+        )
     check_alias(set_alias, "--set-alias")
     resolved = resolve(model_uri)
     if not resolved.is_registered:
@@ -76,8 +88,13 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
         raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
     # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
     refusals = [f"refused, {line}" for line in verify.findings(resolved, load_weights=True)]
-    thresholds = {"max_retain_drop": max_retain_drop, "min_forget_drop": min_forget_drop,
-                  "min_selectivity": min_selectivity, "max_relearn_recovery": max_relearn_recovery, "metric": metric}
+    thresholds = {
+        "max_retain_drop": max_retain_drop,
+        "min_forget_drop": min_forget_drop,
+        "min_selectivity": min_selectivity,
+        "max_relearn_recovery": max_relearn_recovery,
+        "metric": metric,
+    }
     if refusals:  # nothing is decided on, or written to, a version that does not verify
         return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
     metrics = lineage.metrics_from_tags(tags)  # the very tags just verified against the run's anchored record
@@ -106,12 +123,12 @@ def gate(model_uri: str, *, max_retain_drop: float | None = None, min_forget_dro
     alias_set = set_alias if passed and set_alias and not dry_run else None
     if not dry_run:
         _record_and_move(resolved, thresholds, passed, failures, alias_set, signing_key)
-    return GateResult(passed, resolved.canonical_uri, thresholds,
-                      {k: metrics[k] for k in wanted}, failures, alias_set)
+    return GateResult(passed, resolved.canonical_uri, thresholds, {k: metrics[k] for k in wanted}, failures, alias_set)
 
 
-def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None,
-                     signing_key=None) -> None:
+def _record_and_move(
+    resolved, thresholds: dict, passed: bool, failures: list[str], alias_set: str | None, signing_key=None
+) -> None:
     """Record the decision on the version, then move the alias: the audit trail never claims a move that did
     not happen, and no alias moves without its record.
 
@@ -130,22 +147,31 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
 
     name, version = resolved.registered_name, resolved.version
     if alias_set:
-        check_edit_permission(name, f"move alias '{alias_set}' of",
-                              "ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide without "
-                              "writing (--dry-run)")
+        check_edit_permission(
+            name,
+            f"move alias '{alias_set}' of",
+            "ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide without writing (--dry-run)",
+        )
     # microseconds in the key: two decisions within one second still sort in the order they were made
     now = datetime.datetime.now(datetime.timezone.utc)
     # written before the move, the record says only what is true then: the alias asked for has not moved yet
-    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "verdict": "pass" if passed else "fail",
-              "thresholds": thresholds, "failures": failures, "user": _user(), "alias_moved": None,
-              **({"alias_requested": alias_set} if alias_set else {})}
+    record = {
+        "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "verdict": "pass" if passed else "fail",
+        "thresholds": thresholds,
+        "failures": failures,
+        "user": _user(),
+        "alias_moved": None,
+        **({"alias_requested": alias_set} if alias_set else {}),
+    }
     key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
     if signing_key is not None:
         from . import attest
 
         subject = resolved.tags.get(lineage.MANIFEST_SHA) or resolved.tags.get(lineage.WEIGHTS_SHA, "")
-        record.update(attest.log_gate_decision(resolved.run_id, resolved.canonical_uri, subject, key, record,
-                                               signing_key))
+        record.update(
+            attest.log_gate_decision(resolved.run_id, resolved.canonical_uri, subject, key, record, signing_key)
+        )
     try:
         client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except MlflowException as exc:
@@ -155,14 +181,16 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
             f"permission denied: {tracking_user()} may not record a gate decision on {resolved.canonical_uri}: "
             f"MLflow needs EDIT on registered model '{name}' to tag its versions and the user does not have it; "
             "nothing was written; ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide "
-            "without writing (--dry-run)") from None
+            "without writing (--dry-run)"
+        ) from None
     if not alias_set:
         return
     try:
         client().set_registered_model_alias(name, alias_set, version)
     except Exception as exc:
-        reason = "permission denied" if permission_denied(exc) else (str(exc)[:200].split("\n")[0]
-                                                                     or type(exc).__name__)
+        reason = (
+            "permission denied" if permission_denied(exc) else (str(exc)[:200].split("\n")[0] or type(exc).__name__)
+        )
         record.update(alias_not_moved=f"{alias_set}: {reason}")
         try:  # the why, where it can still be written; the record already says the alias did not move
             client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
@@ -172,14 +200,20 @@ def _record_and_move(resolved, thresholds: dict, passed: bool, failures: list[st
             raise BadInputError(
                 f"permission denied: {tracking_user()} may not move alias '{alias_set}' of registered model '{name}'; "
                 f"the decision is recorded on {resolved.canonical_uri} without the move; ask an admin, or a user "
-                "with MANAGE on the model, for EDIT on it and its versions") from None
+                "with MANAGE on the model, for EDIT on it and its versions"
+            ) from None
         raise
     record["alias_moved"] = alias_set
     try:
         client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except Exception:  # noqa: BLE001 - the alias moved; the record under-claims, which an audit can see
-        logger.warning("alias '%s' now points to %s, but its decision record %s could not be updated to say so "
-                       "(it names the alias as requested)", alias_set, resolved.canonical_uri, key)
+        logger.warning(
+            "alias '%s' now points to %s, but its decision record %s could not be updated to say so "
+            "(it names the alias as requested)",
+            alias_set,
+            resolved.canonical_uri,
+            key,
+        )
 
 
 # MLflow caps a model version tag's value at 5000 characters; a record never is cut to fit
@@ -194,8 +228,11 @@ def _tag_value(resolved, key: str, record: dict) -> str:
         return text
     path = f"{lineage.GATE_ARTIFACT_DIR}/{key}.json"
     client().log_text(resolved.run_id, text, path)
-    summary = {k: record.get(k) for k in ("time", "verdict", "user", "alias_moved", "alias_requested",
-                                           "alias_not_moved") if k in record}
+    summary = {
+        k: record.get(k)
+        for k in ("time", "verdict", "user", "alias_moved", "alias_requested", "alias_not_moved")
+        if k in record
+    }
     summary.update(record_artifact=path, record_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     return json.dumps(summary, sort_keys=True)
 

@@ -12,6 +12,7 @@ its sha256 as a run param (immutable in MLflow). ``audit`` checks a version
 against that record, its weights and its parent's against their digests, and
 the run's masks, scores and pruning record against theirs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError
+from ..errors import BadInputError, causes
 
 PREFIX = "selprune."
 PARENT = PREFIX + "parent_model_uri"
@@ -62,15 +63,38 @@ LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
 HEADLINE_METRICS = (
-    "forget_top1", "retain_top1", "forget_top10", "retain_top10",
-    "forget_skip50_top1", "retain_skip50_top1", "forget_loss", "retain_loss",
-    "forget_top1_drop", "retain_top1_drop", "forget_top10_drop", "retain_top10_drop",
-    "forget_skip50_top1_drop", "retain_skip50_top1_drop",
-    "forget_loss_increase", "retain_loss_increase", "selectivity", "top10_selectivity", "skip50_top1_selectivity",
-    "control_forget_top1_drop", "control_retain_top1_drop", "control_forget_skip50_top1_drop", "control_selectivity",
-    "relearn_forget_top1", "relearn_parent_forget_top1", "relearn_recovery",
+    "forget_top1",
+    "retain_top1",
+    "forget_top10",
+    "retain_top10",
+    "forget_skip50_top1",
+    "retain_skip50_top1",
+    "forget_loss",
+    "retain_loss",
+    "forget_top1_drop",
+    "retain_top1_drop",
+    "forget_top10_drop",
+    "retain_top10_drop",
+    "forget_skip50_top1_drop",
+    "retain_skip50_top1_drop",
+    "forget_loss_increase",
+    "retain_loss_increase",
+    "selectivity",
+    "top10_selectivity",
+    "skip50_top1_selectivity",
+    "control_forget_top1_drop",
+    "control_retain_top1_drop",
+    "control_forget_skip50_top1_drop",
+    "control_selectivity",
+    "relearn_forget_top1",
+    "relearn_parent_forget_top1",
+    "relearn_recovery",
     # image classifiers
-    "forget_top5", "retain_top5", "forget_top5_drop", "retain_top5_drop", "top5_selectivity",
+    "forget_top5",
+    "retain_top5",
+    "forget_top5_drop",
+    "retain_top5_drop",
+    "top5_selectivity",
 )
 
 
@@ -128,20 +152,37 @@ def artifact_digests(files: dict) -> dict[str, str]:
 
 def metric_tags(metrics: dict) -> dict[str, str]:
     """Headline metrics as tags; a not-meaningful (NaN) value is left out, never written as 'nan'."""
-    return {METRIC_PREFIX + k: repr(float(metrics[k])) for k in HEADLINE_METRICS
-            if k in metrics and math.isfinite(float(metrics[k]))}
+    return {
+        METRIC_PREFIX + k: repr(float(metrics[k]))
+        for k in HEADLINE_METRICS
+        if k in metrics and math.isfinite(float(metrics[k]))
+    }
 
 
 def metrics_from_tags(tags: dict) -> dict[str, float]:
-    return {k[len(METRIC_PREFIX):]: float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
+    return {k[len(METRIC_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
 
 
-def build_tags(*, parent, run_id: str, forget, retain, config: dict, weights_digest: str,
-               ff_pruned: int, attn_pruned: int, metrics: dict, plugin_version: str,
-               ff_pruned_total: int | None = None, attn_pruned_total: int | None = None,
-               trust_remote_code: bool = False, storage: str = "full",
-               parent_weights_digest: str | None = None, artifacts: dict | None = None,
-               manifest_digest: str | None = None) -> dict[str, str]:
+def build_tags(
+    *,
+    parent,
+    run_id: str,
+    forget,
+    retain,
+    config: dict,
+    weights_digest: str,
+    ff_pruned: int,
+    attn_pruned: int,
+    metrics: dict,
+    plugin_version: str,
+    ff_pruned_total: int | None = None,
+    attn_pruned_total: int | None = None,
+    trust_remote_code: bool = False,
+    storage: str = "full",
+    parent_weights_digest: str | None = None,
+    artifacts: dict | None = None,
+    manifest_digest: str | None = None,
+) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``; ``artifacts``:
     ``artifact_digests`` of the run's masks, scores and record)."""
     root = parent.tags.get(ROOT) or parent.canonical_uri
@@ -214,7 +255,7 @@ class Hop:
             "trust_remote_code": t.get(TRUST_REMOTE_CODE),
             "storage": t.get(STORAGE, "full"),
             "gate_decisions": gate_records(t),
-            "source": {k[len(SOURCE_PREFIX):]: v for k, v in sorted(t.items()) if k.startswith(SOURCE_PREFIX)},
+            "source": {k[len(SOURCE_PREFIX) :]: v for k, v in sorted(t.items()) if k.startswith(SOURCE_PREFIX)},
         }
 
 
@@ -244,7 +285,7 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
     from .resolve import resolve
 
     hops: list[Hop] = []
-    uri = model_uri
+    uri: str | None = model_uri
     seen = set()
     while uri is not None:
         if uri in seen or len(hops) >= max_hops:
@@ -255,8 +296,10 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
         except BadInputError as exc:
             if not hops:
                 raise
-            raise LineageError(f"lineage of {model_uri}: the link {uri} (parent of {hops[-1].uri}) is missing: "
-                               f"{str(exc).splitlines()[0]}") from None
+            raise LineageError(
+                f"lineage of {model_uri}: the link {uri} (parent of {hops[-1].uri}) is missing: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
         hop = Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, resolved.tags)
         if hop.is_unlearned and hop.tags.get(COMPLETE) != "true":
             raise LineageError(f"{hop.uri} is an incomplete unlearned version (no {COMPLETE} tag); do not deploy it")
@@ -299,8 +342,12 @@ class Audit:
         self.findings.append(f"tampered: {self.hop.uri}: {message}")
 
     def to_dict(self) -> dict:
-        return {"kind": self.hop.kind, "checks": dict(self.status), "findings": list(self.findings),
-                "notes": list(self.notes)}
+        return {
+            "kind": self.hop.kind,
+            "checks": dict(self.status),
+            "findings": list(self.findings),
+            "notes": list(self.notes),
+        }
 
 
 def _short(value) -> str:
@@ -318,18 +365,10 @@ def refuse_if_denied(exc: BaseException) -> None:
     one permission line (exit 2)."""
     from .resolve import access_refused_message
 
-    for cause in _causes(exc):
+    for cause in causes(exc):
         message = access_refused_message(cause)
         if message is not None:
             raise BadInputError(message) from None
-
-
-def _causes(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def anchored_digest(run_id: str, param: str = LINEAGE_PARAM) -> str | None:
@@ -385,8 +424,10 @@ def check_tags(audit: Audit) -> None:
         return
     if anchored is None:
         if hop.is_unlearned:
-            audit.notes.append(f"note: {hop.uri}: its run holds no lineage record (made by an older plugin); "
-                               "its tags cannot be checked")
+            audit.notes.append(
+                f"note: {hop.uri}: its run holds no lineage record (made by an older plugin); "
+                "its tags cannot be checked"
+            )
         return
     record = run_artifact(run_id, LINEAGE_RECORD)
     if record is None:
@@ -394,8 +435,11 @@ def check_tags(audit: Audit) -> None:
         return
     actual = hashlib.sha256(record).hexdigest()
     if actual != anchored:
-        audit.tampered("tags", f"the lineage record artifact changed: {LINEAGE_RECORD} of run {run_id} has sha256 "
-                               f"{actual[:16]}, the run param {LINEAGE_PARAM} records {anchored[:16]}")
+        audit.tampered(
+            "tags",
+            f"the lineage record artifact changed: {LINEAGE_RECORD} of run {run_id} has sha256 "
+            f"{actual[:16]}, the run param {LINEAGE_PARAM} records {anchored[:16]}",
+        )
         return
     recorded, now = json.loads(record), lineage_tags(hop.tags)
     for key in sorted(recorded.keys() | now.keys()):
@@ -422,8 +466,11 @@ def check_gate_records(audit: Audit) -> None:
         if "record_sha256" in record:
             stored = run_artifact(_run_of(audit.hop), str(record.get("record_artifact")))
             if stored is None or hashlib.sha256(stored).hexdigest() != record["record_sha256"]:
-                audit.tampered("tags", f"gate record {key}: its full record {record.get('record_artifact')} is "
-                                       f"{'missing' if stored is None else 'changed'}")
+                audit.tampered(
+                    "tags",
+                    f"gate record {key}: its full record {record.get('record_artifact')} is "
+                    f"{'missing' if stored is None else 'changed'}",
+                )
 
 
 def check_artifacts(audit: Audit) -> None:
@@ -442,8 +489,9 @@ def check_artifacts(audit: Audit) -> None:
         if stored is None:
             audit.tampered("artifacts", f"artifact {path} of run {run_id} is missing")
         elif (actual := hashlib.sha256(stored).hexdigest()) != digest:
-            audit.tampered("artifacts", f"artifact {path} of run {run_id} changed: sha256 {actual[:16]}, "
-                                        f"recorded {digest[:16]}")
+            audit.tampered(
+                "artifacts", f"artifact {path} of run {run_id} changed: sha256 {actual[:16]}, recorded {digest[:16]}"
+            )
     audit.ok("artifacts")
 
 
@@ -463,8 +511,11 @@ def check_files(audit: Audit) -> None:
         audit.tampered("files", f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} is missing")
         return
     if (actual := hashlib.sha256(stored).hexdigest()) != recorded_digest:
-        audit.tampered("files", f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} changed: sha256 "
-                                f"{actual[:16]}, recorded {recorded_digest[:16]}")
+        audit.tampered(
+            "files",
+            f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} changed: sha256 "
+            f"{actual[:16]}, recorded {recorded_digest[:16]}",
+        )
         return
     try:
         now = manifest.of_artifacts(audit.hop.uri)
@@ -501,17 +552,23 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
         signed = opened(attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
         if signed is not None:
             expected = attest.unlearning_predicate(hop.tags, parent_manifest)
-            claims = {"predicate type": (signed.get("predicateType"), attest.UNLEARNING_PREDICATE),
-                      "subject": (signed.get("subject", [{}])[0].get("digest", {}).get("sha256"),
-                                  hop.tags.get(MANIFEST_SHA)),
-                      "run": (signed.get("predicate", {}).get("run_id"), run_id),
-                      "parent manifest": (signed.get("predicate", {}).get("parent", {}).get("manifest_sha256"),
-                                          parent_manifest),
-                      "lineage": (signed.get("predicate", {}).get("lineage_tags"), expected["lineage_tags"])}
+            claims = {
+                "predicate type": (signed.get("predicateType"), attest.UNLEARNING_PREDICATE),
+                "subject": (signed.get("subject", [{}])[0].get("digest", {}).get("sha256"), hop.tags.get(MANIFEST_SHA)),
+                "run": (signed.get("predicate", {}).get("run_id"), run_id),
+                "parent manifest": (
+                    signed.get("predicate", {}).get("parent", {}).get("manifest_sha256"),
+                    parent_manifest,
+                ),
+                "lineage": (signed.get("predicate", {}).get("lineage_tags"), expected["lineage_tags"]),
+            }
             for name, (said, now) in claims.items():
                 if said != now:
-                    audit.tampered("signature", f"the signed statement's {name} is not the version's "
-                                                f"({_short(said)} signed, {_short(now)} now)")
+                    audit.tampered(
+                        "signature",
+                        f"the signed statement's {name} is not the version's "
+                        f"({_short(said)} signed, {_short(now)} now)",
+                    )
     for key in sorted(k for k in hop.tags if k.startswith(GATE_RECORD_PREFIX)):
         try:
             record = json.loads(hop.tags[key])
@@ -524,10 +581,12 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
         if signed is None:
             continue
         decision = signed.get("predicate", {}).get("decision", {})
-        if (signed.get("predicateType") != attest.GATE_PREDICATE
-                or signed.get("predicate", {}).get("model_version") != hop.uri
-                or decision.get("alias_requested") != record["alias_moved"]
-                or any(decision.get(k) != record.get(k) for k in ("time", "verdict", "thresholds", "user"))):
+        if (
+            signed.get("predicateType") != attest.GATE_PREDICATE
+            or signed.get("predicate", {}).get("model_version") != hop.uri
+            or decision.get("alias_requested") != record["alias_moved"]
+            or any(decision.get(k) != record.get(k) for k in ("time", "verdict", "thresholds", "user"))
+        ):
             audit.tampered("signature", f"{what}: the signed decision is not the recorded one")
     audit.ok("signature")
 
@@ -554,8 +613,11 @@ def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
     parent = audit.hop.tags[PARENT]
     actual, _ = _weights(parent, dtype, cache)
     if actual != recorded:
-        audit.tampered("parent", f"parent {parent} weights changed since this version was made: sha256 "
-                                 f"{actual[:16]}, recorded {recorded[:16]}")
+        audit.tampered(
+            "parent",
+            f"parent {parent} weights changed since this version was made: sha256 "
+            f"{actual[:16]}, recorded {recorded[:16]}",
+        )
     audit.ok("parent")
 
 
@@ -569,8 +631,10 @@ def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = Non
     if trusted is not None:
         check_signatures(result, trusted, _parent_manifest(hop))
     if hop.kind == "incomplete":
-        result.findings.append(f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
-                               "(its prune did not finish); do not deploy it")
+        result.findings.append(
+            f"incomplete: {hop.uri}: an unlearned version without {COMPLETE} "
+            "(its prune did not finish); do not deploy it"
+        )
     if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
         return result
     check_artifacts(result)
@@ -608,8 +672,10 @@ def versions(name: str) -> tuple[list[Hop], dict[str, list[str]]]:
     found = client().search_model_versions(f"name='{name}'")
     if not found:
         raise BadInputError(f"registered model '{name}' has no versions{did_you_mean(name)}; check the name")
-    hops = [Hop(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
-            for mv in sorted(found, key=lambda mv: int(mv.version))]
+    hops = [
+        Hop(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+        for mv in sorted(found, key=lambda mv: int(mv.version))
+    ]
     aliases: dict[str, list[str]] = {}
     for alias, version in (client().get_registered_model(name).aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)

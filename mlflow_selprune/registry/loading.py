@@ -3,9 +3,11 @@
 A model directory may come from anywhere, so every path read from it is
 checked to stay inside it, and what cannot be pruned fails with one line.
 """
+
 from __future__ import annotations
 
 import logging
+from typing import Any
 from pathlib import Path
 
 import mlflow
@@ -35,8 +37,15 @@ def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
         raise
 
 
-def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype: str | None = None,
-                    trust_remote_code: bool = False, local_dir: Path | None = None, _depth: int = 0):
+def load_components(
+    resolved: ResolvedModel,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    local_dir: Path | None = None,
+    _depth: int = 0,
+):
     """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned.
 
     For an image classifier (``config.architectures`` ending in ``ForImageClassification``) the second
@@ -64,8 +73,15 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
 
                 require_verified(resolved, "rebuild the delta version")
                 recorded = resolved.tags
-            return delta.materialize(path, resolved.uri, device=device, dtype=dtype,
-                                     trust_remote_code=trust_remote_code, depth=_depth, recorded=recorded)
+            return delta.materialize(
+                path,
+                resolved.uri,
+                device=device,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                depth=_depth,
+                recorded=recorded,
+            )
         if "transformers" not in flavors:
             raise BadInputError(
                 f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
@@ -98,14 +114,14 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
             f"'{resolved.uri}' has no tokenizer; log the model together with its tokenizer "
             "({'model': ..., 'tokenizer': ...})"
         )
-    auto = AutoModelForCausalLM
+    auto: Any = AutoModelForCausalLM
     if image:
         auto = _image_classifier_class(architectures)
     elif not any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures) and any(
         a.endswith("MaskedLM") for a in architectures
     ):
         auto = AutoModelForMaskedLM
-    kwargs = {"trust_remote_code": trust_remote_code}
+    kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     if device == "auto":
@@ -113,7 +129,10 @@ def load_components(resolved: ResolvedModel, *, device: str | None = None, dtype
     try:
         model = auto.from_pretrained(model_dir, **kwargs)
     except ValueError as exc:
-        raise BadInputError(f"'{resolved.uri}' cannot be loaded as {'an image classifier' if image else 'a language model'}: {str(exc).splitlines()[0]}") from None
+        raise BadInputError(
+            f"'{resolved.uri}' cannot be loaded as {'an image classifier' if image else 'a language model'}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
     if device not in (None, "auto"):
         model.to(torch.device(device))
     model.eval()

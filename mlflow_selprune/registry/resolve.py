@@ -5,6 +5,7 @@ fails before any run or version exists. The same holds for the permission
 checks at the end (a user who may not register or move an alias is refused
 first), which ask the server with a request that changes nothing.
 """
+
 from __future__ import annotations
 
 import logging
@@ -22,8 +23,6 @@ logger = logging.getLogger(__name__)
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
 _LOGGED_MODEL_SOURCE = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]+)")
-
-
 
 
 @dataclass
@@ -68,9 +67,7 @@ def model_version(name: str, version: str):
                 f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}{did_you_mean(name)}; "
                 "check the name or register it first"
             ) from None
-        raise BadInputError(
-            f"registered model '{name}' has no version {version}; it has versions {versions}"
-        ) from None
+        raise BadInputError(f"registered model '{name}' has no version {version}; it has versions {versions}") from None
 
 
 def _missing_alias(name: str, alias: str) -> BadInputError:
@@ -80,8 +77,10 @@ def _missing_alias(name: str, alias: str) -> BadInputError:
     except MlflowException as exc:
         if not _not_found(exc):
             raise
-        return BadInputError(f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}"
-                             f"{did_you_mean(name)}; check the name or register it first")
+        return BadInputError(
+            f"registered model '{name}' does not exist in {mlflow.get_registry_uri()}"
+            f"{did_you_mean(name)}; check the name or register it first"
+        )
     aliases = sorted(getattr(model, "aliases", {}) or {})
     known = f"; its aliases: {', '.join(aliases)}" if aliases else "; it has no aliases"
     return BadInputError(f"registered model '{name}' has no alias '{alias}'{known}")
@@ -144,10 +143,13 @@ def check_tracking_server() -> None:
 
 
 def resolve(uri: str) -> ResolvedModel:
-    """Turn ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/...``, ``models:/m-...`` or a directory into a ``ResolvedModel``."""
+    """Turn ``models:/NAME/VERSION``, ``models:/NAME@ALIAS``, ``runs:/...``, ``models:/m-...`` or a directory into
+    a ``ResolvedModel``."""
     check_tracking_server()
     if not uri or not isinstance(uri, str):
-        raise BadInputError("no model URI given; pass models:/NAME/VERSION, models:/NAME@ALIAS, runs:/... or a directory")
+        raise BadInputError(
+            "no model URI given; pass models:/NAME/VERSION, models:/NAME@ALIAS, runs:/... or a directory"
+        )
     local = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:", "runs:")):
         if not local.is_dir():
@@ -190,7 +192,7 @@ def resolve(uri: str) -> ResolvedModel:
             tags=dict(mv.tags or {}),
         )
     if uri.startswith("runs:/"):
-        run_id = uri[len("runs:/"):].split("/", 1)[0]
+        run_id = uri[len("runs:/") :].split("/", 1)[0]
         try:
             client().get_run(run_id)
         except MlflowException as exc:
@@ -212,8 +214,10 @@ def check_alias(alias: str | None, flag: str = "--alias") -> None:
         _validate_model_alias_name(alias)
         _validate_model_alias_name_reserved(alias)
     except MlflowException as exc:
-        raise BadInputError(f"{flag} {alias!r} cannot be used: {exc.message.splitlines()[0]} "
-                            "Choose another alias name, e.g. 'candidate'") from None
+        raise BadInputError(
+            f"{flag} {alias!r} cannot be used: {exc.message.splitlines()[0]} "
+            "Choose another alias name, e.g. 'candidate'"
+        ) from None
 
 
 def check_registered_name(name: str | None, flag: str = "--register-as") -> None:
@@ -264,8 +268,9 @@ def tracking_user() -> str:
 
 def permission_denied(exc: BaseException) -> bool:
     """The server knew the user and refused the request (HTTP 403), as opposed to any other failure."""
-    return isinstance(exc, MlflowException) and (exc.error_code == "PERMISSION_DENIED"
-                                                 or exc.get_http_status_code() == 403)
+    return isinstance(exc, MlflowException) and (
+        exc.error_code == "PERMISSION_DENIED" or exc.get_http_status_code() == 403
+    )
 
 
 def access_refused_message(exc: BaseException) -> str | None:
@@ -282,14 +287,18 @@ def access_refused_message(exc: BaseException) -> str | None:
         return None
     uri = mlflow.get_tracking_uri()
     if code == 401:
-        return (f"the MLflow server at {uri} did not accept the credentials of {tracking_user()} (401 Unauthorized); "
-                "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
-    endpoint = re.search(r"endpoint (\S+)", text)
-    endpoint = endpoint.group(1) if endpoint else ""
+        return (
+            f"the MLflow server at {uri} did not accept the credentials of {tracking_user()} (401 Unauthorized); "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+        )
+    named = re.search(r"endpoint (\S+)", text)
+    endpoint = named.group(1) if named else ""
     need = next(((what, needs) for fragment, what, needs in _NEEDS if fragment in endpoint), None)
     asked = f" ({endpoint}: to {need[0]} MLflow needs {need[1]})" if need else f" ({text.splitlines()[0][:200]})"
-    return (f"permission denied: the MLflow server at {uri} refused {tracking_user()} a request{asked}; "
-            "ask an admin, or a user with MANAGE on the resource, to grant the permission")
+    return (
+        f"permission denied: the MLflow server at {uri} refused {tracking_user()} a request{asked}; "
+        "ask an admin, or a user with MANAGE on the resource, to grant the permission"
+    )
 
 
 def registered_model_exists(name: str) -> bool:
@@ -330,6 +339,9 @@ def check_can_add_versions(name: str) -> None:
     """Before any run exists: refuse a job whose version the server would refuse (EDIT on an existing
     registered model). A new model is not asked about: whoever may create it gets MANAGE on it."""
     if on_tracking_server(mlflow.get_registry_uri()) and registered_model_exists(name):
-        check_edit_permission(name, "add versions to",
-                              "ask an admin, or a user with MANAGE on the model, to grant EDIT, or register under "
-                              "a model you may edit (--register-as NAME)")
+        check_edit_permission(
+            name,
+            "add versions to",
+            "ask an admin, or a user with MANAGE on the model, to grant EDIT, or register under "
+            "a model you may edit (--register-as NAME)",
+        )

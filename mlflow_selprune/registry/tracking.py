@@ -7,6 +7,7 @@ reason in ``selprune.failure``) or KILLED. A run is not a version: the
 registry guarantees (no version without complete lineage) are kept by
 ``register``, which creates the version with every tag in one request.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +22,7 @@ from pathlib import Path
 import mlflow
 from mlflow.entities import LoggedModelInput
 
-from ..errors import BadInputError, ServerFailure
+from ..errors import BadInputError, ServerFailure, causes
 from . import lineage
 from .resolve import client, permission_denied, tracking_server_answers, tracking_user
 
@@ -32,8 +33,11 @@ FAILURE_TAG = lineage.PREFIX + "failure"
 
 def finite(metrics: dict) -> dict:
     """Only finite numbers: MLflow metrics cannot hold NaN meaningfully, and not-meaningful values are NaN."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 @contextlib.contextmanager
@@ -68,7 +72,8 @@ def job_run(run_name: str | None, kind: str, enabled: bool = True):
             raise ServerFailure(
                 f"the MLflow tracking server at {mlflow.get_tracking_uri()} stopped answering during run "
                 f"{run.info.run_id}; once it is back, rerun with MLFLOW_RUN_ID={run.info.run_id} to finish this "
-                "run (it registers at most one version)") from exc
+                "run (it registers at most one version)"
+            ) from exc
         if isinstance(exc, RegistrationRefused):
             resumed = not nested and bool(os.environ.get("MLFLOW_RUN_ID"))  # `mlflow run`'s, not this job's
             raise BadInputError(f"{exc}; {_discard(run, exc.model_id, keep_run=resumed)}") from exc
@@ -81,21 +86,20 @@ def job_run(run_name: str | None, kind: str, enabled: bool = True):
 
 
 # What requests/urllib3 say when nothing answers at the server's address (refused, reset, cut mid-request).
-_UNREACHABLE = ("Connection refused", "Failed to establish a new connection", "RemoteDisconnected",
-                "Connection aborted", "Connection reset", "Remote end closed connection", "ConnectionResetError")
-
-
-def _causes(exc: BaseException):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+_UNREACHABLE = (
+    "Connection refused",
+    "Failed to establish a new connection",
+    "RemoteDisconnected",
+    "Connection aborted",
+    "Connection reset",
+    "Remote end closed connection",
+    "ConnectionResetError",
+)
 
 
 def server_unreachable(exc: BaseException) -> bool:
     """The tracking server went away (or was never there): as opposed to an answer that refuses the request."""
-    return any(marker in str(cause) for cause in _causes(exc) for marker in _UNREACHABLE)
+    return any(marker in str(cause) for cause in causes(exc) for marker in _UNREACHABLE)
 
 
 def server_lost(exc: BaseException) -> bool:
@@ -129,9 +133,14 @@ def log_inputs(*, parent, forget, retain, params: dict) -> None:
     """Params (``None`` as the string), the datasets as inputs with their digests, the parent as model input."""
     mlflow.log_params(_new_params({k: ("None" if v is None else v) for k, v in params.items()}))
     for data, context in ((forget, "forget"), (retain, "retain")):
-        dataset = mlflow.data.from_huggingface(data.documents, name=data.spec, digest=data.digest[:32])
-        _retry_on_duplicate(lambda: mlflow.log_input(dataset, context=context,
-                                                     tags={lineage.PREFIX + "digest": data.digest}))
+        dataset = mlflow.data.from_huggingface(  # type: ignore[attr-defined]  # mlflow.data's lazy attribute
+            data.documents, name=data.spec, digest=data.digest[:32]
+        )
+        _retry_on_duplicate(
+            lambda dataset=dataset, context=context, data=data: mlflow.log_input(
+                dataset, context=context, tags={lineage.PREFIX + "digest": data.digest}
+            )
+        )
     if parent.model_id:
         mlflow.log_input(model=LoggedModelInput(model_id=parent.model_id))
     warnings = forget.warnings + retain.warnings
@@ -202,7 +211,9 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     files it recorded (this attempt's record differs in its timings only) and returns their recorded digests."""
     from ..report import plot_forget_vs_retain
 
-    anchored = recorded_lineage(mlflow.active_run().info.run_id)
+    active = mlflow.active_run()
+    assert active is not None, "log_unlearned_model runs inside the job's run"
+    anchored = recorded_lineage(active.info.run_id)
     with tempfile.TemporaryDirectory() as tmp, _artifact_store_failures():
         files = result.save(tmp, extra_record=extra_record)
         steps_baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
@@ -214,10 +225,13 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
             digests = lineage.artifact_digests(pruning_files)
         else:
             digests = json.loads(anchored.get(lineage.ARTIFACTS_SHA, "{}"))
-        model_info = _anchored_model(mlflow.active_run(), anchored) if anchored is not None else None
+        model_info = _anchored_model(active, anchored) if anchored is not None else None
         if model_info is not None:
-            logger.info("run %s already logged this model (%s); reusing it", mlflow.active_run().info.run_id,
-                        model_info.model_id)
+            logger.info(
+                "run %s already logged this model (%s); reusing it",
+                active.info.run_id,
+                model_info.model_id,
+            )
         elif delta is None:
             from .flavor import components, log_model
 
@@ -226,9 +240,13 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
             from . import delta as delta_flavor
 
             masks = {"ff": result.ff_mask, "attn": result.attn_mask}
-            model_info = delta_flavor.log_model(name="model", masks=masks,
-                                                biases=delta_flavor.changed_biases(model, masks),
-                                                pruning_files=pruning_files, **delta)
+            model_info = delta_flavor.log_model(
+                name="model",
+                masks=masks,
+                biases=delta_flavor.changed_biases(model, masks),
+                pruning_files=pruning_files,
+                **delta,
+            )
     kept = [record for record in result.steps if record["kept"]]
     # the per-step values are in the history already (logged live); add what only the summary has (everything,
     # for a budget run, whose steps were logged as select_*)
@@ -248,8 +266,9 @@ def _anchored_model(run, anchored: dict):
     wanted = anchored.get(lineage.MANIFEST_SHA)
     if wanted is None:
         return None
-    found = client().search_logged_models([run.info.experiment_id],
-                                          filter_string=f"source_run_id = '{run.info.run_id}'")
+    found = client().search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+    )
     for logged in found:
         uri = f"models:/{logged.model_id}"
         if manifest.digest(manifest.of_artifacts(uri)) == wanted:
@@ -283,9 +302,11 @@ class RegistrationRefused(BadInputError):
 
     def __init__(self, name: str, model_id: str | None):
         self.model_id = model_id
-        super().__init__(f"permission denied: {tracking_user()} may not add versions to registered model '{name}': "
-                         "MLflow needs EDIT on it (and READ on the run) and the user does not have it; no version "
-                         "was registered; ask an admin, or a user with MANAGE on the model, to grant EDIT")
+        super().__init__(
+            f"permission denied: {tracking_user()} may not add versions to registered model '{name}': "
+            "MLflow needs EDIT on it (and READ on the run) and the user does not have it; no version "
+            "was registered; ask an admin, or a user with MANAGE on the model, to grant EDIT"
+        )
 
 
 def _discard(run, model_id: str | None, keep_run: bool = False) -> str:
@@ -304,8 +325,10 @@ def _discard(run, model_id: str | None, keep_run: bool = False) -> str:
             left.append(what)
     if not left:
         return "the job's run and logged model were deleted"
-    return (f"left behind in experiment {experiment_id}: {' and '.join(left)}; deleting them needs MANAGE on the "
-            "experiment: ask its owner or an admin")
+    return (
+        f"left behind in experiment {experiment_id}: {' and '.join(left)}; deleting them needs MANAGE on the "
+        "experiment: ask its owner or an admin"
+    )
 
 
 def existing_version(name: str, run_id: str):
@@ -338,8 +361,10 @@ def record_lineage(run_id: str, tags: dict) -> None:
     if logged == digest:
         return
     if logged is not None:
-        raise BadInputError(f"run {run_id} already recorded a different lineage (sha256 {logged[:12]}, this job's "
-                            f"{digest[:12]}): its inputs or settings changed; start a new run (unset MLFLOW_RUN_ID)")
+        raise BadInputError(
+            f"run {run_id} already recorded a different lineage (sha256 {logged[:12]}, this job's "
+            f"{digest[:12]}): its inputs or settings changed; start a new run (unset MLFLOW_RUN_ID)"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(lineage.LINEAGE_RECORD).name
         path.write_bytes(record)

@@ -10,6 +10,7 @@ of the model directory against its manifest (``gate`` also reloads the
 weights and the parent's). What is then read is what was verified.
 A finding stops the command with exit 1 and nothing written.
 """
+
 from __future__ import annotations
 
 from ..errors import VerificationError
@@ -23,8 +24,9 @@ def findings(resolved, *, load_weights: bool = False) -> list[str]:
     for an unlearned version, that a record was anchored at all. ``load_weights``: also its weights and its
     parent's against the recorded digests (``lineage --verify``'s full audit; loads both models).
     """
-    hop = lineage.Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id,
-                      dict(resolved.tags))
+    hop = lineage.Hop(
+        resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, dict(resolved.tags)
+    )
     if not resolved.is_registered:
         return []
     if load_weights:
@@ -37,11 +39,13 @@ def findings(resolved, *, load_weights: bool = False) -> list[str]:
         lineage.check_files(audit)
     found = list(audit.findings)
     if hop.kind == "incomplete" and not load_weights:
-        found.append(f"incomplete: {hop.uri}: an unlearned version without {lineage.COMPLETE} (its prune did not "
-                     "finish)")
+        found.append(
+            f"incomplete: {hop.uri}: an unlearned version without {lineage.COMPLETE} (its prune did not finish)"
+        )
     if hop.is_unlearned and audit.status["tags"] == lineage.NOT_APPLICABLE:
-        found.append(f"unverifiable: {hop.uri}: its run holds no anchored lineage record, so its tags cannot be "
-                     "trusted")
+        found.append(
+            f"unverifiable: {hop.uri}: its run holds no anchored lineage record, so its tags cannot be trusted"
+        )
     return found
 
 
@@ -56,6 +60,10 @@ def require_weights(resolved, loaded_digest: str, purpose: str) -> None:
     """The weights as loaded (in their stored dtype) must be the ones the version's verified tag records."""
     recorded = resolved.tags.get(lineage.WEIGHTS_SHA)
     if recorded is not None and loaded_digest != recorded:
-        raise VerificationError([f"refusing to {purpose} {resolved.canonical_uri}: it does not verify",
-                                 f"tampered: {resolved.canonical_uri}: weights changed: sha256 {loaded_digest[:16]}, "
-                                 f"recorded {recorded[:16]}"])
+        raise VerificationError(
+            [
+                f"refusing to {purpose} {resolved.canonical_uri}: it does not verify",
+                f"tampered: {resolved.canonical_uri}: weights changed: sha256 {loaded_digest[:16]}, "
+                f"recorded {recorded[:16]}",
+            ]
+        )

@@ -6,6 +6,7 @@ framework-free and loadable offline with ``evaluate.load(<this folder>)``.
 
 Keep one import per line: evaluate's import scanner misreads ``import a, b``.
 """
+
 import datasets
 import evaluate
 import numpy as np
