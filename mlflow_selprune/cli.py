@@ -532,6 +532,7 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
 def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | None = None) -> int:
     """Print the chain (verified, with ``verify``); returns the number of findings."""
     from .registry import lineage
+    from .registry import verify as verification
 
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
@@ -539,7 +540,7 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
     cache: dict = {}
     if verify:
         for hop in reversed(hops):  # root first: a parent's digest is reused by its child's parent check
-            audits[hop.uri] = lineage.audit(hop, cache, trusted=trusted)
+            audits[hop.uri] = verification.audit(hop, cache, trusted=trusted)
     for hop, row in zip(hops, rows):
         row["aliases"] = lineage.aliases_of(hop)
         row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
@@ -561,11 +562,11 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
 
 def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int:
     """Verify every version of ``name``: a table (or JSON), then each finding; returns the number of findings."""
-    from .registry import lineage
+    from .registry import evidence, lineage, verify
 
     hops, aliases = lineage.versions(name)
     cache: dict = {}
-    audits = [lineage.audit(hop, cache, strict=False, trusted=trusted) for hop in hops]
+    audits = [verify.audit(hop, cache, strict=False, trusted=trusted) for hop in hops]
     rows = [
         {
             "version": hop.version,
@@ -579,7 +580,7 @@ def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        header = ("version", "kind", "storage", *lineage.CHECKS, "aliases")
+        header = ("version", "kind", "storage", *evidence.CHECKS, "aliases")
         table = [header] + [
             (
                 row["version"],

@@ -30,3 +30,48 @@ def test_ruff_format_check_passes():
 def test_mypy_passes_on_the_package():
     out = _run("mypy", "mlflow_selprune")
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports, at the top or inside a function alike."""
+    import ast
+
+    package = ROOT / "mlflow_selprune"
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = here[: len(here) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                targets = [f"{module}.{alias.name}" for alias in node.names] + [module]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            graph[name] |= {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    """Arrows run one way (registry: resolve -> loading -> evidence -> verify, ...), lazy imports included."""
+    graph = _import_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for start in sorted(graph):
+        if start not in state:
+            visit(start, [start])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)

@@ -19,46 +19,27 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 
 from .._version import __version__
-from ..config import ATTN, KINDS
-from ..errors import BadInputError
+from ..config import ATTN
 
 logger = logging.getLogger(__name__)
 
-FLAVOR_NAME = "selprune"
-DELTA_DIR = "delta"
-MASKS_FILE = "masks.safetensors"
-BIASES_FILE = "biases.safetensors"
-MAX_CHAIN = 50
-
-
-class DeltaError(BadInputError):
-    """A delta version cannot be rebuilt exactly: a link is missing or a digest does not match."""
-
-
-def pack_masks(masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Bool masks to bit-packed uint8 tensors (1 bit per neuron) plus their shapes."""
-    out = {}
-    for kind, mask in masks.items():
-        bits = np.packbits(mask.to(torch.bool).cpu().numpy().reshape(-1))
-        out[f"{kind}_bits"] = torch.from_numpy(bits.copy())
-        out[f"{kind}_shape"] = torch.tensor(list(mask.shape), dtype=torch.int64)
-    return out
-
-
-def unpack_masks(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    masks = {}
-    for kind in KINDS:
-        shape = tuple(stored[f"{kind}_shape"].tolist())
-        count = int(np.prod(shape))
-        bits = np.unpackbits(stored[f"{kind}_bits"].numpy())[:count]
-        masks[kind] = torch.from_numpy(bits.astype(bool).reshape(shape))
-    return masks
+from .delta_format import (  # noqa: E402,F401 - the format, re-exported for the flavor's users
+    BIASES_FILE,
+    DELTA_DIR,
+    FLAVOR_NAME,
+    MASKS_FILE,
+    MAX_CHAIN,
+    DeltaError,
+    apply_delta,
+    is_delta,
+    pack_masks,
+    unpack_masks,
+)
 
 
 def changed_biases(model, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,101 +113,6 @@ def log_model(name: str = "model", **kwargs):
     return Model.log(artifact_path=None, name=name, flavor=flavor, **kwargs)
 
 
-def is_delta(flavors: dict) -> bool:
-    return flavors.get(FLAVOR_NAME, {}).get("storage") == "delta"
-
-
-def materialize(
-    path: Path,
-    what: str,
-    *,
-    device=None,
-    dtype=None,
-    trust_remote_code: bool = False,
-    depth: int = 0,
-    recorded: dict | None = None,
-):
-    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked).
-
-    ``recorded``: the version's verified lineage tags; the flavor's parent and digests must be theirs. The
-    parent loads in the dtype it was pruned in (recorded in the flavor) unless ``dtype`` says otherwise."""
-    from safetensors.torch import load_file
-
-    from .lineage import weights_sha256
-    from .loading import inside, load_components
-    from .resolve import resolve
-
-    if depth > MAX_CHAIN:
-        raise DeltaError(f"{what}: the delta chain is longer than {MAX_CHAIN} links (a loop?)")
-    entry = Model.load(str(path / MLMODEL_FILE_NAME)).flavors[FLAVOR_NAME]
-    parent_uri = entry["parent_model_uri"]
-    if recorded is not None:
-        _check_entry(entry, recorded, what)
-    dtype = dtype or entry.get("dtype")
-    try:
-        parent = resolve(parent_uri)
-        model, tokenizer = load_components(
-            parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code, _depth=depth + 1
-        )
-    except BadInputError as exc:
-        raise DeltaError(
-            f"{what} is a delta of {parent_uri}, which cannot be loaded ({str(exc).splitlines()[0]}); "
-            "restore that version, or materialize this one while the parent exists"
-        ) from None
-    actual = weights_sha256(model)
-    if actual != entry["parent_weights_sha256"]:
-        raise DeltaError(
-            f"{what} is a delta of {parent_uri}, whose weights changed since (sha256 {actual[:12]}, "
-            f"recorded {entry['parent_weights_sha256'][:12]}); the delta cannot be applied"
-        )
-    masks = unpack_masks(load_file(str(inside(path, entry["masks"], what))))
-    apply_delta(model, masks, load_file(str(inside(path, entry["biases"], what))))
-    rebuilt = weights_sha256(model)
-    if rebuilt != entry["weights_sha256"]:
-        raise DeltaError(
-            f"{what}: applying its masks to {parent_uri} gives weights sha256 {rebuilt[:12]}, "
-            f"not the recorded {entry['weights_sha256'][:12]}; refusing a different model"
-        )
-    return model, tokenizer
-
-
-def _check_entry(entry: dict, recorded: dict, what: str) -> None:
-    """The delta's own MLmodel says which parent and digests it means; they must be the verified lineage's."""
-    from ..errors import VerificationError
-    from . import lineage
-
-    for field_name, tag in (
-        ("parent_model_uri", lineage.PARENT),
-        ("weights_sha256", lineage.WEIGHTS_SHA),
-        ("parent_weights_sha256", lineage.PARENT_WEIGHTS_SHA),
-    ):
-        if tag in recorded and entry.get(field_name) != recorded[tag]:
-            raise VerificationError(
-                [
-                    f"refusing to rebuild {what}: it does not verify",
-                    f"tampered: {what}: its MLmodel names {field_name} "
-                    f"{str(entry.get(field_name))[:16]}, its verified lineage records "
-                    f"{recorded[tag][:16]}",
-                ]
-            )
-
-
-def apply_delta(model, masks: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]) -> None:
-    """Zero the masked neurons' columns and put back the stored biases: the parent becomes the pruned model."""
-    from ..engine.architecture import find_architecture
-    from ..engine.surgery import prune_neurons
-
-    arch = find_architecture(model)
-    for kind in KINDS:
-        if masks[kind].any():
-            prune_neurons(arch, kind, masks[kind])
-    with torch.no_grad():
-        for projection in arch.attn:
-            bias = projection.bias
-            if projection.name in biases and bias is not None:
-                bias.copy_(biases[projection.name].to(bias.device))
-
-
 class _GreedyGenerator:
     """pyfunc model of a delta version: greedy text generation from the rebuilt weights."""
 
@@ -265,5 +151,7 @@ def _load_pyfunc(path):
         path = path.parent
     while not (path / MLMODEL_FILE_NAME).is_file() and path != path.parent:
         path = path.parent
-    model, tokenizer = materialize(path, str(path))
+    from .loading import rebuild_delta
+
+    model, tokenizer = rebuild_delta(path, str(path))
     return _GreedyGenerator(model, tokenizer)

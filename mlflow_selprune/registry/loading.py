@@ -7,8 +7,8 @@ checked to stay inside it, and what cannot be pruned fails with one line.
 from __future__ import annotations
 
 import logging
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -64,16 +64,16 @@ def load_components(
         from mlflow.models import Model
 
         flavors = Model.load(str(path / "MLmodel")).flavors
-        from . import delta
+        from .delta_format import is_delta
 
-        if delta.is_delta(flavors):
+        if is_delta(flavors):
             recorded = None
             if resolved.is_registered:  # rebuilt only from a verified lineage (the parent, the digests)
-                from .verify import require_verified
+                from .evidence import require_recorded
 
-                require_verified(resolved, "rebuild the delta version")
+                require_recorded(resolved, "rebuild the delta version")
                 recorded = resolved.tags
-            return delta.materialize(
+            return rebuild_delta(
                 path,
                 resolved.uri,
                 device=device,
@@ -172,3 +172,79 @@ def _dtype(name: str | None):
     if name not in table:
         raise BadInputError(f"unknown dtype '{name}'; choose float32, bfloat16 or float16")
     return table[name]
+
+
+def rebuild_delta(
+    path: Path,
+    what: str,
+    *,
+    device=None,
+    dtype=None,
+    trust_remote_code: bool = False,
+    depth: int = 0,
+    recorded: dict | None = None,
+):
+    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked).
+
+    ``recorded``: the version's verified lineage tags; the flavor's parent and digests must be theirs. The
+    parent loads in the dtype it was pruned in (recorded in the flavor) unless ``dtype`` says otherwise."""
+    from mlflow.models import Model
+    from safetensors.torch import load_file
+
+    from .delta_format import FLAVOR_NAME, MAX_CHAIN, DeltaError, apply_delta, unpack_masks
+    from .lineage import weights_sha256
+    from .resolve import resolve
+
+    if depth > MAX_CHAIN:
+        raise DeltaError(f"{what}: the delta chain is longer than {MAX_CHAIN} links (a loop?)")
+    entry = Model.load(str(path / "MLmodel")).flavors[FLAVOR_NAME]
+    parent_uri = entry["parent_model_uri"]
+    if recorded is not None:
+        _check_entry(entry, recorded, what)
+    dtype = dtype or entry.get("dtype")
+    try:
+        parent = resolve(parent_uri)
+        model, tokenizer = load_components(
+            parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code, _depth=depth + 1
+        )
+    except BadInputError as exc:
+        raise DeltaError(
+            f"{what} is a delta of {parent_uri}, which cannot be loaded ({str(exc).splitlines()[0]}); "
+            "restore that version, or materialize this one while the parent exists"
+        ) from None
+    actual = weights_sha256(model)
+    if actual != entry["parent_weights_sha256"]:
+        raise DeltaError(
+            f"{what} is a delta of {parent_uri}, whose weights changed since (sha256 {actual[:12]}, "
+            f"recorded {entry['parent_weights_sha256'][:12]}); the delta cannot be applied"
+        )
+    masks = unpack_masks(load_file(str(inside(path, entry["masks"], what))))
+    apply_delta(model, masks, load_file(str(inside(path, entry["biases"], what))))
+    rebuilt = weights_sha256(model)
+    if rebuilt != entry["weights_sha256"]:
+        raise DeltaError(
+            f"{what}: applying its masks to {parent_uri} gives weights sha256 {rebuilt[:12]}, "
+            f"not the recorded {entry['weights_sha256'][:12]}; refusing a different model"
+        )
+    return model, tokenizer
+
+
+def _check_entry(entry: dict, recorded: dict, what: str) -> None:
+    """The delta's own MLmodel says which parent and digests it means; they must be the verified lineage's."""
+    from ..errors import VerificationError
+    from . import lineage
+
+    for field_name, tag in (
+        ("parent_model_uri", lineage.PARENT),
+        ("weights_sha256", lineage.WEIGHTS_SHA),
+        ("parent_weights_sha256", lineage.PARENT_WEIGHTS_SHA),
+    ):
+        if tag in recorded and entry.get(field_name) != recorded[tag]:
+            raise VerificationError(
+                [
+                    f"refusing to rebuild {what}: it does not verify",
+                    f"tampered: {what}: its MLmodel names {field_name} "
+                    f"{str(entry.get(field_name))[:16]}, its verified lineage records "
+                    f"{recorded[tag][:16]}",
+                ]
+            )

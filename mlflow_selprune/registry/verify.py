@@ -13,47 +13,27 @@ A finding stops the command with exit 1 and nothing written.
 
 from __future__ import annotations
 
-from ..errors import VerificationError
-from . import lineage
+from ..errors import BadInputError, VerificationError
+from . import evidence, lineage
+from .evidence import Audit
+from .lineage import PARENT, PARENT_WEIGHTS_SHA, WEIGHTS_SHA, Hop, weights_sha256
 
 
 def findings(resolved, *, load_weights: bool = False) -> list[str]:
     """Why ``resolved`` cannot be trusted; empty when it verifies (or is a plain model with no lineage to check).
 
-    Always: its tags against the record its run anchored, the run's evidence files against their digests, and,
-    for an unlearned version, that a record was anchored at all. ``load_weights``: also its weights and its
-    parent's against the recorded digests (``lineage --verify``'s full audit; loads both models).
+    Always its recorded evidence (``evidence.recorded``); ``load_weights``: also its weights and its parent's
+    against the recorded digests (``lineage --verify``'s full audit; loads both models).
     """
-    hop = lineage.Hop(
-        resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, dict(resolved.tags)
-    )
     if not resolved.is_registered:
         return []
-    if load_weights:
-        audit = lineage.audit(hop, cache={}, strict=False)
-    else:
-        audit = lineage.Audit(hop)
-        lineage.check_tags(audit)
-        lineage.check_gate_records(audit)
-        lineage.check_artifacts(audit)
-        lineage.check_files(audit)
-    found = list(audit.findings)
-    if hop.kind == "incomplete" and not load_weights:
-        found.append(
-            f"incomplete: {hop.uri}: an unlearned version without {lineage.COMPLETE} (its prune did not finish)"
-        )
-    if hop.is_unlearned and audit.status["tags"] == lineage.NOT_APPLICABLE:
-        found.append(
-            f"unverifiable: {hop.uri}: its run holds no anchored lineage record, so its tags cannot be trusted"
-        )
-    return found
+    hop = evidence.hop_of(resolved)
+    return evidence.findings(audit(hop, cache={}, strict=False) if load_weights else evidence.recorded(hop))
 
 
 def require_verified(resolved, purpose: str, *, load_weights: bool = False) -> None:
     """Raise ``VerificationError`` (exit 1) naming ``purpose`` when ``resolved`` does not verify."""
-    found = findings(resolved, load_weights=load_weights)
-    if found:
-        raise VerificationError([f"refusing to {purpose} {resolved.canonical_uri}: it does not verify"] + found)
+    evidence.refuse(findings(resolved, load_weights=load_weights), resolved, purpose)
 
 
 def require_weights(resolved, loaded_digest: str, purpose: str) -> None:
@@ -67,3 +47,71 @@ def require_weights(resolved, loaded_digest: str, purpose: str) -> None:
                 f"recorded {recorded[:16]}",
             ]
         )
+
+
+# ----------------------------------------------------------------------------- the full audit (weights loaded)
+
+
+def _weights(uri: str, dtype: str | None, cache: dict) -> tuple[str, str]:
+    """``(digest, dtype)`` of the model at ``uri`` loaded in ``dtype`` (None: as stored); each model loads once."""
+    if (uri, dtype) not in cache:
+        from .loading import load_components
+        from .resolve import resolve
+
+        model, _ = load_components(resolve(uri), dtype=dtype)
+        loaded = str(model.dtype).removeprefix("torch.")
+        cache[(uri, dtype)] = cache[(uri, loaded)] = (weights_sha256(model), loaded)
+        del model
+    return cache[(uri, dtype)]
+
+
+def check_weights(audit: Audit, cache: dict) -> str:
+    """The version's weights against the digest recorded when it was made; returns the dtype they load in."""
+    actual, dtype = _weights(audit.hop.uri, None, cache)
+    audit.actual_weights_sha256 = actual
+    recorded = audit.hop.tags.get(WEIGHTS_SHA)
+    if actual != recorded:
+        audit.tampered("weights", f"weights changed: sha256 {actual[:16]}, recorded {str(recorded)[:16]}")
+    audit.ok("weights")
+    return dtype
+
+
+def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
+    """The parent's weights against the digest taken before pruning: a changed parent voids the comparison.
+
+    The parent is loaded in the version's dtype, as ``prune --dtype`` loaded it.
+    """
+    recorded = audit.hop.tags.get(PARENT_WEIGHTS_SHA)
+    if recorded is None:
+        return
+    parent = audit.hop.tags[PARENT]
+    actual, _ = _weights(parent, dtype, cache)
+    if actual != recorded:
+        audit.tampered(
+            "parent",
+            f"parent {parent} weights changed since this version was made: sha256 "
+            f"{actual[:16]}, recorded {recorded[:16]}",
+        )
+    audit.ok("parent")
+
+
+def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = None) -> Audit:
+    """Every check on one version: its recorded evidence (``evidence.recorded``), then its weights and its
+    parent's. ``cache`` holds weights digests across versions (each model loads once); ``strict``: a model that
+    cannot be loaded raises (else it is a finding, so a table of versions goes on); ``trusted``: key id ->
+    public key, whose signatures are then required (None: not checked)."""
+    result = evidence.recorded(hop, trusted)
+    if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
+        return result
+    if result.status["files"] == evidence.CHANGED:  # files that fail their manifest are never loaded
+        result.notes.append(f"note: {hop.uri}: weights not loaded: its files do not match their manifest")
+        return result
+    try:
+        dtype = check_weights(result, cache)
+        if hop.kind == "unlearned":
+            check_parent(result, dtype, cache)
+    except BadInputError as exc:
+        if strict:
+            raise
+        result.findings.append(f"unverifiable: {hop.uri}: {str(exc).splitlines()[0]}")
+    return result
