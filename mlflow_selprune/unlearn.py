@@ -86,55 +86,18 @@ def load_datasets(
     (``data.images``) for image classifiers, whose ``tokenizer`` is the model's image processor.
     ``model=None``: a language model. ``select_part``: a third part for a budget to stop on (budget runs).
     """
-    from .kinds import IMAGE_CLASSIFIER, model_kind
+    from .kinds import BY_NAME, CAUSAL_LM, kind_of
 
-    if model is not None and model_kind(model) == IMAGE_CLASSIFIER:
-        from .data.images import prepare_image_data
-
-        prepared = list(
-            prepare_image_data(
-                forget,
-                retain,
-                tokenizer,
-                model.config,
-                data,
-                trust_remote_code=trust_remote_code,
-                select_part=select_part,
-            )
-        )
-    else:
-        prepared = _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model, select_part)
+    kind = kind_of(model) if model is not None else BY_NAME[CAUSAL_LM]
+    prepared = kind.prepare_data(
+        forget, retain, tokenizer, model, data, trust_remote_code=trust_remote_code, select_part=select_part
+    )
     if prepared[0].digest == prepared[1].digest:
         raise BadInputError(
             f"forget and retain are the same data ({forget} and {retain} have digest {prepared[0].digest[:12]}); "
             "pass different datasets"
         )
     return prepared[0], prepared[1]
-
-
-def _load_text_datasets(tokenizer, forget, retain, data, trust_remote_code, model, select_part):
-    from .data.batching import prepare_data
-    from .data.images import looks_like_image_data
-    from .errors import ConfigError
-
-    what = f"{type(model).__name__} is a language model" if model is not None else "the model is a language model"
-    if data.forget_classes is not None:
-        raise ConfigError(f"--forget-classes applies to image classifiers only; {what}: pass forget and retain text")
-    for side, spec in zip(SIDES, (forget, retain)):  # retain is given: check_data_specs made sure
-        if isinstance(spec, str) and looks_like_image_data(spec):
-            raise BadInputError(f"--{side}: DATA {spec!r} holds images, but {what}; give it text DATA")
-    return [
-        prepare_data(
-            spec,
-            tokenizer,
-            data,
-            source=data.source_for(side),
-            min_tokens=data.min_tokens,
-            select_part=select_part,
-            trust_remote_code=trust_remote_code,
-        )
-        for side, spec in zip(SIDES, (forget, retain))
-    ]
 
 
 def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, sides=SIDES, part: str = "eval"):

@@ -263,22 +263,23 @@ def test_plain_module_is_a_type_error():
 
 
 def test_a_model_kind_not_handled_is_refused_not_scored_as_a_causal_lm(tiny_tokenizer):
-    """A sequence classifier has FF and attention neurons, but no next-token metrics: refused with one line
+    """A token classifier has FF and attention neurons, but no metric defined here: refused with one line
     before any data is prepared."""
     import transformers as T
 
     from mlflow_selprune.errors import BadInputError
-    from mlflow_selprune.kinds import CAUSAL_LM, kind_of_class, model_kind
+    from mlflow_selprune.kinds import CAUSAL_LM, SEQUENCE_CLASSIFIER, kind_of_class, model_kind
     from mlflow_selprune.unlearn import load_datasets
 
-    model = T.BertForSequenceClassification(
+    model = T.BertForTokenClassification(
         T.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     )
-    with pytest.raises(BadInputError, match="BertForSequenceClassification is not a model kind"):
+    with pytest.raises(BadInputError, match="BertForTokenClassification is not a model kind"):
         model_kind(model)
     with pytest.raises(BadInputError, match="not a model kind"):
         load_datasets(tiny_tokenizer, "builtin:stdlib-code", "builtin:stdlib-prose", sp_data(), model=model)
     assert kind_of_class("GPT2LMHeadModel") == kind_of_class("LlamaForCausalLM") == CAUSAL_LM
+    assert kind_of_class("BertForSequenceClassification") == SEQUENCE_CLASSIFIER
 
 
 def sp_data():

@@ -103,19 +103,19 @@ def relearn(
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order),
     regrouped into ``batch_size`` rows a step when given (``--relearn-batch-size``).
 
-    The model's own training loss: on ``labels`` when a batch carries them
-    (image classes), on seeded masked tokens for a masked LM (``masking``:
-    ``PreparedData.masking``), else causal-LM loss on the non-padding tokens.
+    The model's own training loss, as its kind defines it (``ModelKind.training_batch``): on ``labels`` for
+    classifiers, on seeded masked tokens for a masked LM (``masking``: ``PreparedData.masking``), on the
+    non-padding next tokens for a causal LM.
     The original model is untouched.
     """
-    from ..kinds import MASKED_LM, model_kind
+    from ..data.masking import batch_seed
+    from ..kinds import kind_of
 
     torch.manual_seed(seed)
     if batch_size is not None:
         batches = rebatched(batches, batch_size)
-    masked = model_kind(model) == MASKED_LM
-    if masked and masking is None and not all("labels" in batch for batch in batches):
-        raise ValueError("relearning a masked LM needs masking ids (PreparedData.masking) or batches with labels")
+    kind = kind_of(model)
+    kind.check_relearn(batches, masking)
     tuned = copy.deepcopy(model)
     tuned.train()
     device = next(tuned.parameters()).device
@@ -126,15 +126,10 @@ def relearn(
         if not order:
             order = list(range(len(batches)))
             rng.shuffle(order)
-        batch = batches[order.pop()]
-        if masked and "labels" not in batch:
-            from ..data.masking import batch_seed, mask_batch
-
-            batch = mask_batch(batch, masking, seed=batch_seed(step, base=seed + 1))
-        inputs = {name: value.to(device) for name, value in batch.items() if name != "labels"}
-        labels = batch.get("labels")
-        if labels is None:
-            labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+        inputs, labels = kind.training_batch(
+            batches[order.pop()], masking=masking, seed=batch_seed(step, base=seed + 1)
+        )
+        inputs = {name: value.to(device) for name, value in inputs.items()}
         loss = tuned(**inputs, labels=labels.to(device)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -64,10 +64,30 @@ def evaluate_image_model(
     """
     if not batches:
         raise ValueError("evaluate_image_model needs at least one batch of eval images")
+    return evaluate_classes(
+        model, batches, _image_batch, prefix=prefix, accelerator=accelerator, progress=progress, count_name="n_images"
+    )
+
+
+def evaluate_classes(
+    model,
+    batches: Sequence[dict],
+    batch_statistics,
+    *,
+    prefix: str = "",
+    accelerator=None,
+    progress: bool = True,
+    count_name: str = "n_images",
+) -> dict[str, float]:
+    """A classifier's metrics (top1, top5, loss, the example count as ``count_name``, per-class top-1) from
+    ``batch_statistics(model, batch, device)``'s per-example rank and log-probability of the true class: the
+    ``image_classes`` module's definition, for image and text classifiers alike."""
+    if not batches:
+        raise ValueError("evaluation needs at least one batch of labelled examples")
     arrays = score_batches(
         model,
         batches,
-        _image_batch,
+        batch_statistics,
         accelerator=accelerator,
         progress=progress,
         desc=f"evaluating {prefix.rstrip('_') or 'model'}",
@@ -81,5 +101,5 @@ def evaluate_image_model(
         classes=classes,
     )
     logger.debug("image metrics %s: %s", prefix or "(no prefix)", result)
-    names = (*METRIC_NAMES, "n_images", *(f"class_{c}_top1" for c in classes))
-    return {prefix + name: result[name] for name in names}
+    names = (*METRIC_NAMES, *(f"class_{c}_top1" for c in classes))
+    return {**{prefix + name: result[name] for name in names}, prefix + count_name: result["n_images"]}

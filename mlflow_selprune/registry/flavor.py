@@ -26,20 +26,18 @@ RECORD_DIR = "selprune"
 
 
 def task_for(model) -> str:
-    """The pipeline task MLflow needs so it never asks the hub: the model kind's (``kinds.TASKS``)."""
-    from ..kinds import TASKS, model_kind
+    """The pipeline task MLflow needs so it never asks the hub: the model kind's (``ModelKind.task``)."""
+    from ..kinds import kind_of
 
-    return TASKS[model_kind(model)]
+    return kind_of(model).task
 
 
 def components(model, preprocessor) -> dict:
-    """The transformers-flavor components of a model and what prepares its inputs: a language model's
-    tokenizer (``{"model", "tokenizer"}``) or an image classifier's image processor (``{"model",
-    "image_processor"}``)."""
-    from ..kinds import IMAGE_CLASSIFIER, model_kind
+    """The transformers-flavor components of a model and what prepares its inputs (a tokenizer, or an image
+    classifier's image processor), as its kind names them."""
+    from ..kinds import kind_of
 
-    key = "image_processor" if model_kind(model) == IMAGE_CLASSIFIER else "tokenizer"
-    return {"model": model, key: preprocessor}
+    return kind_of(model).components(model, preprocessor)
 
 
 def default_pip_requirements() -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -46,113 +45,89 @@ def load_components(
     local_dir: Path | None = None,
     _depth: int = 0,
 ):
-    """``(model, tokenizer)`` for a resolved model, with clear errors for what cannot be pruned.
+    """``(model, preprocessor)`` for a resolved model, with clear errors for what cannot be pruned.
 
-    For an image classifier (``config.architectures`` ending in ``ForImageClassification``) the second
-    element is its image processor (``AutoImageProcessor``), which prepares its data as a tokenizer does
-    a language model's. A delta version is rebuilt from its parent (``registry.delta``), checked digest by
-    digest.
+    The model's kind (``kinds``, from ``config.architectures``) says which transformers class loads it and
+    what prepares its inputs: a tokenizer, or an image classifier's image processor. A delta version is
+    rebuilt from its parent (``rebuild_delta``), checked digest by digest.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    from ..kinds import IMAGE_CLASSIFIER, known_kind
+    from ..kinds import kind_for_architectures
 
     path = local_dir or download(resolved)
-    model_dir, tokenizer_dir = path, path
     if (path / "MLmodel").is_file():
         from mlflow.models import Model
 
-        flavors = Model.load(str(path / "MLmodel")).flavors
         from .delta_format import is_delta
 
+        flavors = Model.load(str(path / "MLmodel")).flavors
         if is_delta(flavors):
-            recorded = None
-            if resolved.is_registered:  # rebuilt only from a verified lineage (the parent, the digests)
-                from .evidence import require_recorded
-
-                require_recorded(resolved, "rebuild the delta version")
-                recorded = resolved.tags
-            return rebuild_delta(
-                path,
-                resolved.uri,
-                device=device,
-                dtype=dtype,
-                trust_remote_code=trust_remote_code,
-                depth=_depth,
-                recorded=recorded,
-            )
-        if "transformers" not in flavors:
-            raise BadInputError(
-                f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
-                "log it with mlflow.transformers.log_model"
-            )
-        model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
-        tokenizer_dir = inside(path, "components/tokenizer", resolved.uri)
-        processor_dir = inside(path, "components/image_processor", resolved.uri)
-        if not (model_dir / "config.json").is_file():
-            raise BadInputError(
-                f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
-                "log the model with its weights"
-            )
-    elif not (path / "config.json").is_file():
-        raise BadInputError(f"'{resolved.uri}' is not a Hugging Face model (no MLmodel or config.json)")
-    else:
-        processor_dir = path
-    torch_dtype = _dtype(dtype)
+            return _rebuild_registered_delta(resolved, path, device, dtype, trust_remote_code, _depth)
+    model_dir, component_dir = _model_files(resolved, path)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     architectures = config.architectures or []
-    image = any(known_kind(a) == IMAGE_CLASSIFIER for a in architectures)
-    if image:
-        if not (processor_dir / "preprocessor_config.json").is_file():
-            raise BadInputError(
-                f"'{resolved.uri}' is an image classifier ({architectures[0]}) without its image processor; "
-                "log the model together with it ({'model': ..., 'image_processor': ...})"
-            )
-    elif not tokenizer_dir.is_dir() or not any(tokenizer_dir.glob("tokenizer*")):
-        raise BadInputError(
-            f"'{resolved.uri}' has no tokenizer; log the model together with its tokenizer "
-            "({'model': ..., 'tokenizer': ...})"
-        )
-    auto: Any = AutoModelForCausalLM
-    if image:
-        auto = _image_classifier_class(architectures)
-    elif not any(a.endswith(("CausalLM", "LMHeadModel")) for a in architectures) and any(
-        a.endswith("MaskedLM") for a in architectures
-    ):
-        auto = AutoModelForMaskedLM
+    kind = kind_for_architectures(architectures)
+    preprocessor_dir = component_dir(kind.preprocessor)
+    kind.check_files(preprocessor_dir, resolved.uri, architectures)
     kwargs: dict[str, object] = {"trust_remote_code": trust_remote_code}
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
+    if _dtype(dtype) is not None:
+        kwargs["dtype"] = _dtype(dtype)
     if device == "auto":
         kwargs["device_map"] = "auto"
     try:
-        model = auto.from_pretrained(model_dir, **kwargs)
+        model = kind.auto_class(architectures).from_pretrained(model_dir, **kwargs)
     except ValueError as exc:
-        raise BadInputError(
-            f"'{resolved.uri}' cannot be loaded as {'an image classifier' if image else 'a language model'}: "
-            f"{str(exc).splitlines()[0]}"
-        ) from None
+        raise BadInputError(f"'{resolved.uri}' cannot be loaded as a {kind.name}: {str(exc).splitlines()[0]}") from None
     if device not in (None, "auto"):
         model.to(torch.device(device))
     model.eval()
-    if image:
-        from transformers import AutoImageProcessor
-
-        return model, AutoImageProcessor.from_pretrained(processor_dir, trust_remote_code=trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
-    return model, tokenizer
+    return model, kind.load_preprocessor(preprocessor_dir, trust_remote_code)
 
 
-def _image_classifier_class(architectures: list[str]):
-    """The class a saved image classifier is loaded with: its own head (e.g. DeiT's ...WithTeacher) when
-    transformers has it, else ``AutoModelForImageClassification``."""
-    import transformers
+def _rebuild_registered_delta(resolved, path, device, dtype, trust_remote_code, depth):
+    """A delta version, rebuilt only from a verified lineage (its parent, its digests)."""
+    recorded = None
+    if resolved.is_registered:
+        from .evidence import require_recorded
 
-    for name in architectures:
-        if name.endswith("ForImageClassificationWithTeacher") and hasattr(transformers, name):
-            return getattr(transformers, name)
-    return transformers.AutoModelForImageClassification
+        require_recorded(resolved, "rebuild the delta version")
+        recorded = resolved.tags
+    return rebuild_delta(
+        path,
+        resolved.uri,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        depth=depth,
+        recorded=recorded,
+    )
+
+
+def _model_files(resolved: ResolvedModel, path: Path):
+    """``(model directory, component directory by name)``: an MLflow transformers model keeps its weights and
+    each component (tokenizer, image processor) in their own directories; a plain Hugging Face directory holds
+    them all."""
+    from mlflow.models import Model
+
+    if not (path / "MLmodel").is_file():
+        if not (path / "config.json").is_file():
+            raise BadInputError(f"'{resolved.uri}' is not a Hugging Face model (no MLmodel or config.json)")
+        return path, lambda name: path
+    flavors = Model.load(str(path / "MLmodel")).flavors
+    if "transformers" not in flavors:
+        raise BadInputError(
+            f"'{resolved.uri}' is not a transformers model (its flavors: {', '.join(sorted(flavors))}); "
+            "log it with mlflow.transformers.log_model"
+        )
+    model_dir = inside(path, flavors["transformers"].get("model_binary", "model"), resolved.uri)
+    if not (model_dir / "config.json").is_file():
+        raise BadInputError(
+            f"'{resolved.uri}' holds no saved weights (it was logged with save_pretrained=False); "
+            "log the model with its weights"
+        )
+    return model_dir, lambda name: inside(path, f"components/{name}", resolved.uri)
 
 
 def inside(root: Path, relative: str, what: str) -> Path:

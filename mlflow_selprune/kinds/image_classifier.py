@@ -1,0 +1,56 @@
+"""Image classifiers (``*ForImageClassification``): image DATA split by class, per-class metrics."""
+
+from __future__ import annotations
+
+from .base import ModelKind
+
+
+class ImageClassifier(ModelKind):
+    name = "image-classifier"
+    task = "image-classification"
+    class_suffixes = ("ForImageClassification", "ForImageClassificationWithTeacher")
+    preprocessor = "image_processor"
+    data_kind = "images"
+
+    def auto_class(self, architectures):
+        """Its own head (e.g. DeiT's ...WithTeacher) when transformers has it, else the auto class."""
+        import transformers
+
+        for name in architectures:
+            if name.endswith("ForImageClassificationWithTeacher") and hasattr(transformers, name):
+                return getattr(transformers, name)
+        return transformers.AutoModelForImageClassification
+
+    def check_files(self, directory, uri, architectures) -> None:
+        from ..errors import BadInputError
+
+        if not (directory / "preprocessor_config.json").is_file():
+            raise BadInputError(
+                f"'{uri}' is an image classifier ({architectures[0]}) without its image processor; "
+                "log the model together with it ({'model': ..., 'image_processor': ...})"
+            )
+
+    def load_preprocessor(self, directory, trust_remote_code: bool):
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
+
+    def prepare_data(self, forget, retain, preprocessor, model, data, *, trust_remote_code: bool, select_part: bool):
+        from ..data.images import prepare_image_data
+
+        return prepare_image_data(
+            forget,
+            retain,
+            preprocessor,
+            model.config,
+            data,
+            trust_remote_code=trust_remote_code,
+            select_part=select_part,
+        )
+
+    def evaluate(self, model, batches, *, skip_token_ids, prefix, accelerator, progress, masking) -> dict:
+        from ..evaluation.image_classes import evaluate_image_model
+
+        return evaluate_image_model(
+            model, batches, skip_token_ids=skip_token_ids, prefix=prefix, accelerator=accelerator, progress=progress
+        )
