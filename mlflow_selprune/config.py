@@ -167,7 +167,7 @@ class SourceOptions:
     data_config: str | None = option(None, "Hub dataset configuration, e.g. Python-all.")
     revision: str | None = option(None, "Hub dataset revision.")
     image_column: str | None = option(None, "Image DATA: column holding the images (default: image).")
-    label_column: str | None = option(None, "Image DATA: column holding the class labels (default: label).")
+    label_column: str | None = option(None, "Classifier DATA: column holding the class labels (default: label).")
 
     def over(self, shared: "SourceOptions") -> "SourceOptions":
         """These options, with unset fields taken from ``shared``."""
@@ -217,8 +217,8 @@ class DataOptions:
     eval_images: int = option(1_000, "Image classifiers: images per dataset for metrics (at most).", type=int)
     forget_classes: str | None = option(
         None,
-        "Image classifiers: forget these classes (names or ids, comma-separated, e.g. 3,7); the other "
-        "classes are retained. --retain may then be left out (it defaults to the --forget DATA).",
+        "Classifiers (images, texts): forget these classes (names or ids, comma-separated, e.g. 3,7); the "
+        "other classes are retained. --retain may then be left out (it defaults to the --forget DATA).",
     )
 
     def source_for(self, side: str) -> SourceOptions:
