@@ -18,6 +18,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._version import __version__
 from .config import SIDES, DataOptions, EvidenceOptions, PruneConfig
@@ -53,6 +54,11 @@ class _Phases:
         now = time.perf_counter()
         self.seconds[name] = round(self.seconds.get(name, 0.0) + now - self._start, 3)
         self._start = now
+
+    def add_steps(self, steps: list[dict]) -> None:
+        """The pruning steps' own collect, evaluate and total seconds, summed."""
+        for key, name in (("seconds_collect", "collect"), ("seconds_evaluate", "evaluate"), ("seconds", "total")):
+            self.seconds[f"steps_{name}"] = round(sum(r.get(key, 0.0) for r in steps), 3)
 
 
 def _is_main(accelerator) -> bool:
@@ -127,7 +133,46 @@ def make_evaluate_fn(forget, retain, accelerator=None, progress: bool = True, si
     return evaluate_fn
 
 
-def run_prune(
+@dataclass
+class PrunePlan:
+    """Every input of a prune job, checked and resolved; making one writes nothing (``plan_prune``)."""
+
+    parent: Any  # registry.ResolvedModel
+    forget: str
+    retain: str | None
+    config: PruneConfig
+    data: DataOptions
+    evidence: EvidenceOptions
+    target_name: str | None  # None: register nothing
+    alias: str | None = None
+    storage: str = "full"
+    device: str | None = None
+    dtype: str | None = None
+    run_name: str | None = None
+    trust_remote_code: bool = False
+    signer: Any = None  # an Ed25519 private key: the version gets a signed attestation
+
+    def full_config(self) -> dict:
+        return {
+            "prune": self.config.to_dict(),
+            "data": self.data.to_dict(),
+            "evidence": self.evidence.to_dict(),
+            "trust_remote_code": self.trust_remote_code,
+        }
+
+
+@dataclass
+class Loaded:
+    """What a job works on, loaded before any run exists: the parent model, its digest, the data."""
+
+    model: Any
+    tokenizer: Any
+    parent_digest: str | None
+    forget: Any  # data.batching.PreparedData, or the model kind's own prepared data
+    retain: Any
+
+
+def plan_prune(
     model_uri: str,
     forget: str,
     retain: str | None,
@@ -143,16 +188,10 @@ def run_prune(
     dtype: str | None = None,
     run_name: str | None = None,
     trust_remote_code: bool = False,
-    accelerator=None,
-    progress: bool = True,
     signing_key: str | None = None,
-) -> UnlearnResult:
-    """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result.
-
-    ``storage="delta"`` logs only the masks (and changed biases) against the registered parent.
-    ``signing_key``: a PEM Ed25519 private key path (default ``$SELPRUNE_SIGNING_KEY``): the version then
-    carries a signed in-toto attestation (``registry.attest``).
-    """
+) -> PrunePlan:
+    """Plan: every check and resolution of a prune job (options, names, key, data paths, the parent and its
+    verification, the permission to register); reads the registry, writes nothing. Bad input raises here."""
     from .registry import attest, verify
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
@@ -175,95 +214,160 @@ def run_prune(
     target_name = _target_name(parent, register_as, register)
     if target_name:
         check_can_add_versions(target_name)  # a user who could not register is refused before the run exists
-    phases = _Phases()
-    model, tokenizer = _load(parent, device, dtype, trust_remote_code, accelerator)
-    phases.lap("load")
-    from .registry import lineage, manifest, tracking
+    return PrunePlan(
+        parent,
+        forget,
+        retain,
+        config,
+        data,
+        evidence,
+        target_name,
+        alias,
+        storage,
+        device,
+        dtype,
+        run_name,
+        trust_remote_code,
+        signer,
+    )
 
+
+def load_inputs(plan: PrunePlan, accelerator=None, phases: "_Phases | None" = None) -> Loaded:
+    """Execute, first part: load the parent (its weights checked against its verified digest) and the data.
+    Still before any run: a failure here writes nothing."""
+    from .registry import lineage, verify
+
+    phases = phases or _Phases()
+    model, tokenizer = _load(plan.parent, plan.device, plan.dtype, plan.trust_remote_code, accelerator)
+    phases.lap("load")
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
     parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
-    if parent_digest is not None and dtype is None:
-        verify.require_weights(parent, parent_digest, "prune")
+    if parent_digest is not None and plan.dtype is None:
+        verify.require_weights(plan.parent, parent_digest, "prune")
     phases.lap("digest")
     forget_data, retain_data = load_datasets(
-        tokenizer, forget, retain, data, trust_remote_code, model=model, select_part=config.budget_mode
+        tokenizer,
+        plan.forget,
+        plan.retain,
+        plan.data,
+        plan.trust_remote_code,
+        model=model,
+        select_part=plan.config.budget_mode,
     )
     phases.lap("data")
-    full_config = {
-        "prune": config.to_dict(),
-        "data": data.to_dict(),
-        "evidence": evidence.to_dict(),
-        "trust_remote_code": trust_remote_code,
-    }
+    return Loaded(model, tokenizer, parent_digest, forget_data, retain_data)
 
-    with tracking.job_run(run_name, "prune", enabled=_is_main(accelerator)) as run:
+
+def run_prune(
+    model_uri: str,
+    forget: str,
+    retain: str | None,
+    *,
+    accelerator=None,
+    progress: bool = True,
+    **options,
+) -> UnlearnResult:
+    """Pull ``model_uri``, prune it to forget ``forget`` while keeping ``retain``, log and register the result.
+
+    Three stages: ``plan_prune`` (``options`` are its keywords: ``config``, ``data``, ``evidence``,
+    ``register``, ``register_as``, ``alias``, ``storage``, ``device``, ``dtype``, ``run_name``,
+    ``trust_remote_code``, ``signing_key``), execute (``load_inputs``, then ``execute_prune`` inside the
+    run) and ``publish``. ``storage="delta"`` logs only the masks (and changed biases) against the registered
+    parent; a ``signing_key`` (PEM Ed25519 path, default ``$SELPRUNE_SIGNING_KEY``) signs an attestation.
+    """
+    from .registry import tracking
+
+    plan = plan_prune(model_uri, forget, retain, **options)
+    phases = _Phases()
+    loaded = load_inputs(plan, accelerator, phases)
+    with tracking.job_run(plan.run_name, "prune", enabled=_is_main(accelerator)) as run:
         if run is not None:
             tracking.log_inputs(
-                parent=parent,
-                forget=forget_data,
-                retain=retain_data,
-                params=_params(parent, forget, retain, full_config),
+                parent=plan.parent,
+                forget=loaded.forget,
+                retain=loaded.retain,
+                params=_params(plan.parent, plan.forget, plan.retain, plan.full_config()),
             )
         on_step = None
         if run is not None:
-            on_step = functools.partial(tracking.log_step, prefix="select_" if config.budget_mode else "")
-        result, metrics = _prune_with_evidence(
-            model, forget_data, retain_data, config, evidence, accelerator, progress, on_step=on_step
-        )
-        _check_budget_met(config, result)
+            on_step = functools.partial(tracking.log_step, prefix="select_" if plan.config.budget_mode else "")
+        result, metrics = execute_prune(plan, loaded, accelerator, progress, on_step)
         phases.lap("prune_and_evidence")
-        for key in ("seconds_collect", "seconds_evaluate", "seconds"):
-            phases.seconds[f"steps_{key.replace('seconds_', '') if key != 'seconds' else 'total'}"] = round(
-                sum(r.get(key, 0.0) for r in result.steps), 3
-            )
+        phases.add_steps(result.steps)
         if run is None:
-            return UnlearnResult(None, None, parent.canonical_uri, metrics, result)
-        run_id = run.info.run_id
-        logger.info("logging the unlearned model to run %s", run_id)
-        weights_digest = lineage.weights_sha256(model)
-        phases.lap("digest")
-        delta = None
-        if storage == "delta":
-            delta = {
-                "parent_uri": parent.canonical_uri,
-                "parent_weights_sha256": parent_digest,
-                "weights_sha256": weights_digest,
-                "dtype": str(model.dtype).removeprefix("torch."),
-            }
-        model_info, artifacts = tracking.log_unlearned_model(
-            model, tokenizer, result, metrics, extra_record=_extra_record(metrics, evidence, result), delta=delta
-        )
-        manifest_digest = manifest.log(run_id, model_info.model_uri)
-        phases.lap("log_model")
-        tags = lineage.build_tags(
-            parent=parent,
-            run_id=run_id,
-            forget=forget_data,
-            retain=retain_data,
-            config=full_config,
-            weights_digest=weights_digest,
-            ff_pruned=result.ff_pruned,
-            attn_pruned=result.attn_pruned,
-            ff_pruned_total=result.ff_pruned_total,
-            attn_pruned_total=result.attn_pruned_total,
-            metrics=metrics,
-            plugin_version=__version__,
-            trust_remote_code=trust_remote_code,
-            storage=storage,
-            parent_weights_digest=parent_digest,
-            artifacts=artifacts,
-            manifest_digest=manifest_digest,
-        )
-        if signer is not None:
-            tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
-                run_id, model_info.model_uri, tags, parent.tags.get(lineage.MANIFEST_SHA), signer
-            )
-        import mlflow
+            return UnlearnResult(None, None, plan.parent.canonical_uri, metrics, result)
+        return publish(plan, loaded, result, metrics, run.info.run_id, phases)
 
-        mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
-        registered = tracking.register(model_info, target_name, run_id, tags, alias) if target_name else None
-        phases.lap("register")
-    return UnlearnResult(run_id, registered, parent.canonical_uri, metrics, result, tags, alias, phases.seconds)
+
+def execute_prune(plan: PrunePlan, loaded: Loaded, accelerator=None, progress: bool = True, on_step=None):
+    """Execute: prune, then the random control and the relearning check; ``(PruneResult, metrics)``. A budget
+    run that cannot meet its target raises here, before anything is published."""
+    result, metrics = _prune_with_evidence(
+        loaded.model, loaded.forget, loaded.retain, plan.config, plan.evidence, accelerator, progress, on_step=on_step
+    )
+    _check_budget_met(plan.config, result)
+    return result, metrics
+
+
+def publish(plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases") -> UnlearnResult:
+    """Publish: log the model and the evidence, the manifest, the lineage tags (anchored), the signed
+    attestation, then register the version and move the alias."""
+    import mlflow
+
+    from .registry import attest, lineage, manifest, tracking
+
+    logger.info("logging the unlearned model to run %s", run_id)
+    weights_digest = lineage.weights_sha256(loaded.model)
+    phases.lap("digest")
+    delta = None
+    if plan.storage == "delta":
+        delta = {
+            "parent_uri": plan.parent.canonical_uri,
+            "parent_weights_sha256": loaded.parent_digest,
+            "weights_sha256": weights_digest,
+            "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        }
+    model_info, artifacts = tracking.log_unlearned_model(
+        loaded.model,
+        loaded.tokenizer,
+        result,
+        metrics,
+        extra_record=_extra_record(metrics, plan.evidence, result),
+        delta=delta,
+    )
+    manifest_digest = manifest.log(run_id, model_info.model_uri)
+    phases.lap("log_model")
+    tags = lineage.build_tags(
+        parent=plan.parent,
+        run_id=run_id,
+        forget=loaded.forget,
+        retain=loaded.retain,
+        config=plan.full_config(),
+        weights_digest=weights_digest,
+        ff_pruned=result.ff_pruned,
+        attn_pruned=result.attn_pruned,
+        ff_pruned_total=result.ff_pruned_total,
+        attn_pruned_total=result.attn_pruned_total,
+        metrics=metrics,
+        plugin_version=__version__,
+        trust_remote_code=plan.trust_remote_code,
+        storage=plan.storage,
+        parent_weights_digest=loaded.parent_digest,
+        artifacts=artifacts,
+        manifest_digest=manifest_digest,
+    )
+    if plan.signer is not None:
+        tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
+            run_id, model_info.model_uri, tags, plan.parent.tags.get(lineage.MANIFEST_SHA), plan.signer
+        )
+    mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
+    registered = None
+    if plan.target_name:
+        registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
+    phases.lap("register")
+    return UnlearnResult(
+        run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
+    )
 
 
 def _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator, progress, on_step):

@@ -532,3 +532,34 @@ def test_a_budget_run_stops_on_one_split_and_reports_on_another(store):
         Path(client.download_artifacts(result.run_id, "selprune/pruning_record.json", str(store["root"]))).read_text()
     )
     assert record["splits"]["steps"] == "select" and record["splits"]["final_metrics"] == "eval"
+
+
+def test_the_plan_stage_refuses_bad_input_without_loading_a_model_or_writing(store, monkeypatch):
+    """plan_prune holds every check: each bad input is refused there, with the model never loaded and the
+    registry untouched (the CLI's bad-input tests go through it)."""
+    import mlflow_selprune.registry.loading as loading
+    from mlflow_selprune.config import DataOptions, PruneConfig
+    from mlflow_selprune.errors import BadInputError
+    from mlflow_selprune.unlearn import plan_prune
+
+    def never(*args, **kwargs):
+        raise AssertionError("the plan stage loaded a model")
+
+    monkeypatch.setattr(loading, "load_components", never)
+    base, forget, retain = f"models:/{TINY_NAME}@base", store["forget"], store["retain"]
+    cases = {
+        "unknown model": dict(model_uri=f"models:/{TINY_NAME}/99", forget=forget, retain=retain),
+        "missing data": dict(model_uri=base, forget="./nope.jsonl", retain=retain),
+        "reserved alias": dict(model_uri=base, forget=forget, retain=retain, alias="latest"),
+        "fraction out of range": dict(model_uri=base, forget=forget, retain=retain, config=PruneConfig(ff_frac=1.5)),
+        "bad storage": dict(model_uri=base, forget=forget, retain=retain, storage="zip"),
+        "no retain": dict(model_uri=base, forget=forget, retain=None),
+        "bad token budget": dict(model_uri=base, forget=forget, retain=retain, data=DataOptions(eval_tokens=0)),
+    }
+    before = registry_snapshot()
+    for label, kwargs in cases.items():
+        with pytest.raises(BadInputError):
+            plan_prune(**kwargs)
+        assert registry_snapshot() == before, label
+    plan = plan_prune(base, forget, retain)
+    assert plan.target_name == TINY_NAME and plan.parent.version == "1"

@@ -126,103 +126,132 @@ def prepare_data(
     options = (options or DataOptions(**option_fields)).validate()
     source = source or (SourceOptions(**source_fields) if source_fields else options.source)
     spec, documents = _as_documents(spec_or_dataset, source, trust_remote_code)
-    pad_id = _pad_token_id(tokenizer)
     keys = [hashlib.sha256(text.encode("utf-8")).digest() for text in iter_texts(documents)]
-    split_keys = seeded_keys(keys, options.split_seed)
+    orders = _part_orders(seeded_keys(keys, options.split_seed), options, spec, eval_only, select_part)
+    taker = _Taker(documents, keys, tokenizer, options, spec, 1 if min_tokens is None else min_tokens)
+    stored = taker.load_disk_cache()
+    parts = {part: taker.take(part, order) for part, order in orders.items()}
+    taker.save_disk_cache(stored)
+    return _assemble(spec, documents, parts, tokenizer, options, taker, eval_only, select_part)
+
+
+def _part_orders(split_keys, options: DataOptions, spec: str, eval_only: bool, select_part: bool) -> dict:
+    """Each part's documents in hash order: collect (none when ``eval_only``), eval, and select if asked."""
     if eval_only:
         collect_order: list[int] = []
-        eval_order = sorted(range(len(keys)), key=lambda i: (split_keys[i], i))
+        eval_order = sorted(range(len(split_keys)), key=lambda i: (split_keys[i], i))
     else:
         collect_order, eval_order = split_documents(split_keys, options.eval_fraction, spec)
-    select_order, eval_order = split_select(split_keys, eval_order, spec) if select_part else ([], eval_order)
-    tokenizer_key = _tokenizer_key(tokenizer)
-    prefix, suffix = special_affixes(tokenizer)
-    use_disk = token_cache.enabled(options.token_cache)
-    if use_disk:
-        stored = token_cache.load(tokenizer_key, keys)
-        for key, ids in stored.items():
-            _TOKEN_CACHE.put((tokenizer_key, key), ids)
-    min_tokens = 1 if min_tokens is None else min_tokens
-    warnings: list[str] = []
+    select_order: list[int] = []
+    if select_part:
+        select_order, eval_order = split_select(split_keys, eval_order, spec)
+    orders = {"collect": collect_order, "eval": eval_order}
+    return {**orders, "select": select_order} if select_part else orders
 
-    def take(part: str, order: list[int], budget: int, min_chunk: int):
+
+class _Taker:
+    """Takes one part's chunks until its budget is met, and says when a part is short or small."""
+
+    def __init__(self, documents, keys, tokenizer, options: DataOptions, spec: str, min_tokens: int):
+        self.documents, self.keys, self.tokenizer, self.options = documents, keys, tokenizer, options
+        self.spec, self.min_tokens = spec, min_tokens
+        self.tokenizer_key = _tokenizer_key(tokenizer)
+        self.prefix, self.suffix = special_affixes(tokenizer)
+        self.use_disk = token_cache.enabled(options.token_cache)
+        self.warnings: list[str] = []
+
+    def load_disk_cache(self) -> dict:
+        stored = token_cache.load(self.tokenizer_key, self.keys) if self.use_disk else {}
+        for key, ids in stored.items():
+            _TOKEN_CACHE.put((self.tokenizer_key, key), ids)
+        return stored
+
+    def save_disk_cache(self, stored: dict) -> None:
+        if not self.use_disk:
+            return
+        cached = {key: _TOKEN_CACHE.get((self.tokenizer_key, key)) for key in self.keys}
+        entries = {key: ids for key, ids in cached.items() if ids is not None}
+        if set(entries) - set(stored):
+            token_cache.save(self.tokenizer_key, self.keys, entries)
+
+    def take(self, part: str, order: list[int]) -> tuple[list[int], list, int]:
+        """``(documents used, chunks, tokens)`` of one part (collect chunks may be 1 token, eval chunks 2)."""
+        if part == "collect" and not order:
+            return [], [], 0
+        budget = self.options.collect_tokens if part == "collect" else self.options.eval_tokens
         used, chunks = _take_chunks(
-            documents,
+            self.documents,
             order,
-            keys,
-            tokenizer,
-            tokenizer_key,
-            prefix=prefix,
-            suffix=suffix,
+            self.keys,
+            self.tokenizer,
+            self.tokenizer_key,
+            prefix=self.prefix,
+            suffix=self.suffix,
             budget=budget,
-            max_length=options.max_length,
-            min_chunk=min_chunk,
-            chunks_per_document=options.chunks_per_document,
+            max_length=self.options.max_length,
+            min_chunk=1 if part == "collect" else 2,
+            chunks_per_document=self.options.chunks_per_document,
         )
         n_tokens = sum(len(c) for c in chunks)
-        if n_tokens < min_tokens:
+        if n_tokens < self.min_tokens:
             raise DataError(
-                f"DATA {spec!r} gives only {n_tokens} {part} tokens, fewer than the "
-                f"{min_tokens} needed; add more documents"
+                f"DATA {self.spec!r} gives only {n_tokens} {part} tokens, fewer than the "
+                f"{self.min_tokens} needed; add more documents"
             )
         if n_tokens < budget:
-            message = (
-                f"DATA {spec!r}: the {part} part has only {n_tokens} tokens "
-                f"({len(used)} documents), fewer than the {budget} asked for"
+            self.warn(
+                f"DATA {self.spec!r}: the {part} part has only {n_tokens} tokens ({len(used)} documents), "
+                f"fewer than the {budget} asked for"
             )
-            logger.warning(message)
-            warnings.append(message)
         if len(used) < ADVISED_DOCUMENTS or (part == "eval" and n_tokens < ADVISED_EVAL_TOKENS):
-            message = (
-                f"DATA {spec!r}: the {part} part has {len(used)} documents and {n_tokens} tokens; with "
+            self.warn(
+                f"DATA {self.spec!r}: the {part} part has {len(used)} documents and {n_tokens} tokens; with "
                 f"fewer than {ADVISED_DOCUMENTS} documents (or {ADVISED_EVAL_TOKENS} eval tokens) a side, "
                 "drops follow those documents more than the capability: add data (docs/data.md)"
             )
-            logger.warning(message)
-            warnings.append(message)
         return used, chunks, n_tokens
 
-    if eval_only:
-        collect_used, collect_chunks, n_collect = [], [], 0
-    else:
-        collect_used, collect_chunks, n_collect = take("collect", collect_order, options.collect_tokens, 1)
-    eval_used, eval_chunks, n_eval = take("eval", eval_order, options.eval_tokens, 2)
-    select_used, select_chunks, n_select = (
-        take("select", select_order, options.eval_tokens, 2) if select_part else ([], [], 0)
-    )
-    if use_disk:
-        cached = {key: _TOKEN_CACHE.get((tokenizer_key, key)) for key in keys}
-        entries = {key: ids for key, ids in cached.items() if ids is not None}
-        if set(entries) - set(stored):
-            token_cache.save(tokenizer_key, keys, entries)
+    def warn(self, message: str) -> None:
+        logger.warning(message)
+        self.warnings.append(message)
+
+
+def _assemble(
+    spec, documents, parts: dict, tokenizer, options: DataOptions, taker: _Taker, eval_only: bool, select_part: bool
+) -> PreparedData:
+    """The prepared data of the parts taken: batches, digest, skip-50 tokens, the documents used."""
+    pad_id = _pad_token_id(tokenizer)
+    empty: tuple[list, list, int] = ([], [], 0)
+    (c_used, c_chunks, n_collect), (e_used, e_chunks, n_eval) = parts["collect"], parts["eval"]
+    s_used, s_chunks, n_select = parts.get("select", empty)
     texts = {
-        "collect": documents[collect_used]["text"] if collect_used else [],
-        "eval": documents[eval_used]["text"],
-        "select": documents[select_used]["text"] if select_used else [],
+        name: documents[used]["text"] if used else []
+        for name, used in (("collect", c_used), ("eval", e_used), ("select", s_used))
     }
-    frequent_from = eval_chunks if eval_only else collect_chunks
+    frequent_from = e_chunks if eval_only else c_chunks
+    prefix, suffix = taker.prefix, taker.suffix
     prepared = PreparedData(
         spec=spec,
         digest=documents_digest(texts["collect"], texts["eval"], texts["select"]),
-        collect_batches=make_batches(collect_chunks, options.batch_size, pad_id),
-        eval_batches=make_batches(eval_chunks, options.batch_size, pad_id),
+        collect_batches=make_batches(c_chunks, options.batch_size, pad_id),
+        eval_batches=make_batches(e_chunks, options.batch_size, pad_id),
         collect_tokens=n_collect,
         eval_tokens=n_eval,
         skip_token_ids=most_frequent_tokens([c[len(prefix) : len(c) - len(suffix)] for c in frequent_from], 50),
-        n_documents=len(collect_used) + len(eval_used) + len(select_used),
-        warnings=warnings,
+        n_documents=len(c_used) + len(e_used) + len(s_used),
+        warnings=taker.warnings,
         documents=datasets.Dataset.from_dict({"text": texts["collect"] + texts["eval"] + texts["select"]}),
         masking=masking_ids(tokenizer) if getattr(tokenizer, "mask_token_id", None) is not None else None,
-        select_batches=make_batches(select_chunks, options.batch_size, pad_id) if select_part else None,
+        select_batches=make_batches(s_chunks, options.batch_size, pad_id) if select_part else None,
         select_tokens=n_select,
     )
     logger.debug(
         "DATA %r: %d collect tokens (%d documents), %d eval tokens (%d documents), digest %s",
         spec,
         n_collect,
-        len(collect_used),
+        len(c_used),
         n_eval,
-        len(eval_used),
+        len(e_used),
         prepared.digest[:12],
     )
     return prepared

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,26 @@ logger = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[torch.nn.Module], dict]
 StepCallback = Callable[[dict], None]
+
+
+@dataclass
+class _Pruning:
+    """One pruning run's state: what it works on, what it chose so far, and what the parent already had dead."""
+
+    model: Any
+    arch: Any
+    config: PruneConfig
+    kinds: tuple
+    forget_batches: list
+    retain_batches: list
+    accelerator: Any
+    progress: bool
+    masks: dict = field(default_factory=dict)
+    dead: dict = field(default_factory=dict)
+    last_scores: dict = field(default_factory=dict)
+    parent_means: dict = field(default_factory=dict)  # the retain means the first step folded in (the control's)
+    records: list = field(default_factory=list)
+    kept_undos: list = field(default_factory=list)
 
 
 def prune(
@@ -56,163 +77,178 @@ def prune(
     finishes (live logging). Passing ``PruneConfig`` fields as keywords (``ff_frac=...``) is
     deprecated: pass ``config=PruneConfig(...)``.
     """
-    if legacy_options:
-        if config is not None:
-            raise TypeError("pass either config=PruneConfig(...) or its fields as keywords, not both")
-        warnings.warn(
-            "prune(..., ff_frac=...) is deprecated; pass config=PruneConfig(ff_frac=...)",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        config = PruneConfig(**legacy_options)
-    config = (config or PruneConfig()).validate(has_evaluate=evaluate_fn is not None)
-    arch = find_architecture(model)
-    forget_batches = _check_batches(forget_batches, "forget")
-    retain_batches = _check_batches(retain_batches, "retain")
-    kinds = config.active_kinds()
-    if config.attn_mean_offset and ATTN in kinds:
-        no_bias = [p.name for p in arch.attn if p.module.bias is None]
-        if no_bias:
-            raise BadInputError(
-                f"the attention mean offset folds into the projection bias, but {no_bias[0]} has none; "
-                "prune without --attn-mean-offset for this model"
-            )
-    masks = {kind: torch.zeros(arch.shape(kind), dtype=torch.bool) for kind in KINDS}
-    # What is already dead in the parent (an unlearned version pruned again): its zero columns still show
-    # activity at the projection's input, so without this a chain would score and "prune" them again.
-    dead = {kind: pruned_columns(arch, kind) for kind in KINDS}
-    last_scores: dict[str, torch.Tensor | None] = {kind: None for kind in KINDS}
-    parent_means: dict[str, torch.Tensor] = {}  # the retain means the first step folded in (the random control's)
-    records: list[dict] = []
-    kept_undos: list = []
-
-    baseline: dict = {}
-    if evaluate_fn is not None:
-        start = time.perf_counter()
-        baseline = dict(evaluate_fn(model))
-        logger.debug("baseline metrics (%.1fs): %s", time.perf_counter() - start, _brief(baseline))
-        if config.budget_mode:
-            _budget_drops(config, baseline, baseline)  # a missing budget metric fails now, before any surgery
-        if on_step is not None:
-            on_step(
-                {
-                    "step": 0,
-                    "ff_pruned_total": int(dead[FF].sum()),
-                    "attn_pruned_total": int(dead[ATTN].sum()),
-                    "kept": True,
-                    "metrics": baseline,
-                }
-            )
+    config = _config_from(config, legacy_options, has_evaluate=evaluate_fn is not None)
+    run = _start(model, forget_batches, retain_batches, config, accelerator, progress)
+    baseline = _baseline(run, evaluate_fn, on_step)
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     bar = tqdm(total=config.n_steps, desc="pruning", unit="step", disable=not show)
-
     for step in range(1, config.n_steps + 1):
-        step_start = time.perf_counter()
-        chosen, thresholds, undos, collect_seconds = _prune_step(
-            model,
-            arch,
-            masks,
-            dead,
-            last_scores,
-            parent_means,
-            forget_batches,
-            retain_batches,
-            config,
-            kinds,
-            accelerator,
-            progress,
-            step,
-        )
-        record = _step_record(step, chosen, thresholds, masks, dead, collect_seconds)
-        exhausted = not any(chosen[k].any() for k in KINDS)  # the last state: measured whatever --eval-every says
-        if evaluate_fn is not None and (
-            config.budget_mode or step % config.eval_every == 0 or step == config.n_steps or exhausted
-        ):
-            eval_start = time.perf_counter()
-            record["metrics"] = dict(evaluate_fn(model))
-            record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
-        record["seconds"] = round(time.perf_counter() - step_start, 3)
-
+        record, chosen, undos, exhausted = _step(run, step, evaluate_fn)
         if config.budget_mode:
             record["forget_drop"], record["retain_drop"] = _budget_drops(config, baseline, record["metrics"])
             if config.max_retain_drop is not None and record["retain_drop"] > config.max_retain_drop:
-                for undo in reversed(undos):
-                    undo.restore()
-                for kind in KINDS:
-                    masks[kind] &= ~chosen[kind]
-                record["kept"] = False
-                records.append(record)
-                stop_reason = (
-                    f"step {step} rolled back: retain {config.budget_metric} drop "
-                    f"{record['retain_drop']:.4f} exceeds the budget {config.max_retain_drop}"
-                )
+                stop_reason = _roll_back(run, record, chosen, undos)
                 break
-        records.append(record)
-        kept_undos.extend(undos)
+        run.records.append(record)
+        run.kept_undos.extend(undos)
         latest_metrics = record.get("metrics", latest_metrics)
         _log_step(record)
         bar.update(1)
         bar.set_postfix_str(_headline(baseline, latest_metrics), refresh=True)
         if on_step is not None:
             on_step(record)
-        if config.budget_mode:
-            if config.target_forget_drop is not None and record["forget_drop"] >= config.target_forget_drop:
-                stop_reason = (
-                    f"forget {config.budget_metric} drop {record['forget_drop']:.4f} reached the target "
-                    f"{config.target_forget_drop} after {step} step(s)"
-                )
+        budget_stop = _budget_stop(config, record, step)
+        if budget_stop is not None:
+            stop_reason = budget_stop
+            if budget_stop.startswith("forget"):
                 break
-            if step == config.n_steps:
-                stop_reason = f"max_steps ({config.max_steps}) reached before the forget target"
         if exhausted:
             stop_reason = f"no neurons left to prune after step {step}"
             break
-
     bar.close()
     logger.info("stopped: %s", stop_reason)
+    return _result(run, baseline, latest_metrics, stop_reason)
+
+
+def _config_from(config: PruneConfig | None, legacy_options: dict, has_evaluate: bool) -> PruneConfig:
+    if legacy_options:
+        if config is not None:
+            raise TypeError("pass either config=PruneConfig(...) or its fields as keywords, not both")
+        warnings.warn(
+            "prune(..., ff_frac=...) is deprecated; pass config=PruneConfig(ff_frac=...)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        config = PruneConfig(**legacy_options)
+    return (config or PruneConfig()).validate(has_evaluate=has_evaluate)
+
+
+def _start(model, forget_batches, retain_batches, config: PruneConfig, accelerator, progress) -> _Pruning:
+    """Checks before any surgery, empty masks, and what is already dead in the parent (an unlearned version
+    pruned again: its zero columns still show activity at the projection's input, so without this a chain
+    would score and "prune" them again)."""
+    arch = find_architecture(model)
+    kinds = config.active_kinds()
+    run = _Pruning(
+        model,
+        arch,
+        config,
+        kinds,
+        _check_batches(forget_batches, "forget"),
+        _check_batches(retain_batches, "retain"),
+        accelerator,
+        progress,
+    )
+    if config.attn_mean_offset and ATTN in kinds:
+        no_bias = [p.name for p in arch.attn if p.bias is None]
+        if no_bias:
+            raise BadInputError(
+                f"the attention mean offset folds into the projection bias, but {no_bias[0]} has none; "
+                "prune without --attn-mean-offset for this model"
+            )
+    run.masks = {kind: torch.zeros(arch.shape(kind), dtype=torch.bool) for kind in KINDS}
+    run.dead = {kind: pruned_columns(arch, kind) for kind in KINDS}
+    run.last_scores = {kind: None for kind in KINDS}
+    return run
+
+
+def _baseline(run: _Pruning, evaluate_fn, on_step) -> dict:
+    """The parent's metrics (step 0), reported to ``on_step``; a missing budget metric fails here."""
+    if evaluate_fn is None:
+        return {}
+    start = time.perf_counter()
+    baseline = dict(evaluate_fn(run.model))
+    logger.debug("baseline metrics (%.1fs): %s", time.perf_counter() - start, _brief(baseline))
+    if run.config.budget_mode:
+        _budget_drops(run.config, baseline, baseline)
+    if on_step is not None:
+        on_step(
+            {
+                "step": 0,
+                "ff_pruned_total": int(run.dead[FF].sum()),
+                "attn_pruned_total": int(run.dead[ATTN].sum()),
+                "kept": True,
+                "metrics": baseline,
+            }
+        )
+    return baseline
+
+
+def _step(run: _Pruning, step: int, evaluate_fn):
+    """One step: prune, record, and evaluate when due; ``(record, chosen, undos, exhausted)``. The last state
+    (no neurons left) is measured whatever --eval-every says."""
+    config = run.config
+    step_start = time.perf_counter()
+    chosen, thresholds, undos, collect_seconds = _prune_step(run, step)
+    record = _step_record(step, chosen, thresholds, run.masks, run.dead, collect_seconds)
+    exhausted = not any(chosen[k].any() for k in KINDS)
+    due = config.budget_mode or step % config.eval_every == 0 or step == config.n_steps or exhausted
+    if evaluate_fn is not None and due:
+        eval_start = time.perf_counter()
+        record["metrics"] = dict(evaluate_fn(run.model))
+        record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
+    record["seconds"] = round(time.perf_counter() - step_start, 3)
+    return record, chosen, undos, exhausted
+
+
+def _roll_back(run: _Pruning, record: dict, chosen: dict, undos: list) -> str:
+    """Undo a step that broke the retain budget; it stays in the records, marked not kept."""
+    for undo in reversed(undos):
+        undo.restore()
+    for kind in KINDS:
+        run.masks[kind] &= ~chosen[kind]
+    record["kept"] = False
+    run.records.append(record)
+    config = run.config
+    return (
+        f"step {record['step']} rolled back: retain {config.budget_metric} drop "
+        f"{record['retain_drop']:.4f} exceeds the budget {config.max_retain_drop}"
+    )
+
+
+def _budget_stop(config: PruneConfig, record: dict, step: int) -> str | None:
+    """Why a budget run stops after this kept step (the target reached: stop now; the last step: say so)."""
+    if not config.budget_mode:
+        return None
+    if config.target_forget_drop is not None and record["forget_drop"] >= config.target_forget_drop:
+        return (
+            f"forget {config.budget_metric} drop {record['forget_drop']:.4f} reached the target "
+            f"{config.target_forget_drop} after {step} step(s)"
+        )
+    if step == config.n_steps:
+        return f"max_steps ({config.max_steps}) reached before the forget target"
+    return None
+
+
+def _result(run: _Pruning, baseline: dict, latest_metrics: dict, stop_reason: str) -> PruneResult:
     return PruneResult(
-        ff_mask=masks[FF],
-        attn_mask=masks[ATTN],
-        ff_scores=last_scores[FF],
-        attn_scores=last_scores[ATTN],
-        steps=records,
-        config=config,
-        architecture=arch.describe(),
+        ff_mask=run.masks[FF],
+        attn_mask=run.masks[ATTN],
+        ff_scores=run.last_scores[FF],
+        attn_scores=run.last_scores[ATTN],
+        steps=run.records,
+        config=run.config,
+        architecture=run.arch.describe(),
         baseline_metrics=baseline,
         final_metrics=latest_metrics,
         stop_reason=stop_reason,
-        parent_undos=kept_undos,
-        ff_dead=dead[FF],
-        attn_dead=dead[ATTN],
-        attn_parent_means=parent_means.get(ATTN),
+        parent_undos=run.kept_undos,
+        ff_dead=run.dead[FF],
+        attn_dead=run.dead[ATTN],
+        attn_parent_means=run.parent_means.get(ATTN),
     )
 
 
-def _prune_step(
-    model,
-    arch,
-    masks,
-    dead,
-    last_scores,
-    parent_means,
-    forget_batches,
-    retain_batches,
-    config,
-    kinds,
-    accelerator,
-    progress,
-    step,
-):
+def _prune_step(run: _Pruning, step: int):
     """Collect, score, select (among neurons neither pruned by this run nor dead before it) and zero one step's
     neurons; masks are updated in place, and ``parent_means`` keeps the first step's mean offsets."""
-    forget_stats, retain_stats, collect_seconds = _collect_both(
-        model, forget_batches, retain_batches, config, kinds, accelerator, progress, step
-    )
+    config, arch = run.config, run.arch
+    forget_stats, retain_stats, collect_seconds = _collect_both(run, step)
     chosen, thresholds, undos = {}, {}, []
     for kind in KINDS:
-        if kind not in kinds:
+        if kind not in run.kinds:
             chosen[kind] = torch.zeros(arch.shape(kind), dtype=torch.bool)
             continue
         scores = score(
@@ -222,17 +258,17 @@ def _prune_step(
             eps=config.eps(kind),
             seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
         ).cpu()
-        last_scores[kind] = scores
-        chosen[kind] = select(scores, masks[kind] | dead[kind], config.frac(kind), selection=config.selection)
+        run.last_scores[kind] = scores
+        chosen[kind] = select(scores, run.masks[kind] | run.dead[kind], config.frac(kind), selection=config.selection)
         thresholds[kind] = float(scores[chosen[kind]].min()) if chosen[kind].any() else None
         offset = None
         if kind == ATTN and config.attn_mean_offset:
             stats = retain_stats[kind]
             offset = stats.sums["sum"] / stats.n_tokens
-            parent_means.setdefault(kind, offset.cpu())
+            run.parent_means.setdefault(kind, offset.cpu())
         undos.append(prune_neurons(arch, kind, chosen[kind], mean_offset=offset))
     for kind in KINDS:
-        masks[kind] |= chosen[kind]
+        run.masks[kind] |= chosen[kind]
     return chosen, thresholds, undos, collect_seconds
 
 
@@ -260,14 +296,15 @@ def _check_batches(batches, label: str) -> list:
     return batches
 
 
-def _collect_both(model, forget_batches, retain_batches, config, kinds, accelerator, progress, step):
+def _collect_both(run: _Pruning, step: int):
     start = time.perf_counter()
-    sums = set(required_sums(*(config.scoring_for(kind) for kind in kinds)))
-    if config.attn_mean_offset and ATTN in kinds:
+    config = run.config
+    sums = set(required_sums(*(config.scoring_for(kind) for kind in run.kinds)))
+    if config.attn_mean_offset and ATTN in run.kinds:
         sums.add("sum")
-    common = dict(sums=tuple(sorted(sums)), kinds=kinds, accelerator=accelerator, progress=progress)
-    forget_stats = collect_statistics(model, forget_batches, desc=f"step {step}: forget", **common)
-    retain_stats = collect_statistics(model, retain_batches, desc=f"step {step}: retain", **common)
+    common = dict(sums=tuple(sorted(sums)), kinds=run.kinds, accelerator=run.accelerator, progress=run.progress)
+    forget_stats = collect_statistics(run.model, run.forget_batches, desc=f"step {step}: forget", **common)
+    retain_stats = collect_statistics(run.model, run.retain_batches, desc=f"step {step}: retain", **common)
     return forget_stats, retain_stats, time.perf_counter() - start
 
 
