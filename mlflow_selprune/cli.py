@@ -448,7 +448,10 @@ def gate(
     from .registry.attest import load_signing_key
 
     key = None if dry_run else load_signing_key(signing_key)
-    _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
+    from .registry.gate import check_thresholds
+
+    check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias or None)
+    _announce_store(require_existing=True)  # every option checked first; then a missing store answers at once
     from .registry.gate import gate as run_gate
 
     result = run_gate(

@@ -543,14 +543,8 @@ def run_evaluate(
     for version in (resolved, parent):
         if version is not None:
             verify.require_verified(version, "evaluate")
-    model, tokenizer = _load(resolved, device, dtype, trust_remote_code, accelerator)
-    parent_model = _load(parent, device, dtype, trust_remote_code, accelerator)[0] if parent is not None else None
-    if dtype is None and _is_main(accelerator):  # the weights as loaded are the ones verified, before any run
-        from .registry.lineage import weights_sha256
-
-        for version, loaded in ((resolved, model), (parent, parent_model)):
-            if version is not None and loaded is not None:
-                verify.require_weights(version, weights_sha256(loaded), "evaluate")
+    model, tokenizer = _load_verified(resolved, device, dtype, trust_remote_code, accelerator)
+    parent_model = _load_verified(parent, device, dtype, trust_remote_code, accelerator)[0] if parent else None
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     with tracking.job_run(run_name, "evaluate", enabled=_is_main(accelerator)) as run:
@@ -586,6 +580,18 @@ def run_evaluate(
 
             mlflow.log_metrics(tracking.finite(metrics))
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
+
+
+def _load_verified(version, device, dtype, trust_remote_code, accelerator):
+    """``(model, preprocessor)`` whose weights, as loaded in their stored dtype, are the verified ones (with
+    another ``dtype`` they are not compared), before any run exists."""
+    from .registry import verify
+    from .registry.lineage import weights_sha256
+
+    model, preprocessor = _load(version, device, dtype, trust_remote_code, accelerator)
+    if dtype is None and _is_main(accelerator):
+        verify.require_weights(version, weights_sha256(model), "evaluate")
+    return model, preprocessor
 
 
 def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed, metrics, accelerator, progress):

@@ -75,3 +75,21 @@ def test_the_package_has_no_import_cycle():
         if start not in state:
             visit(start, [start])
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+# A function reads on one screen: ~60 lines of body. Counted here with its docstring and the formatter's one
+# argument per line, the longest (a job's plan, an evaluation run, image preparation) stay under this.
+MAX_FUNCTION_LINES = 70
+
+
+def test_no_function_in_the_package_runs_past_one_screen():
+    import ast
+
+    long = []
+    for path in sorted((ROOT / "mlflow_selprune").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.name} ({lines} lines)")
+    assert not long, "split these: " + ", ".join(long)

@@ -233,43 +233,34 @@ def prepare_image_side(
     collect_rows = [rows[i] for i in collect_order[: options.collect_images]]
     eval_rows = [rows[i] for i in eval_order[: options.eval_images]]
     select_rows = [rows[i] for i in select_order[: options.eval_images]]
-    warnings = []
-    for part, used, wanted in (
-        ("collect", collect_rows, options.collect_images),
-        ("eval", eval_rows, options.eval_images),
-    ):
-        if len(used) < min(wanted, options.batch_size):
-            message = f"DATA {spec!r} ({flag}): the {part} part has only {len(used)} images"
-            logger.warning(message)
-            warnings.append(message)
+    parts = {"collect": collect_rows, "eval": eval_rows, "select": select_rows}
+    warnings = _short_parts(parts, options, spec, flag)
     key_of = {rows[i]: keys[i] for i in range(len(rows))}
+    lines = {part: [f"{key_of[r].hex()} {labels[r]}" for r in part_rows] for part, part_rows in parts.items()}
+    used = collect_rows + eval_rows + select_rows
+    classes = sorted({labels[r] for r in used})
 
-    def lines(part_rows):
-        return [f"{key_of[r].hex()} {labels[r]}" for r in part_rows]
+    def batches(part_rows):
+        return _batches(dataset, part_rows, image_column, labels, processor, channels, options.batch_size)
 
-    classes = sorted({labels[r] for r in collect_rows + eval_rows + select_rows})
     prepared = PreparedImages(
         spec=spec,
-        digest=documents_digest(lines(collect_rows), lines(eval_rows), lines(select_rows)),
-        collect_batches=_batches(dataset, collect_rows, image_column, labels, processor, channels, options.batch_size),
-        eval_batches=_batches(dataset, eval_rows, image_column, labels, processor, channels, options.batch_size),
+        digest=documents_digest(lines["collect"], lines["eval"], lines["select"]),
+        collect_batches=batches(collect_rows),
+        eval_batches=batches(eval_rows),
         collect_tokens=len(collect_rows),
         eval_tokens=len(eval_rows),
-        n_documents=len(collect_rows) + len(eval_rows) + len(select_rows),
+        n_documents=len(used),
         classes=classes,
         warnings=warnings,
         documents=datasets.Dataset.from_dict(
             {
-                "image_sha256": [key_of[r].hex() for r in collect_rows + eval_rows + select_rows],
-                "label": [labels[r] for r in collect_rows + eval_rows + select_rows],
-                "part": ["collect"] * len(collect_rows) + ["eval"] * len(eval_rows) + ["select"] * len(select_rows),
+                "image_sha256": [key_of[r].hex() for r in used],
+                "label": [labels[r] for r in used],
+                "part": [part for part, part_rows in parts.items() for _ in part_rows],
             }
         ),
-        select_batches=(
-            _batches(dataset, select_rows, image_column, labels, processor, channels, options.batch_size)
-            if select_part
-            else None
-        ),
+        select_batches=batches(select_rows) if select_part else None,
         select_tokens=len(select_rows),
     )
     logger.debug(
@@ -282,6 +273,17 @@ def prepare_image_side(
         prepared.digest[:12],
     )
     return prepared
+
+
+def _short_parts(parts: dict, options: DataOptions, spec: str, flag: str) -> list[str]:
+    """A warning for a collect or eval part with fewer images than one batch (or than asked for)."""
+    warnings = []
+    for part, wanted in (("collect", options.collect_images), ("eval", options.eval_images)):
+        if len(parts[part]) < min(wanted, options.batch_size):
+            message = f"DATA {spec!r} ({flag}): the {part} part has only {len(parts[part])} images"
+            logger.warning(message)
+            warnings.append(message)
+    return warnings
 
 
 def prepare_image_data(

@@ -170,6 +170,29 @@ def _row_counter(state: dict):
     return pre_hook
 
 
+def _feed(body, batch: dict, state: dict, device, dtype):
+    """One batch through the model's body, the hooks adding its sums; returns its token count."""
+    if "pixel_values" in batch:
+        # images: every patch token and the CLS token count (no padding, no attention mask);
+        # the token count is the number of activation rows the hooks see
+        state["weights"] = None
+        body(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
+        return state.pop("rows")
+    input_ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    if mask is None:
+        state["weights"] = None
+        count = input_ids.numel()
+    else:
+        mask = mask.to(device)
+        # a masked reduction (one matrix-vector product) skips padding without a host sync
+        state["weights"] = mask.reshape(-1).float()
+        state["copies"] = {}
+        count = mask.sum()
+    body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+    return count
+
+
 def forward_body(model):
     """The model without its output head: statistics never need the logits."""
     body = getattr(model, getattr(model, "base_model_prefix", ""), None)
@@ -238,26 +261,7 @@ def collect_statistics(
     try:
         with torch.inference_mode():
             for batch in tqdm(batches, desc=desc, disable=not show, leave=False):
-                if "pixel_values" in batch:
-                    # images: every patch token and the CLS token count (no padding, no attention mask);
-                    # the token count is the number of activation rows the hooks see
-                    state["weights"] = None
-                    body(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
-                    n_tokens += state.pop("rows")
-                    n_batches += 1
-                    continue
-                input_ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                if mask is None:
-                    state["weights"] = None
-                    n_tokens += input_ids.numel()
-                else:
-                    mask = mask.to(device)
-                    # a masked reduction (one matrix-vector product) skips padding without a host sync
-                    state["weights"] = mask.reshape(-1).float()
-                    state["copies"] = {}
-                    n_tokens += mask.sum()
-                body(input_ids=input_ids, attention_mask=mask, use_cache=False)
+                n_tokens += _feed(body, batch, state, device, dtype)
                 n_batches += 1
     finally:
         for handle in handles:

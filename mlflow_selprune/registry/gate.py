@@ -66,28 +66,8 @@ def gate(
     ``attest.load_signing_key``): the decision is also signed (``registry.attest``), its envelope in the version's
     run and its digest in the record.
     """
-    from ..evaluation.drops import selectivity_key
-
-    _check_fraction("--max-retain-drop", max_retain_drop)
-    _check_fraction("--min-forget-drop", min_forget_drop)
-    if min_selectivity is not None and (math.isnan(min_selectivity) or min_selectivity < 0):
-        raise BadInputError(f"--min-selectivity must be >= 0 (forget drop / retain drop), got {min_selectivity}")
-    if max_relearn_recovery is not None and (math.isnan(max_relearn_recovery) or max_relearn_recovery < 0):
-        raise BadInputError(f"--max-relearn-recovery must be >= 0 (e.g. 0.5), got {max_relearn_recovery}")
-    if all(t is None for t in (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery)):
-        raise BadInputError(
-            "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity "
-            "or --max-relearn-recovery"
-        )
-    check_alias(set_alias, "--set-alias")
-    resolved = resolve(model_uri)
-    if not resolved.is_registered:
-        raise BadInputError(f"'{model_uri}' is not a registered model version; gate works on models:/NAME/VERSION")
-    tags = resolved.tags
-    if lineage.PARENT in tags and tags.get(lineage.COMPLETE) != "true":
-        raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
-    # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
-    refusals = [f"refused, {line}" for line in verify.findings(resolved, load_weights=True)]
+    check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias)
+    resolved = _gated_version(model_uri)
     thresholds = {
         "max_retain_drop": max_retain_drop,
         "min_forget_drop": min_forget_drop,
@@ -95,18 +75,12 @@ def gate(
         "max_relearn_recovery": max_relearn_recovery,
         "metric": metric,
     }
+    # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
+    refusals = [f"refused, {line}" for line in verify.findings(resolved, load_weights=True)]
     if refusals:  # nothing is decided on, or written to, a version that does not verify
         return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
-    metrics = lineage.metrics_from_tags(tags)  # the very tags just verified against the run's anchored record
-    wanted = {}
-    if max_retain_drop is not None:
-        wanted[f"retain_{metric}_drop"] = MetricThreshold(threshold=max_retain_drop, greater_is_better=False)
-    if min_forget_drop is not None:
-        wanted[f"forget_{metric}_drop"] = MetricThreshold(threshold=min_forget_drop, greater_is_better=True)
-    if min_selectivity is not None:
-        wanted[selectivity_key(metric)] = MetricThreshold(threshold=min_selectivity, greater_is_better=True)
-    if max_relearn_recovery is not None:
-        wanted["relearn_recovery"] = MetricThreshold(threshold=max_relearn_recovery, greater_is_better=False)
+    metrics = lineage.metrics_from_tags(resolved.tags)  # the very tags just verified
+    wanted = _metric_thresholds(thresholds)
     missing = [name for name in wanted if name not in metrics]
     if missing:
         raise BadInputError(
@@ -124,6 +98,57 @@ def gate(
     if not dry_run:
         _record_and_move(resolved, thresholds, passed, failures, alias_set, signing_key)
     return GateResult(passed, resolved.canonical_uri, thresholds, {k: metrics[k] for k in wanted}, failures, alias_set)
+
+
+def check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias) -> None:
+    """Every option of ``gate`` in range, before the store is touched (the CLI calls it first)."""
+    _check_fraction("--max-retain-drop", max_retain_drop)
+    _check_fraction("--min-forget-drop", min_forget_drop)
+    if min_selectivity is not None and (math.isnan(min_selectivity) or min_selectivity < 0):
+        raise BadInputError(f"--min-selectivity must be >= 0 (forget drop / retain drop), got {min_selectivity}")
+    if max_relearn_recovery is not None and (math.isnan(max_relearn_recovery) or max_relearn_recovery < 0):
+        raise BadInputError(f"--max-relearn-recovery must be >= 0 (e.g. 0.5), got {max_relearn_recovery}")
+    if all(t is None for t in (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery)):
+        raise BadInputError(
+            "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity "
+            "or --max-relearn-recovery"
+        )
+    check_alias(set_alias, "--set-alias")
+
+
+def _gated_version(model_uri: str):
+    """The registered, complete version a gate decides on."""
+    resolved = resolve(model_uri)
+    if not resolved.is_registered:
+        raise BadInputError(f"'{model_uri}' is not a registered model version; gate works on models:/NAME/VERSION")
+    if lineage.PARENT in resolved.tags and resolved.tags.get(lineage.COMPLETE) != "true":
+        raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
+    return resolved
+
+
+def _metric_thresholds(thresholds: dict) -> dict[str, MetricThreshold]:
+    """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names."""
+    from ..evaluation.drops import selectivity_key
+
+    metric = thresholds["metric"]
+    wanted = {}
+    if thresholds["max_retain_drop"] is not None:
+        wanted[f"retain_{metric}_drop"] = MetricThreshold(
+            threshold=thresholds["max_retain_drop"], greater_is_better=False
+        )
+    if thresholds["min_forget_drop"] is not None:
+        wanted[f"forget_{metric}_drop"] = MetricThreshold(
+            threshold=thresholds["min_forget_drop"], greater_is_better=True
+        )
+    if thresholds["min_selectivity"] is not None:
+        wanted[selectivity_key(metric)] = MetricThreshold(
+            threshold=thresholds["min_selectivity"], greater_is_better=True
+        )
+    if thresholds["max_relearn_recovery"] is not None:
+        wanted["relearn_recovery"] = MetricThreshold(
+            threshold=thresholds["max_relearn_recovery"], greater_is_better=False
+        )
+    return wanted
 
 
 def _record_and_move(
@@ -183,8 +208,16 @@ def _record_and_move(
             "nothing was written; ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide "
             "without writing (--dry-run)"
         ) from None
-    if not alias_set:
-        return
+    if alias_set:
+        _move_alias(resolved, key, record, alias_set)
+
+
+def _move_alias(resolved, key: str, record: dict, alias_set: str) -> None:
+    """Move the alias, then update the decision record to say it moved; a refused move is said in the record
+    where it can still be written, and in one permission line."""
+    from .resolve import permission_denied, tracking_user
+
+    name, version = resolved.registered_name, resolved.version
     try:
         client().set_registered_model_alias(name, alias_set, version)
     except Exception as exc:
