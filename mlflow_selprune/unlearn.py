@@ -314,7 +314,7 @@ def publish(plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str,
     attestation, then register the version and move the alias."""
     import mlflow
 
-    from .registry import attest, lineage, manifest, tracking
+    from .registry import attest, describe, lineage, manifest, tracking
 
     logger.info("logging the unlearned model to run %s", run_id)
     weights_digest = lineage.weights_sha256(loaded.model)
@@ -364,6 +364,8 @@ def publish(plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str,
     registered = None
     if plan.target_name:
         registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
+        name, version = registered.removeprefix("models:/").rsplit("/", 1)
+        describe.write(name, version, run_id, describe.version_markdown(registered, tags, metrics, plan.full_config()))
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
@@ -633,7 +635,7 @@ def run_materialize(
     """
     import mlflow
 
-    from .registry import attest, lineage, manifest, tracking, verify
+    from .registry import attest, describe, lineage, manifest, tracking, verify
     from .registry.flavor import components, log_model
     from .registry.loading import download, load_components
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
@@ -682,4 +684,5 @@ def run_materialize(
                 run.info.run_id, model_info.model_uri, tags, parent_manifest, signer
             )
         registered = tracking.register(model_info, target, run.info.run_id, tags, alias)
+        describe.write(target, registered.rsplit("/", 1)[1], run.info.run_id, describe.materialized(resolved))
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

@@ -563,3 +563,30 @@ def test_the_plan_stage_refuses_bad_input_without_loading_a_model_or_writing(sto
         assert registry_snapshot() == before, label
     plan = plan_prune(base, forget, retain)
     assert plan.target_name == TINY_NAME and plan.parent.version == "1"
+
+
+def test_the_version_page_explains_itself_and_each_gate_decision_adds_one_line(store, pruned):
+    """The description says in plain words what was removed from which parent, with the six headline numbers
+    as the run recorded them, and how to verify it; the run carries the same text; each gate adds one line."""
+    from mlflow_selprune.registry import describe
+
+    client = MlflowClient()
+    mv = client.get_model_version(TINY_NAME, pruned["version"])
+    text = mv.description
+    tags, metrics = mv.tags, client.get_run(pruned["run_id"]).data.metrics
+    assert f"From `models:/{TINY_NAME}/1`" in text and f"`{store['forget']}` (forget data, digest " in text
+    assert tags[lineage.FORGET_DIGEST][:12] in text and tags[lineage.RETAIN_DIGEST][:12] in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| metric")]
+    assert len(rows) == 6
+    forget_row = next(line for line in rows if line.startswith("| forget top-1 |"))
+    cells = [cell.strip() for cell in forget_row.strip("|").split("|")]
+    assert cells[2] == f"{metrics['forget_top1']:.4f}"
+    assert cells[3] == f"{-metrics['forget_top1_drop']:+.1%}"
+    assert f"mlflow-selprune lineage {pruned['uri']} --verify" in text
+    assert client.get_run(pruned["run_id"]).data.tags["mlflow.note.content"] == text
+    for i in range(describe.MAX_GATE_LINES + 2):
+        assert invoke("gate", "--model-uri", pruned["uri"], "--max-retain-drop", str(0.5 + i / 100)).exit_code == 0
+    after = client.get_model_version(TINY_NAME, pruned["version"]).description
+    decisions = [line for line in after.split(describe.GATE_HEADING)[1].splitlines() if line.startswith("- ")]
+    assert len(decisions) == describe.MAX_GATE_LINES  # bounded; the full records stay in the tags
+    assert "**pass** (max retain drop 0.71" in decisions[-1] and after.startswith(text.split(describe.GATE_HEADING)[0])

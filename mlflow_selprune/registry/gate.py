@@ -21,7 +21,7 @@ from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-from . import lineage, verify
+from . import describe, lineage, verify
 from ..errors import BadInputError
 from .resolve import check_alias, client, resolve
 
@@ -210,6 +210,7 @@ def _record_and_move(
         ) from None
     if alias_set:
         _move_alias(resolved, key, record, alias_set)
+    describe.append_gate_line(name, version, describe.gate_line(record, thresholds))
 
 
 def _move_alias(resolved, key: str, record: dict, alias_set: str) -> None:

@@ -1,0 +1,163 @@
+"""What a person reads on the version page: a Markdown description of what was removed, from what, how well.
+
+Tags are for machines (and verified); the description is for the compliance
+reviewer or ML lead who opens the MLflow UI: the forget and retain data in
+plain words with their digests shortened, the recipe, a table of the six
+headline numbers (parent, unlearned, change, the random control's change),
+the selectivity, the relearning recovery when measured, and the command that
+verifies it all. The run gets the same text as its description. Every gate
+decision appends one line to the version's description (bounded: the newest
+``MAX_GATE_LINES``; the full record stays in its tag or artifact).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from . import lineage
+
+logger = logging.getLogger(__name__)
+
+GATE_HEADING = "### Gate decisions"
+MAX_GATE_LINES = 20
+ROWS = (
+    ("forget", "top1", "forget top-1"),
+    ("forget", "skip50_top1", "forget top-1, frequent tokens skipped"),
+    ("forget", "loss", "forget loss"),
+    ("retain", "top1", "retain top-1"),
+    ("retain", "skip50_top1", "retain top-1, frequent tokens skipped"),
+    ("retain", "loss", "retain loss"),
+)
+
+
+def _number(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _change(drop) -> str:
+    """A relative drop as the change a reader expects: -33.3% for a drop of 0.333."""
+    return "–" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else f"{-drop:+.1%}"
+
+
+def _recipe(config: dict) -> str:
+    prune, data = config.get("prune", {}), config.get("data", {})
+    if prune.get("target_forget_drop") is not None or prune.get("max_retain_drop") is not None:
+        steps = (
+            f"a budget (forget target {prune.get('target_forget_drop')}, retain at most "
+            f"{prune.get('max_retain_drop')}, at most {prune.get('max_steps')} steps)"
+        )
+    else:
+        steps = f"{prune.get('steps') or 1} step(s)"
+    return (
+        f"{steps} of {prune.get('ff_frac', 0):.1%} feed-forward and {prune.get('attn_frac', 0):.1%} attention "
+        f"neurons, scored by `{prune.get('scoring')}`; {data.get('collect_tokens')} collect and "
+        f"{data.get('eval_tokens')} eval tokens a side"
+    )
+
+
+def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
+    """The description of an unlearned version ``uri`` from its lineage ``tags``, ``metrics`` and ``config``."""
+    t = tags
+    lines = [
+        f"**Unlearned by selective pruning.** From `{t.get(lineage.PARENT)}`, the capability shown by "
+        f"`{t.get(lineage.FORGET_DATA)}` (forget data, digest `{str(t.get(lineage.FORGET_DIGEST))[:12]}`) was "
+        f"removed while keeping `{t.get(lineage.RETAIN_DATA)}` (retain data, digest "
+        f"`{str(t.get(lineage.RETAIN_DIGEST))[:12]}`).",
+        "",
+        f"Recipe: {_recipe(config)}. Removed {t.get(lineage.FF_PRUNED)} feed-forward and "
+        f"{t.get(lineage.ATTN_PRUNED)} attention neurons ({t.get(lineage.FF_PRUNED_TOTAL)} and "
+        f"{t.get(lineage.ATTN_PRUNED_TOTAL)} dead in this version, its parent's included).",
+        "",
+        "| metric | parent | unlearned | change | random control's change |",
+        "|---|---|---|---|---|",
+    ]
+    for side, name, label in ROWS:
+        key = f"{side}_{name}"
+        if key not in metrics:
+            continue
+        lines.append(
+            f"| {label} | {_number(metrics.get('parent_' + key))} | {_number(metrics.get(key))} | "
+            f"{_change(metrics.get(key + '_drop'))} | {_change(metrics.get('control_' + key + '_drop'))} |"
+        )
+    lines.append("")
+    evidence = [f"Selectivity (forget drop / retain drop): {_number(metrics.get('selectivity'))}"]
+    if "control_selectivity" in metrics:
+        evidence.append(f"the random control's: {_number(metrics.get('control_selectivity'))}")
+    if "relearn_recovery" in metrics:
+        evidence.append(f"relearning brings back {_change(-metrics['relearn_recovery'])} of the forgotten top-1")
+    lines += [
+        "; ".join(evidence) + ".",
+        "",
+        f"Verify it: `mlflow-selprune lineage {uri} --verify` (add `--trusted-key PUB.pem` to require signatures).",
+        "",
+        GATE_HEADING,
+        "",
+        "Not gated yet.",
+    ]
+    return "\n".join(lines)
+
+
+def materialized(delta) -> str:
+    """A materialized version's description: the delta's, without its gate decisions (they were the delta's)."""
+    from .resolve import client
+
+    try:
+        source = client().get_model_version(delta.registered_name, delta.version).description or ""
+    except Exception:  # noqa: BLE001 - the description is for people
+        source = ""
+    body = source.split(GATE_HEADING)[0].rstrip()
+    return (
+        f"**Materialized** from the delta version `{delta.canonical_uri}`: the same model, stored whole.\n\n"
+        f"{body}\n\n{GATE_HEADING}\n\nNot gated yet."
+    )
+
+
+def write(name: str, version: str, run_id: str, text: str) -> None:
+    """The version's and the run's description; a refusal leaves the (complete) version as it is, with a warning."""
+    from .resolve import client
+
+    try:
+        client().update_model_version(name, version, description=text)
+        client().set_tag(run_id, "mlflow.note.content", text)
+    except Exception as exc:  # noqa: BLE001 - the description is for people; the version is already complete
+        logger.warning(
+            "could not write the description of %s version %s: %s",
+            name,
+            version,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
+
+
+def gate_line(record: dict, thresholds: dict) -> str:
+    """One line for a gate decision: when, the thresholds, the verdict, the alias, the user, the signature."""
+    given = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in thresholds.items() if v is not None and k != "metric")
+    alias = (
+        f"; @{record['alias_moved']} moved here"
+        if record.get("alias_moved")
+        else (f"; @{record['alias_requested']} not moved" if record.get("alias_requested") else "")
+    )
+    signed = "; signed" if record.get("attestation_sha256") else ""
+    return (
+        f"- {record['time'][:19].replace('T', ' ')} UTC: **{record['verdict']}** ({given}, metric "
+        f"{thresholds.get('metric')}) by {record.get('user')}{alias}{signed}"
+    )
+
+
+def append_gate_line(name: str, version: str, line: str) -> None:
+    """Add a decision line under the description's gate heading, keeping the newest ``MAX_GATE_LINES``."""
+    from .resolve import client
+
+    try:
+        current = client().get_model_version(name, version).description or ""
+        head, _, past = current.partition(GATE_HEADING)
+        decisions = [entry for entry in past.splitlines() if entry.startswith("- ")][-(MAX_GATE_LINES - 1) :]
+        text = f"{head.rstrip()}\n\n{GATE_HEADING}\n\n" + "\n".join([*decisions, line])
+        client().update_model_version(name, version, description=text.lstrip())
+    except Exception as exc:  # noqa: BLE001 - the decision is recorded in its tag; this line is for people
+        logger.warning(
+            "could not add the gate decision to the description of %s version %s: %s",
+            name,
+            version,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
