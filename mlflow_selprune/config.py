@@ -290,6 +290,13 @@ class EvidenceOptions:
     )
     relearn_lr: float = option(1e-3, "Learning rate of the relearning check.", type=float)
     relearn_batch_size: int = option(8, "Sequences per relearning step.", type=int)
+    samples: int = option(
+        8,
+        "Behaviour before and after: what the parent, the unlearned model and the random control answer on this "
+        "many eval examples a side, logged as the run's table selprune/samples.json (0: off).",
+        type=int,
+    )
+    sample_tokens: int = option(32, "Tokens generated per sample (causal LMs).", type=int)
 
     def validate(self) -> "EvidenceOptions":
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:
@@ -298,6 +305,12 @@ class EvidenceOptions:
             raise ConfigError(f"--relearn-lr must be in (0, 1), got {self.relearn_lr}")
         if not isinstance(self.relearn_batch_size, int) or self.relearn_batch_size < 1:
             raise ConfigError(f"--relearn-batch-size must be an integer >= 1, got {self.relearn_batch_size}")
+        for name in ("samples", "sample_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "samples" else 1):
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an integer >= {0 if name == 'samples' else 1}, got {value}"
+                )
         return self
 
     def to_dict(self) -> dict:

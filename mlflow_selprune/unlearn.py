@@ -296,7 +296,9 @@ def run_prune(
         phases.add_steps(result.steps)
         if run is None:
             return UnlearnResult(None, None, plan.parent.canonical_uri, metrics, result)
-        return publish(plan, loaded, result, metrics, run.info.run_id, phases)
+        samples = behaviour_samples(plan, loaded, result)
+        phases.lap("samples")
+        return publish(plan, loaded, result, metrics, run.info.run_id, phases, samples)
 
 
 def execute_prune(plan: PrunePlan, loaded: Loaded, accelerator=None, progress: bool = True, on_step=None):
@@ -309,7 +311,31 @@ def execute_prune(plan: PrunePlan, loaded: Loaded, accelerator=None, progress: b
     return result, metrics
 
 
-def publish(plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases") -> UnlearnResult:
+def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
+    """Execute, last part: what the parent, the unlearned model and the control answer on ``--samples`` eval
+    examples a side (``evaluation.samples``); None with ``--samples 0``."""
+    if not plan.evidence.samples:
+        return None
+    from .engine import parent_restored, randomly_pruned
+    from .evaluation.samples import sample_table
+
+    model, seed = loaded.model, plan.config.seed
+    control = (lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None
+    return sample_table(
+        model,
+        {"forget": loaded.forget, "retain": loaded.retain},
+        loaded.tokenizer,
+        n=plan.evidence.samples,
+        seed=seed,
+        max_new_tokens=plan.evidence.sample_tokens,
+        parent_view=lambda: parent_restored(model, result),
+        control_view=control,
+    )
+
+
+def publish(
+    plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases", samples: dict | None = None
+) -> UnlearnResult:
     """Publish: log the model and the evidence, the manifest, the lineage tags (anchored), the signed
     attestation, then register the version and move the alias."""
     import mlflow
@@ -336,6 +362,10 @@ def publish(plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str,
         delta=delta,
     )
     manifest_digest = manifest.log(run_id, model_info.model_uri)
+    if samples is not None:
+        from .evaluation.samples import SAMPLES_ARTIFACT
+
+        mlflow.log_table(data=samples, artifact_file=SAMPLES_ARTIFACT)
     phases.lap("log_model")
     tags = lineage.build_tags(
         parent=plan.parent,

@@ -108,6 +108,7 @@ def test_run_records_inputs_params_metrics_and_artifacts(store, pruned):
         "selprune/forget_vs_retain.png",
         "selprune/lineage.json",
         "selprune/manifest.json",
+        "selprune/samples.json",
     }
     local = Path(mlflow.artifacts.download_artifacts(run_id=pruned.run_id, artifact_path="selprune"))
     masks = load_file(str(local / "masks.safetensors"))

@@ -590,3 +590,31 @@ def test_the_version_page_explains_itself_and_each_gate_decision_adds_one_line(s
     decisions = [line for line in after.split(describe.GATE_HEADING)[1].splitlines() if line.startswith("- ")]
     assert len(decisions) == describe.MAX_GATE_LINES  # bounded; the full records stay in the tags
     assert "**pass** (max retain drop 0.71" in decisions[-1] and after.startswith(text.split(describe.GATE_HEADING)[0])
+
+
+def test_the_run_shows_what_the_parent_the_unlearned_model_and_the_control_answer(store, pruned):
+    """selprune/samples.json: 8 eval prompts a side; the parent column is what the registered parent really
+    generates from each prompt, greedily."""
+    import torch
+
+    from mlflow_selprune.registry.loading import load_components
+    from mlflow_selprune.registry.resolve import resolve
+
+    client = MlflowClient()
+    path = client.download_artifacts(pruned["run_id"], "selprune/samples.json", str(store["root"] / "samples"))
+    table = json.loads(Path(path).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [r["side"] for r in rows] == ["forget"] * 8 + ["retain"] * 8
+    assert all(r["prompt"] and r["control"] != "(no control)" for r in rows)
+    parent, tokenizer = load_components(resolve(f"models:/{TINY_NAME}/1"))
+    for row in rows[:3] + rows[8:11]:
+        ids = tokenizer(row["prompt"], return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out = parent.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == row["parent"]

@@ -65,6 +65,50 @@ class ModelKind:
     def check_relearn(self, batches: list[dict], masking) -> None:
         """Refuse relearning that cannot build its training batches (a masked LM without masking ids)."""
 
+    # --- behaviour before and after (evaluation.samples)
+    def sample_rows(self, batches: list[dict], n: int, seed: int) -> list[dict]:
+        """``n`` eval examples (seeded), each a one-row batch without its padding."""
+        import random
+
+        import torch
+
+        rows = []
+        for batch in batches:
+            for i in range(next(iter(batch.values())).shape[0]):
+                row = {k: v[i : i + 1] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+                if "attention_mask" in row:
+                    keep = row["attention_mask"][0].bool()
+                    row = {
+                        k: (v[:, keep] if v.dim() == 2 and v.shape[1] == keep.shape[0] else v) for k, v in row.items()
+                    }
+                rows.append(row)
+        picked = sorted(random.Random(seed).sample(range(len(rows)), min(n, len(rows))))
+        return [rows[i] for i in picked]
+
+    def prompt_text(self, row: dict, preprocessor, masking) -> str:
+        """What a person sees as the example's input."""
+        return preprocessor.decode(row["input_ids"][0], skip_special_tokens=True)
+
+    def respond(self, model, rows: list[dict], preprocessor, masking, max_new_tokens: int) -> list[str]:
+        """The model's answer to each example, in words."""
+        raise NotImplementedError
+
+    def predicted_classes(self, model, rows: list[dict]) -> list[str]:
+        """A classifier's answer: the predicted class's name (``id2label``) for each one-row batch."""
+        import torch
+
+        device = next(model.parameters()).device
+        names = getattr(model.config, "id2label", None) or {}
+        answers = []
+        for row in rows:
+            inputs = {k: v.to(device) for k, v in row.items() if k != "labels"}
+            if "pixel_values" in inputs:
+                inputs["pixel_values"] = inputs["pixel_values"].to(next(model.parameters()).dtype)
+            with torch.inference_mode():
+                predicted = int(model(**inputs).logits[0].argmax())
+            answers.append(str(names.get(predicted, predicted)))
+        return answers
+
     # --- logging
     def components(self, model, preprocessor) -> dict:
         """The transformers-flavor components: ``{"model": ..., <preprocessor key>: ...}``."""

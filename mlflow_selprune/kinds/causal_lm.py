@@ -29,3 +29,27 @@ class CausalLM(TextKind):
         if labels is None:
             labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         return inputs, labels
+
+    def sample_rows(self, batches, n, seed):
+        """Each example cut to its first half (at most 24 tokens): the model continues it."""
+        rows = super().sample_rows(batches, n, seed)
+        return [{k: v[:, : max(1, min(24, v.shape[1] // 2))] for k, v in row.items()} for row in rows]
+
+    def respond(self, model, rows, preprocessor, masking, max_new_tokens):
+        import torch
+
+        device = next(model.parameters()).device
+        pad = preprocessor.pad_token_id if preprocessor.pad_token_id is not None else preprocessor.eos_token_id
+        answers = []
+        for row in rows:
+            ids = row["input_ids"].to(device)
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
+            answers.append(preprocessor.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        return answers

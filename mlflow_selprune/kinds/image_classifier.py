@@ -54,3 +54,9 @@ class ImageClassifier(ModelKind):
         return evaluate_image_model(
             model, batches, skip_token_ids=skip_token_ids, prefix=prefix, accelerator=accelerator, progress=progress
         )
+
+    def prompt_text(self, row, preprocessor, masking):
+        return f"an eval image of class {int(row['labels'][0])}"
+
+    def respond(self, model, rows, preprocessor, masking, max_new_tokens):
+        return self.predicted_classes(model, rows)

@@ -39,3 +39,34 @@ class MaskedLM(TextKind):
 
             batch = mask_batch(batch, masking, seed=seed)
         return super().training_batch(batch, masking=masking, seed=seed)
+
+    def prompt_text(self, row, preprocessor, masking):
+        masked = self._masked(row, masking)
+        return (
+            preprocessor.decode(masked["input_ids"][0], skip_special_tokens=False)
+            .replace(preprocessor.pad_token or "[PAD]", "")
+            .strip()
+        )
+
+    def respond(self, model, rows, preprocessor, masking, max_new_tokens):
+        """The top-5 fills of the first masked position."""
+        import torch
+
+        device = next(model.parameters()).device
+        answers = []
+        for row in rows:
+            masked = self._masked(row, masking)
+            position = int((masked["labels"][0] != -100).nonzero()[0, 0])
+            with torch.inference_mode():
+                logits = model(
+                    input_ids=masked["input_ids"].to(device), attention_mask=masked["attention_mask"].to(device)
+                ).logits
+            top = logits[0, position].topk(5).indices.tolist()
+            answers.append(", ".join(preprocessor.decode([t]).strip() for t in top))
+        return answers
+
+    @staticmethod
+    def _masked(row, masking):
+        from ..data.masking import mask_batch
+
+        return mask_batch(row, masking, seed=0)

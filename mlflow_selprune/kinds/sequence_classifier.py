@@ -50,3 +50,9 @@ class SequenceClassifier(ModelKind):
         return evaluate_classes(
             model, batches, statistics, prefix=prefix, accelerator=accelerator, progress=progress, count_name="n_texts"
         )
+
+    def prompt_text(self, row, preprocessor, masking):
+        return f"{preprocessor.decode(row['input_ids'][0], skip_special_tokens=True)} (label {int(row['labels'][0])})"
+
+    def respond(self, model, rows, preprocessor, masking, max_new_tokens):
+        return self.predicted_classes(model, rows)
