@@ -97,7 +97,6 @@ def run_demo(
             recipe.retain,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            run_name="selprune-demo-unlearn",
             progress=progress,
         )
         return summarize_and_gate(

@@ -189,7 +189,6 @@ def run_demo(
             RETAIN,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            run_name="selprune-tiny-demo-unlearn",
             progress=progress,
         )
         return summarize_and_gate(

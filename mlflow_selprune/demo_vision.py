@@ -229,7 +229,6 @@ def run_vision_demo(
             None,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            run_name="selprune-vision-demo-unlearn",
             progress=progress,
         )
         return summarize_and_gate(

@@ -152,6 +152,15 @@ class PrunePlan:
     trust_remote_code: bool = False
     signer: Any = None  # an Ed25519 private key: the version gets a signed attestation
 
+    def default_run_name(self, new_version: str | None = None) -> str:
+        """What the run did, to tell runs apart in a list: ``unlearn tiny-lm v1→v4 code.jsonl/prose.txt``."""
+        parent = self.parent
+        source = f"{parent.registered_name} v{parent.version}" if parent.is_registered else _short_spec(parent.uri)
+        arrow = f"→v{new_version}" if new_version else ""
+        retain = _short_spec(self.retain) if self.retain else f"all but {self.data.forget_classes}"
+        forget = _short_spec(self.forget) + (f" [{self.data.forget_classes}]" if self.data.forget_classes else "")
+        return f"unlearn {source}{arrow} {forget}/{retain}"
+
     def full_config(self) -> dict:
         return {
             "prune": self.config.to_dict(),
@@ -170,6 +179,11 @@ class Loaded:
     parent_digest: str | None
     forget: Any  # data.batching.PreparedData, or the model kind's own prepared data
     retain: Any
+
+
+def _short_spec(spec: str) -> str:
+    """A DATA spec or model path as a short name: its last path component (``builtin:...`` as it is)."""
+    return spec if ":" in spec and not spec.startswith("/") else (spec.rstrip("/").rsplit("/", 1)[-1] or spec)
 
 
 def plan_prune(
@@ -280,7 +294,7 @@ def run_prune(
     plan = plan_prune(model_uri, forget, retain, **options)
     phases = _Phases()
     loaded = load_inputs(plan, accelerator, phases)
-    with tracking.job_run(plan.run_name, "prune", enabled=_is_main(accelerator)) as run:
+    with tracking.job_run(plan.run_name or plan.default_run_name(), "prune", enabled=_is_main(accelerator)) as run:
         if run is not None:
             tracking.log_inputs(
                 parent=plan.parent,
@@ -396,6 +410,9 @@ def publish(
         registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
         name, version = registered.removeprefix("models:/").rsplit("/", 1)
         describe.write(name, version, run_id, describe.version_markdown(registered, tags, metrics, plan.full_config()))
+        active = mlflow.active_run()
+        if plan.run_name is None and active is not None and active.info.run_name == plan.default_run_name():
+            mlflow.set_tag("mlflow.runName", plan.default_run_name(version))  # now that the version is known
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds

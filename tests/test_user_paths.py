@@ -618,3 +618,9 @@ def test_the_run_shows_what_the_parent_the_unlearned_model_and_the_control_answe
                 pad_token_id=tokenizer.pad_token_id,
             )
         assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == row["parent"]
+
+
+def test_a_run_is_named_after_what_it_did(store, pruned):
+    """Not one name for every run: the parent, the new version and the data, so a list of runs reads."""
+    name = MlflowClient().get_run(pruned["run_id"]).info.run_name
+    assert name == f"unlearn {TINY_NAME} v1→v{pruned['version']} forget.jsonl/retain.jsonl", name
