@@ -26,7 +26,11 @@ def main() -> None:
     parser.add_argument("--ff-frac", type=float, default=0.02)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4000, help="collect tokens per dataset (eval: half)")
-    parser.add_argument("--register-as", default=None)
+    parser.add_argument(
+        "--register-as",
+        default="selprune-api-example",
+        help="registered model of the result (its own, so the demo model gets no versions from here)",
+    )
     args = parser.parse_args()
     print(f"tracking/registry: {mlflow.get_tracking_uri()}")
 

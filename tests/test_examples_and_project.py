@@ -49,7 +49,12 @@ def test_python_api_example_registers_a_version(store):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "engine only: pruned" in out.stdout and "registered: models:/" in out.stdout
     after = registry_snapshot()
-    assert len(after[TINY_NAME]["versions"]) == len(before[TINY_NAME]["versions"]) + 1
+    assert after[TINY_NAME] == before[TINY_NAME]  # the parent's model gets no version from the example
+    assert (
+        len(after["selprune-api-example"]["versions"])
+        == len(before.get("selprune-api-example", {}).get("versions", {})) + 1
+    )
+    assert "registered: models:/selprune-api-example/" in out.stdout
 
 
 def test_mlproject_and_examples_are_well_formed():
