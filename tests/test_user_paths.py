@@ -582,6 +582,8 @@ def test_the_version_page_explains_itself_and_each_gate_decision_adds_one_line(s
     cells = [cell.strip() for cell in forget_row.strip("|").split("|")]
     assert cells[2] == f"{metrics['forget_top1']:.4f}"
     assert cells[3] == f"{-metrics['forget_top1_drop']:+.1%}"
+    loss_row = next(line for line in rows if line.startswith("| forget loss |"))
+    assert [cell.strip() for cell in loss_row.strip("|").split("|")][3] == f"{metrics['forget_loss_increase']:+.1%}"
     assert f"mlflow-selprune lineage {pruned['uri']} --verify" in text
     assert client.get_run(pruned["run_id"]).data.tags["mlflow.note.content"] == text
     for i in range(describe.MAX_GATE_LINES + 2):

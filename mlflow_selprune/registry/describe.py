@@ -40,6 +40,14 @@ def _change(drop) -> str:
     return "–" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else f"{-drop:+.1%}"
 
 
+def _changes(metrics: dict, side: str, name: str) -> tuple[str, str]:
+    """(the unlearned model's change, the random control's) of one metric, relative to the parent."""
+    if name == "loss":  # recorded as increases
+        ours, control = metrics.get(f"{side}_loss_increase"), metrics.get(f"control_{side}_loss_increase")
+        return _change(None if ours is None else -ours), _change(None if control is None else -control)
+    return _change(metrics.get(f"{side}_{name}_drop")), _change(metrics.get(f"control_{side}_{name}_drop"))
+
+
 def _recipe(config: dict) -> str:
     prune, data = config.get("prune", {}), config.get("data", {})
     if prune.get("target_forget_drop") is not None or prune.get("max_retain_drop") is not None:
@@ -78,7 +86,8 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
             continue
         lines.append(
             f"| {label} | {_number(metrics.get('parent_' + key))} | {_number(metrics.get(key))} | "
-            f"{_change(metrics.get(key + '_drop'))} | {_change(metrics.get('control_' + key + '_drop'))} |"
+            + " | ".join(_changes(metrics, side, name))
+            + " |"
         )
     lines.append("")
     evidence = [f"Selectivity (forget drop / retain drop): {_number(metrics.get('selectivity'))}"]
