@@ -1,4 +1,4 @@
-"""What a person sees: the terminal summary table and the forget-vs-retain plot."""
+"""What a person sees: the terminal summary table, the forget-vs-retain plot, and the version's HTML report."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _number(value: float, spec: str = ".2f") -> str:
     return "n/a" if value is None or math.isnan(value) else format(value, spec)
 
 
-def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path) -> Path:
-    """Forget and retain top-1 after each kept step (step 0: the parent)."""
+def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path, metrics: dict | None = None) -> Path:
+    """Forget and retain top-1 after each kept step (step 0: the parent); with ``metrics`` holding the random
+    control's drops, the control as one more point (x) at the last step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,8 +69,12 @@ def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path) -> Path
     # a missing value (None) is a gap in the line, as matplotlib draws it
     ax.plot(xs, forget, "o-", color="tab:red", label="forget top-1")  # type: ignore[arg-type]
     ax.plot(xs, retain, "s-", color="tab:blue", label="retain top-1")  # type: ignore[arg-type]
+    if metrics and "control_forget_top1_drop" in metrics and "parent_forget_top1" in metrics:
+        for side, color in (("forget", "tab:red"), ("retain", "tab:blue")):
+            value = metrics[f"parent_{side}_top1"] * (1 - metrics[f"control_{side}_top1_drop"])
+            ax.plot([xs[-1]], [value], "x", color=color, markersize=10, label=f"random control: {side}")
     ax.set_xlabel("pruning step")
-    ax.set_ylabel("next-token top-1 accuracy")
+    ax.set_ylabel("top-1 accuracy")
     ax.set_title("Selective pruning: forget vs retain")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -77,3 +82,79 @@ def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path) -> Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown_html(text: str) -> str:
+    """The description's Markdown (paragraphs, **bold**, `code`, one table, headings, list items) as HTML."""
+    import html
+    import re
+
+    def inline(line: str) -> str:
+        line = html.escape(line)
+        line = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", line)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", line)
+
+    out, table, items = [], [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                table.append([inline(cell.strip()) for cell in line.strip().strip("|").split("|")])
+            continue
+        if table:
+            head, *body = table
+            out.append(
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+                + "</table>"
+            )
+            table = []
+        if line.startswith("- "):
+            items.append(f"<li>{inline(line[2:])}</li>")
+            continue
+        if items:
+            out.append("<ul>" + "".join(items) + "</ul>")
+            items = []
+        if line.startswith("### "):
+            out.append(f"<h3>{inline(line[4:])}</h3>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    return "\n".join(out)
+
+
+def html_report(*, title: str, description: str, plot_png: bytes, samples: dict | None, chain: list[str]) -> str:
+    """A self-contained page (no external assets): the description, the frontier plot, the samples table and
+    the lineage chain. MLflow's artifact viewer renders it."""
+    import base64
+    import html
+
+    parts = [
+        f"<h1>{html.escape(title)}</h1>",
+        markdown_html(description),
+        "<h2>Forget and retain, step by step</h2>",
+        f'<img alt="forget vs retain" src="data:image/png;base64,{base64.b64encode(plot_png).decode()}">',
+    ]
+    if samples:
+        columns = list(samples)
+        rows = zip(*(samples[c] for c in columns))
+        parts += [
+            "<h2>What the models say</h2>",
+            "<table><tr>"
+            + "".join(f"<th>{c}</th>" for c in columns)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+            + "</table>",
+        ]
+    parts += [
+        "<h2>Lineage</h2>",
+        "<ol>" + "".join(f"<li><code>{html.escape(uri)}</code></li>" for uri in chain) + "</ol>",
+    ]
+    style = (
+        "body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}img{max-width:100%}"
+    )
+    return (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{style}</style></head><body>" + "\n".join(parts) + "</body></html>"
+    )

@@ -347,6 +347,45 @@ def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
     )
 
 
+def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict, result, samples) -> None:
+    """What a person reads: the version's and run's description, the HTML report, the run named after the
+    version it made."""
+    import mlflow
+
+    from .registry import describe, lineage
+
+    name, version = registered.removeprefix("models:/").rsplit("/", 1)
+    description = describe.version_markdown(registered, tags, metrics, plan.full_config())
+    describe.write(name, version, run_id, description)
+    _log_report(registered, description, result, metrics, samples, [plan.parent.canonical_uri, tags[lineage.ROOT]])
+    active = mlflow.active_run()
+    if plan.run_name is None and active is not None and active.info.run_name == plan.default_run_name():
+        mlflow.set_tag("mlflow.runName", plan.default_run_name(version))  # now that the version is known
+
+
+def _log_report(uri: str, description: str, result, metrics: dict, samples: dict | None, ancestors: list[str]):
+    """``selprune/report.html``: the description, the frontier with the control, the samples and the chain."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+
+    from .report import html_report, plot_forget_vs_retain
+
+    baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = plot_forget_vs_retain(
+            baseline, result.steps, Path(tmp) / "plot.png", metrics if result.select_metrics is None else None
+        ).read_bytes()
+    chain = [uri] + [a for i, a in enumerate(ancestors) if a not in ancestors[:i] and a != uri]
+    mlflow.log_text(
+        html_report(
+            title=f"{uri}: what was unlearned", description=description, plot_png=plot, samples=samples, chain=chain
+        ),
+        "selprune/report.html",
+    )
+
+
 def publish(
     plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases", samples: dict | None = None
 ) -> UnlearnResult:
@@ -354,7 +393,7 @@ def publish(
     attestation, then register the version and move the alias."""
     import mlflow
 
-    from .registry import attest, describe, lineage, manifest, tracking
+    from .registry import attest, lineage, manifest, tracking
 
     logger.info("logging the unlearned model to run %s", run_id)
     weights_digest = lineage.weights_sha256(loaded.model)
@@ -408,11 +447,7 @@ def publish(
     registered = None
     if plan.target_name:
         registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
-        name, version = registered.removeprefix("models:/").rsplit("/", 1)
-        describe.write(name, version, run_id, describe.version_markdown(registered, tags, metrics, plan.full_config()))
-        active = mlflow.active_run()
-        if plan.run_name is None and active is not None and active.info.run_name == plan.default_run_name():
-            mlflow.set_tag("mlflow.runName", plan.default_run_name(version))  # now that the version is known
+        _describe(plan, registered, run_id, tags, metrics, result, samples)
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds

@@ -109,6 +109,7 @@ def test_run_records_inputs_params_metrics_and_artifacts(store, pruned):
         "selprune/lineage.json",
         "selprune/manifest.json",
         "selprune/samples.json",
+        "selprune/report.html",
     }
     local = Path(mlflow.artifacts.download_artifacts(run_id=pruned.run_id, artifact_path="selprune"))
     masks = load_file(str(local / "masks.safetensors"))

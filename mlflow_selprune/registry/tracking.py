@@ -217,7 +217,10 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     with tempfile.TemporaryDirectory() as tmp, _artifact_store_failures():
         files = result.save(tmp, extra_record=extra_record)
         steps_baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
-        files["plot"] = plot_forget_vs_retain(steps_baseline, result.steps, Path(tmp) / "forget_vs_retain.png")
+        plot_metrics = metrics if result.select_metrics is None else None  # a budget run's steps: another split
+        files["plot"] = plot_forget_vs_retain(
+            steps_baseline, result.steps, Path(tmp) / "forget_vs_retain.png", plot_metrics
+        )
         pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
         if anchored is None:
             for path in files.values():
