@@ -60,6 +60,10 @@ def _maybe_relaunch(num_processes: int) -> None:
         return
     from .launch import launch, strip_option
 
+    import mlflow
+
+    os.environ[_STORE_SAID] = mlflow.get_tracking_uri()  # the workers do not say it again
+
     sys.exit(launch(num_processes, strip_option(sys.argv[1:], "--num-processes")))
 
 
@@ -256,20 +260,33 @@ def _local_store_path(uri: str) -> str | None:
     return None
 
 
-def _announce_store(require_existing: bool = False) -> str:
-    """Say which tracking store is used (first output line); refuse to create one where a model must exist."""
+_STORE_SAID = "SELPRUNE_STORE_SAID"  # set for launched workers: the launching command said it already
+
+
+def _say_store() -> str:
+    """The first stderr line of every command: which tracking store it uses (nothing is touched to say it).
+    Said once per command, not again by the workers it launches."""
     import mlflow
 
+    uri = mlflow.get_tracking_uri()
+    meta = click.get_current_context().meta
+    if not meta.get(_STORE_SAID) and os.environ.get(_STORE_SAID) != uri:
+        click.echo(f"tracking: {uri}", err=True)
+    meta[_STORE_SAID] = True
+    return uri
+
+
+def _announce_store(require_existing: bool = False) -> str:
+    """Say which tracking store is used (unless said already); refuse to create one where a model must exist."""
     from .errors import BadInputError
 
-    uri = mlflow.get_tracking_uri()
+    uri = _say_store()
     path = _local_store_path(uri) if require_existing else None
     if path is not None and not os.path.exists(path):
         raise BadInputError(
             f"no MLflow store at {uri} (no file {path}); run from the directory that holds it "
             "or set MLFLOW_TRACKING_URI"
         )
-    click.echo(f"tracking: {uri}", err=True)
     return uri
 
 
@@ -319,6 +336,8 @@ def main(verbose, debug):
 @handle_errors
 def prune(**kw):
     """Prune a model so it forgets FORGET data and keeps RETAIN data; register the result."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        _say_store()  # first, so even a refused option's line follows the store it would have used
     config = config_from(PruneConfig, kw).validate()
     data = data_from(kw).validate()
     evidence = config_from(EvidenceOptions, kw).validate()
@@ -373,6 +392,8 @@ def prune(**kw):
 @handle_errors
 def evaluate(**kw):
     """Forget/retain metrics of a model, logged to an MLflow run (nothing registered)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        _say_store()
     data = data_from(kw).validate()
     evidence = dataclasses.replace(config_from(EvidenceOptions, kw), control=False).validate()
     from .unlearn import check_data_specs
@@ -447,6 +468,7 @@ def gate(
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
     from .registry.attest import load_signing_key
 
+    _say_store()
     key = None if dry_run else load_signing_key(signing_key)
     from .registry.gate import check_thresholds
 
@@ -512,6 +534,7 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
     """
     from .errors import BadInputError
 
+    _say_store()
     if (model_uri is None) == (all_name is None):
         raise BadInputError(
             "give either MODEL_URI or --all NAME (exactly one): "

@@ -127,10 +127,21 @@ def _existing_base(name: str) -> str | None:
     return existing_alias(name, BASE_ALIAS)
 
 
+def say_reused(base: str, name: str, train_steps: int | None) -> None:
+    """One line for the reused base model, and one when a --train-steps given cannot apply to it."""
+    print(f"reusing the registered base model {base} ({name}@{BASE_ALIAS})")
+    if train_steps is not None:
+        print(
+            f"--train-steps {train_steps} is ignored: {name}@{BASE_ALIAS} exists and is reused "
+            "(pass --retrain to train and register a new base model)"
+        )
+
+
 def register_base_model(model, tokenizer, seed: int, steps: int, name: str, extra_metrics: dict | None = None) -> str:
     """Register a model a demo has just trained as ``name@base``, its provenance saying how it was trained.
 
-    ``tokenizer``: what prepares the model's inputs (an image classifier's image processor).
+    ``tokenizer``: what prepares the model's inputs (an image classifier's image processor). ``extra_metrics``
+    may carry ``training_seconds``: the registration run itself lasts seconds, the training before it did not.
     """
     from .registry.base_models import register_components
 

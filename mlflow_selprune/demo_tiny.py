@@ -31,6 +31,7 @@ from .demo import (
     _existing_base,
     _nothing,
     checked_train_steps,
+    say_reused,
     ensure_tracking_uri,
     register_base_model,
     summarize_and_gate,
@@ -176,11 +177,19 @@ def run_demo(
     with job_run("selprune-tiny-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
         base = None if retrain else _existing_base(DEMO_MODEL)
         if base:
-            print(f"reusing the registered base model {base} ({DEMO_MODEL}@{BASE_ALIAS})")
+            say_reused(base, DEMO_MODEL, train_steps)
         else:
             print(f"training the demo model ({steps} steps, seed {seed})...")
+            trained_at = time.monotonic()
             model, tokenizer = train_demo_model(recipe, seed=seed, steps=steps, progress=progress)
-            base = register_base_model(model, tokenizer, seed, steps, name=DEMO_MODEL)
+            base = register_base_model(
+                model,
+                tokenizer,
+                seed,
+                steps,
+                name=DEMO_MODEL,
+                extra_metrics={"training_seconds": round(time.monotonic() - trained_at, 1)},
+            )
             print(f"registered {base} as {DEMO_MODEL}@{BASE_ALIAS}")
         print(f"unlearning {FORGET} while keeping {RETAIN}...")
         result = run_prune(

@@ -29,6 +29,7 @@ from .demo import (
     _existing_base,
     _nothing,
     checked_train_steps,
+    say_reused,
     ensure_tracking_uri,
     register_base_model,
     summarize_and_gate,
@@ -212,13 +213,20 @@ def run_vision_demo(
     with job_run("selprune-vision-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
         base = None if retrain else _existing_base(VISION_DEMO_MODEL)
         if base:
-            print(f"reusing the registered base model {base} ({VISION_DEMO_MODEL}@{BASE_ALIAS})")
+            say_reused(base, VISION_DEMO_MODEL, train_steps)
         else:
             print(f"training the vision demo model ({steps} steps, seed {seed})...")
+            trained_at = time.monotonic()
             model, processor, accuracy = train_demo_vit(data_dir, recipe, seed=seed, steps=steps, progress=progress)
+            training_seconds = round(time.monotonic() - trained_at, 1)
             print(f"test accuracy (held-out digits): {accuracy:.4f}")
             base = register_base_model(
-                model, processor, seed, steps, name=VISION_DEMO_MODEL, extra_metrics={"demo_test_accuracy": accuracy}
+                model,
+                processor,
+                seed,
+                steps,
+                name=VISION_DEMO_MODEL,
+                extra_metrics={"demo_test_accuracy": accuracy, "training_seconds": training_seconds},
             )
             print(f"registered {base} as {VISION_DEMO_MODEL}@{BASE_ALIAS}")
         print(f"unlearning digit {recipe.forget_class} of {data_dir} while keeping the other digits...")

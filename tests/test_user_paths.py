@@ -356,7 +356,8 @@ def test_gate_and_lineage_refuse_to_create_a_store(tmp_path, argv, store_uri):
         timeout=300,
     )
     assert out.returncode == 2, out.stderr
-    (line,) = out.stderr.splitlines()
+    said, line = out.stderr.splitlines()  # the store it would use, then why it is not used
+    assert said.startswith("tracking: ")
     assert line.startswith("error: no MLflow store") and "MLFLOW_TRACKING_URI" in line
     assert list(empty.iterdir()) == []  # no mlflow.db, no mlruns
 
@@ -626,3 +627,31 @@ def test_a_run_is_named_after_what_it_did(store, pruned):
     """Not one name for every run: the parent, the new version and the data, so a list of runs reads."""
     name = MlflowClient().get_run(pruned["run_id"]).info.run_name
     assert name == f"unlearn {TINY_NAME} v1→v{pruned['version']} forget.jsonl/retain.jsonl", name
+
+
+def test_a_refused_option_still_follows_the_store_line_and_gate_checks_options_before_the_store(store, tmp_path):
+    """The first stderr line names the store even when an option is refused; gate refuses a bad threshold
+    before it looks for a store (an empty directory: the option's line, not a missing store)."""
+    base = f"models:/{TINY_NAME}@base"
+    for argv in (
+        ["prune", "--model-uri", base, "--forget", "./nope.txt", "--retain", store["retain"]],
+        ["prune", "--model-uri", base, "--forget", store["forget"], "--retain", store["retain"], "--alias", "latest"],
+    ):
+        out = cli(*argv, env=store["env"], cwd=store["root"])
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.splitlines()
+        assert lines[0] == f"tracking: {store['uri']}" and lines[1].startswith("error:"), lines
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run(
+        [sys.executable, "-m", "mlflow_selprune", "gate", "--model-uri", base, "--max-retain-drop", "5"],
+        capture_output=True,
+        text=True,
+        env=_no_store_env(),
+        cwd=empty,
+        timeout=300,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert lines[0].startswith("tracking: ") and "--max-retain-drop must be a relative change" in lines[1], lines
+    assert not list(empty.iterdir()), "no store was created"
