@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import DataOptions, PruneConfig
+from .config import DataOptions, EvidenceOptions, PruneConfig
 
 DEMO_MODEL = "selprune-demo"
 BASE_ALIAS = "base"
@@ -43,6 +43,8 @@ class RealModelRecipe:
             max_length=128, batch_size=16, collect_tokens=8_000, eval_tokens=4_000, chunks_per_document=1
         )
     )
+    # the samples table: 4 prompts a side, 16 tokens each (on a CPU, generation is the slow part of it)
+    evidence: EvidenceOptions = field(default_factory=lambda: EvidenceOptions(samples=4, sample_tokens=16))
 
 
 RECIPE = RealModelRecipe()
@@ -97,6 +99,7 @@ def run_demo(
             recipe.retain,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
+            evidence=recipe.evidence,
             progress=progress,
         )
         return summarize_and_gate(

@@ -300,7 +300,7 @@ def run_prune(
                 parent=plan.parent,
                 forget=loaded.forget,
                 retain=loaded.retain,
-                params=_params(plan.parent, plan.forget, plan.retain, plan.full_config()),
+                params=_params(plan.parent, plan.forget, plan.retain, plan.full_config(), loaded.model),
             )
         on_step = None
         if run is not None:
@@ -576,8 +576,12 @@ def _load(parent, device, dtype, trust_remote_code, accelerator):
     return model, tokenizer
 
 
-def _params(parent, forget: str, retain: str | None, full_config: dict) -> dict:
-    """Run params: the inputs as typed, the version an alias resolved to, and every setting."""
+def _params(parent, forget: str, retain: str | None, full_config: dict, model=None) -> dict:
+    """Run params: the inputs as typed, the version an alias resolved to, and every setting that applies to the
+    model's kind (no image budgets for a language model, no token budgets for an image classifier)."""
+    from .kinds import kind_of
+
+    unused = kind_of(model).unused_data_options if model is not None else ()
     params = {
         "model_uri": parent.uri,
         "model_version_uri": parent.canonical_uri,
@@ -587,6 +591,8 @@ def _params(parent, forget: str, retain: str | None, full_config: dict) -> dict:
     }
     params.update(full_config["prune"])
     for key, value in full_config["data"].items():
+        if key in unused:
+            continue
         if isinstance(value, dict):
             params.update({f"data_{key}_{k}": v for k, v in value.items() if v is not None})
         else:
@@ -646,7 +652,7 @@ def run_evaluate(
                 parent=resolved,
                 forget=forget_data,
                 retain=retain_data,
-                params=_params(resolved, forget, retain, full_config),
+                params=_params(resolved, forget, retain, full_config, model),
             )
         metrics = evaluate_fn(model)
         if parent is not None:

@@ -139,6 +139,7 @@ def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_poin
     assert run.info.status == "FINISHED"
     assert run.data.params["ff_frac"] == "0.10"  # as the project logged it, not overwritten
     assert run.data.params["data_max_length"] == "64"  # and the job's own params beside them
+    assert "data_collect_images" not in run.data.params  # an image budget does not apply to a language model
 
 
 def test_mlproject_defaults_are_the_cli_defaults():

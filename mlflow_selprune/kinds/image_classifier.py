@@ -11,6 +11,7 @@ class ImageClassifier(ModelKind):
     class_suffixes = ("ForImageClassification", "ForImageClassificationWithTeacher")
     preprocessor = "image_processor"
     data_kind = "images"
+    unused_data_options = ("max_length", "collect_tokens", "eval_tokens", "chunks_per_document", "token_cache")
 
     def auto_class(self, architectures):
         """Its own head (e.g. DeiT's ...WithTeacher) when transformers has it, else the auto class."""

@@ -16,6 +16,7 @@ class SequenceClassifier(ModelKind):
     name = "text-classifier"
     task = "text-classification"
     class_suffixes = ("ForSequenceClassification",)
+    unused_data_options = ("collect_images", "eval_images", "chunks_per_document")
 
     def auto_class(self, architectures):
         from transformers import AutoModelForSequenceClassification
