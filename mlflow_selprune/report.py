@@ -84,6 +84,15 @@ def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path, metrics
     return path
 
 
+def plot_pruning(result, metrics: dict, path: Path) -> Path:
+    """The frontier of a ``PruneResult``: its steps against the baseline they were measured with, and the random
+    control beside them (a budget run's steps are on its select split, the control on the eval split: no
+    control point there)."""
+    if result.select_metrics is None:
+        return plot_forget_vs_retain(result.baseline_metrics, result.steps, path, metrics)
+    return plot_forget_vs_retain(result.select_metrics["baseline"], result.steps, path)
+
+
 def markdown_html(text: str) -> str:
     """The description's Markdown (paragraphs, **bold**, `code`, one table, headings, list items) as HTML."""
     import html

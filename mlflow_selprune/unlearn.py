@@ -370,13 +370,10 @@ def _log_report(uri: str, description: str, result, metrics: dict, samples: dict
 
     import mlflow
 
-    from .report import html_report, plot_forget_vs_retain
+    from .report import html_report, plot_pruning
 
-    baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
     with tempfile.TemporaryDirectory() as tmp:
-        plot = plot_forget_vs_retain(
-            baseline, result.steps, Path(tmp) / "plot.png", metrics if result.select_metrics is None else None
-        ).read_bytes()
+        plot = plot_pruning(result, metrics, Path(tmp) / "plot.png").read_bytes()
     chain = [uri] + [a for i, a in enumerate(ancestors) if a not in ancestors[:i] and a != uri]
     mlflow.log_text(
         html_report(

@@ -19,7 +19,6 @@ from .lineage import (
     ARTIFACTS_SHA,
     ATTESTATION_SHA,
     COMPLETE,
-    GATE_RECORD_PREFIX,
     LINEAGE_PARAM,
     LINEAGE_RECORD,
     MANIFEST_SHA,
@@ -28,6 +27,7 @@ from .lineage import (
     WEIGHTS_SHA,
     Hop,
     anchored_digest,
+    gate_record_entries,
     lineage_tags,
     refuse_if_denied,
     run_artifact,
@@ -115,12 +115,8 @@ def check_tags(audit: Audit) -> None:
 def check_gate_records(audit: Audit) -> None:
     """Each gate decision must parse, and one kept whole in an artifact must match the digest in its tag."""
     tags = audit.hop.tags
-    for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
-        try:
-            record = json.loads(tags[key])
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
+    for key, record in gate_record_entries(tags):
+        if record is None:
             audit.tampered("tags", f"gate record {key} is not a JSON record: {short(tags[key])}")
             continue
         if "record_sha256" in record:
@@ -228,12 +224,8 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
                         "signature",
                         f"the signed statement's {name} is not the version's ({short(said)} signed, {short(now)} now)",
                     )
-    for key in sorted(k for k in hop.tags if k.startswith(GATE_RECORD_PREFIX)):
-        try:
-            record = json.loads(hop.tags[key])
-        except ValueError:
-            continue  # check_gate_records names it
-        if not isinstance(record, dict) or not record.get("alias_moved"):
+    for key, record in gate_record_entries(hop.tags):
+        if record is None or not record.get("alias_moved"):  # an unreadable one: check_gate_records names it
             continue
         what = f"gate decision {key} (moved @{record['alias_moved']})"
         signed = opened(record.get("attestation_artifact"), record.get("attestation_sha256"), what)

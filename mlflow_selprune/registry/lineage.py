@@ -259,17 +259,23 @@ class Hop:
         }
 
 
-def gate_records(tags: dict) -> list[dict]:
-    """Every gate decision recorded on a version, oldest first; one that is not JSON reads as
-    ``{"unreadable": KEY}`` (and is a finding of ``check_gate_records``), never silently dropped."""
-    records = []
+def gate_record_entries(tags: dict) -> list[tuple[str, dict | None]]:
+    """``(tag key, record)`` of every gate decision on a version, oldest first; the record is None where the
+    tag does not hold a JSON record."""
+    entries = []
     for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
         try:
             record = json.loads(tags[key])
         except ValueError:
             record = None
-        records.append(record if isinstance(record, dict) else {"unreadable": key})
-    return records
+        entries.append((key, record if isinstance(record, dict) else None))
+    return entries
+
+
+def gate_records(tags: dict) -> list[dict]:
+    """Every gate decision recorded on a version, oldest first; one that is not JSON reads as
+    ``{"unreadable": KEY}`` (and is a finding of ``check_gate_records``), never silently dropped."""
+    return [record if record is not None else {"unreadable": key} for key, record in gate_record_entries(tags)]
 
 
 def deciding_record(tags: dict, aliases: list[str]) -> dict | None:

@@ -209,18 +209,14 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     Returns ``(model_info, artifact digests)``: the sha256 of the masks, scores and record as written, for the
     version's ``selprune.artifacts_sha256`` tag. A resumed run that already anchored its lineage keeps the
     files it recorded (this attempt's record differs in its timings only) and returns their recorded digests."""
-    from ..report import plot_forget_vs_retain
+    from ..report import plot_pruning
 
     active = mlflow.active_run()
     assert active is not None, "log_unlearned_model runs inside the job's run"
     anchored = recorded_lineage(active.info.run_id)
     with tempfile.TemporaryDirectory() as tmp, _artifact_store_failures():
         files = result.save(tmp, extra_record=extra_record)
-        steps_baseline = result.baseline_metrics if result.select_metrics is None else result.select_metrics["baseline"]
-        plot_metrics = metrics if result.select_metrics is None else None  # a budget run's steps: another split
-        files["plot"] = plot_forget_vs_retain(
-            steps_baseline, result.steps, Path(tmp) / "forget_vs_retain.png", plot_metrics
-        )
+        files["plot"] = plot_pruning(result, metrics, Path(tmp) / "forget_vs_retain.png")
         pruning_files = {k: str(v) for k, v in files.items() if k != "plot"}
         if anchored is None:
             for path in files.values():
