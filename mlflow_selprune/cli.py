@@ -443,6 +443,13 @@ def evaluate(**kw):
     help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.",
 )
 @click.option(
+    "--max-code-pass-rate",
+    type=float,
+    default=None,
+    help="Highest acceptable share of the Python tasks the unlearned model still solves (prune --code-tasks), "
+    "e.g. 0.5.",
+)
+@click.option(
     "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
 )
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
@@ -460,6 +467,7 @@ def gate(
     min_forget_drop,
     min_selectivity,
     max_relearn_recovery,
+    max_code_pass_rate,
     metric,
     set_alias,
     dry_run,
@@ -472,7 +480,9 @@ def gate(
     key = None if dry_run else load_signing_key(signing_key)
     from .registry.gate import check_thresholds
 
-    check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias or None)
+    check_thresholds(
+        max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias or None, max_code_pass_rate
+    )
     _announce_store(require_existing=True)  # every option checked first; then a missing store answers at once
     from .registry.gate import gate as run_gate
 
@@ -482,6 +492,7 @@ def gate(
         min_forget_drop=min_forget_drop,
         min_selectivity=min_selectivity,
         max_relearn_recovery=max_relearn_recovery,
+        max_code_pass_rate=max_code_pass_rate,
         metric=metric,
         set_alias=set_alias or None,
         dry_run=dry_run,

@@ -297,6 +297,13 @@ class EvidenceOptions:
         type=int,
     )
     sample_tokens: int = option(32, "Tokens generated per sample (causal LMs).", type=int)
+    code_tasks: bool = option(
+        False,
+        "Causal LMs that unlearn Python: also run 40 offline Python function tasks (forget_code_pass_rate, "
+        "generated code executed apart) and 40 English cloze prompts (retain_cloze_accuracy) on the parent, "
+        "the unlearned model and the control.",
+        flag="--code-tasks/--no-code-tasks",
+    )
 
     def validate(self) -> "EvidenceOptions":
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:

@@ -43,8 +43,11 @@ class RealModelRecipe:
             max_length=128, batch_size=16, collect_tokens=8_000, eval_tokens=4_000, chunks_per_document=1
         )
     )
-    # the samples table: 4 prompts a side, 16 tokens each (on a CPU, generation is the slow part of it)
-    evidence: EvidenceOptions = field(default_factory=lambda: EvidenceOptions(samples=4, sample_tokens=16))
+    # the samples table: 4 prompts a side, 16 tokens each (on a CPU, generation is the slow part of it); the 40
+    # Python tasks and 40 English cloze prompts for the parent, the unlearned model and the control
+    evidence: EvidenceOptions = field(
+        default_factory=lambda: EvidenceOptions(samples=4, sample_tokens=16, code_tasks=True)
+    )
 
 
 RECIPE = RealModelRecipe()

@@ -42,6 +42,10 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
             f"(recovery {_number(m.get('relearn_recovery', math.nan), '.0%')}); "
             f"the parent after the same fine-tuning: {m.get('relearn_parent_forget_top1', math.nan):.4f}"
         )
+    for key, what in (("forget_code_pass_rate", "Python tasks passed"), ("retain_cloze_accuracy", "cloze answered")):
+        if key in m:
+            control = f", random control {m['control_' + key]:.0%}" if "control_" + key in m else ""
+            lines.append(f"{what}: parent {m['parent_' + key]:.0%}, unlearned {m[key]:.0%}{control}")
     if model_uri:
         lines.append(f"registered: {model_uri} (run {run_id})")
     return "\n".join(lines)
@@ -132,9 +136,11 @@ def markdown_html(text: str) -> str:
     return "\n".join(out)
 
 
-def html_report(*, title: str, description: str, plot_png: bytes, samples: dict | None, chain: list[str]) -> str:
-    """A self-contained page (no external assets): the description, the frontier plot, the samples table and
-    the lineage chain. MLflow's artifact viewer renders it."""
+def html_report(
+    *, title: str, description: str, plot_png: bytes, samples: dict | None, chain: list[str], checks: dict | None = None
+) -> str:
+    """A self-contained page (no external assets): the description, the frontier plot, the samples table, the
+    code and cloze outcomes (``--code-tasks``) and the lineage chain. MLflow's artifact viewer renders it."""
     import base64
     import html
 
@@ -144,17 +150,21 @@ def html_report(*, title: str, description: str, plot_png: bytes, samples: dict 
         "<h2>Forget and retain, step by step</h2>",
         f'<img alt="forget vs retain" src="data:image/png;base64,{base64.b64encode(plot_png).decode()}">',
     ]
-    if samples:
-        columns = list(samples)
-        rows = zip(*(samples[c] for c in columns))
-        parts += [
-            "<h2>What the models say</h2>",
-            "<table><tr>"
-            + "".join(f"<th>{c}</th>" for c in columns)
-            + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-            + "</table>",
-        ]
+    for heading, table in (
+        ("What the models say", samples),
+        ("Python tasks and English cloze prompts: each model's outcome", checks),
+    ):
+        if table:
+            columns = list(table)
+            rows = zip(*(table[c] for c in columns))
+            parts += [
+                f"<h2>{heading}</h2>",
+                "<table><tr>"
+                + "".join(f"<th>{c}</th>" for c in columns)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+                + "</table>",
+            ]
     parts += [
         "<h2>Lineage</h2>",
         "<ol>" + "".join(f"<li><code>{html.escape(uri)}</code></li>" for uri in chain) + "</ol>",

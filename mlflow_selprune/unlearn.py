@@ -23,6 +23,8 @@ from typing import Any
 from ._version import __version__
 from .config import SIDES, DataOptions, EvidenceOptions, PruneConfig
 from .errors import BadInputError
+from .evaluation.functional import CHECKS_ARTIFACT
+from .evaluation.samples import SAMPLES_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +255,7 @@ def load_inputs(plan: PrunePlan, accelerator=None, phases: "_Phases | None" = No
 
     phases = phases or _Phases()
     model, tokenizer = _load(plan.parent, plan.device, plan.dtype, plan.trust_remote_code, accelerator)
+    check_code_tasks(plan.evidence, model)
     phases.lap("load")
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows
     parent_digest = lineage.weights_sha256(model) if _is_main(accelerator) else None
@@ -310,9 +313,13 @@ def run_prune(
         phases.add_steps(result.steps)
         if run is None:
             return UnlearnResult(None, None, plan.parent.canonical_uri, metrics, result)
-        samples = behaviour_samples(plan, loaded, result)
+        tables = {SAMPLES_ARTIFACT: behaviour_samples(plan, loaded, result)}
         phases.lap("samples")
-        return publish(plan, loaded, result, metrics, run.info.run_id, phases, samples)
+        if plan.evidence.code_tasks:
+            checked, tables[CHECKS_ARTIFACT] = functional_evidence(plan, loaded, result)
+            metrics.update(checked)
+            phases.lap("code_tasks")
+        return publish(plan, loaded, result, metrics, run.info.run_id, phases, tables)
 
 
 def execute_prune(plan: PrunePlan, loaded: Loaded, accelerator=None, progress: bool = True, on_step=None):
@@ -347,7 +354,35 @@ def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
     )
 
 
-def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict, result, samples) -> None:
+def check_code_tasks(evidence: EvidenceOptions, model) -> None:
+    """``--code-tasks`` needs a model that writes text: refused, before any run, for the other kinds."""
+    from .kinds import kind_of
+
+    kind = kind_of(model)
+    if evidence.code_tasks and not kind.writes_text:
+        raise BadInputError(
+            f"--code-tasks applies to causal language models (they write code); {type(model).__name__} is a "
+            f"{kind.name}: drop --code-tasks"
+        )
+
+
+def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, dict]:
+    """Execute, ``--code-tasks``: the Python tasks and the English cloze prompts on the parent, the unlearned
+    model and the control (``evaluation.functional``); ``(metrics, table)``."""
+    from .engine import parent_restored, randomly_pruned
+    from .evaluation.functional import functional_checks
+
+    model, seed = loaded.model, plan.config.seed
+    logger.info("code tasks and cloze prompts: the parent, the unlearned model and the control")
+    return functional_checks(
+        model,
+        loaded.tokenizer,
+        parent_view=lambda: parent_restored(model, result),
+        control_view=(lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None,
+    )
+
+
+def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict, result, tables) -> None:
     """What a person reads: the version's and run's description, the HTML report, the run named after the
     version it made."""
     import mlflow
@@ -357,14 +392,14 @@ def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics
     name, version = registered.removeprefix("models:/").rsplit("/", 1)
     description = describe.version_markdown(registered, tags, metrics, plan.full_config())
     describe.write(name, version, run_id, description)
-    _log_report(registered, description, result, metrics, samples, [plan.parent.canonical_uri, tags[lineage.ROOT]])
+    _log_report(registered, description, result, metrics, tables, [plan.parent.canonical_uri, tags[lineage.ROOT]])
     active = mlflow.active_run()
     if plan.run_name is None and active is not None and active.info.run_name == plan.default_run_name():
         mlflow.set_tag("mlflow.runName", plan.default_run_name(version))  # now that the version is known
 
 
-def _log_report(uri: str, description: str, result, metrics: dict, samples: dict | None, ancestors: list[str]):
-    """``selprune/report.html``: the description, the frontier with the control, the samples and the chain."""
+def _log_report(uri: str, description: str, result, metrics: dict, tables: dict, ancestors: list[str]):
+    """``selprune/report.html``: the description, the frontier with the control, the tables and the chain."""
     import tempfile
     from pathlib import Path
 
@@ -377,14 +412,19 @@ def _log_report(uri: str, description: str, result, metrics: dict, samples: dict
     chain = [uri] + [a for i, a in enumerate(ancestors) if a not in ancestors[:i] and a != uri]
     mlflow.log_text(
         html_report(
-            title=f"{uri}: what was unlearned", description=description, plot_png=plot, samples=samples, chain=chain
+            title=f"{uri}: what was unlearned",
+            description=description,
+            plot_png=plot,
+            samples=tables.get(SAMPLES_ARTIFACT),
+            checks=tables.get(CHECKS_ARTIFACT),
+            chain=chain,
         ),
         "selprune/report.html",
     )
 
 
 def publish(
-    plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases", samples: dict | None = None
+    plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases", tables: dict | None = None
 ) -> UnlearnResult:
     """Publish: log the model and the evidence, the manifest, the lineage tags (anchored), the signed
     attestation, then register the version and move the alias."""
@@ -412,10 +452,9 @@ def publish(
         delta=delta,
     )
     manifest_digest = manifest.log(run_id, model_info.model_uri)
-    if samples is not None:
-        from .evaluation.samples import SAMPLES_ARTIFACT
-
-        mlflow.log_table(data=samples, artifact_file=SAMPLES_ARTIFACT)
+    tables = {path: table for path, table in (tables or {}).items() if table is not None}
+    for path, table in tables.items():
+        mlflow.log_table(data=table, artifact_file=path)
     phases.lap("log_model")
     tags = lineage.build_tags(
         parent=plan.parent,
@@ -444,7 +483,7 @@ def publish(
     registered = None
     if plan.target_name:
         registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
-        _describe(plan, registered, run_id, tags, metrics, result, samples)
+        _describe(plan, registered, run_id, tags, metrics, result, tables)
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds

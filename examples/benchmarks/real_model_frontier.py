@@ -6,6 +6,7 @@ No MLflow: the engine and the data layer only, so the numbers are the pruning's 
 
     python examples/benchmarks/real_model_frontier.py --ff-frac 0.01 --steps 3 --data-seed 0 1 2
     python examples/benchmarks/real_model_frontier.py --threads 1 2 4 --data-seed 0 1 2   # the demo's recipe
+    python examples/benchmarks/real_model_frontier.py --code-tasks --data-seed 0 1 2      # + its code and cloze checks
 
 Without recipe flags it runs the demo's recipe (``mlflow_selprune.demo.RECIPE``).
 """
@@ -65,6 +66,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
     parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
     parser.add_argument(
+        "--code-tasks",
+        action="store_true",
+        help="also the Python tasks' pass rate and the cloze accuracy of the parent, the result and the control",
+    )
+    parser.add_argument(
         "--stderr-only",
         action="store_true",
         help="print only the parent's top-1 with its standard error, per side and split seed",
@@ -83,12 +89,13 @@ def main() -> None:
     header("selective pruning frontier on a real pretrained model", args)
     directory = prepare(args.source).directory
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    config = dataclasses.replace(
+    recipe = dataclasses.replace(
         RECIPE.prune, ff_frac=args.ff_frac, attn_frac=args.attn_frac, steps=args.steps, scoring=args.scoring
     )
     keys = ("top1", "skip50_top1")
     print("threads | data seed | step | forget top1 | forget skip50 | retain top1 | retain skip50 | seconds")
     for data_seed in args.data_seed:
+        config = dataclasses.replace(recipe, seed=data_seed)  # as the demo's --seed: the split and the control
         data = dataclasses.replace(
             RECIPE.data,
             collect_tokens=args.collect_tokens,
@@ -156,7 +163,28 @@ def main() -> None:
                 relative_drop(base[f"{side}_{k}"], m[f"{side}_{k}"]) for side in ("forget", "retain") for k in keys
             ]
             print(f"{threads} | {data_seed} | control | " + " | ".join(f"{-d:+.1%}" for d in drops) + " |", flush=True)
+            if args.code_tasks:
+                print_functional_checks(model, tokenizer, result, config.seed, f"{threads} | {data_seed}")
             del model
+
+
+def print_functional_checks(model, tokenizer, result, seed: int, prefix: str) -> None:
+    """The demo's --code-tasks numbers: Python tasks passed and cloze prompts answered, three models."""
+    from mlflow_selprune.engine import parent_restored, randomly_pruned
+    from mlflow_selprune.evaluation.functional import functional_checks
+
+    metrics, _ = functional_checks(
+        model,
+        tokenizer,
+        parent_view=lambda: parent_restored(model, result),
+        control_view=lambda: randomly_pruned(model, result, seed=seed),
+    )
+    for key, what in (("forget_code_pass_rate", "Python tasks passed"), ("retain_cloze_accuracy", "cloze answered")):
+        print(
+            f"{prefix} | {what}: parent {metrics['parent_' + key]:.1%}, selective {metrics[key]:.1%}, "
+            f"control {metrics['control_' + key]:.1%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class ModelKind:
     class_suffixes: tuple[str, ...] = ()  # transformers head classes of this kind end with one of these
     preprocessor: str = "tokenizer"  # the transformers-flavor component that prepares its inputs
     data_kind: str = "text"  # what DATA holds for it: "text" or "images" (to refuse the other early)
+    writes_text: bool = False  # it generates free text: the code and cloze checks apply (``--code-tasks``)
     # DataOptions that do not apply to it: not logged as run params
     unused_data_options: tuple[str, ...] = ("collect_images", "eval_images", "forget_classes")
 

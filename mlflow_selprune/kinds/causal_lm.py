@@ -9,6 +9,7 @@ class CausalLM(TextKind):
     name = "causal-lm"
     task = "text-generation"
     class_suffixes = ("ForCausalLM", "LMHeadModel")
+    writes_text = True
 
     def auto_class(self, architectures):
         from transformers import AutoModelForCausalLM

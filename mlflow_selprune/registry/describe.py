@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 
+from ..evaluation.drops import relative_drop
 from . import lineage
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,12 @@ ROWS = (
     ("retain", "top1", "retain top-1"),
     ("retain", "skip50_top1", "retain top-1, frequent tokens skipped"),
     ("retain", "loss", "retain loss"),
+)
+
+# --code-tasks: shares of the task sets (evaluation.functional), shown beside the token metrics
+FUNCTIONAL_ROWS = (
+    ("forget_code_pass_rate", "forget: Python tasks whose code passes its tests (of 40)"),
+    ("retain_cloze_accuracy", "retain: English cloze prompts answered exactly (of 40)"),
 )
 
 
@@ -89,6 +96,14 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
             + " | ".join(_changes(metrics, side, name))
             + " |"
         )
+    for key, label in FUNCTIONAL_ROWS:
+        if key in metrics:
+            parent, control = metrics.get("parent_" + key), metrics.get("control_" + key)
+            lines.append(
+                f"| {label} | {_number(parent)} | {_number(metrics[key])} | "
+                f"{_change(relative_drop(parent, metrics[key]) if parent is not None else None)} | "
+                f"{_change(relative_drop(parent, control) if None not in (parent, control) else None)} |"
+            )
     lines.append("")
     evidence = [f"Selectivity (forget drop / retain drop): {_number(metrics.get('selectivity'))}"]
     if "control_selectivity" in metrics:

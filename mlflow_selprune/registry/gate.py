@@ -54,10 +54,12 @@ def gate(
     set_alias: str | None = None,
     dry_run: bool = False,
     signing_key=None,
+    max_code_pass_rate: float | None = None,
 ) -> GateResult:
     """Pass if ``retain_<metric>_drop <= max_retain_drop``, ``forget_<metric>_drop >= min_forget_drop``,
-    the selectivity *of that metric* ``>= min_selectivity`` and ``relearn_recovery <= max_relearn_recovery``
-    (each only when given).
+    the selectivity *of that metric* ``>= min_selectivity``, ``relearn_recovery <= max_relearn_recovery``
+    and ``forget_code_pass_rate <= max_code_pass_rate`` (an absolute share of the Python tasks the unlearned
+    model still solves; each only when given).
 
     Every decision is appended to the version as its own tag (time, thresholds,
     verdict, failures, user, alias moved); none is ever overwritten, so a
@@ -66,13 +68,16 @@ def gate(
     ``attest.load_signing_key``): the decision is also signed (``registry.attest``), its envelope in the version's
     run and its digest in the record.
     """
-    check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias)
+    check_thresholds(
+        max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias, max_code_pass_rate
+    )
     resolved = _gated_version(model_uri)
     thresholds = {
         "max_retain_drop": max_retain_drop,
         "min_forget_drop": min_forget_drop,
         "min_selectivity": min_selectivity,
         "max_relearn_recovery": max_relearn_recovery,
+        "max_code_pass_rate": max_code_pass_rate,
         "metric": metric,
     }
     # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
@@ -87,6 +92,7 @@ def gate(
             f"{resolved.canonical_uri} has no recorded {', '.join(missing)} (not measured, or not meaningful: "
             "a relative change of a value under 0.01); gate a version registered by `mlflow-selprune prune`"
             + (" with --relearn-steps" if "relearn_recovery" in missing else "")
+            + (" with --code-tasks" if "forget_code_pass_rate" in missing else "")
         )
     failures: list[str] = []
     try:
@@ -100,7 +106,9 @@ def gate(
     return GateResult(passed, resolved.canonical_uri, thresholds, {k: metrics[k] for k in wanted}, failures, alias_set)
 
 
-def check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias) -> None:
+def check_thresholds(
+    max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias, max_code_pass_rate=None
+) -> None:
     """Every option of ``gate`` in range, before the store is touched (the CLI calls it first)."""
     _check_fraction("--max-retain-drop", max_retain_drop)
     _check_fraction("--min-forget-drop", min_forget_drop)
@@ -108,10 +116,15 @@ def check_thresholds(max_retain_drop, min_forget_drop, min_selectivity, max_rele
         raise BadInputError(f"--min-selectivity must be >= 0 (forget drop / retain drop), got {min_selectivity}")
     if max_relearn_recovery is not None and (math.isnan(max_relearn_recovery) or max_relearn_recovery < 0):
         raise BadInputError(f"--max-relearn-recovery must be >= 0 (e.g. 0.5), got {max_relearn_recovery}")
-    if all(t is None for t in (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery)):
+    if max_code_pass_rate is not None and (math.isnan(max_code_pass_rate) or not 0 <= max_code_pass_rate <= 1):
         raise BadInputError(
-            "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity "
-            "or --max-relearn-recovery"
+            f"--max-code-pass-rate must be a share of the tasks in [0, 1] (e.g. 0.3), got {max_code_pass_rate}"
+        )
+    given = (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, max_code_pass_rate)
+    if all(t is None for t in given):
+        raise BadInputError(
+            "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity, "
+            "--max-relearn-recovery or --max-code-pass-rate"
         )
     check_alias(set_alias, "--set-alias")
 
@@ -147,6 +160,10 @@ def _metric_thresholds(thresholds: dict) -> dict[str, MetricThreshold]:
     if thresholds["max_relearn_recovery"] is not None:
         wanted["relearn_recovery"] = MetricThreshold(
             threshold=thresholds["max_relearn_recovery"], greater_is_better=False
+        )
+    if thresholds.get("max_code_pass_rate") is not None:
+        wanted["forget_code_pass_rate"] = MetricThreshold(
+            threshold=thresholds["max_code_pass_rate"], greater_is_better=False
         )
     return wanted
 

@@ -89,6 +89,13 @@ HEADLINE_METRICS = (
     "relearn_forget_top1",
     "relearn_parent_forget_top1",
     "relearn_recovery",
+    # --code-tasks (causal LMs)
+    "forget_code_pass_rate",
+    "parent_forget_code_pass_rate",
+    "control_forget_code_pass_rate",
+    "retain_cloze_accuracy",
+    "parent_retain_cloze_accuracy",
+    "control_retain_cloze_accuracy",
     # image classifiers
     "forget_top5",
     "retain_top5",

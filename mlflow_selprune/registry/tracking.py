@@ -252,6 +252,10 @@ def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: d
     logged = set(kept[-1].get("metrics", {})) if kept and result.select_metrics is None else set()
     final = {k: v for k, v in metrics.items() if not k.startswith("parent_") and k not in logged}
     mlflow.log_metrics(finite(final), step=kept[-1]["step"] if kept else 0, model_id=model_info.model_id)
+    # the parent is step 0 of every metric's history: add what step 0 did not log (the --code-tasks numbers)
+    at_start = set(result.steps[0].get("metrics", {})) if result.steps else set()
+    parent = {k[len("parent_") :]: v for k, v in metrics.items() if k.startswith("parent_")}
+    mlflow.log_metrics(finite({k: v for k, v in parent.items() if k not in at_start}), step=0)
     return model_info, digests
 
 

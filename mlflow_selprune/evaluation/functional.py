@@ -1,0 +1,173 @@
+"""Did the capability go away, as a person means it: does the model's Python still run, does it still know
+its English? (``--code-tasks``, causal LMs.)
+
+Two offline checks on fixed task sets (``task_sets``), greedy, for the parent, the unlearned model and the
+random control alike:
+
+* ``forget_code_pass_rate``: the share of the forty ``python_functions`` tasks whose generated function passes
+  its ``assert`` lines, executed apart from this process (the ``code_pass`` metric module, pass@1 with the
+  semantics of Hugging Face's ``code_eval``). A model with a chat template is asked, as a user, to complete
+  the function and its first fenced code block is run; a model without one continues the prompt itself
+  (HumanEval's form), cut at the first line that leaves the function.
+* ``retain_cloze_accuracy``: the share of the forty ``english_cloze`` prompts whose greedy continuation starts
+  with an accepted word (the ``cloze_match`` metric module).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+CHECKS_ARTIFACT = "selprune/functional_checks.json"
+CODE_TOKENS = 96  # the longest reference solution is under 40 tokens; room for a chat answer's fence
+CLOZE_TOKENS = 6
+BATCH_SIZE = 20
+_STOP_LINES = ("\ndef ", "\nclass ", "\nif ", "\nprint", "\n#", "\n```", "\nassert")
+_FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.S)
+
+
+@dataclass
+class CheckedModel:
+    """One model's outcomes: a pass rate, an accuracy, and a short outcome per task and prompt."""
+
+    code_pass_rate: float
+    cloze_accuracy: float
+    code_outcomes: list[str]
+    cloze_outcomes: list[str]
+
+
+def check_model(model, tokenizer) -> CheckedModel:
+    """Both checks on ``model`` as it is now."""
+    from ..evaluation.packaged import packaged_metric
+    from .task_sets.english_cloze import PROMPTS
+    from .task_sets.python_functions import TASKS
+
+    programs = code_programs(model, tokenizer, TASKS)
+    pass_at_k, results = packaged_metric("code_pass").compute(
+        predictions=[[p] for p in programs], references=[t["test"] for t in TASKS], k=[1]
+    )
+    completions = _generate(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
+    cloze = packaged_metric("cloze_match").compute(predictions=completions, references=[p["answers"] for p in PROMPTS])
+    return CheckedModel(
+        code_pass_rate=pass_at_k["pass@1"],
+        cloze_accuracy=cloze["exact_match"],
+        code_outcomes=[results[i][0][1]["result"] for i in range(len(TASKS))],
+        cloze_outcomes=[("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)],
+    )
+
+
+def functional_checks(model, tokenizer, parent_view, control_view=None) -> tuple[dict, dict]:
+    """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate`` and ``..retain_cloze_accuracy``, and
+    the table of outcomes per task and prompt (check | item | parent | unlearned | control)."""
+    from .task_sets.english_cloze import PROMPTS
+    from .task_sets.python_functions import TASKS
+
+    checked = {"unlearned": check_model(model, tokenizer)}
+    with parent_view():
+        checked["parent"] = check_model(model, tokenizer)
+    if control_view is not None:
+        with control_view():
+            checked["control"] = check_model(model, tokenizer)
+    metrics = {}
+    for name, prefix in (("parent", "parent_"), ("unlearned", ""), ("control", "control_")):
+        if name in checked:
+            metrics[f"{prefix}forget_code_pass_rate"] = checked[name].code_pass_rate
+            metrics[f"{prefix}retain_cloze_accuracy"] = checked[name].cloze_accuracy
+    table: dict[str, list[str]] = {"check": [], "item": [], "parent": [], "unlearned": [], "control": []}
+    for check, items, field in (
+        ("code", [t["task_id"] for t in TASKS], "code_outcomes"),
+        ("cloze", [p["prompt"] for p in PROMPTS], "cloze_outcomes"),
+    ):
+        table["check"] += [check] * len(items)
+        table["item"] += items
+        for name in ("parent", "unlearned", "control"):
+            table[name] += getattr(checked[name], field) if name in checked else ["(no control)"] * len(items)
+    return metrics, table
+
+
+def code_programs(model, tokenizer, tasks: list[dict]) -> list[str]:
+    """The program each task's generated code makes: the chat form when the tokenizer has a chat template,
+    the completion form otherwise (see the module docstring)."""
+    if getattr(tokenizer, "chat_template", None):
+        inputs = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"Complete this Python function:\n```python\n{t['prompt']}```"}],
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            for t in tasks
+        ]
+        answers = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_fence_closed, special_tokens=False)
+        return [_first_code_block(answer) for answer in answers]
+    completions = _generate(model, tokenizer, [t["prompt"] for t in tasks], CODE_TOKENS, stop=_left_function)
+    return [t["prompt"] + _cut_at_stop_line(c) for t, c in zip(tasks, completions)]
+
+
+def _first_code_block(answer: str) -> str:
+    match = _FENCED.search(answer)
+    return match.group(1) if match else answer
+
+
+def _cut_at_stop_line(completion: str) -> str:
+    cuts = [completion.find(s) for s in _STOP_LINES if s in completion]
+    return completion[: min(cuts)] if cuts else completion
+
+
+def _fence_closed(text: str) -> bool:
+    return text.count("```") >= 2
+
+
+def _left_function(text: str) -> bool:
+    return any(s in text for s in _STOP_LINES)
+
+
+def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, stop, special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of ``texts``, in batches, each row stopping once ``stop(its text)`` holds."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Done(StoppingCriteria):
+        def __init__(self, start: int):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+            return torch.tensor([stop(t) for t in texts], device=input_ids.device)
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out: list[str] = []
+    with _left_padding(tokenizer):
+        for begin in range(0, len(texts), BATCH_SIZE):
+            batch = tokenizer(
+                texts[begin : begin + BATCH_SIZE], return_tensors="pt", padding=True, add_special_tokens=special_tokens
+            ).to(device)
+            start = batch["input_ids"].shape[1]
+            criteria = StoppingCriteriaList([_Done(start)]) if stop is not None else None
+            with torch.inference_mode():
+                generated = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    stopping_criteria=criteria,
+                )
+            out += tokenizer.batch_decode(generated[:, start:], skip_special_tokens=True)
+    return out
+
+
+@contextlib.contextmanager
+def _left_padding(tokenizer):
+    """Pad on the left (generation continues every row from its last real token), with a pad token; the
+    tokenizer is logged with the model afterwards, so both are restored."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = pad
