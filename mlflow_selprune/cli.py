@@ -40,6 +40,9 @@ def _setup_logging(verbose: bool) -> None:
         # What an offline registry user cannot act on: hub model cards, license look-ups.
         for name in ("mlflow.transformers", "mlflow.transformers.model_io", "mlflow.models.model"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        # What the commands say themselves: the store (its first line) and the gate's verdict.
+        for name in ("mlflow.store.db.utils", "mlflow.models.evaluation.validation", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _accelerator():
@@ -95,8 +98,24 @@ def _no_progress_bars(no_progress: bool) -> bool:
     if no_progress:
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm itself: any other library's bar
+        if "transformers" in sys.modules:  # imported already: it read the environment then
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     return not no_progress
+
+
+def no_progress_option(func):
+    """``--no-progress`` on a command without data options (downloads, weights loading: the libraries' bars)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, no_progress: bool = False, **kwargs):
+        _no_progress_bars(no_progress)
+        return func(*args, **kwargs)
+
+    return click.option("--no-progress", is_flag=True, help="No progress bars (the libraries' included).")(wrapper)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -460,6 +479,7 @@ def evaluate(**kw):
     metavar="KEY.pem",
     help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
 )
+@no_progress_option
 @handle_errors
 def gate(
     model_uri,
@@ -537,6 +557,7 @@ def gate(
     help="Require a valid signature by this Ed25519 public key (repeatable; default: $SELPRUNE_TRUSTED_KEYS) "
     "on every unlearned version and every gate decision that moved an alias. Implies --verify.",
 )
+@no_progress_option
 @handle_errors
 def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
     """The chain from MODEL_URI back to its root model: data, digests, neurons pruned, metrics, gate decisions.
@@ -672,7 +693,14 @@ def _print_hop(i: int, row: dict) -> None:
         f"{'  (trust_remote_code)' if row.get('trust_remote_code') == 'true' else ''}"
     )
     m = row["metrics"]
-    shown = ("forget_top1_drop", "retain_top1_drop", "selectivity", "control_forget_top1_drop", "relearn_recovery")
+    shown = (
+        "forget_top1_drop",
+        "retain_top1_drop",
+        "selectivity",
+        "control_forget_top1_drop",
+        "relearn_recovery",
+        "forget_code_pass_rate",
+    )
     if m:
         click.echo("  metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
     decisions = row["gate_decisions"]
@@ -712,6 +740,7 @@ def _print_hop(i: int, row: dict) -> None:
     metavar="KEY.pem",
     help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
 )
+@no_progress_option
 @handle_errors
 def materialize(model_uri, register_as, alias, signing_key):
     """Turn a delta version into a full one (same lineage), e.g. before deleting its parent."""
@@ -740,6 +769,7 @@ def keygen(directory):
 @click.argument("source")
 @click.option("--name", required=True, help="Registered model name for the new version.")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
+@no_progress_option
 @handle_errors
 def register(source, name, alias):
     """Register SOURCE as a base version, with its digests and provenance.

@@ -101,6 +101,7 @@ def _train_steps(model, batch_for, *, steps: int, lr: float, seed: int, progress
         return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
 
     loss_value = float("nan")
+    logger.info("training: %d steps (seed %d)", steps, seed)
     bar = tqdm(range(steps), desc="training", disable=not progress)
     for step in bar:
         for group in opt.param_groups:

@@ -254,6 +254,8 @@ def load_inputs(plan: PrunePlan, accelerator=None, phases: "_Phases | None" = No
     from .registry import lineage, verify
 
     phases = phases or _Phases()
+    if _is_main(accelerator):
+        logger.info("loading %s", plan.parent.canonical_uri)
     model, tokenizer = _load(plan.parent, plan.device, plan.dtype, plan.trust_remote_code, accelerator)
     check_code_tasks(plan.evidence, model)
     phases.lap("load")
@@ -341,6 +343,9 @@ def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
     from .evaluation.samples import sample_table
 
     model, seed = loaded.model, plan.config.seed
+    logger.info(
+        "samples: what the parent, the unlearned model and the control answer (%d a side)", plan.evidence.samples
+    )
     control = (lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None
     return sample_table(
         model,
@@ -521,10 +526,13 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
         with parent_restored(model, result):
             result.baseline_metrics = evaluate_fn(model)
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
+    say = logger.info if _is_main(accelerator) else logger.debug
     if evidence.control:
+        say("the random control: as many neurons per kind and layer, at random, measured on the eval data")
         with randomly_pruned(model, result, seed=config.seed):
             metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
     if evidence.relearn_steps:
+        say(f"relearning check: {evidence.relearn_steps} steps on the unlearned model, then on the parent")
         forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
         settings = dict(
             steps=evidence.relearn_steps,

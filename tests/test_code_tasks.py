@@ -23,7 +23,9 @@ def test_every_task_passes_with_its_reference_solution_and_fails_with_a_stub():
     metric = packaged_metric("code_pass")
     tests = [t["test"] for t in TASKS]
     assert len(TASKS) == 40 and len({t["entry_point"] for t in TASKS}) == 40
-    good, results = metric.compute(predictions=[[t["prompt"] + t["canonical_solution"]] for t in TASKS], references=tests)
+    good, results = metric.compute(
+        predictions=[[t["prompt"] + t["canonical_solution"]] for t in TASKS], references=tests
+    )
     assert good == {"pass@1": 1.0}, [r[0][1]["result"] for r in results.values() if not r[0][1]["passed"]]
     stub, _ = metric.compute(predictions=[[t["prompt"] + "    return None\n"] for t in TASKS], references=tests)
     assert stub == {"pass@1": 0.0}

@@ -414,6 +414,24 @@ def test_first_stderr_line_names_the_store(store, pruned):
         assert out.stderr.splitlines()[0] == expected, (argv[0], out.stderr)
 
 
+def test_no_progress_means_quiet_but_each_slow_phase_says_one_line(store, pruned):
+    """With --no-progress: no bar (ours or a library's), no library INFO line, none of MLflow's registration
+    chatter; what the command says itself (one line as each slow phase starts) remains. The same for lineage
+    and gate in a fresh process: stderr is the store line and nothing else."""
+    err = pruned["out"].stderr
+    for noise in ("it/s]", "%|", " INFO mlflow", "Successfully registered", "Created version", "Downloading"):
+        assert noise not in err, (noise, err[-2000:])
+    for said in ("loading models:/", "measuring the parent", "step 1 of 2: ", "step 2 of 2: ", "the random control:"):
+        assert said in err, (said, err[-2000:])
+    for argv in (
+        ["lineage", pruned["uri"], "--verify", "--no-progress"],
+        ["gate", "--model-uri", pruned["uri"], "--max-retain-drop", "1", "--dry-run", "--no-progress"],
+    ):
+        out = cli(*argv, env=store["env"], cwd=store["root"])
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stderr.splitlines() == [f"tracking: {store['uri']}"], (argv[0], out.stderr[-2000:])
+
+
 # ----------------------------------------------------------------------------- 6-7. messages
 
 

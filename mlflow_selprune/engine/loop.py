@@ -79,12 +79,15 @@ def prune(
     """
     config = _config_from(config, legacy_options, has_evaluate=evaluate_fn is not None)
     run = _start(model, forget_batches, retain_batches, config, accelerator, progress)
+    if evaluate_fn is not None:
+        _say(run, "measuring the parent on the eval data (step 0)")
     baseline = _baseline(run, evaluate_fn, on_step)
     latest_metrics = dict(baseline)
     stop_reason = f"completed {config.n_steps} step(s)"
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     bar = tqdm(total=config.n_steps, desc="pruning", unit="step", disable=not show)
     for step in range(1, config.n_steps + 1):
+        _say(run, f"step {step}{'' if config.budget_mode else f' of {config.n_steps}'}: scoring neurons, pruning")
         record, chosen, undos, exhausted = _step(run, step, evaluate_fn)
         if config.budget_mode:
             record["forget_drop"], record["retain_drop"] = _budget_drops(config, baseline, record["metrics"])
@@ -108,8 +111,14 @@ def prune(
             stop_reason = f"no neurons left to prune after step {step}"
             break
     bar.close()
-    logger.info("stopped: %s", stop_reason)
+    _say(run, f"stopped: {stop_reason}")
     return _result(run, baseline, latest_metrics, stop_reason)
+
+
+def _say(run: _Pruning, line: str) -> None:
+    """One line as a slow phase starts (so a run without bars is never silent), from the main process only."""
+    if run.accelerator is None or run.accelerator.is_main_process:
+        logger.info(line)
 
 
 def _config_from(config: PruneConfig | None, legacy_options: dict, has_evaluate: bool) -> PruneConfig:

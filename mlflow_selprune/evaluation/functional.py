@@ -53,7 +53,9 @@ def check_model(model, tokenizer) -> CheckedModel:
         code_pass_rate=pass_at_k["pass@1"],
         cloze_accuracy=cloze["exact_match"],
         code_outcomes=[results[i][0][1]["result"] for i in range(len(TASKS))],
-        cloze_outcomes=[("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)],
+        cloze_outcomes=[
+            ("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)
+        ],
     )
 
 

@@ -85,7 +85,7 @@ def register_components(
 
     from .flavor import components, default_pip_requirements, model_card, task_for
     from .resolve import client
-    from .tracking import job_run, record_lineage
+    from .tracking import job_run, record_lineage, register_version
 
     tags = {
         BASE_KIND: "true",
@@ -108,7 +108,7 @@ def register_components(
         tags[lineage.RUN_ID] = run.info.run_id
         tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, info.model_uri)
         record_lineage(run.info.run_id, tags)
-        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+        mv = register_version(info.model_uri, name, tags)
     if alias:
         client().set_registered_model_alias(name, alias, mv.version)
     return RegisteredBase(f"models:/{name}/{mv.version}", run.info.run_id, tags)

@@ -375,6 +375,20 @@ def record_lineage(run_id: str, tags: dict) -> None:
     client().log_param(run_id, lineage.LINEAGE_PARAM, digest)
 
 
+def register_version(model_uri: str, name: str, tags: dict):
+    """``mlflow.register_model`` without its own lines on stderr ("Successfully registered model", "Created
+    version"): the command says what it registers and prints the new version itself."""
+    from mlflow.utils import logging_utils
+
+    was = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    logging_utils.disable_logging()
+    try:
+        return mlflow.register_model(model_uri, name, tags=tags)
+    finally:
+        if was:
+            logging_utils.enable_logging()
+
+
 def register(model_info, name: str, run_id: str, tags: dict, alias: str | None) -> str:
     """Record the lineage in the run, create the version with all of its tags in one request (or find this
     run's), then move the alias."""
@@ -383,7 +397,7 @@ def register(model_info, name: str, run_id: str, tags: dict, alias: str | None) 
     if mv is None:
         logger.info("registering a new version of '%s' with its lineage tags", name)
         try:
-            mv = mlflow.register_model(model_info.model_uri, name, tags=tags)
+            mv = register_version(model_info.model_uri, name, tags)
         except mlflow.exceptions.MlflowException as exc:
             if not permission_denied(exc):
                 raise
