@@ -405,7 +405,7 @@ def prune(**kw):
 @click.option("--forget", required=True)
 @click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes).")
 @click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
-@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr"))
+@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks"))
 @config_options(PruneConfig, only=("seed",))
 @data_options
 @handle_errors
@@ -441,7 +441,7 @@ def evaluate(**kw):
     )
     if accelerator is None or accelerator.is_main_process:
         for key, value in sorted(result.metrics.items()):
-            click.echo(f"{key:<28}{value:.4f}")
+            click.echo(f"{key:<34}{value:.4f}")
         click.echo(f"run: {result.run_id}")
 
 

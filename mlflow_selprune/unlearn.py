@@ -664,7 +664,8 @@ def run_evaluate(
     """Forget/retain metrics of one model, logged to a run; nothing is registered.
 
     With ``evidence.relearn_steps``, the relearning check runs too (against
-    ``parent_model_uri`` when given, for the recovery figure).
+    ``parent_model_uri`` when given, for the recovery figure); with ``evidence.code_tasks``, the Python tasks
+    and the cloze prompts (of the parent too, when given).
     """
     from .registry import tracking, verify
     from .registry.resolve import resolve
@@ -678,6 +679,7 @@ def run_evaluate(
         if version is not None:
             verify.require_verified(version, "evaluate")
     model, tokenizer = _load_verified(resolved, device, dtype, trust_remote_code, accelerator)
+    check_code_tasks(evidence, model)
     parent_model = _load_verified(parent, device, dtype, trust_remote_code, accelerator)[0] if parent else None
     forget_data, retain_data = load_datasets(tokenizer, forget, retain, data, trust_remote_code, model=model)
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
@@ -712,8 +714,28 @@ def run_evaluate(
         if run is not None:
             import mlflow
 
+            if evidence.code_tasks:
+                metrics.update(_code_tasks_only(model, parent_model, tokenizer))
             mlflow.log_metrics(tracking.finite(metrics))
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
+
+
+def _code_tasks_only(model, parent_model, tokenizer) -> dict:
+    """``evaluate --code-tasks``: the pass rate and cloze accuracy of the model (and of the parent as
+    ``parent_*``), each task's outcome in the run's table."""
+    import mlflow
+
+    from .evaluation.functional import check_model, outcomes_table
+
+    logger.info("code tasks and cloze prompts")
+    models = {"model": model} if parent_model is None else {"parent": parent_model, "model": model}
+    checked = {name: check_model(m, tokenizer) for name, m in models.items()}
+    mlflow.log_table(data=outcomes_table(checked), artifact_file=CHECKS_ARTIFACT)
+    return {
+        key: value
+        for name, outcome in checked.items()
+        for key, value in outcome.metrics("parent_" if name == "parent" else "").items()
+    }
 
 
 def _load_verified(version, device, dtype, trust_remote_code, accelerator):

@@ -211,3 +211,19 @@ def test_code_tasks_on_a_masked_lm_are_refused_before_anything_is_written(store,
     assert out.exit_code == 2, out.output
     assert "--code-tasks applies to causal language models" in out.output and "drop --code-tasks" in out.output
     assert (registry_snapshot(), runs()) == before
+
+
+@pytest.mark.slow
+def test_evaluate_with_code_tasks_reproduces_what_the_prune_recorded(store, checked):
+    """`evaluate --code-tasks` of the unlearned version against its parent measures the same pass rates and
+    cloze accuracies the prune recorded: the same greedy answers, executed again."""
+    out = invoke(
+        "evaluate", "--model-uri", checked["uri"], "--parent-model-uri", f"models:/{TINY_NAME}/1",
+        "--forget", store["forget"], "--retain", store["retain"], "--code-tasks", *SMALL,
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    printed = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) == 2)
+    tags = checked["version"].tags
+    for key in ("forget_code_pass_rate", "retain_cloze_accuracy"):
+        for prefix in ("", "parent_"):
+            assert float(printed[prefix + key]) == pytest.approx(float(tags[f"selprune.metric.{prefix}{key}"]))

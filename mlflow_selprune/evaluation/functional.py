@@ -36,6 +36,12 @@ class CheckedModel:
     code_outcomes: list[str]
     cloze_outcomes: list[str]
 
+    def metrics(self, prefix: str = "") -> dict[str, float]:
+        return {
+            f"{prefix}forget_code_pass_rate": self.code_pass_rate,
+            f"{prefix}retain_cloze_accuracy": self.cloze_accuracy,
+        }
+
 
 def check_model(model, tokenizer) -> CheckedModel:
     """Both checks on ``model`` as it is now."""
@@ -62,9 +68,6 @@ def check_model(model, tokenizer) -> CheckedModel:
 def functional_checks(model, tokenizer, parent_view, control_view=None) -> tuple[dict, dict]:
     """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate`` and ``..retain_cloze_accuracy``, and
     the table of outcomes per task and prompt (check | item | parent | unlearned | control)."""
-    from .task_sets.english_cloze import PROMPTS
-    from .task_sets.python_functions import TASKS
-
     checked = {"unlearned": check_model(model, tokenizer)}
     with parent_view():
         checked["parent"] = check_model(model, tokenizer)
@@ -74,18 +77,25 @@ def functional_checks(model, tokenizer, parent_view, control_view=None) -> tuple
     metrics = {}
     for name, prefix in (("parent", "parent_"), ("unlearned", ""), ("control", "control_")):
         if name in checked:
-            metrics[f"{prefix}forget_code_pass_rate"] = checked[name].code_pass_rate
-            metrics[f"{prefix}retain_cloze_accuracy"] = checked[name].cloze_accuracy
-    table: dict[str, list[str]] = {"check": [], "item": [], "parent": [], "unlearned": [], "control": []}
-    for check, items, field in (
-        ("code", [t["task_id"] for t in TASKS], "code_outcomes"),
-        ("cloze", [p["prompt"] for p in PROMPTS], "cloze_outcomes"),
-    ):
-        table["check"] += [check] * len(items)
-        table["item"] += items
-        for name in ("parent", "unlearned", "control"):
-            table[name] += getattr(checked[name], field) if name in checked else ["(no control)"] * len(items)
+            metrics.update(checked[name].metrics(prefix))
+    table = outcomes_table(checked)
+    if control_view is None:
+        table["control"] = ["(no control)"] * len(table["item"])
     return metrics, table
+
+
+def outcomes_table(checked: dict[str, CheckedModel]) -> dict[str, list[str]]:
+    """check | item | one column per model (``checked``'s keys): each task's and prompt's outcome."""
+    from .task_sets.english_cloze import PROMPTS
+    from .task_sets.python_functions import TASKS
+
+    table: dict[str, list[str]] = {
+        "check": ["code"] * len(TASKS) + ["cloze"] * len(PROMPTS),
+        "item": [t["task_id"] for t in TASKS] + [p["prompt"] for p in PROMPTS],
+    }
+    for name, outcome in checked.items():
+        table[name] = outcome.code_outcomes + outcome.cloze_outcomes
+    return table
 
 
 def code_programs(model, tokenizer, tasks: list[dict]) -> list[str]:
