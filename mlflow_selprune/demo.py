@@ -58,6 +58,8 @@ RECIPE = RealModelRecipe()
 MIN_FORGET_DROP = 0.18
 MAX_RETAIN_DROP = 0.06
 MIN_SELECTIVITY = None
+# The share of the 40 Python tasks the unlearned model may still pass (the parent passes 30); docs/demo.md.
+MAX_CODE_PASS_RATE = 0.25
 
 
 def run_demo(
@@ -66,9 +68,11 @@ def run_demo(
     recipe: RealModelRecipe = RECIPE,
     collect_tokens: int | None = None,
     eval_tokens: int | None = None,
+    code_tasks: bool = True,
 ) -> int:
     """Run the demo; returns the exit code (0 when the gate passed). ``collect_tokens``/``eval_tokens``
-    shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's)."""
+    shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's);
+    ``code_tasks=False`` skips the Python tasks and cloze prompts, and the gate's pass-rate threshold."""
     from .errors import ConfigError
 
     # every input checked before anything is fetched or written
@@ -102,7 +106,7 @@ def run_demo(
             recipe.retain,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            evidence=recipe.evidence,
+            evidence=dataclasses.replace(recipe.evidence, code_tasks=recipe.evidence.code_tasks and code_tasks),
             progress=progress,
         )
         return summarize_and_gate(
@@ -111,6 +115,7 @@ def run_demo(
             min_forget_drop=MIN_FORGET_DROP,
             max_retain_drop=MAX_RETAIN_DROP,
             min_selectivity=MIN_SELECTIVITY,
+            max_code_pass_rate=MAX_CODE_PASS_RATE if code_tasks else None,
             start=start,
         )
 
@@ -186,6 +191,7 @@ def summarize_and_gate(
     max_retain_drop: float,
     min_selectivity: float | None,
     start: float,
+    max_code_pass_rate: float | None = None,
 ) -> int:
     """Print a demo's summary, gate its unlearned version (moving ``@unlearned`` only on a pass) and say
     what to look at next; returns the exit code (0 when the gate passed)."""
@@ -200,6 +206,7 @@ def summarize_and_gate(
         max_retain_drop=max_retain_drop,
         min_forget_drop=min_forget_drop,
         min_selectivity=min_selectivity,
+        max_code_pass_rate=max_code_pass_rate,
         set_alias=UNLEARNED_ALIAS,
     )
     outcome = (
@@ -210,6 +217,8 @@ def summarize_and_gate(
     thresholds = [f"forget top-1 drop >= {min_forget_drop}", f"retain top-1 drop <= {max_retain_drop}"]
     if min_selectivity is not None:
         thresholds.append(f"selectivity >= {min_selectivity}")
+    if max_code_pass_rate is not None:
+        thresholds.append(f"Python tasks passed <= {max_code_pass_rate:.0%}")
     print(f"gate ({', '.join(thresholds)}): {outcome}")
     print(f"lineage:  mlflow-selprune lineage {result.model_uri}")
     print(f"browse:   mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")

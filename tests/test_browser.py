@@ -8,8 +8,8 @@ skips.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -17,24 +17,8 @@ from mlflow.tracking import MlflowClient
 from mlflow_helpers import SMALL, TINY_NAME, MlflowServer, cli, server_store
 
 pytestmark = pytest.mark.slow(seconds=60)
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _render(url: str, profile, screenshot=None) -> str:
-    """The DOM after the page's scripts ran (a virtual-time budget lets the UI fetch and draw)."""
-    args = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=30000",
-        "--window-size=1280,1600",
-    ]
-    if screenshot is not None:
-        subprocess.run([*args, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
-    return subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from screenshots import CHROMIUM, render  # noqa: E402  (the script that makes docs/img from the demo)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +53,7 @@ def test_the_version_page_and_the_report_render_in_a_browser(tmp_path_factory, t
         version = max(client.search_model_versions(f"name='{TINY_NAME}'"), key=lambda v: int(v.version))
         metrics = client.get_run(version.run_id).data.metrics
         shots = os.environ.get("SELPRUNE_SCREENSHOTS")  # a directory: keep the two pages' screenshots there
-        page = _render(
+        page = render(
             f"{srv.uri}/#/models/{TINY_NAME}/versions/{version.version}",
             root / "profile",
             screenshot=f"{shots}/version-page.png" if shots else None,
@@ -80,7 +64,7 @@ def test_the_version_page_and_the_report_render_in_a_browser(tmp_path_factory, t
         # the artifact as the server stores it (its raw endpoint sends files as downloads, which a headless
         # browser would save, not show)
         local = client.download_artifacts(version.run_id, "selprune/report.html", str(root))
-        report = _render(f"file://{local}", root / "profile", screenshot=f"{shots}/report.png" if shots else None)
+        report = render(f"file://{local}", root / "profile", screenshot=f"{shots}/report.png" if shots else None)
         assert "what was unlearned" in report and "What the models say" in report, report[-3000:]
         assert f"{metrics['forget_top1']:.4f}" in report and f"{metrics['retain_top1']:.4f}" in report
         assert "data:image/png;base64," in report

@@ -33,13 +33,19 @@ ROWS = (
 
 # --code-tasks: shares of the task sets (evaluation.functional), shown beside the token metrics
 FUNCTIONAL_ROWS = (
-    ("forget_code_pass_rate", "forget: Python tasks whose code passes its tests (of 40)"),
-    ("retain_cloze_accuracy", "retain: English cloze prompts answered exactly (of 40)"),
+    ("forget_code_pass_rate", "forget: Python tasks solved (the code passes its tests)"),
+    ("retain_cloze_accuracy", "retain: English cloze prompts answered"),
 )
+TASKS_PER_SET = 40  # evaluation.task_sets: each set has forty
 
 
 def _number(value) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def _of_tasks(share) -> str:
+    """A share of a task set as a person counts it: 30 of 40."""
+    return "–" if share is None else f"{round(share * TASKS_PER_SET)} of {TASKS_PER_SET}"
 
 
 def _change(drop) -> str:
@@ -100,7 +106,7 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
         if key in metrics:
             parent, control = metrics.get("parent_" + key), metrics.get("control_" + key)
             lines.append(
-                f"| {label} | {_number(parent)} | {_number(metrics[key])} | "
+                f"| {label} | {_of_tasks(parent)} | {_of_tasks(metrics[key])} | "
                 f"{_change(relative_drop(parent, metrics[key]) if parent is not None else None)} | "
                 f"{_change(relative_drop(parent, control) if None not in (parent, control) else None)} |"
             )
