@@ -191,3 +191,28 @@ def test_a_text_classifier_forgets_one_label_through_the_cli(classifier):
         env=env,
     )
     assert gated.returncode == 0, gated.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "drop,flag", [("label", "--label-column"), ("text", "--text-column")], ids=["no-label", "no-text"]
+)
+def test_labelled_text_without_its_column_is_refused_naming_the_flag(classifier, drop, flag):
+    """A table without the label (or text) column: one line naming the flag and the columns it has, exit 2,
+    before any run."""
+    from mlflow_helpers import invoke, registry_snapshot
+
+    rows = [{k: v for k, v in r.items() if k != drop} for r in _texts(40, seed=2)]
+    path = classifier["root"] / f"no-{drop}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    client = MlflowClient()
+    runs = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    before = registry_snapshot()
+    out = invoke(
+        "prune", "--model-uri", str(classifier["model"]), "--forget", str(path), "--forget-classes", "cooking",
+        "--no-register", "--no-progress",
+    )  # fmt: skip
+    assert out.exit_code == 2, out.output
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {flag}: DATA") and f"has no column '{drop}'" in line, line
+    assert registry_snapshot() == before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs

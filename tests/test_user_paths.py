@@ -458,6 +458,8 @@ def test_lineage_of_a_misspelled_name_gets_a_suggestion(store):
         (["--max-length", "1"], "--max-length"),
         (["--batch-size", "0"], "--batch-size"),
         (["--steps", "0"], "--steps"),
+        (["--samples", "-1"], "--samples"),
+        (["--sample-tokens", "0"], "--sample-tokens"),
     ],
 )
 def test_errors_name_the_flag_the_user_typed(store, args, flag):
