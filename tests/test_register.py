@@ -135,6 +135,13 @@ def test_a_model_directory_registers_as_a_verified_base_version(store, model_dir
     assert tags["selprune.source.source"] == str(model_dir.resolve())
     loaded = mlflow.transformers.load_model(f"models:/from-directory/{mv.version}", return_type="components")
     assert tags[lineage.WEIGHTS_SHA] == lineage.weights_sha256(loaded["model"])
+    # served as an unlearned version is: a request's max_new_tokens is honoured, greedy by default
+    signature = mlflow.models.get_model_info(f"models:/from-directory/{mv.version}").signature
+    assert {p.name: p.default for p in signature.params.params} == {
+        "max_new_tokens": 20,
+        "do_sample": False,
+        "temperature": 1.0,
+    }
 
     verified = invoke("lineage", f"models:/from-directory/{mv.version}", "--verify")
     assert verified.exit_code == 0, verified.output

@@ -83,7 +83,7 @@ def register_components(
     """Log a loaded model and its tokenizer (or image processor) and register it as a base version."""
     import mlflow
 
-    from .flavor import components, default_pip_requirements, model_card, task_for
+    from .flavor import components, default_pip_requirements, model_card, serving_options, task_for
     from .resolve import client
     from .tracking import job_run, record_lineage, register_version
 
@@ -98,12 +98,14 @@ def register_components(
             mlflow.log_params(extra_params)
         if extra_metrics:
             mlflow.log_metrics(extra_metrics)
+        task = task_for(model)
         info = mlflow.transformers.log_model(
             components(model, preprocessor),
             name="model",
-            task=task_for(model),
+            task=task,
             pip_requirements=default_pip_requirements(),
             model_card=model_card(model, license=license),
+            **serving_options(task),  # served like an unlearned version: greedy, honouring max_new_tokens
         )
         tags[lineage.RUN_ID] = run.info.run_id
         tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, info.model_uri)

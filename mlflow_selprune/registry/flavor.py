@@ -88,6 +88,14 @@ def signature_for(task: str):
     return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]), params=params)
 
 
+def serving_options(task: str) -> dict:
+    """What a served model of ``task`` needs to honour a request's params: for text generation, the signature
+    with ``max_new_tokens``/``do_sample``/``temperature`` and greedy defaults. Base versions get it too."""
+    if task != "text-generation":
+        return {}
+    return {"signature": signature_for(task), "model_config": dict(GENERATION_DEFAULTS)}
+
+
 def save_model(
     transformers_model,
     path,
@@ -108,9 +116,8 @@ def save_model(
         mlflow_model = Model()
     task = task or task_for(model)
     kwargs.setdefault("model_card", model_card(model))
-    if task == "text-generation":
-        kwargs.setdefault("signature", signature_for(task))
-        kwargs.setdefault("model_config", dict(GENERATION_DEFAULTS))
+    for key, value in serving_options(task).items():
+        kwargs.setdefault(key, value)
     mlflow.transformers.save_model(
         transformers_model,
         path,
