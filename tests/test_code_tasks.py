@@ -162,7 +162,7 @@ def test_a_prune_with_code_tasks_records_the_three_models_pass_rates_for_the_gat
     table = json.loads(Path(path).read_text())
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert len(rows) == 80 and rows[0]["item"] == TASKS[0]["task_id"] and rows[40]["item"] == PROMPTS[0]["prompt"]
-    passed = sum(r["unlearned"] == "passed" for r in rows[:40]) / 40
+    passed = sum(r["unlearned"].startswith("passed — ") for r in rows[:40]) / 40
     assert passed == run.data.metrics["forget_code_pass_rate"]
     parent_solved = round(40 * float(version.tags["selprune.metric.parent_forget_code_pass_rate"]))
     assert f"| forget: Python tasks solved (the code passes its tests) | {parent_solved} of 40 |" in version.description

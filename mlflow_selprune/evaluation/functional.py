@@ -58,7 +58,9 @@ def check_model(model, tokenizer) -> CheckedModel:
     return CheckedModel(
         code_pass_rate=pass_at_k["pass@1"],
         cloze_accuracy=cloze["exact_match"],
-        code_outcomes=[results[i][0][1]["result"] for i in range(len(TASKS))],
+        code_outcomes=[
+            f"{results[i][0][1]['result']} — {_gist(p, t)}" for i, (p, t) in enumerate(zip(programs, TASKS))
+        ],
         cloze_outcomes=[
             ("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)
         ],
@@ -114,6 +116,13 @@ def code_programs(model, tokenizer, tasks: list[dict]) -> list[str]:
         return [_first_code_block(answer) for answer in answers]
     completions = _generate(model, tokenizer, [t["prompt"] for t in tasks], CODE_TOKENS, stop=_left_function)
     return [t["prompt"] + _cut_at_stop_line(c) for t, c in zip(tasks, completions)]
+
+
+def _gist(program: str, task: dict) -> str:
+    """What the model wrote, on one line: the program without the task's own prompt, whitespace collapsed."""
+    body = program.removeprefix(task["prompt"])
+    text = " ".join(body.split())
+    return text[:120] + ("…" if len(text) > 120 else "")
 
 
 def _first_code_block(answer: str) -> str:
