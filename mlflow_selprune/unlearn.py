@@ -667,6 +667,8 @@ def run_evaluate(
     ``parent_model_uri`` when given, for the recovery figure); with ``evidence.code_tasks``, the Python tasks
     and the cloze prompts (of the parent too, when given).
     """
+    import mlflow
+
     from .registry import tracking, verify
     from .registry.resolve import resolve
 
@@ -685,8 +687,6 @@ def run_evaluate(
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     with tracking.job_run(run_name, "evaluate", enabled=_is_main(accelerator)) as run:
         if run is not None:
-            import mlflow
-
             mlflow.set_tag("selprune.evaluated_model_uri", resolved.canonical_uri)
             full_config = {
                 "data": data.to_dict(),
@@ -712,10 +712,7 @@ def run_evaluate(
                 )
             )
         if run is not None:
-            import mlflow
-
-            if evidence.code_tasks:
-                metrics.update(_code_tasks_only(model, parent_model, tokenizer))
+            metrics.update(_code_tasks_only(model, parent_model, tokenizer) if evidence.code_tasks else {})
             mlflow.log_metrics(tracking.finite(metrics))
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
 

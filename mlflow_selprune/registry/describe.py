@@ -48,6 +48,14 @@ def _of_tasks(share) -> str:
     return "–" if share is None else f"{round(share * TASKS_PER_SET)} of {TASKS_PER_SET}"
 
 
+def _task_row(key: str, label: str, metrics: dict) -> str:
+    """A task set's row: tasks solved by the parent and the unlearned model, and both changes."""
+    parent, ours, control = metrics.get("parent_" + key), metrics[key], metrics.get("control_" + key)
+    ours_change = None if parent is None else relative_drop(parent, ours)
+    control_change = None if parent is None or control is None else relative_drop(parent, control)
+    return f"| {label} | {_of_tasks(parent)} | {_of_tasks(ours)} | {_change(ours_change)} | {_change(control_change)} |"
+
+
 def _change(drop) -> str:
     """A relative drop as the change a reader expects: -33.3% for a drop of 0.333."""
     return "–" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else f"{-drop:+.1%}"
@@ -102,14 +110,7 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
             + " | ".join(_changes(metrics, side, name))
             + " |"
         )
-    for key, label in FUNCTIONAL_ROWS:
-        if key in metrics:
-            parent, control = metrics.get("parent_" + key), metrics.get("control_" + key)
-            lines.append(
-                f"| {label} | {_of_tasks(parent)} | {_of_tasks(metrics[key])} | "
-                f"{_change(relative_drop(parent, metrics[key]) if parent is not None else None)} | "
-                f"{_change(relative_drop(parent, control) if None not in (parent, control) else None)} |"
-            )
+    lines += [_task_row(key, label, metrics) for key, label in FUNCTIONAL_ROWS if key in metrics]
     lines.append("")
     evidence = [f"Selectivity (forget drop / retain drop): {_number(metrics.get('selectivity'))}"]
     if "control_selectivity" in metrics:
