@@ -165,7 +165,7 @@ def test_a_prune_with_code_tasks_records_the_three_models_pass_rates_for_the_gat
     passed = sum(r["unlearned"].startswith("passed — ") for r in rows[:40]) / 40
     assert passed == run.data.metrics["forget_code_pass_rate"]
     parent_solved = round(40 * float(version.tags["selprune.metric.parent_forget_code_pass_rate"]))
-    assert f"| forget: Python tasks solved (the code passes its tests) | {parent_solved} of 40 |" in version.description
+    assert f"| forget: Python tasks solved | {parent_solved} of 40 |" in version.description
     report = Path(client.download_artifacts(version.run_id, "selprune/report.html", str(store["root"] / "rep")))
     assert "Python tasks and English cloze prompts" in report.read_text()
 

@@ -33,8 +33,8 @@ ROWS = (
 
 # --code-tasks: shares of the task sets (evaluation.functional), shown beside the token metrics
 FUNCTIONAL_ROWS = (
-    ("forget_code_pass_rate", "forget: Python tasks solved (the code passes its tests)"),
-    ("retain_cloze_accuracy", "retain: English cloze prompts answered"),
+    ("forget_code_pass_rate", "forget: Python tasks solved"),
+    ("retain_cloze_accuracy", "retain: English prompts answered"),
 )
 TASKS_PER_SET = 40  # evaluation.task_sets: each set has forty
 
