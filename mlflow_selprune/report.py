@@ -136,6 +136,19 @@ def markdown_html(text: str) -> str:
     return "\n".join(out)
 
 
+def _cell(value) -> str:
+    """A table cell: text escaped, a PIL image as an inline PNG (the page stays self-contained)."""
+    import base64
+    import html
+    import io
+
+    if hasattr(value, "save") and hasattr(value, "resize"):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return f'<img alt="sample" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+    return html.escape(str(value))
+
+
 def html_report(
     *, title: str, description: str, plot_png: bytes, samples: dict | None, chain: list[str], checks: dict | None = None
 ) -> str:
@@ -162,7 +175,7 @@ def html_report(
                 "<table><tr>"
                 + "".join(f"<th>{c}</th>" for c in columns)
                 + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
+                + "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
                 + "</table>",
             ]
     parts += [

@@ -495,6 +495,29 @@ def test_served_vit_classifies_a_base64_png(vision_store, pruned_vit):
     assert labels and labels <= set(NAMES), answer
 
 
+@pytest.mark.slow
+def test_the_samples_table_shows_each_eval_image_beside_the_three_predictions(vision_store, pruned_vit, tmp_path):
+    """The image column: MLflow stores each image beside the table (a PNG the table view shows), the image the
+    model saw (enlarged, normalization undone); the report embeds the same pictures inline."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_selprune.registry.resolve import resolve
+
+    client = MlflowClient()
+    run_id = resolve(pruned_vit["uri"]).run_id
+    table = json.loads(Path(client.download_artifacts(run_id, "selprune/samples.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert rows and all(r["image"]["type"] == "image" for r in rows)
+    picture = Image.open(client.download_artifacts(run_id, rows[0]["image"]["filepath"], str(tmp_path)))
+    assert picture.size == (64, 64)  # the 8x8 eval image, each pixel 8x8
+    assert len(set(picture.getdata())) > 1  # a digit, not a blank square
+    assert all(r["parent"] in NAMES and r["unlearned"] in NAMES for r in rows)
+    report = Path(client.download_artifacts(run_id, "selprune/report.html", str(tmp_path))).read_text()
+    assert report.count('<td><img alt="sample" src="data:image/png;base64,') == len(rows)
+
+
 # ----------------------------------------------------------------------------- the vision demo
 
 

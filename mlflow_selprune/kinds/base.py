@@ -92,6 +92,11 @@ class ModelKind:
         """What a person sees as the example's input."""
         return preprocessor.decode(row["input_ids"][0], skip_special_tokens=True)
 
+    def sample_image(self, row: dict, preprocessor):
+        """The example as a picture (a PIL image) for the samples table, or None for a kind whose input is
+        text."""
+        return None
+
     def respond(self, model, rows: list[dict], preprocessor, masking, max_new_tokens: int) -> list[str]:
         """The model's answer to each example, in words."""
         raise NotImplementedError

@@ -59,5 +59,22 @@ class ImageClassifier(ModelKind):
     def prompt_text(self, row, preprocessor, masking):
         return f"an eval image of class {int(row['labels'][0])}"
 
+    def sample_image(self, row, preprocessor):
+        """The eval image as the model saw it: its pixel values with the processor's normalization and
+        rescaling undone, enlarged to at least 64 pixels a side (nearest neighbour) so a small one shows."""
+        import numpy as np
+        from PIL import Image
+
+        pixels = row["pixel_values"][0].float().numpy()  # channels, height, width
+        if getattr(preprocessor, "do_normalize", False):
+            mean = np.asarray(preprocessor.image_mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(preprocessor.image_std, dtype=np.float32).reshape(-1, 1, 1)
+            pixels = pixels * std + mean
+        scale = 1 / preprocessor.rescale_factor if getattr(preprocessor, "do_rescale", False) else 255.0
+        array = np.clip(pixels * scale, 0, 255).round().astype(np.uint8).transpose(1, 2, 0)
+        image = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+        factor = max(1, -(-64 // min(image.size)))
+        return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
     def respond(self, model, rows, preprocessor, masking, max_new_tokens):
         return self.predicted_classes(model, rows)
