@@ -339,24 +339,32 @@ def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
     examples a side (``evaluation.samples``); None with ``--samples 0``."""
     if not plan.evidence.samples:
         return None
-    from .engine import parent_restored, randomly_pruned
     from .evaluation.samples import sample_table
 
-    model, seed = loaded.model, plan.config.seed
     logger.info(
         "samples: what the parent, the unlearned model and the control answer (%d a side)", plan.evidence.samples
     )
-    control = (lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None
     return sample_table(
-        model,
+        loaded.model,
         {"forget": loaded.forget, "retain": loaded.retain},
         loaded.tokenizer,
         n=plan.evidence.samples,
-        seed=seed,
+        seed=plan.config.seed,
         max_new_tokens=plan.evidence.sample_tokens,
-        parent_view=lambda: parent_restored(model, result),
-        control_view=control,
+        **_views(plan, loaded, result),
     )
+
+
+def _views(plan: PrunePlan, loaded: Loaded, result) -> dict:
+    """``parent_view`` and ``control_view`` (None with ``--no-control``): context managers that turn the
+    unlearned model into its parent or into the random control, for the evidence measured on all three."""
+    from .engine import parent_restored, randomly_pruned
+
+    model, seed = loaded.model, plan.config.seed
+    return {
+        "parent_view": lambda: parent_restored(model, result),
+        "control_view": (lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None,
+    }
 
 
 def check_code_tasks(evidence: EvidenceOptions, model) -> None:
@@ -374,17 +382,10 @@ def check_code_tasks(evidence: EvidenceOptions, model) -> None:
 def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, dict]:
     """Execute, ``--code-tasks``: the Python tasks and the English cloze prompts on the parent, the unlearned
     model and the control (``evaluation.functional``); ``(metrics, table)``."""
-    from .engine import parent_restored, randomly_pruned
     from .evaluation.functional import functional_checks
 
-    model, seed = loaded.model, plan.config.seed
     logger.info("code tasks and cloze prompts: the parent, the unlearned model and the control")
-    return functional_checks(
-        model,
-        loaded.tokenizer,
-        parent_view=lambda: parent_restored(model, result),
-        control_view=(lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None,
-    )
+    return functional_checks(loaded.model, loaded.tokenizer, **_views(plan, loaded, result))
 
 
 def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict, result, tables) -> None:

@@ -161,7 +161,7 @@ def _metric_thresholds(thresholds: dict) -> dict[str, MetricThreshold]:
         wanted["relearn_recovery"] = MetricThreshold(
             threshold=thresholds["max_relearn_recovery"], greater_is_better=False
         )
-    if thresholds.get("max_code_pass_rate") is not None:
+    if thresholds["max_code_pass_rate"] is not None:
         wanted["forget_code_pass_rate"] = MetricThreshold(
             threshold=thresholds["max_code_pass_rate"], greater_is_better=False
         )
