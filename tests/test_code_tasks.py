@@ -160,6 +160,7 @@ def test_a_prune_with_code_tasks_records_the_three_models_pass_rates_for_the_gat
         assert all(0 <= v <= 1 for v in history.values())
     path = client.download_artifacts(version.run_id, CHECKS_ARTIFACT, str(store["root"] / "checks"))
     table = json.loads(Path(path).read_text())
+    assert table["columns"] == ["check", "item", "parent", "unlearned", "control"]
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     assert len(rows) == 80 and rows[0]["item"] == TASKS[0]["task_id"] and rows[40]["item"] == PROMPTS[0]["prompt"]
     passed = sum(r["unlearned"].startswith("passed — ") for r in rows[:40]) / 40

@@ -45,7 +45,7 @@ class CheckedModel:
 
 def check_model(model, tokenizer) -> CheckedModel:
     """Both checks on ``model`` as it is now."""
-    from ..evaluation.packaged import packaged_metric
+    from .packaged import packaged_metric
     from .task_sets.english_cloze import PROMPTS
     from .task_sets.python_functions import TASKS
 
@@ -70,9 +70,9 @@ def check_model(model, tokenizer) -> CheckedModel:
 def functional_checks(model, tokenizer, parent_view, control_view=None) -> tuple[dict, dict]:
     """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate`` and ``..retain_cloze_accuracy``, and
     the table of outcomes per task and prompt (check | item | parent | unlearned | control)."""
-    checked = {"unlearned": check_model(model, tokenizer)}
     with parent_view():
-        checked["parent"] = check_model(model, tokenizer)
+        checked = {"parent": check_model(model, tokenizer)}  # the table's columns in this order
+    checked["unlearned"] = check_model(model, tokenizer)
     if control_view is not None:
         with control_view():
             checked["control"] = check_model(model, tokenizer)
