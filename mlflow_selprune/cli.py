@@ -107,6 +107,9 @@ def _no_progress_bars(no_progress: bool) -> bool:
     return not no_progress
 
 
+NO_PROGRESS = click.option("--no-progress", is_flag=True, help="No progress bars (the libraries' included).")
+
+
 def no_progress_option(func):
     """``--no-progress`` on a command without data options (downloads, weights loading: the libraries' bars)."""
 
@@ -115,7 +118,7 @@ def no_progress_option(func):
         _no_progress_bars(no_progress)
         return func(*args, **kwargs)
 
-    return click.option("--no-progress", is_flag=True, help="No progress bars (the libraries' included).")(wrapper)
+    return NO_PROGRESS(wrapper)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -241,7 +244,7 @@ def data_options(func):
         ),
         click.option("--trust-remote-code", is_flag=True, help="Allow model code from the source (off by default)."),
         click.option("--run-name", default=None, help="MLflow run name."),
-        click.option("--no-progress", is_flag=True, help="No progress bars."),
+        NO_PROGRESS,
         click.option(
             "--num-processes",
             type=int,
@@ -838,7 +841,7 @@ def register(source, name, alias):
     help="The real-model demo: run the 40 Python tasks and 40 cloze prompts on the three models and gate on "
     "the pass rate (default: on; about a minute on 2 cores).",
 )
-@click.option("--no-progress", is_flag=True, help="No progress bars (the libraries' included).")
+@NO_PROGRESS
 @handle_errors
 def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, code_tasks, no_progress):
     """Offline end to end: register SmolLM2-135M, unlearn Python while keeping English, gate, promote.

@@ -90,6 +90,7 @@ def run_demo(
     from .unlearn import run_prune
 
     start = time.monotonic()
+    checks = recipe.evidence.code_tasks and code_tasks  # measured and gated together
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
     # Under `mlflow run`, the project's run is the parent of the demo's runs.
@@ -106,7 +107,7 @@ def run_demo(
             recipe.retain,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            evidence=dataclasses.replace(recipe.evidence, code_tasks=recipe.evidence.code_tasks and code_tasks),
+            evidence=dataclasses.replace(recipe.evidence, code_tasks=checks),
             progress=progress,
         )
         return summarize_and_gate(
@@ -115,7 +116,7 @@ def run_demo(
             min_forget_drop=MIN_FORGET_DROP,
             max_retain_drop=MAX_RETAIN_DROP,
             min_selectivity=MIN_SELECTIVITY,
-            max_code_pass_rate=MAX_CODE_PASS_RATE if code_tasks else None,
+            max_code_pass_rate=MAX_CODE_PASS_RATE if checks else None,
             start=start,
         )
 
