@@ -140,6 +140,8 @@ def test_mlflow_run_runs_the_tiny_demo(tmp_path):
         (["--tiny", "--vision"], "choose one"),
         (["--vision", "--train-steps", "-3"], "--train-steps must be an integer >= 1"),
         (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
+        (["--tiny", "--no-code-tasks"], "apply to the real-model demo"),
+        (["--vision", "--code-tasks"], "apply to the real-model demo"),
     ],
 )
 def test_bad_demo_options_exit_2_before_anything_is_written(tmp_path, monkeypatch, args, message):
