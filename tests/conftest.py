@@ -139,6 +139,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    from system_tools import missing_tool_lines
+
+    skipped = terminalreporter.stats.get("skipped", [])
+    for line in missing_tool_lines(getattr(r, "longrepr", "") for r in skipped):
+        terminalreporter.write_line(line)
     if _LANES["start"] is None:
         return
     now = time.monotonic()

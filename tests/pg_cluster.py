@@ -180,16 +180,13 @@ def backend_store_uri(request, backend: str) -> str | None:
 
 def start_or_report() -> PostgresCluster:
     """A running cluster, or the pytest outcome for none: a failure under CI, a skip with the reason elsewhere."""
-    import pytest
-
     try:
         cluster = PostgresCluster()
         return cluster.start()
     except (PostgresUnavailable, OSError, subprocess.TimeoutExpired) as exc:
-        reason = f"PostgreSQL could not be started: {exc}"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(reason + " (CI needs it: .ci/run installs and checks PostgreSQL)", pytrace=False)
-        pytest.skip(reason)
+        from system_tools import missing
+
+        missing("PostgreSQL", f"a cluster could not be started: {exc}")
 
 
 if __name__ == "__main__":
