@@ -98,14 +98,27 @@ def plot_pruning(result, metrics: dict, path: Path) -> Path:
 
 
 def markdown_html(text: str) -> str:
-    """The description's Markdown (paragraphs, **bold**, `code`, one table, headings, list items) as HTML."""
+    """The description's Markdown (paragraphs, **bold**, `code`, one table, headings, list items) as HTML.
+
+    A code span is closed only by a backtick run as long as its opening one (``describe.code`` fences user text
+    that way), and what it holds is shown as text: no bold inside it."""
     import html
     import re
 
+    code_span = re.compile(r"(?<!`)(`+)(?!`)(.+?)(?<!`)\1(?!`)")
+
+    def bold(text: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
     def inline(line: str) -> str:
-        line = html.escape(line)
-        line = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", line)
-        return re.sub(r"`(.+?)`", r"<code>\1</code>", line)
+        out, start = [], 0
+        for match in code_span.finditer(line):
+            content = match.group(2)
+            if len(content) > 1 and content[0] == content[-1] == " " and content.strip():
+                content = content[1:-1]  # the padding around text that begins or ends with a backtick
+            out += [bold(line[start : match.start()]), f"<code>{html.escape(content)}</code>"]
+            start = match.end()
+        return "".join(out) + bold(line[start:])
 
     out, table, items = [], [], []
     for line in [*text.splitlines(), ""]:

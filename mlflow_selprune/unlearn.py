@@ -5,11 +5,14 @@ paths, the model URI, and on a tracking server the user's EDIT permission on
 the registered model the version goes to) → load the parent and the data → open the MLflow run →
 prune (steps logged live) → the random control and the relearning check →
 log the model and artifacts → anchor the lineage tags in the run (an
-artifact and an immutable param) → register the version with all of its
-lineage tags in one request → move the alias. Anything that fails before
-the run opens writes nothing; anything after it leaves a FAILED run and no version
-(a registration the server refuses for lack of permission deletes that run
-and its logged model, or names them where the server refuses that too).
+artifact and an immutable param) → the description and ``report.html`` →
+register the version with all of its lineage tags and its description in one
+request → move the alias. Anything that fails before the run opens writes
+nothing; anything after it leaves a FAILED run and no version (a registration
+the server refuses for lack of permission deletes that run and its logged
+model, or names them where the server refuses that too). Once the version
+exists it is complete: what follows (the alias, its number in its
+description) is a warning naming it, and the job succeeds.
 """
 
 from __future__ import annotations
@@ -388,23 +391,49 @@ def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, 
     return functional_checks(loaded.model, loaded.tokenizer, **_views(plan, loaded, result))
 
 
-def _describe(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict, result, tables) -> None:
-    """What a person reads: the version's and run's description, the HTML report, the run named after the
-    version it made."""
+def _describe(plan: PrunePlan, run_id: str, tags: dict, metrics: dict, result, tables, model_uri: str) -> str:
+    """What a person reads, written before the version exists (so nothing that can fail is left for after it):
+    the description the version is created with, the run's note and ``selprune/report.html``. The version's
+    number is not known yet: they call it ``models:/NAME/<this version>``, the report's lineage starts with the
+    logged model (the files the version will point at), and ``_number_the_version`` writes the number in."""
     import mlflow
 
     from .registry import describe, lineage
 
+    description = describe.version_markdown(_unnumbered(plan), tags, metrics, plan.full_config())
+    mlflow.set_tag("mlflow.note.content", description)
+    _log_report(
+        f"{_unnumbered(plan)}: what was unlearned",
+        description,
+        result,
+        metrics,
+        tables,
+        [model_uri, plan.parent.canonical_uri, tags[lineage.ROOT]],
+    )
+    return description
+
+
+def _unnumbered(plan: PrunePlan) -> str:
+    return f"models:/{plan.target_name}/<this version>"
+
+
+def _number_the_version(plan: PrunePlan, registered: str, run_id: str, tags: dict, metrics: dict) -> None:
+    """Once the version exists: its number into its description, the run's note and the run's name. The
+    version is complete without them, so a failure here is a warning naming it."""
+    import mlflow
+
+    from .registry import describe
+    from .registry.tracking import after_registration
+
     name, version = registered.removeprefix("models:/").rsplit("/", 1)
-    description = describe.version_markdown(registered, tags, metrics, plan.full_config())
-    describe.write(name, version, run_id, description)
-    _log_report(registered, description, result, metrics, tables, [plan.parent.canonical_uri, tags[lineage.ROOT]])
+    describe.write(name, version, run_id, describe.version_markdown(registered, tags, metrics, plan.full_config()))
     active = mlflow.active_run()
     if plan.run_name is None and active is not None and active.info.run_name == plan.default_run_name():
-        mlflow.set_tag("mlflow.runName", plan.default_run_name(version))  # now that the version is known
+        named = plan.default_run_name(version)
+        after_registration(registered, f"name its run {named!r}", lambda: mlflow.set_tag("mlflow.runName", named))
 
 
-def _log_report(uri: str, description: str, result, metrics: dict, tables: dict, ancestors: list[str]):
+def _log_report(title: str, description: str, result, metrics: dict, tables: dict, chain: list[str]):
     """``selprune/report.html``: the description, the frontier with the control, the tables and the chain."""
     import tempfile
     from pathlib import Path
@@ -415,15 +444,14 @@ def _log_report(uri: str, description: str, result, metrics: dict, tables: dict,
 
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_pruning(result, metrics, Path(tmp) / "plot.png").read_bytes()
-    chain = [uri] + [a for i, a in enumerate(ancestors) if a not in ancestors[:i] and a != uri]
     mlflow.log_text(
         html_report(
-            title=f"{uri}: what was unlearned",
+            title=title,
             description=description,
             plot_png=plot,
             samples=tables.get(SAMPLES_ARTIFACT),
             checks=tables.get(CHECKS_ARTIFACT),
-            chain=chain,
+            chain=[uri for i, uri in enumerate(chain) if uri not in chain[:i]],
         ),
         "selprune/report.html",
     )
@@ -433,7 +461,9 @@ def publish(
     plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, phases: "_Phases", tables: dict | None = None
 ) -> UnlearnResult:
     """Publish: log the model and the evidence, the manifest, the lineage tags (anchored), the signed
-    attestation, then register the version and move the alias."""
+    attestation, the description and the report, then register the version (with its tags and description in
+    one request) and move the alias. Whatever fails before the version exists leaves no version; whatever
+    follows it is a warning naming it."""
     import mlflow
 
     from .registry import attest, lineage, manifest, tracking
@@ -488,8 +518,9 @@ def publish(
     mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
     registered = None
     if plan.target_name:
-        registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias)
-        _describe(plan, registered, run_id, tags, metrics, result, tables)
+        description = _describe(plan, run_id, tags, metrics, result, tables, model_info.model_uri)
+        registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias, description)
+        _number_the_version(plan, registered, run_id, tags, metrics)
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
@@ -835,6 +866,7 @@ def run_materialize(
             tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
                 run.info.run_id, model_info.model_uri, tags, parent_manifest, signer
             )
-        registered = tracking.register(model_info, target, run.info.run_id, tags, alias)
-        describe.write(target, registered.rsplit("/", 1)[1], run.info.run_id, describe.materialized(resolved))
+        description = describe.materialized(resolved)
+        mlflow.set_tag("mlflow.note.content", description)  # before the version, which is created with it
+        registered = tracking.register(model_info, target, run.info.run_id, tags, alias, description)
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

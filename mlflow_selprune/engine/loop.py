@@ -88,12 +88,13 @@ def prune(
     bar = tqdm(total=config.n_steps, desc="pruning", unit="step", disable=not show)
     for step in range(1, config.n_steps + 1):
         _say(run, f"step {step}{'' if config.budget_mode else f' of {config.n_steps}'}: scoring neurons, pruning")
-        record, chosen, undos, exhausted = _step(run, step, evaluate_fn)
+        record, chosen, undos, exhausted, scores = _step(run, step, evaluate_fn)
         if config.budget_mode:
             record["forget_drop"], record["retain_drop"] = _budget_drops(config, baseline, record["metrics"])
             if config.max_retain_drop is not None and record["retain_drop"] > config.max_retain_drop:
                 stop_reason = _roll_back(run, record, chosen, undos)
                 break
+        run.last_scores.update(scores)  # only a kept step's: the saved scores describe the masks applied
         run.records.append(record)
         run.kept_undos.extend(undos)
         latest_metrics = record.get("metrics", latest_metrics)
@@ -186,11 +187,11 @@ def _baseline(run: _Pruning, evaluate_fn, on_step) -> dict:
 
 
 def _step(run: _Pruning, step: int, evaluate_fn):
-    """One step: prune, record, and evaluate when due; ``(record, chosen, undos, exhausted)``. The last state
-    (no neurons left) is measured whatever --eval-every says."""
+    """One step: prune, record, and evaluate when due; ``(record, chosen, undos, exhausted, scores)``. The last
+    state (no neurons left) is measured whatever --eval-every says."""
     config = run.config
     step_start = time.perf_counter()
-    chosen, thresholds, undos, collect_seconds = _prune_step(run, step)
+    chosen, thresholds, undos, collect_seconds, scores = _prune_step(run, step)
     record = _step_record(step, chosen, thresholds, run.masks, run.dead, collect_seconds)
     exhausted = not any(chosen[k].any() for k in KINDS)
     due = config.budget_mode or step % config.eval_every == 0 or step == config.n_steps or exhausted
@@ -199,7 +200,7 @@ def _step(run: _Pruning, step: int, evaluate_fn):
         record["metrics"] = dict(evaluate_fn(run.model))
         record["seconds_evaluate"] = round(time.perf_counter() - eval_start, 3)
     record["seconds"] = round(time.perf_counter() - step_start, 3)
-    return record, chosen, undos, exhausted
+    return record, chosen, undos, exhausted, scores
 
 
 def _roll_back(run: _Pruning, record: dict, chosen: dict, undos: list) -> str:
@@ -252,10 +253,11 @@ def _result(run: _Pruning, baseline: dict, latest_metrics: dict, stop_reason: st
 
 def _prune_step(run: _Pruning, step: int):
     """Collect, score, select (among neurons neither pruned by this run nor dead before it) and zero one step's
-    neurons; masks are updated in place, and ``parent_means`` keeps the first step's mean offsets."""
+    neurons; masks are updated in place, and ``parent_means`` keeps the first step's mean offsets. The step's
+    scores are returned, not kept: the caller keeps them once the step is (a budget may roll it back)."""
     config, arch = run.config, run.arch
     forget_stats, retain_stats, collect_seconds = _collect_both(run, step)
-    chosen, thresholds, undos = {}, {}, []
+    chosen, thresholds, undos, step_scores = {}, {}, [], {}
     for kind in KINDS:
         if kind not in run.kinds:
             chosen[kind] = torch.zeros(arch.shape(kind), dtype=torch.bool)
@@ -267,7 +269,7 @@ def _prune_step(run: _Pruning, step: int):
             eps=config.eps(kind),
             seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
         ).cpu()
-        run.last_scores[kind] = scores
+        step_scores[kind] = scores
         chosen[kind] = select(scores, run.masks[kind] | run.dead[kind], config.frac(kind), selection=config.selection)
         thresholds[kind] = float(scores[chosen[kind]].min()) if chosen[kind].any() else None
         offset = None
@@ -278,7 +280,7 @@ def _prune_step(run: _Pruning, step: int):
         undos.append(prune_neurons(arch, kind, chosen[kind], mean_offset=offset))
     for kind in KINDS:
         run.masks[kind] |= chosen[kind]
-    return chosen, thresholds, undos, collect_seconds
+    return chosen, thresholds, undos, collect_seconds, step_scores
 
 
 def _step_record(step, chosen, thresholds, masks, dead, collect_seconds) -> dict:

@@ -53,11 +53,15 @@ def kind_of_class(class_name: str) -> str:
         return kind
     from ..errors import BadInputError
 
-    heads = ", ".join(f"{k.name}: *{k.class_suffixes[0]}" for k in REGISTERED)
     raise BadInputError(
-        f"{class_name} is not a model kind selective pruning measures here ({heads}); load the model with one "
-        "of those heads"
+        f"{class_name} is not a model kind selective pruning measures here ({supported_heads()}); load the model "
+        "with one of those heads"
     )
+
+
+def supported_heads() -> str:
+    """The kinds and the head classes each takes, for the line that refuses any other head."""
+    return ", ".join(f"{k.name}: {' or '.join('*' + s for s in k.class_suffixes)}" for k in REGISTERED)
 
 
 def kind_of(model) -> ModelKind:
@@ -72,10 +76,14 @@ def model_kind(model) -> str:
 
 def kind_for_architectures(architectures: Sequence[str]) -> ModelKind:
     """The kind a saved model loads as, from its config's ``architectures``: the first registered kind any of
-    them matches; a config naming none (or none known) loads as a causal LM, whose head is then checked."""
+    them matches. A config naming only other heads (a token classifier, ...) is refused in one line before
+    anything loads: loaded as a causal LM it would be scored with a freshly initialized head. A config naming
+    no class loads as a causal LM; its checkpoint must then fill that class (``registry.loading``)."""
     for kind in REGISTERED:
         if any(kind.matches(name) for name in architectures):
             return kind
+    if architectures:
+        kind_of_class(architectures[0])  # raises: the line that names the supported kinds
     return BY_NAME[CausalLM.name]
 
 
@@ -94,4 +102,5 @@ __all__ = [
     "kind_of_class",
     "known_kind",
     "model_kind",
+    "supported_heads",
 ]

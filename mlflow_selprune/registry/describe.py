@@ -8,12 +8,19 @@ the selectivity, the relearning recovery when measured, and the command that
 verifies it all. The run gets the same text as its description. Every gate
 decision appends one line to the version's description (bounded: the newest
 ``MAX_GATE_LINES``; the full record stays in its tag or artifact).
+
+Every user-supplied string (DATA specs, paths, names, the user) is shown in a
+code span it cannot close, with its line breaks written as escapes
+(``code``): it never renders as Markdown and never starts a line, so the gate
+heading (a line of its own) and the decision lines under it cannot be forged
+by data.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 
 from ..evaluation.drops import relative_drop
 from . import lineage
@@ -37,6 +44,29 @@ FUNCTIONAL_ROWS = (
     ("retain_cloze_accuracy", "retain: English prompts answered"),
 )
 TASKS_PER_SET = 40  # evaluation.task_sets: each set has forty
+
+
+def code(value) -> str:
+    """``value`` as a Markdown code span that shows it verbatim: fenced by more backticks than any run inside
+    (so it cannot close early), every character that is not printable (line breaks included) as an escape (so
+    it cannot start a line), padded where it begins or ends with a backtick or a space."""
+    text = "".join(
+        ch if ch.isprintable() else (f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        for ch in str(value)
+    )
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if not text or text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def split_gate_section(text: str) -> tuple[str, list[str]]:
+    """``(the description above its gate heading, the decision lines under it)``. The heading is the last line
+    that is exactly ``GATE_HEADING``: a whole line, which no user string (always inside one line) can make."""
+    lines = text.splitlines()
+    marks = [i for i, line in enumerate(lines) if line == GATE_HEADING]
+    if not marks:
+        return text, []
+    return "\n".join(lines[: marks[-1]]), [line for line in lines[marks[-1] + 1 :] if line.startswith("- ")]
 
 
 def _number(value) -> str:
@@ -80,7 +110,7 @@ def _recipe(config: dict) -> str:
         steps = f"{prune.get('steps') or 1} step(s)"
     return (
         f"{steps} of {prune.get('ff_frac', 0):.1%} feed-forward and {prune.get('attn_frac', 0):.1%} attention "
-        f"neurons, scored by `{prune.get('scoring')}`; {data.get('collect_tokens')} collect and "
+        f"neurons, scored by {code(prune.get('scoring'))}; {data.get('collect_tokens')} collect and "
         f"{data.get('eval_tokens')} eval tokens a side"
     )
 
@@ -89,10 +119,10 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
     """The description of an unlearned version ``uri`` from its lineage ``tags``, ``metrics`` and ``config``."""
     t = tags
     lines = [
-        f"**Unlearned by selective pruning.** From `{t.get(lineage.PARENT)}`, the capability shown by "
-        f"`{t.get(lineage.FORGET_DATA)}` (forget data, digest `{str(t.get(lineage.FORGET_DIGEST))[:12]}`) was "
-        f"removed while keeping `{t.get(lineage.RETAIN_DATA)}` (retain data, digest "
-        f"`{str(t.get(lineage.RETAIN_DIGEST))[:12]}`).",
+        f"**Unlearned by selective pruning.** From {code(t.get(lineage.PARENT))}, the capability shown by "
+        f"{code(t.get(lineage.FORGET_DATA))} (forget data, digest {code(str(t.get(lineage.FORGET_DIGEST))[:12])}) "
+        f"was removed while keeping {code(t.get(lineage.RETAIN_DATA))} (retain data, digest "
+        f"{code(str(t.get(lineage.RETAIN_DIGEST))[:12])}).",
         "",
         f"Recipe: {_recipe(config)}. Removed {t.get(lineage.FF_PRUNED)} feed-forward and "
         f"{t.get(lineage.ATTN_PRUNED)} attention neurons ({t.get(lineage.FF_PRUNED_TOTAL)} and "
@@ -120,7 +150,8 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
     lines += [
         "; ".join(evidence) + ".",
         "",
-        f"Verify it: `mlflow-selprune lineage {uri} --verify` (add `--trusted-key PUB.pem` to require signatures).",
+        f"Verify it: {code(f'mlflow-selprune lineage {uri} --verify')} (add `--trusted-key PUB.pem` to require "
+        "signatures).",
         "",
         GATE_HEADING,
         "",
@@ -137,41 +168,38 @@ def materialized(delta) -> str:
         source = client().get_model_version(delta.registered_name, delta.version).description or ""
     except Exception:  # noqa: BLE001 - the description is for people
         source = ""
-    body = source.split(GATE_HEADING)[0].rstrip()
+    body = split_gate_section(source)[0].rstrip()
     return (
-        f"**Materialized** from the delta version `{delta.canonical_uri}`: the same model, stored whole.\n\n"
+        f"**Materialized** from the delta version {code(delta.canonical_uri)}: the same model, stored whole.\n\n"
         f"{body}\n\n{GATE_HEADING}\n\nNot gated yet."
     )
 
 
 def write(name: str, version: str, run_id: str, text: str) -> None:
-    """The version's and the run's description; a refusal leaves the (complete) version as it is, with a warning."""
+    """The version's and the run's description, once the version exists: a refusal leaves the (complete)
+    version as it is, with a warning naming it."""
     from .resolve import client
+    from .tracking import after_registration
 
-    try:
+    def update():
         client().update_model_version(name, version, description=text)
         client().set_tag(run_id, "mlflow.note.content", text)
-    except Exception as exc:  # noqa: BLE001 - the description is for people; the version is already complete
-        logger.warning(
-            "could not write the description of %s version %s: %s",
-            name,
-            version,
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        )
+
+    after_registration(f"models:/{name}/{version}", "write its description", update)
 
 
 def gate_line(record: dict, thresholds: dict) -> str:
     """One line for a gate decision: when, the thresholds, the verdict, the alias, the user, the signature."""
     given = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in thresholds.items() if v is not None and k != "metric")
     alias = (
-        f"; @{record['alias_moved']} moved here"
+        f"; {code('@' + record['alias_moved'])} moved here"
         if record.get("alias_moved")
-        else (f"; @{record['alias_requested']} not moved" if record.get("alias_requested") else "")
+        else (f"; {code('@' + record['alias_requested'])} not moved" if record.get("alias_requested") else "")
     )
     signed = "; signed" if record.get("attestation_sha256") else ""
     return (
         f"- {record['time'][:19].replace('T', ' ')} UTC: **{record['verdict']}** ({given}, metric "
-        f"{thresholds.get('metric')}) by {record.get('user')}{alias}{signed}"
+        f"{thresholds.get('metric')}) by {code(record.get('user'))}{alias}{signed}"
     )
 
 
@@ -181,8 +209,8 @@ def append_gate_line(name: str, version: str, line: str) -> None:
 
     try:
         current = client().get_model_version(name, version).description or ""
-        head, _, past = current.partition(GATE_HEADING)
-        decisions = [entry for entry in past.splitlines() if entry.startswith("- ")][-(MAX_GATE_LINES - 1) :]
+        head, past = split_gate_section(current)
+        decisions = past[-(MAX_GATE_LINES - 1) :]
         text = f"{head.rstrip()}\n\n{GATE_HEADING}\n\n" + "\n".join([*decisions, line])
         client().update_model_version(name, version, description=text.lstrip())
     except Exception as exc:  # noqa: BLE001 - the decision is recorded in its tag; this line is for people

@@ -76,14 +76,46 @@ def load_components(
         kwargs["dtype"] = _dtype(dtype)
     if device == "auto":
         kwargs["device_map"] = "auto"
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_not_the_load_report)  # require_all_weights says what it tells, in one line
     try:
-        model = kind.auto_class(architectures).from_pretrained(model_dir, **kwargs)
+        model, loading_info = kind.auto_class(architectures).from_pretrained(
+            model_dir, output_loading_info=True, **kwargs
+        )
     except ValueError as exc:
         raise BadInputError(f"'{resolved.uri}' cannot be loaded as a {kind.name}: {str(exc).splitlines()[0]}") from None
+    finally:
+        report.removeFilter(_not_the_load_report)
+    require_all_weights(loading_info, resolved.uri, type(model).__name__)
     if device not in (None, "auto"):
         model.to(torch.device(device))
     model.eval()
     return model, kind.load_preprocessor(preprocessor_dir, trust_remote_code)
+
+
+def _not_the_load_report(record: logging.LogRecord) -> bool:
+    """transformers' table of the weights a checkpoint lacks or adds (its "LOAD REPORT"), logged as it loads."""
+    return record.module != "loading_report"
+
+
+def require_all_weights(loading_info: dict, uri: str, class_name: str) -> None:
+    """Refuse a checkpoint that does not fill the class it loads as (weights missing, extra or of another
+    shape): transformers would initialize the rest at random, and a random head scores like a real one."""
+    from ..kinds import supported_heads
+
+    found = {
+        "missing": loading_info.get("missing_keys"),
+        "unexpected": loading_info.get("unexpected_keys"),
+        "of another shape": [k[0] if isinstance(k, tuple) else k for k in loading_info.get("mismatched_keys") or ()],
+        "not loaded": [str(m).splitlines()[0] for m in loading_info.get("error_msgs") or () if str(m)],
+    }
+    problems = [f"{what}: {', '.join(sorted(map(str, keys))[:3])}" for what, keys in found.items() if keys]
+    if problems:
+        raise BadInputError(
+            f"'{uri}': its saved weights do not match {class_name} ({'; '.join(problems)}); refusing to "
+            f"initialize any at random: save the model whole, with a head selective pruning measures "
+            f"({supported_heads()})"
+        )
 
 
 def _rebuild_registered_delta(resolved, path, device, dtype, trust_remote_code, depth):

@@ -375,29 +375,56 @@ def record_lineage(run_id: str, tags: dict) -> None:
     client().log_param(run_id, lineage.LINEAGE_PARAM, digest)
 
 
-def register_version(model_uri: str, name: str, tags: dict):
-    """``mlflow.register_model`` without its own lines on stderr ("Successfully registered model", "Created
-    version"): the command says what it registers and prints the new version itself."""
-    from mlflow.utils import logging_utils
+def register_version(model_uri: str, name: str, tags: dict, description: str | None = None):
+    """Create a version of ``name`` from ``model_uri`` with all of its tags and its description in one request.
 
-    was = logging_utils.MLFLOW_LOGGING_STREAM.enabled
-    logging_utils.disable_logging()
+    What ``mlflow.register_model`` does, with the description it cannot take and without its own lines on
+    stderr ("Successfully registered model", "Created version"): the command says what it registers and
+    prints the new version itself. Linking the logged model to the new version comes after it exists: a
+    failure there is a warning naming the version."""
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
     try:
-        return mlflow.register_model(model_uri, name, tags=tags)
-    finally:
-        if was:
-            logging_utils.enable_logging()
+        client().create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    logged = model_uri.removeprefix("models:/")
+    model_id = logged if model_uri.startswith("models:/m-") and "/" not in logged else None
+    mv = client().create_model_version(name, model_uri, tags=tags, description=description, model_id=model_id)
+    if model_id is not None:
+
+        def link():
+            linked = json.loads(client().get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+            versions = linked + [{"name": mv.name, "version": mv.version}]
+            client().set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
+
+        after_registration(f"models:/{mv.name}/{mv.version}", f"link logged model {model_id} to it", link)
+    return mv
 
 
-def register(model_info, name: str, run_id: str, tags: dict, alias: str | None) -> str:
-    """Record the lineage in the run, create the version with all of its tags in one request (or find this
-    run's), then move the alias."""
+def after_registration(model_uri: str, what: str, action) -> bool:
+    """Run ``action``, a step after the version exists: the version is complete without it, so a failure is a
+    warning naming the version (the job still succeeds), never an error that would hide it."""
+    try:
+        action()
+        return True
+    except Exception as exc:  # noqa: BLE001 - the version stands; say what is missing and go on
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        logger.warning("%s is registered and complete, but could not %s: %s", model_uri, what, reason)
+        return False
+
+
+def register(model_info, name: str, run_id: str, tags: dict, alias: str | None, description: str | None = None) -> str:
+    """Record the lineage in the run, create the version with all of its tags and its description in one
+    request (or find this run's), then move the alias: from there on a failure is a warning naming the version."""
     record_lineage(run_id, tags)
     mv = existing_version(name, run_id)
     if mv is None:
         logger.info("registering a new version of '%s' with its lineage tags", name)
         try:
-            mv = register_version(model_info.model_uri, name, tags)
+            mv = register_version(model_info.model_uri, name, tags, description)
         except mlflow.exceptions.MlflowException as exc:
             if not permission_denied(exc):
                 raise
@@ -405,7 +432,15 @@ def register(model_info, name: str, run_id: str, tags: dict, alias: str | None) 
     else:
         logger.info("run %s already registered %s version %s; not registering again", run_id, name, mv.version)
     model_uri = f"models:/{mv.name}/{mv.version}"
-    mlflow.set_tag(lineage.PREFIX + "registered_model_uri", model_uri)
+    after_registration(
+        model_uri,
+        f"tag run {run_id} with it",
+        lambda: mlflow.set_tag(lineage.PREFIX + "registered_model_uri", model_uri),
+    )
     if alias:
-        client().set_registered_model_alias(mv.name, alias, mv.version)
+        after_registration(
+            model_uri,
+            f"move @{alias} to it (move it with MlflowClient().set_registered_model_alias)",
+            lambda: client().set_registered_model_alias(mv.name, alias, mv.version),
+        )
     return model_uri
