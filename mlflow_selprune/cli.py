@@ -408,7 +408,7 @@ def prune(**kw):
 @click.option("--forget", required=True)
 @click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes).")
 @click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
-@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks"))
+@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks", "allow_unsandboxed_code"))
 @config_options(PruneConfig, only=("seed",))
 @data_options
 @handle_errors
@@ -841,9 +841,25 @@ def register(source, name, alias):
     help="The real-model demo: run the 40 Python tasks and 40 cloze prompts on the three models and gate on "
     "the pass rate (default: on; about a minute on 2 cores).",
 )
+@click.option(
+    "--allow-unsandboxed-code",
+    is_flag=True,
+    help="The real-model demo where bubblewrap is not available: run its generated Python without the sandbox.",
+)
 @NO_PROGRESS
 @handle_errors
-def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, code_tasks, no_progress):
+def demo(
+    tiny,
+    vision,
+    seed,
+    train_steps,
+    retrain,
+    collect_tokens,
+    eval_tokens,
+    code_tasks,
+    allow_unsandboxed_code,
+    no_progress,
+):
     """Offline end to end: register SmolLM2-135M, unlearn Python while keeping English, gate, promote.
 
     --tiny trains a small LM here instead; --vision a ViT that forgets one handwritten digit.
@@ -853,8 +869,11 @@ def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, 
     _no_progress_bars(no_progress)
     if tiny and vision:
         raise ConfigError("--tiny and --vision are two demos; choose one")
-    if code_tasks is not None and (tiny or vision):
-        raise ConfigError("--code-tasks/--no-code-tasks apply to the real-model demo (mlflow-selprune demo)")
+    if (code_tasks is not None or allow_unsandboxed_code) and (tiny or vision):
+        raise ConfigError(
+            "--code-tasks/--no-code-tasks and --allow-unsandboxed-code apply to the real-model demo "
+            "(mlflow-selprune demo)"
+        )
     if vision:
         if collect_tokens is not None or eval_tokens is not None:
             raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
@@ -885,6 +904,7 @@ def demo(tiny, vision, seed, train_steps, retrain, collect_tokens, eval_tokens, 
             collect_tokens=collect_tokens,
             eval_tokens=eval_tokens,
             code_tasks=code_tasks is not False,
+            allow_unsandboxed_code=allow_unsandboxed_code,
         )
     )
 

@@ -304,6 +304,12 @@ class EvidenceOptions:
         "the unlearned model and the control.",
         flag="--code-tasks/--no-code-tasks",
     )
+    allow_unsandboxed_code: bool = option(
+        False,
+        "With --code-tasks where bubblewrap (the sandbox of generated code) is not available: run the generated "
+        "programs without it, in plain subprocesses that can read what this job can (refused otherwise).",
+        is_flag=True,
+    )
 
     def validate(self) -> "EvidenceOptions":
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:

@@ -69,10 +69,12 @@ def run_demo(
     collect_tokens: int | None = None,
     eval_tokens: int | None = None,
     code_tasks: bool = True,
+    allow_unsandboxed_code: bool = False,
 ) -> int:
     """Run the demo; returns the exit code (0 when the gate passed). ``collect_tokens``/``eval_tokens``
     shrink the recipe's token budgets for a quick look (the measured numbers are for the recipe's);
-    ``code_tasks=False`` skips the Python tasks and cloze prompts, and the gate's pass-rate threshold."""
+    ``code_tasks=False`` skips the Python tasks and cloze prompts, and the gate's pass-rate threshold;
+    ``allow_unsandboxed_code`` runs their generated programs where bubblewrap is not available."""
     from .errors import ConfigError
 
     # every input checked before anything is fetched or written
@@ -91,6 +93,11 @@ def run_demo(
 
     start = time.monotonic()
     checks = recipe.evidence.code_tasks and code_tasks  # measured and gated together
+    evidence = dataclasses.replace(recipe.evidence, code_tasks=checks, allow_unsandboxed_code=allow_unsandboxed_code)
+    if checks:
+        from .evaluation.functional import refuse_without_sandbox
+
+        refuse_without_sandbox(allow_unsandboxed_code)  # before the base model is registered
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
     # Under `mlflow run`, the project's run is the parent of the demo's runs.
@@ -107,7 +114,7 @@ def run_demo(
             recipe.retain,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
-            evidence=dataclasses.replace(recipe.evidence, code_tasks=checks),
+            evidence=evidence,
             progress=progress,
         )
         return summarize_and_gate(

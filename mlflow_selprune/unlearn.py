@@ -155,7 +155,15 @@ class PrunePlan:
     dtype: str | None = None
     run_name: str | None = None
     trust_remote_code: bool = False
-    signer: Any = None  # an Ed25519 private key: the version gets a signed attestation
+    signing_key: str | None = None  # an Ed25519 key's path, else $SELPRUNE_SIGNING_KEY's: a signed attestation
+
+    @property
+    def signer(self):
+        """The private key (None: no signature), read from disk each time one is made: it is never held in
+        memory before the code checks, which run generated programs."""
+        from .registry import attest
+
+        return attest.load_signing_key(self.signing_key)
 
     def default_run_name(self, new_version: str | None = None) -> str:
         """What the run did, to tell runs apart in a list: ``unlearn tiny-lm v1→v4 code.jsonl/prose.txt``."""
@@ -219,7 +227,7 @@ def plan_prune(
     evidence = (evidence or EvidenceOptions()).validate()
     check_alias(alias)
     check_registered_name(register_as)
-    signer = attest.load_signing_key(signing_key)
+    attest.load_signing_key(signing_key)  # a bad key answers here; it is read again only to sign
     if storage not in STORAGES:
         raise BadInputError(f"--storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     check_data_specs(forget, retain, data)
@@ -247,7 +255,7 @@ def plan_prune(
         dtype,
         run_name,
         trust_remote_code,
-        signer,
+        signing_key,
     )
 
 
@@ -371,7 +379,9 @@ def _views(plan: PrunePlan, loaded: Loaded, result) -> dict:
 
 
 def check_code_tasks(evidence: EvidenceOptions, model) -> None:
-    """``--code-tasks`` needs a model that writes text: refused, before any run, for the other kinds."""
+    """``--code-tasks`` needs a model that writes text, and the sandbox its code runs in (unless the user allows
+    it without one): refused, before any run, otherwise."""
+    from .evaluation.functional import refuse_without_sandbox
     from .kinds import kind_of
 
     kind = kind_of(model)
@@ -380,6 +390,8 @@ def check_code_tasks(evidence: EvidenceOptions, model) -> None:
             f"--code-tasks applies to causal language models (they write code); {type(model).__name__} is a "
             f"{kind.name}: drop --code-tasks"
         )
+    if evidence.code_tasks:
+        refuse_without_sandbox(evidence.allow_unsandboxed_code)
 
 
 def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, dict]:
@@ -388,7 +400,12 @@ def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, 
     from .evaluation.functional import functional_checks
 
     logger.info("code tasks and cloze prompts: the parent, the unlearned model and the control")
-    return functional_checks(loaded.model, loaded.tokenizer, **_views(plan, loaded, result))
+    return functional_checks(
+        loaded.model,
+        loaded.tokenizer,
+        **_views(plan, loaded, result),
+        allow_unsandboxed=plan.evidence.allow_unsandboxed_code,
+    )
 
 
 def _describe(plan: PrunePlan, run_id: str, tags: dict, metrics: dict, result, tables, model_uri: str) -> str:
@@ -744,12 +761,12 @@ def run_evaluate(
                 )
             )
         if run is not None:
-            metrics.update(_code_tasks_only(model, parent_model, tokenizer) if evidence.code_tasks else {})
+            metrics.update(_code_tasks_only(model, parent_model, tokenizer, evidence) if evidence.code_tasks else {})
             mlflow.log_metrics(tracking.finite(metrics))
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
 
 
-def _code_tasks_only(model, parent_model, tokenizer) -> dict:
+def _code_tasks_only(model, parent_model, tokenizer, evidence: EvidenceOptions) -> dict:
     """``evaluate --code-tasks``: the pass rate and cloze accuracy of the model (and of the parent as
     ``parent_*``), each task's outcome in the run's table."""
     import mlflow
@@ -758,7 +775,7 @@ def _code_tasks_only(model, parent_model, tokenizer) -> dict:
 
     logger.info("code tasks and cloze prompts")
     models = {"model": model} if parent_model is None else {"parent": parent_model, "model": model}
-    checked = {name: check_model(m, tokenizer) for name, m in models.items()}
+    checked = {name: check_model(m, tokenizer, evidence.allow_unsandboxed_code) for name, m in models.items()}
     mlflow.log_table(data=outcomes_table(checked), artifact_file=CHECKS_ARTIFACT)
     return {
         key: value

@@ -35,7 +35,8 @@ def test_every_task_passes_with_its_reference_solution_and_fails_with_a_stub():
 
 def test_generated_code_cannot_hang_reach_the_network_spawn_or_write_outside_its_directory(tmp_path):
     """Each program runs in its own process: a busy loop stops on its CPU limit, a sleep on the wall limit,
-    and sockets, child processes, deleting and writing outside the program's own directory are refused."""
+    and sockets, child processes, deleting and writing outside the program's own directory fail (escape
+    attempts past these guards: test_sandbox.py)."""
     outside = tmp_path / "written"
     assert run_program("while True:\n    pass", timeout=1) == "timed out"
     assert run_program("import time\ntime.sleep(60)", timeout=1) == "timed out"
@@ -49,7 +50,7 @@ def test_generated_code_cannot_hang_reach_the_network_spawn_or_write_outside_its
         f"import os\nos.remove({str(tmp_path)!r})",
     ):
         outcome = run_program(program, timeout=3)
-        assert outcome.startswith("failed:") and "refused while checking generated code" in outcome, (program, outcome)
+        assert outcome in {f"failed: {error}" for error in ("PermissionError", "OSError", "FileNotFoundError")}, outcome
     assert not outside.exists()
     assert run_program("open('mine.txt', 'w').write('x')\nassert open('mine.txt').read() == 'x'", timeout=3) == "passed"
     assert run_program("assert 1 == 2", timeout=3) == "failed: AssertionError"

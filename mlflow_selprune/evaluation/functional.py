@@ -5,10 +5,11 @@ Two offline checks on fixed task sets (``task_sets``), greedy, for the parent, t
 random control alike:
 
 * ``forget_code_pass_rate``: the share of the forty ``python_functions`` tasks whose generated function passes
-  its ``assert`` lines, executed apart from this process (the ``code_pass`` metric module, pass@1 with the
-  semantics of Hugging Face's ``code_eval``). A model with a chat template is asked, as a user, to complete
-  the function and its first fenced code block is run; a model without one continues the prompt itself
-  (HumanEval's form), cut at the first line that leaves the function.
+  its ``assert`` lines, executed in a sandbox apart from this process (the ``code_pass`` metric module, pass@1
+  with the semantics of Hugging Face's ``code_eval``); an outcome is ``passed``, ``timed out`` or ``failed:
+  <exception type>``, never the program's own output. A model with a chat template is asked, as a user, to
+  complete the function and its first fenced code block is run; a model without one continues the prompt
+  itself (HumanEval's form), cut at the first line that leaves the function.
 * ``retain_cloze_accuracy``: the share of the forty ``english_cloze`` prompts whose greedy continuation starts
   with an accepted word (the ``cloze_match`` metric module).
 """
@@ -43,7 +44,21 @@ class CheckedModel:
         }
 
 
-def check_model(model, tokenizer) -> CheckedModel:
+def refuse_without_sandbox(allow_unsandboxed: bool = False) -> None:
+    """Generated code runs only in the OS sandbox (bubblewrap), unless the user allows it without one
+    (``--allow-unsandboxed-code``): refused where it cannot start, before anything runs or is written."""
+    from ..errors import BadInputError
+    from .metrics.code_pass.sandbox import INSTALL, unavailable
+
+    why = None if allow_unsandboxed else unavailable()
+    if why is not None:
+        raise BadInputError(
+            f"--code-tasks runs generated Python in a bubblewrap sandbox, which cannot run here ({why}): install "
+            f"it with `{INSTALL}`, or pass --allow-unsandboxed-code to run the code without one"
+        )
+
+
+def check_model(model, tokenizer, allow_unsandboxed: bool = False) -> CheckedModel:
     """Both checks on ``model`` as it is now."""
     from .packaged import packaged_metric
     from .task_sets.english_cloze import PROMPTS
@@ -51,7 +66,10 @@ def check_model(model, tokenizer) -> CheckedModel:
 
     programs = code_programs(model, tokenizer, TASKS)
     pass_at_k, results = packaged_metric("code_pass").compute(
-        predictions=[[p] for p in programs], references=[t["test"] for t in TASKS], k=[1]
+        predictions=[[p] for p in programs],
+        references=[t["test"] for t in TASKS],
+        k=[1],
+        allow_unsandboxed=allow_unsandboxed,
     )
     completions = _generate(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
     cloze = packaged_metric("cloze_match").compute(predictions=completions, references=[p["answers"] for p in PROMPTS])
@@ -67,15 +85,17 @@ def check_model(model, tokenizer) -> CheckedModel:
     )
 
 
-def functional_checks(model, tokenizer, parent_view, control_view=None) -> tuple[dict, dict]:
+def functional_checks(
+    model, tokenizer, parent_view, control_view=None, allow_unsandboxed: bool = False
+) -> tuple[dict, dict]:
     """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate`` and ``..retain_cloze_accuracy``, and
     the table of outcomes per task and prompt (check | item | parent | unlearned | control)."""
     with parent_view():
-        checked = {"parent": check_model(model, tokenizer)}  # the table's columns in this order
-    checked["unlearned"] = check_model(model, tokenizer)
+        checked = {"parent": check_model(model, tokenizer, allow_unsandboxed)}  # the table's columns in this order
+    checked["unlearned"] = check_model(model, tokenizer, allow_unsandboxed)
     if control_view is not None:
         with control_view():
-            checked["control"] = check_model(model, tokenizer)
+            checked["control"] = check_model(model, tokenizer, allow_unsandboxed)
     metrics = {}
     for name, prefix in (("parent", "parent_"), ("unlearned", ""), ("control", "control_")):
         if name in checked:

@@ -1,24 +1,26 @@
 """pass@k of generated Python functions, with the semantics of Hugging Face's ``code_eval``, offline.
 
-Each candidate program is run with its task's test lines (``candidate + "\\n" + test``) in its own
-Python subprocess, isolated from the caller: an empty environment and a fresh temporary directory, no
-network (sockets refused), no child processes, no writes outside that directory, at most ``timeout``
-seconds of CPU and 1 GiB of memory. CPU time, not wall time, decides a timeout, so a busy machine cannot fail
-a correct program; a program that blocks without using CPU is stopped after ``5 * timeout + 5`` seconds
-of wall time and fails. This keeps generated code from hanging, reaching the network or damaging files by
-accident; it is not a security boundary against code written to escape.
+Each candidate program is run with its task's test lines (``candidate + "\\n" + test``) in a sandbox
+(``sandbox.py``, beside this file): a security boundary against code written to escape, not only against
+accidents. It holds against reading the caller's environment, files or memory (no host ``/proc``, nothing of
+the host's file system but the interpreter and its libraries, read-only), reaching the network, writing
+outside its private tmpfs, leaving processes behind, fork bombs, and filling the caller's memory with
+output. At most ``timeout`` seconds of CPU decide a timeout; an outcome is ``passed``, ``timed out`` or
+``failed: <built-in exception type>``, never other text of the program. Where the sandbox cannot run,
+``compute`` refuses unless ``allow_unsandboxed=True`` (as Hugging Face's ``HF_ALLOW_CODE_EVAL`` gates
+``code_eval``).
 
-Keep one import per line: evaluate's import scanner misreads ``import a, b``.
+Keep one import per line: evaluate's import scanner misreads ``import a, b``; ``from .sandbox import``
+makes evaluate copy ``sandbox.py`` beside this module.
 """
 
 import concurrent.futures
-import subprocess
-import sys
-import tempfile
 
 import datasets
 import evaluate
 import numpy as np
+
+from .sandbox import run_program
 
 _DESCRIPTION = """
 The share of programming tasks solved by generated code: each candidate is
@@ -35,6 +37,8 @@ Args:
         number of candidates is left out.
     num_workers (`int`, optional): programs run at once, default 2.
     timeout (`float`, optional): CPU seconds a program may use, default 3.0.
+    allow_unsandboxed (`bool`, optional): run the programs in a plain subprocess where the
+        sandbox (bubblewrap) is not available, default False: refused.
 Returns:
     (pass_at_k, results): `{"pass@1": ...}` and, per task index, a list of
     `(candidate_index, {"task_id", "completion_id", "passed", "result"})`.
@@ -53,72 +57,6 @@ _CITATION = """
   year={2021}
 }
 """
-
-# Runs in the child: limits and guards first, then the program read from stdin.
-_RUNNER = r"""
-import builtins, io, os, resource, socket, subprocess, sys
-cpu = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-for limit, size in ((resource.RLIMIT_AS, 1 << 30), (resource.RLIMIT_FSIZE, 1 << 20)):
-    try:
-        resource.setrlimit(limit, (size, size))
-    except (ValueError, OSError):  # a platform that does not enforce it (macOS: RLIMIT_AS)
-        pass
-program = sys.stdin.read()
-def refused(*args, **kwargs):
-    raise PermissionError("refused while checking generated code")
-class RefusedSocket(socket.socket):
-    def __init__(self, *args, **kwargs):
-        refused()
-socket.socket = RefusedSocket
-for name in ("create_connection", "create_server", "getaddrinfo", "socketpair", "fromfd"):
-    setattr(socket, name, refused)
-for name in ("system", "popen", "fork", "forkpty", "execv", "execve", "execvp", "spawnv", "kill", "killpg",
-             "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "chmod", "chown", "truncate",
-             "putenv", "chdir", "fchdir"):
-    if hasattr(os, name):
-        setattr(os, name, refused)
-subprocess.Popen = refused
-home, real_open, real_os_open = os.getcwd() + os.sep, builtins.open, os.open
-def inside(path):
-    return isinstance(path, int) or os.path.realpath(path).startswith(home)
-def guarded_open(file, mode="r", *args, **kwargs):
-    if any(c in mode for c in "wax+") and not inside(file):
-        refused()
-    return real_open(file, mode, *args, **kwargs)
-def guarded_os_open(path, flags, *args, **kwargs):
-    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND) and not inside(path):
-        refused()
-    return real_os_open(path, flags, *args, **kwargs)
-builtins.open = io.open = guarded_open
-os.open = guarded_os_open
-builtins.exit = builtins.quit = refused
-exec(compile(program, "<candidate>", "exec"), {"__name__": "__main__"})
-"""
-
-
-def run_program(program: str, timeout: float) -> str:
-    """``"passed"``, ``"timed out"`` or ``"failed: <last line of the error>"``."""
-    cpu_seconds = max(1, int(np.ceil(timeout)))
-    with tempfile.TemporaryDirectory(prefix="code_pass-") as workdir:
-        try:
-            done = subprocess.run(
-                [sys.executable, "-I", "-c", _RUNNER, str(cpu_seconds)],
-                input=program,
-                capture_output=True,
-                text=True,
-                cwd=workdir,
-                env={},
-                timeout=5 * cpu_seconds + 5,
-            )
-        except subprocess.TimeoutExpired:
-            return "timed out"
-    if done.returncode == 0:
-        return "passed"
-    if done.returncode in (-9, -24):  # SIGKILL / SIGXCPU: the CPU limit
-        return "timed out"
-    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-    return "failed: " + (lines[-1] if lines else f"exit status {done.returncode}")
 
 
 def estimate_pass_at_k(num_samples: np.ndarray, num_correct: np.ndarray, k: int) -> np.ndarray:
@@ -149,7 +87,7 @@ class CodePass(evaluate.Metric):
             ),
         )
 
-    def _compute(self, predictions, references, k=(1,), num_workers=2, timeout=3.0):
+    def _compute(self, predictions, references, k=(1,), num_workers=2, timeout=3.0, allow_unsandboxed=False):
         if len(predictions) == 0:
             raise ValueError("code_pass: no tasks to check")
         if timeout <= 0 or num_workers < 1:
@@ -160,7 +98,7 @@ class CodePass(evaluate.Metric):
             for index, candidate in enumerate(candidates)
         ]
         with concurrent.futures.ThreadPoolExecutor(max_workers=num_workers) as pool:
-            outcomes = list(pool.map(lambda job: run_program(job[2], timeout), jobs))
+            outcomes = list(pool.map(lambda job: run_program(job[2], timeout, allow_unsandboxed), jobs))
         results = {task: [] for task in range(len(predictions))}
         for (task, index, _), outcome in zip(jobs, outcomes):
             results[task].append(
