@@ -219,7 +219,7 @@ def plan_prune(
 ) -> PrunePlan:
     """Plan: every check and resolution of a prune job (options, names, key, data paths, the parent and its
     verification, the permission to register); reads the registry, writes nothing. Bad input raises here."""
-    from .registry import attest, verify
+    from .registry import attest, loading
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     config = (config or PruneConfig()).validate(has_evaluate=True)
@@ -232,7 +232,7 @@ def plan_prune(
         raise BadInputError(f"--storage must be one of {', '.join(STORAGES)}, got {storage!r}")
     check_data_specs(forget, retain, data)
     parent = resolve(model_uri)
-    verify.require_verified(parent, "prune")
+    loading.fetch_verified(parent, "prune")  # downloaded once, verified; load_inputs loads this very copy
     if storage == "delta" and not parent.is_registered:
         raise BadInputError(
             f"--storage delta needs a registered parent (models:/NAME/VERSION or @ALIAS) that stays "
@@ -718,7 +718,7 @@ def run_evaluate(
     """
     import mlflow
 
-    from .registry import tracking, verify
+    from .registry import loading, tracking
     from .registry.resolve import resolve
 
     data = (data or DataOptions()).validate()
@@ -728,7 +728,7 @@ def run_evaluate(
     parent = resolve(parent_model_uri) if parent_model_uri else None
     for version in (resolved, parent):
         if version is not None:
-            verify.require_verified(version, "evaluate")
+            loading.fetch_verified(version, "evaluate")  # downloaded once, verified; loaded from this copy
     model, tokenizer = _load_verified(resolved, device, dtype, trust_remote_code, accelerator)
     check_code_tasks(evidence, model)
     parent_model = _load_verified(parent, device, dtype, trust_remote_code, accelerator)[0] if parent else None
@@ -835,9 +835,9 @@ def run_materialize(
     """
     import mlflow
 
-    from .registry import attest, describe, lineage, manifest, tracking, verify
+    from .registry import attest, describe, lineage, manifest, tracking
     from .registry.flavor import components, log_model
-    from .registry.loading import download, load_components
+    from .registry.loading import fetch_verified, load_components
     from .registry.resolve import check_alias, check_can_add_versions, check_registered_name, resolve
 
     check_alias(alias)
@@ -848,11 +848,10 @@ def run_materialize(
         raise BadInputError(
             f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are materialized"
         )
-    verify.require_verified(resolved, "materialize")  # its lineage is copied: never an edited one
+    local = fetch_verified(resolved, "materialize")  # its lineage and record files are copied: never edited ones
     target = register_as or resolved.registered_name or ""  # a delta is always a registered version
     check_can_add_versions(target)
-    model, tokenizer = load_components(resolved)  # rebuilt from its parent, both digests checked
-    local = download(resolved)
+    model, tokenizer = load_components(resolved)  # rebuilt from its parent (verified first), both digests checked
     with tracking.job_run(run_name, "materialize") as run:
         mlflow.set_tag(lineage.PREFIX + "materialized_from", resolved.canonical_uri)
         record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}

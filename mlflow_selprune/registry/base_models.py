@@ -99,8 +99,9 @@ def register_components(
         if extra_metrics:
             mlflow.log_metrics(extra_metrics)
         task = task_for(model)
-        info = mlflow.transformers.log_model(
-            components(model, preprocessor),
+        info = manifest.log_and_hash(  # mlflow.transformers.log_model, hashing the directory it uploads
+            mlflow.transformers,
+            transformers_model=components(model, preprocessor),
             name="model",
             task=task,
             pip_requirements=default_pip_requirements(),

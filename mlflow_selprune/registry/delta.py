@@ -107,10 +107,13 @@ def save_model(
 
 
 def log_model(name: str = "model", **kwargs):
-    """Log a delta model to the active run (``Model.log`` with this module as the flavor)."""
+    """Log a delta model to the active run (``Model.log`` with this module as the flavor); its manifest is taken
+    of the directory uploaded (``manifest.log_and_hash``)."""
     import mlflow_selprune.registry.delta as flavor
 
-    return Model.log(artifact_path=None, name=name, flavor=flavor, **kwargs)
+    from .manifest import log_and_hash
+
+    return log_and_hash(flavor, name=name, **kwargs)
 
 
 class _GreedyGenerator:

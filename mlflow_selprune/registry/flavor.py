@@ -140,13 +140,15 @@ def save_model(
 def log_model(
     transformers_model, name: str = "model", *, pruning_files=None, task=None, pip_requirements=None, **kwargs
 ):
-    """Log an unlearned model to the active run (``Model.log`` with this module as the flavor)."""
+    """Log an unlearned model to the active run (``Model.log`` with this module as the flavor); its manifest is
+    taken of the directory uploaded (``manifest.log_and_hash``)."""
     import mlflow_selprune.registry.flavor as flavor
 
-    return Model.log(
-        artifact_path=None,
+    from .manifest import log_and_hash
+
+    return log_and_hash(
+        flavor,
         name=name,
-        flavor=flavor,
         transformers_model=transformers_model,
         pruning_files=pruning_files,
         task=task,

@@ -1,11 +1,17 @@
-"""Load a resolved model: its files on disk, then the transformers model and tokenizer.
+"""Load a resolved model: its files on disk, verified, then the transformers model and tokenizer.
 
-A model directory may come from anywhere, so every path read from it is
-checked to stay inside it, and what cannot be pruned fails with one line.
+A registered version's files are downloaded once, checked in that very
+directory against its recorded evidence (tags, evidence files, every file
+against its manifest), and loaded from it: what is loaded is what was
+verified, with no second download in between. A delta's parent is fetched
+and verified the same way before any of its bytes are used. A model
+directory may come from anywhere, so every path read from it is checked to
+stay inside it, and what cannot be pruned fails with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -18,14 +24,13 @@ from .resolve import ResolvedModel
 logger = logging.getLogger(__name__)
 
 
-def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
-    """The model's files on local disk (a no-op for a local directory)."""
-    if Path(resolved.load_uri).is_dir():
-        return Path(resolved.load_uri)
+@contextlib.contextmanager
+def _download_errors(resolved: ResolvedModel):
+    """A download that fails is one line (a refusal: the permission line)."""
     from .lineage import refuse_if_denied
 
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=resolved.load_uri, dst_path=dst_path))
+        yield
     except MlflowException as exc:
         refuse_if_denied(exc)
         raise BadInputError(f"cannot download '{resolved.uri}': {exc.message.splitlines()[0]}") from None
@@ -36,27 +41,68 @@ def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
         raise
 
 
+def download(resolved: ResolvedModel, dst_path: str | None = None) -> Path:
+    """A copy of the model's files on local disk, as stored now and not verified (a local directory as it is):
+    for looking at them. What is loaded comes from ``fetch``."""
+    if Path(resolved.load_uri).is_dir():
+        return Path(resolved.load_uri)
+    with _download_errors(resolved):
+        local = mlflow.artifacts.download_artifacts(artifact_uri=resolved.load_uri, dst_path=dst_path)
+    return Path(local)
+
+
+def fetch(resolved: ResolvedModel) -> Path:
+    """The model's files on local disk, downloaded once for ``resolved`` (and inside ``manifest.one_copy`` once
+    for the command: whoever asks first fetches, the manifest check and the loader read that copy); a local
+    directory as it is. The copy is removed once nothing refers to it."""
+    if Path(resolved.load_uri).is_dir():
+        return Path(resolved.load_uri)
+    from . import manifest
+
+    if resolved.fetched is None:
+        with _download_errors(resolved):
+            resolved.fetched = manifest.fetched(resolved.load_uri)
+    else:
+        manifest.share(resolved.load_uri, resolved.fetched)
+    return resolved.fetched.path
+
+
+def fetch_verified(resolved: ResolvedModel, purpose: str) -> Path:
+    """``fetch``, then the version's recorded evidence checked in that very copy, once
+    (``evidence.require_recorded``: tags, evidence files, every file against its manifest; refused with exit 1
+    naming ``purpose``): what is then loaded from the copy is what was verified, with no second download."""
+    from . import manifest
+    from .evidence import require_recorded
+
+    with manifest.one_copy():  # the manifest check hashes this copy
+        path = fetch(resolved)
+        if not resolved.verified:
+            require_recorded(resolved, purpose)
+            resolved.verified = True
+    return path
+
+
 def load_components(
     resolved: ResolvedModel,
     *,
     device: str | None = None,
     dtype: str | None = None,
     trust_remote_code: bool = False,
-    local_dir: Path | None = None,
     _depth: int = 0,
 ):
     """``(model, preprocessor)`` for a resolved model, with clear errors for what cannot be pruned.
 
-    The model's kind (``kinds``, from ``config.architectures``) says which transformers class loads it and
-    what prepares its inputs: a tokenizer, or an image classifier's image processor. A delta version is
-    rebuilt from its parent (``rebuild_delta``), checked digest by digest.
+    Loaded from the copy ``fetch`` holds, which the commands verify first (``fetch_verified``). The model's
+    kind (``kinds``, from ``config.architectures``) says which transformers class loads it and what prepares
+    its inputs: a tokenizer, or an image classifier's image processor. A delta version is verified in that copy
+    and rebuilt from its parent (``rebuild_delta``), checked digest by digest.
     """
     import torch
     from transformers import AutoConfig
 
     from ..kinds import kind_for_architectures
 
-    path = local_dir or download(resolved)
+    path = fetch(resolved)
     if (path / "MLmodel").is_file():
         from mlflow.models import Model
 
@@ -119,13 +165,10 @@ def require_all_weights(loading_info: dict, uri: str, class_name: str) -> None:
 
 
 def _rebuild_registered_delta(resolved, path, device, dtype, trust_remote_code, depth):
-    """A delta version, rebuilt only from a verified lineage (its parent, its digests)."""
-    recorded = None
+    """A delta version, rebuilt only from a verified lineage: its tags, evidence files and files checked in the
+    copy it is rebuilt from (``fetch_verified``), its MLmodel naming the parent and digests those tags record."""
     if resolved.is_registered:
-        from .evidence import require_recorded
-
-        require_recorded(resolved, "rebuild the delta version")
-        recorded = resolved.tags
+        fetch_verified(resolved, "rebuild the delta version")
     return rebuild_delta(
         path,
         resolved.uri,
@@ -133,7 +176,7 @@ def _rebuild_registered_delta(resolved, path, device, dtype, trust_remote_code, 
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         depth=depth,
-        recorded=recorded,
+        recorded=resolved.tags if resolved.is_registered else None,
     )
 
 
@@ -191,7 +234,8 @@ def rebuild_delta(
     depth: int = 0,
     recorded: dict | None = None,
 ):
-    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (checked), then the masks (checked).
+    """``(model, tokenizer)`` rebuilt from a delta directory: parent first (its files and evidence verified,
+    then its weights digest), then the masks (checked).
 
     ``recorded``: the version's verified lineage tags; the flavor's parent and digests must be theirs. The
     parent loads in the dtype it was pruned in (recorded in the flavor) unless ``dtype`` says otherwise."""
@@ -211,6 +255,7 @@ def rebuild_delta(
     dtype = dtype or entry.get("dtype")
     try:
         parent = resolve(parent_uri)
+        fetch_verified(parent, f"rebuild {what} from")  # its files and evidence, before any byte of it is used
         model, tokenizer = load_components(
             parent, device=device, dtype=dtype, trust_remote_code=trust_remote_code, _depth=depth + 1
         )

@@ -7,15 +7,23 @@ pruning record, masks and scores copied beside them. The manifest lists every
 file of the logged model directory with its sha256, in path order; its own
 digest (of the canonical JSON) is tagged on the version and anchored in the
 run's lineage record like every other lineage tag, and the manifest itself is
-a run artifact. Verifying downloads the version's files again and names each
-file changed, added or removed.
+a run artifact.
+
+Each model byte is read once per use: the manifest of a new model is taken of
+the directory MLflow uploads, as it is saved (``log_and_hash``), never by
+fetching the upload back; verifying hashes the copy that is then loaded
+(``one_copy``), never a second download.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import shutil
 import tempfile
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST_ARTIFACT = "selprune/manifest.json"
@@ -46,26 +54,121 @@ def digest(files: dict[str, str]) -> str:
     return hashlib.sha256(encode(files)).hexdigest()
 
 
-def of_artifacts(artifact_uri: str) -> dict[str, str]:
-    """The manifest of a logged or registered model's files as stored now (``models:/...``)."""
+# ----------------------------------------------------------------------------- one copy, hashed once
+
+
+@dataclass
+class Copy:
+    """A downloaded copy of a model's files; its directory is removed once nothing refers to the copy."""
+
+    directory: tempfile.TemporaryDirectory
+    path: Path
+    files: dict[str, str] | None = None  # its manifest, once hashed
+
+    def manifest(self) -> dict[str, str]:
+        if self.files is None:
+            self.files = directory_files(self.path)
+        return self.files
+
+
+_copies: ContextVar[dict[str, Copy] | None] = ContextVar("selprune_model_copies", default=None)
+
+
+@contextlib.contextmanager
+def one_copy():
+    """Within it, each model URI is downloaded once and hashed once, by whichever asks first (the manifest check
+    or the loader): the files verified are the files loaded, with no second copy fetched in between."""
+    if _copies.get() is not None:
+        yield
+        return
+    token = _copies.set({})
+    try:
+        yield
+    finally:
+        _copies.reset(token)
+
+
+def fetched(artifact_uri: str) -> Copy:
+    """The files of ``artifact_uri`` on local disk: downloaded now, or the copy this ``one_copy`` already holds."""
     import mlflow
 
+    copies = _copies.get()
+    if copies is not None and artifact_uri in copies:
+        return copies[artifact_uri]
+    directory = tempfile.TemporaryDirectory(prefix="selprune-model-", ignore_cleanup_errors=True)
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=directory.name))
+    except BaseException:
+        directory.cleanup()
+        raise
+    copy = Copy(directory, path)
+    if copies is not None:
+        copies[artifact_uri] = copy
+    return copy
+
+
+def share(artifact_uri: str, copy: Copy) -> None:
+    """Hand a copy fetched earlier to the active ``one_copy``: the checks that follow read that copy (the one
+    about to be loaded), not another."""
+    copies = _copies.get()
+    if copies is not None:
+        copies[artifact_uri] = copy
+
+
+def of_artifacts(artifact_uri: str) -> dict[str, str]:
+    """The manifest of a logged or registered model's files as stored now (``models:/...``)."""
     from .lineage import refuse_if_denied
 
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=tmp))
-        except Exception as exc:  # noqa: BLE001 - a refusal is one permission line; anything else as it is
-            refuse_if_denied(exc)
-            raise
-        return directory_files(local)
+    try:
+        copy = fetched(artifact_uri)
+    except Exception as exc:  # noqa: BLE001 - a refusal is one permission line; anything else as it is
+        refuse_if_denied(exc)
+        raise
+    return copy.manifest()
+
+
+# ----------------------------------------------------------------------------- a new model's manifest
+
+# logged model URI -> the manifest of the directory this process uploaded as that model, until ``log`` writes it
+_taken: dict[str, dict[str, str]] = {}
+
+
+class _Hashing:
+    """A flavor as ``Model.log`` uses it (``__name__``, ``save_model``) that hashes the directory it saved: the
+    very directory MLflow uploads next."""
+
+    def __init__(self, flavor) -> None:
+        self.flavor, self.__name__ = flavor, flavor.__name__
+        self.files: dict[str, str] = {}
+
+    def save_model(self, path, **kwargs) -> None:
+        self.flavor.save_model(path=path, **kwargs)
+        for cache in Path(path).rglob("__pycache__"):  # Model.log drops these before the upload
+            shutil.rmtree(cache, ignore_errors=True)
+        self.files = directory_files(Path(path))
+
+
+def log_and_hash(flavor, **kwargs):
+    """``Model.log`` with ``flavor`` (a flavor module; ``kwargs`` as ``Model.log`` takes them), keeping the
+    manifest of what it uploaded for ``log``; returns the ``ModelInfo``."""
+    from mlflow.models import Model
+
+    hashing = _Hashing(flavor)
+    info = Model.log(artifact_path=None, flavor=hashing, **kwargs)
+    _taken[info.model_uri] = hashing.files
+    return info
 
 
 def log(run_id: str, model_uri: str) -> str:
-    """Write the manifest of the logged model ``model_uri`` into run ``run_id``; returns its digest (the tag)."""
+    """Write the manifest of the logged model ``model_uri`` into run ``run_id``; returns its digest (the tag).
+
+    The manifest taken when this process uploaded it (``log_and_hash``); a model it did not upload (a resumed
+    run's) is fetched and hashed."""
     from .resolve import client
 
-    files = of_artifacts(model_uri)
+    files = _taken.pop(model_uri, None)
+    if files is None:
+        files = of_artifacts(model_uri)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(MANIFEST_ARTIFACT).name
         path.write_bytes(encode(files))

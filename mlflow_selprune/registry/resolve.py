@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -37,6 +38,10 @@ class ResolvedModel:
     run_id: str | None = None
     model_id: str | None = None  # the LoggedModel behind a registered version, if any
     tags: dict = field(default_factory=dict)
+    # its files on local disk once fetched (``loading.fetch``; a ``manifest.Copy``): every later load reads this
+    # copy, never a second download; ``verified``: its recorded evidence was checked in it (``fetch_verified``)
+    fetched: Any = field(default=None, repr=False, compare=False)
+    verified: bool = field(default=False, compare=False)
 
     @property
     def is_registered(self) -> bool:

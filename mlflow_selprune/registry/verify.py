@@ -14,7 +14,7 @@ A finding stops the command with exit 1 and nothing written.
 from __future__ import annotations
 
 from ..errors import BadInputError, VerificationError
-from . import evidence, lineage
+from . import evidence, lineage, manifest
 from .evidence import Audit
 from .lineage import PARENT, PARENT_WEIGHTS_SHA, WEIGHTS_SHA, Hop, weights_sha256
 
@@ -95,6 +95,7 @@ def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
     audit.ok("parent")
 
 
+@manifest.one_copy()  # the files are fetched and hashed once; the weights load from that copy
 def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = None) -> Audit:
     """Every check on one version: its recorded evidence (``evidence.recorded``), then its weights and its
     parent's. ``cache`` holds weights digests across versions (each model loads once); ``strict``: a model that
