@@ -592,7 +592,7 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
 
 def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | None = None) -> int:
     """Print the chain (verified, with ``verify``); returns the number of findings."""
-    from .registry import lineage
+    from .registry import evidence, lineage
     from .registry import verify as verification
 
     hops = lineage.chain(model_uri)
@@ -602,9 +602,14 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
     if verify:
         for hop in reversed(hops):  # root first: a parent's digest is reused by its child's parent check
             audits[hop.uri] = verification.audit(hop, cache, trusted=trusted)
+    histories: dict = {}  # registered model name -> its aliases' recorded moves
     for hop, row in zip(hops, rows):
         row["aliases"] = lineage.aliases_of(hop)
         row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
+        if hop.uri in audits and hop.is_unlearned and row["aliases"]:
+            if hop.name not in histories:
+                histories[hop.name] = evidence.alias_history(lineage.versions(hop.name)[0], trusted)
+            evidence.check_aliases(audits[hop.uri], row["aliases"], histories[hop.name])
         if hop.uri in audits:
             found = audits[hop.uri]
             row.update(found.to_dict())
@@ -628,6 +633,9 @@ def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int
     hops, aliases = lineage.versions(name)
     cache: dict = {}
     audits = [verify.audit(hop, cache, strict=False, trusted=trusted) for hop in hops]
+    history = evidence.alias_history(hops, trusted)
+    for hop, found in zip(hops, audits):
+        evidence.check_aliases(found, aliases.get(hop.version or "", []), history)
     rows = [
         {
             "version": hop.version,
@@ -683,8 +691,8 @@ def _print_hop(i: int, row: dict) -> None:
             click.echo("  checks:  " + ", ".join(f"{name} {value}" for name, value in row["checks"].items()))
         return
     click.echo(f"  parent:  {row['parent_model_uri']}")
-    click.echo(f"  forget:  {row['forget_data']}  sha256 {row['forget_digest'][:16]}")
-    click.echo(f"  retain:  {row['retain_data']}  sha256 {row['retain_digest'][:16]}")
+    click.echo(f"  forget:  {row['forget_data']}  sha256 {str(row['forget_digest'])[:16]}")
+    click.echo(f"  retain:  {row['retain_data']}  sha256 {str(row['retain_digest'])[:16]}")
     click.echo(f"  stored:  {row.get('storage', 'full')}")
     totals = (
         f" (dead in total: {row['ff_pruned_total']} FF, {row['attn_pruned_total']} attention)"
@@ -708,9 +716,14 @@ def _print_hop(i: int, row: dict) -> None:
         click.echo("  metrics: " + ", ".join(f"{k}={m[k]:.4f}" for k in shown if k in m))
     decisions = row["gate_decisions"]
     deciding = row["deciding_gate"]
-    if deciding:
+    if deciding and deciding["verdict"] == "registered":
         click.echo(
-            f"  gate:    {deciding['verdict']} at {deciding['time']} by {deciding['user']}, moved "
+            f"  gate:    not gated; @{deciding['alias_moved']} moved here when it was registered, at "
+            f"{deciding['time']} by {deciding.get('user')} ({len(decisions)} decision(s) recorded)"
+        )
+    elif deciding:
+        click.echo(
+            f"  gate:    {deciding['verdict']} at {deciding['time']} by {deciding.get('user')}, moved "
             f"@{deciding['alias_moved']} ({len(decisions)} decision(s) recorded)"
         )
     elif decisions:

@@ -537,6 +537,10 @@ def publish(
     if plan.target_name:
         description = _describe(plan, run_id, tags, metrics, result, tables, model_info.model_uri)
         registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias, description)
+        if plan.alias:  # recorded as a gate records its move: the audit explains each alias by such a record
+            from .registry.gate import record_registration
+
+            record_registration(registered, plan.alias, plan.signer)
         _number_the_version(plan, registered, run_id, tags, metrics)
     phases.lap("register")
     return UnlearnResult(
@@ -885,4 +889,8 @@ def run_materialize(
         description = describe.materialized(resolved)
         mlflow.set_tag("mlflow.note.content", description)  # before the version, which is created with it
         registered = tracking.register(model_info, target, run.info.run_id, tags, alias, description)
+        if alias:
+            from .registry.gate import record_registration
+
+            record_registration(registered, alias, signer)
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)

@@ -151,41 +151,98 @@ def sign(statement_: dict, key) -> bytes:
     return json.dumps(envelope, sort_keys=True, indent=2).encode()
 
 
+def _kind(value) -> str:
+    """A JSON value's kind, as a finding names it."""
+    return "null" if value is None else type(value).__name__
+
+
+def _shown(text: str) -> str:
+    """At most 16 printable characters of an untrusted string: a finding stays one line of bounded length."""
+    return "".join(c if c.isprintable() else "?" for c in text[:16])
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidAttestation(f"the envelope's {what} is a {_kind(value)}, not a string")
+    return value
+
+
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error
+        raise InvalidAttestation(f"the envelope's {what} is not base64") from None
+
+
+def _json(data: bytes | str, what: str):
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested past the parser's depth
+        raise InvalidAttestation(f"{what} is not JSON") from None
+
+
+def parse_envelope(envelope: bytes) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    """``(payloadType, payload, [(keyid, signature)])`` of a DSSE envelope, every field checked for its type.
+
+    An envelope is read from a run that anyone with EDIT may write, so nothing in it is trusted before this:
+    a wrong type is ``InvalidAttestation`` saying which field, never a crash of the audit."""
+    parsed = _json(envelope, "the envelope")
+    if not isinstance(parsed, dict):
+        raise InvalidAttestation(f"the envelope is a JSON {_kind(parsed)}, not a DSSE object")
+    payload_type = _text(parsed.get("payloadType"), "payloadType")
+    payload = _base64(_text(parsed.get("payload"), "payload"), "payload")
+    signatures = parsed.get("signatures")
+    if not isinstance(signatures, list):
+        raise InvalidAttestation(f"the envelope's signatures is a {_kind(signatures)}, not a list")
+    if not signatures:
+        raise InvalidAttestation("the envelope has no signature")
+    entries = []
+    for i, entry in enumerate(signatures):
+        if not isinstance(entry, dict):
+            raise InvalidAttestation(f"the envelope's signature {i} is a {_kind(entry)}, not an object")
+        keyid = _text(entry.get("keyid"), f"signature {i} keyid")
+        entries.append((keyid, _base64(_text(entry.get("sig"), f"signature {i} sig"), f"signature {i} sig")))
+    return payload_type, payload, entries
+
+
 def open_envelope(envelope: bytes, trusted: dict) -> tuple[dict, str]:
-    """``(statement, key id)`` when a signature of the envelope is by a ``trusted`` key; else
-    ``InvalidAttestation`` saying why."""
+    """``(statement, key id)`` when a signature of the envelope is by a ``trusted`` key and the signed payload is
+    a JSON object; else ``InvalidAttestation`` saying why."""
     from cryptography.exceptions import InvalidSignature
 
-    try:
-        parsed = json.loads(envelope)
-        payload = base64.b64decode(parsed["payload"], validate=True)
-        signatures = parsed["signatures"]
-        payload_type = parsed["payloadType"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidAttestation("the envelope is not DSSE JSON") from None
+    payload_type, payload, signatures = parse_envelope(envelope)
     if payload_type != PAYLOAD_TYPE:
-        raise InvalidAttestation(f"the envelope's payloadType is {payload_type!r}, not {PAYLOAD_TYPE}")
-    signed_by = [s.get("keyid") for s in signatures if isinstance(s, dict)]
-    for entry in signatures:
-        key = trusted.get(entry.get("keyid")) if isinstance(entry, dict) else None
+        raise InvalidAttestation(f"the envelope's payloadType is {_shown(payload_type)!r}, not {PAYLOAD_TYPE}")
+    for keyid, signature in signatures:
+        key = trusted.get(keyid)
         if key is None:
             continue
         try:
-            key.verify(base64.b64decode(entry["sig"]), pae(payload_type, payload))
-        except (InvalidSignature, ValueError, KeyError):
+            key.verify(signature, pae(payload_type, payload))
+        except (InvalidSignature, ValueError):
             raise InvalidAttestation(
-                f"the signature by trusted key {entry['keyid'][:16]} does not verify (the "
-                "statement was changed after signing)"
+                f"the signature by trusted key {_shown(keyid)} does not verify (the statement was changed after "
+                "signing)"
             ) from None
-        try:
-            return json.loads(payload), entry["keyid"]
-        except ValueError:
-            raise InvalidAttestation("the signed payload is not JSON") from None
-    raise InvalidAttestation(
-        "signed by no trusted key (key ids " + ", ".join(str(k)[:16] for k in signed_by) + ")"
-        if signed_by
-        else "the envelope has no signature"
-    )
+        signed = _json(payload, "the signed payload")
+        if not isinstance(signed, dict):
+            raise InvalidAttestation(f"the signed payload is a JSON {_kind(signed)}, not a statement")
+        return signed, keyid
+    raise InvalidAttestation("signed by no trusted key (key ids " + ", ".join(_shown(k) for k, _ in signatures) + ")")
+
+
+def claim(statement: dict, *path):
+    """What a signed statement says at ``path`` (keys and list indexes), or None where its shape is not that:
+    a statement signed by a trusted key is still compared field by field, never assumed well-formed."""
+    value = statement
+    for step in path:
+        if isinstance(step, int):
+            if not isinstance(value, list) or not -len(value) <= step < len(value):
+                return None
+        elif not isinstance(value, dict) or step not in value:
+            return None
+        value = value[step]
+    return value
 
 
 def envelope_sha256(envelope: bytes) -> str:

@@ -16,19 +16,26 @@ from dataclasses import dataclass, field
 
 from ..errors import BadInputError, VerificationError
 from .lineage import (
+    ALIAS,
     ARTIFACTS_SHA,
     ATTESTATION_SHA,
     COMPLETE,
+    GATE_ARTIFACT_DIR,
+    GATE_RECORD_PREFIX,
     LINEAGE_PARAM,
     LINEAGE_RECORD,
     MANIFEST_SHA,
     PARENT,
+    RECORD_TIME,
+    REGISTERED,
     RUN_ID,
     WEIGHTS_SHA,
     Hop,
     anchored_digest,
     gate_record_entries,
     lineage_tags,
+    malformed_tags,
+    parse_gate_record,
     refuse_if_denied,
     run_artifact,
     short,
@@ -101,7 +108,10 @@ def check_tags(audit: Audit) -> None:
             f"{actual[:16]}, the run param {LINEAGE_PARAM} records {anchored[:16]}",
         )
         return
-    recorded, now = json.loads(record), lineage_tags(hop.tags)
+    recorded, now = _json_or_none(record), lineage_tags(hop.tags)
+    if not _text_map(recorded):
+        audit.tampered("tags", f"the lineage record {LINEAGE_RECORD} of run {run_id} is not a JSON object of tags")
+        return
     for key in sorted(recorded.keys() | now.keys()):
         if key not in now:
             audit.tampered("tags", f"tag {key} removed (recorded {short(recorded[key])})")
@@ -112,15 +122,43 @@ def check_tags(audit: Audit) -> None:
     audit.ok("tags")
 
 
+def _json_or_none(data):
+    """Parsed JSON, or None where it is not JSON (stored data is untrusted input)."""
+    try:
+        return json.loads(data)
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def _text_map(value) -> bool:
+    """A JSON object of strings to strings: what a lineage record, a digest list and a manifest are."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def _run_path(path: str) -> bool:
+    """A path inside a run's ``selprune/`` artifacts: never absolute, never up and out."""
+    parts = path.split("/")
+    return path.startswith("selprune/") and "\\" not in path and not {"", ".", ".."} & set(parts[1:])
+
+
+def check_values(audit: Audit) -> None:
+    """A lineage tag that does not hold a value of its kind (a metric that is no number) is a finding, whether or
+    not its anchored record holds the same: nothing reads it as one."""
+    for phrase in malformed_tags(audit.hop.tags):
+        audit.tampered("tags", phrase)
+
+
 def check_gate_records(audit: Audit) -> None:
     """Each gate decision must parse, and one kept whole in an artifact must match the digest in its tag."""
     tags = audit.hop.tags
-    for key, record in gate_record_entries(tags):
-        if record is None:
-            audit.tampered("tags", f"gate record {key} is not a JSON record: {short(tags[key])}")
+    for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
+        try:
+            record = parse_gate_record(key, tags[key])
+        except ValueError as exc:
+            audit.tampered("tags", f"gate record {key} {exc}: {short(tags[key])}")
             continue
-        if "record_sha256" in record:
-            stored = run_artifact(run_of(audit.hop), str(record.get("record_artifact")))
+        if "record_sha256" in record:  # and so its record_artifact, where the gate writes it
+            stored = run_artifact(run_of(audit.hop), record["record_artifact"])
             if stored is None or hashlib.sha256(stored).hexdigest() != record["record_sha256"]:
                 audit.tampered(
                     "tags",
@@ -134,10 +172,9 @@ def check_artifacts(audit: Audit) -> None:
     recorded = audit.hop.tags.get(ARTIFACTS_SHA)
     if recorded is None:
         return
-    try:
-        recorded = json.loads(recorded)
-    except ValueError:
-        audit.tampered("artifacts", f"tag {ARTIFACTS_SHA} is not JSON")
+    recorded = _json_or_none(recorded)
+    if not _text_map(recorded) or not all(_run_path(path) for path in recorded):
+        audit.tampered("artifacts", f"tag {ARTIFACTS_SHA} is not a JSON object of selprune/ paths to digests")
         return
     run_id = run_of(audit.hop)
     for path, digest in sorted(recorded.items()):
@@ -173,24 +210,31 @@ def check_files(audit: Audit) -> None:
             f"{actual[:16]}, recorded {recorded_digest[:16]}",
         )
         return
+    parsed = _json_or_none(stored)
+    files = parsed.get("files") if isinstance(parsed, dict) else None
+    if not _text_map(files):
+        audit.tampered("files", f"the manifest {manifest.MANIFEST_ARTIFACT} of run {run_id} is not a list of files")
+        return
     try:
         now = manifest.of_artifacts(audit.hop.uri)
     except (MlflowException, OSError) as exc:
         audit.tampered("files", f"the model files cannot be read ({str(exc).splitlines()[0][:120]})")
         return
-    for difference in manifest.differences(json.loads(stored)["files"], now):
+    for difference in manifest.differences(files, now):
         audit.tampered("files", difference)
     audit.ok("files")
 
 
 def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -> None:
     """With trusted keys: an unlearned version must carry a statement signed by one of them that says what its
-    verified tags say, and every gate decision that moved an alias must be signed the same way."""
+    verified tags say, and every gate decision that moved an alias must be signed the same way. A version
+    that needs neither (a root that no decision promoted) shows ``-``: nothing was signed, nothing required."""
     from . import attest
 
     hop, run_id = audit.hop, run_of(audit.hop)
 
     def opened(path: str | None, recorded_digest: str | None, what: str):
+        audit.ok("signature")  # required here: ok unless a finding below says otherwise
         envelope = run_artifact(run_id, path) if path and recorded_digest else None
         if envelope is None:
             audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
@@ -204,19 +248,17 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
             audit.tampered("signature", f"{what}: {exc}")
             return None
 
+    claim = attest.claim
     if hop.is_unlearned:
         signed = opened(attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
         if signed is not None:
             expected = attest.unlearning_predicate(hop.tags, parent_manifest)
             claims = {
-                "predicate type": (signed.get("predicateType"), attest.UNLEARNING_PREDICATE),
-                "subject": (signed.get("subject", [{}])[0].get("digest", {}).get("sha256"), hop.tags.get(MANIFEST_SHA)),
-                "run": (signed.get("predicate", {}).get("run_id"), run_id),
-                "parent manifest": (
-                    signed.get("predicate", {}).get("parent", {}).get("manifest_sha256"),
-                    parent_manifest,
-                ),
-                "lineage": (signed.get("predicate", {}).get("lineage_tags"), expected["lineage_tags"]),
+                "predicate type": (claim(signed, "predicateType"), attest.UNLEARNING_PREDICATE),
+                "subject": (claim(signed, "subject", 0, "digest", "sha256"), hop.tags.get(MANIFEST_SHA)),
+                "run": (claim(signed, "predicate", "run_id"), run_id),
+                "parent manifest": (claim(signed, "predicate", "parent", "manifest_sha256"), parent_manifest),
+                "lineage": (claim(signed, "predicate", "lineage_tags"), expected["lineage_tags"]),
             }
             for name, (said, now) in claims.items():
                 if said != now:
@@ -231,26 +273,130 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
         signed = opened(record.get("attestation_artifact"), record.get("attestation_sha256"), what)
         if signed is None:
             continue
-        decision = signed.get("predicate", {}).get("decision", {})
+        decision = claim(signed, "predicate", "decision")
         if (
-            signed.get("predicateType") != attest.GATE_PREDICATE
-            or signed.get("predicate", {}).get("model_version") != hop.uri
+            claim(signed, "predicateType") != attest.GATE_PREDICATE
+            or claim(signed, "predicate", "model_version") != hop.uri
+            or not isinstance(decision, dict)
             or decision.get("alias_requested") != record["alias_moved"]
             or any(decision.get(k) != record.get(k) for k in ("time", "verdict", "thresholds", "user"))
         ):
             audit.tampered("signature", f"{what}: the signed decision is not the recorded one")
-    audit.ok("signature")
+
+
+# ----------------------------------------------------------------------------- aliases only the gate moves
+
+
+@dataclass
+class AliasHistory:
+    """What a registered model's decisions say about its aliases: the latest move of each, as ``alias ->
+    (time, version, where it is recorded)``, and what in that history could not be read."""
+
+    latest: dict = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)
+    signed: bool = False
+
+    def moved(self, alias: str, time: str, version: str, where: str) -> None:
+        if alias not in self.latest or time >= self.latest[alias][0]:
+            self.latest[alias] = (time, version, where)
+
+
+def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
+    """The latest recorded move of each alias of one registered model (``hops``: every version of it).
+
+    Without keys, the decision records in its versions' tags: anyone with EDIT can write one, so this tells an
+    alias moved by hand from one the tool moved, not a forger. With ``trusted`` keys, the signed decisions in
+    its versions' runs (``selprune/gate/*.dsse.json``), read from the runs and not through the records that
+    name them, so an edited or emptied record cannot hide a later move; an envelope there that does not open
+    with a trusted key is unreadable, and then no alias of the model is explained."""
+    history = AliasHistory(signed=trusted is not None)
+    if trusted is None:
+        for hop in hops:
+            for key, record in gate_record_entries(hop.tags):
+                if record is not None and record.get("alias_moved") and record["verdict"] in ("pass", REGISTERED):
+                    history.moved(record["alias_moved"], record["time"], str(hop.version), f"record {key}")
+        return history
+    from . import attest
+
+    name = hops[0].name if hops else None
+    versions = {f"models:/{name}/{hop.version}": str(hop.version) for hop in hops}
+    for run_id in sorted({run_of(hop) for hop in hops if run_of(hop)}):
+        for path in _gate_envelopes(run_id):
+            where = f"{path} of run {run_id}"
+            envelope = run_artifact(run_id, path)
+            try:
+                if envelope is None:
+                    raise attest.InvalidAttestation("it cannot be read")
+                signed = attest.open_envelope(envelope, trusted)[0]
+            except attest.InvalidAttestation as exc:
+                history.unreadable.append(f"the signed decision {where}: {exc}")
+                continue
+            if attest.claim(signed, "predicateType") != attest.GATE_PREDICATE:
+                continue  # not a decision
+            decision = attest.claim(signed, "predicate", "decision")
+            if not isinstance(decision, dict):
+                history.unreadable.append(f"the signed decision {where} holds no decision")
+                continue
+            alias, time = decision.get("alias_requested"), decision.get("time")
+            version = versions.get(attest.claim(signed, "predicate", "model_version"))
+            if alias is None or version is None:
+                continue  # no alias asked for, or a version of another model (a copy): it moved none of these
+            if not (isinstance(alias, str) and ALIAS.fullmatch(alias)):
+                history.unreadable.append(f"the signed decision {where} names no alias: {short(alias)}")
+            elif not (isinstance(time, str) and RECORD_TIME.fullmatch(time)):
+                history.unreadable.append(f"the signed decision {where} has no time: {short(time)}")
+            elif decision.get("verdict") in ("pass", REGISTERED):
+                history.moved(alias, time, version, where)
+    return history
+
+
+def _gate_envelopes(run_id: str) -> list[str]:
+    """The signed decisions kept in run ``run_id`` (none where the run is gone)."""
+    from mlflow.exceptions import MlflowException
+
+    from .resolve import client
+
+    try:
+        listed = client().list_artifacts(run_id, GATE_ARTIFACT_DIR)
+    except MlflowException as exc:
+        refuse_if_denied(exc)
+        return []
+    return sorted(f.path for f in listed if not f.is_dir and f.path.endswith(".dsse.json"))
+
+
+def check_aliases(audit: Audit, aliases: list[str], history: AliasHistory) -> None:
+    """Aliases only the gate moves: each alias now on an unlearned version must have been moved here by the
+    latest recorded move of that alias (with trusted keys, the latest signed decision); an older decision
+    that moved it here does not explain it once a later one moved it elsewhere. Aliases on a root are the
+    registrar's, and are not checked."""
+    hop = audit.hop
+    if not hop.is_unlearned:
+        return
+    kind = "signed decision" if history.signed else "recorded decision"
+    for alias in aliases:
+        latest = history.latest.get(alias)
+        if history.unreadable:
+            why = f"the model's decisions cannot all be read: {history.unreadable[0]}"
+        elif latest is None:
+            why = f"no {kind} moved it (moved by hand?)"
+        elif latest[1] != str(hop.version):
+            why = f"the latest {kind} that moved it ({latest[2]}, {latest[0]}) moved it to version {latest[1]}"
+        else:
+            continue
+        audit.findings.append(f"unexplained alias: {hop.uri}: @{alias} points here, but {why}")
 
 
 def parent_manifest(hop: Hop) -> str | None:
     """The parent's manifest digest as its tags say now (verified as that hop of the chain)."""
     if not hop.is_unlearned:
         return None
+    from mlflow.exceptions import MlflowException
+
     from .resolve import resolve
 
     try:
         return resolve(hop.tags[PARENT]).tags.get(MANIFEST_SHA)
-    except BadInputError:
+    except (BadInputError, MlflowException):
         return None
 
 
@@ -260,6 +406,7 @@ def recorded(hop: Hop, trusted: dict | None = None) -> Audit:
     model files."""
     result = Audit(hop)
     check_tags(result)
+    check_values(result)
     check_gate_records(result)
     if trusted is not None:
         check_signatures(result, trusted, parent_manifest(hop))

@@ -4,7 +4,11 @@ The verdict uses MLflow's own ``validate_evaluation_results`` with
 ``MetricThreshold``s, is appended to the version's tags whether it passes or
 not (never overwriting an earlier decision), and moves an alias only on a pass.
 A user without the permission to move the alias is refused before the record
-is written (see ``_record_and_move``).
+is written (see ``_record_and_move``). Only a version with an anchored record
+of an unlearning run is decided on: anyone with EDIT can register a model with
+metric tags typed in. ``record_registration`` records the alias ``prune
+--alias`` moves in the same form, so that every alias on an unlearned version
+is explained by a recorded move (``evidence.check_aliases``).
 """
 
 from __future__ import annotations
@@ -80,6 +84,13 @@ def gate(
         "max_code_pass_rate": max_code_pass_rate,
         "metric": metric,
     }
+    typed_in = any(key.startswith(lineage.METRIC_PREFIX) for key in resolved.tags)
+    if lineage.PARENT not in resolved.tags and typed_in:  # no unlearning run recorded them: whoever tagged did
+        refusals = [
+            f"refused, unrecorded: {resolved.canonical_uri}: no anchored record of an unlearning run (a base model, "
+            "or a version not made by `mlflow-selprune prune`); its metric tags are not evidence"
+        ]
+        return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
     # the gate reads the very tags verified here against the run's anchored record, with the weights reloaded
     refusals = [f"refused, {line}" for line in verify.findings(resolved, load_weights=True)]
     if refusals:  # nothing is decided on, or written to, a version that does not verify
@@ -194,26 +205,14 @@ def _record_and_move(
             f"move alias '{alias_set}' of",
             "ask an admin, or a user with MANAGE on the model, to grant EDIT, or decide without writing (--dry-run)",
         )
-    # microseconds in the key: two decisions within one second still sort in the order they were made
-    now = datetime.datetime.now(datetime.timezone.utc)
     # written before the move, the record says only what is true then: the alias asked for has not moved yet
-    record = {
-        "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "verdict": "pass" if passed else "fail",
-        "thresholds": thresholds,
-        "failures": failures,
-        "user": _user(),
-        "alias_moved": None,
+    key, record = _new_record(
+        verdict="pass" if passed else "fail",
+        thresholds=thresholds,
+        failures=failures,
         **({"alias_requested": alias_set} if alias_set else {}),
-    }
-    key = f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
-    if signing_key is not None:
-        from . import attest
-
-        subject = resolved.tags.get(lineage.MANIFEST_SHA) or resolved.tags.get(lineage.WEIGHTS_SHA, "")
-        record.update(
-            attest.log_gate_decision(resolved.run_id, resolved.canonical_uri, subject, key, record, signing_key)
-        )
+    )
+    _sign(resolved, key, record, signing_key)
     try:
         client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
     except MlflowException as exc:
@@ -228,6 +227,49 @@ def _record_and_move(
     if alias_set:
         _move_alias(resolved, key, record, alias_set)
     describe.append_gate_line(name, version, describe.gate_line(record, thresholds))
+
+
+def _new_record(**fields) -> tuple[str, dict]:
+    """``(tag key, record)`` of a new decision, made now, that has moved no alias yet."""
+    # microseconds in the key: two decisions within one second still sort in the order they were made
+    now = datetime.datetime.now(datetime.timezone.utc)
+    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "user": _user(), "alias_moved": None, **fields}
+    return f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}", record
+
+
+def _sign(resolved, key: str, record: dict, signing_key) -> None:
+    """With a key, sign the decision, its envelope in the version's run and its path and digest in the record."""
+    if signing_key is None:
+        return
+    from . import attest
+
+    subject = resolved.tags.get(lineage.MANIFEST_SHA) or resolved.tags.get(lineage.WEIGHTS_SHA, "")
+    record.update(attest.log_gate_decision(resolved.run_id, resolved.canonical_uri, subject, key, record, signing_key))
+
+
+def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
+    """Record that ``prune``/``materialize --alias`` moved ``alias`` to the version it registered: a decision
+    record like the gate's (verdict ``registered``), signed with ``signing_key`` when given, because the audit
+    explains each alias on an unlearned version by the latest recorded move of it. Written only where the
+    alias does point at the version; a record that cannot be written is a warning (the audit then names the
+    alias as unexplained)."""
+    resolved = resolve(model_uri)
+    name, version = resolved.registered_name, resolved.version
+    try:
+        if str(client().get_model_version_by_alias(name, alias).version) != str(version):
+            return  # the move failed, and said so: there is no move to record
+        key, record = _new_record(verdict=lineage.REGISTERED, alias_requested=alias)
+        _sign(resolved, key, record, signing_key)
+        record["alias_moved"] = alias
+        client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
+    except Exception as exc:  # noqa: BLE001 - the version and its alias stand; the audit will name the alias
+        logger.warning(
+            "alias '%s' points to %s, but the record of its move could not be written (%s); `lineage --verify` "
+            "will report it until a gate moves it",
+            alias,
+            resolved.canonical_uri,
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+        )
 
 
 def _move_alias(resolved, key: str, record: dict, alias_set: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,8 +167,39 @@ def metric_tags(metrics: dict) -> dict[str, str]:
     }
 
 
+def number(value) -> float | None:
+    """A tag's finite number, or None where the tag does not hold one."""
+    try:
+        parsed = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return parsed if math.isfinite(parsed) else None
+
+
 def metrics_from_tags(tags: dict) -> dict[str, float]:
-    return {k[len(METRIC_PREFIX) :]: float(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
+    """The ``selprune.metric.*`` tags that hold a finite number (one that does not: ``malformed_tags``)."""
+    metrics = {k[len(METRIC_PREFIX) :]: number(v) for k, v in tags.items() if k.startswith(METRIC_PREFIX)}
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+COUNT_TAGS = (FF_PRUNED, ATTN_PRUNED, FF_PRUNED_TOTAL, ATTN_PRUNED_TOTAL)
+
+
+def count(value) -> int | None:
+    """A tag's count of neurons, or None where the tag does not hold one."""
+    return int(value) if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 20 else None
+
+
+def malformed_tags(tags: dict) -> list[str]:
+    """One phrase per lineage tag whose value is not of its kind (a metric that is not a finite number, a count
+    that is not a whole number): what is read from a tag is checked before it is used."""
+    found = [
+        f"tag {k} is {short(v)}, not a finite number"
+        for k, v in sorted(tags.items())
+        if k.startswith(METRIC_PREFIX) and number(v) is None
+    ]
+    found += [f"tag {k} is {short(tags[k])}, not a count" for k in COUNT_TAGS if k in tags and count(tags[k]) is None]
+    return found
 
 
 def build_tags(
@@ -252,10 +284,10 @@ class Hop:
             "forget_digest": t.get(FORGET_DIGEST),
             "retain_data": t.get(RETAIN_DATA),
             "retain_digest": t.get(RETAIN_DIGEST),
-            "ff_pruned": int(t[FF_PRUNED]) if FF_PRUNED in t else None,
-            "attn_pruned": int(t[ATTN_PRUNED]) if ATTN_PRUNED in t else None,
-            "ff_pruned_total": int(t[FF_PRUNED_TOTAL]) if FF_PRUNED_TOTAL in t else None,
-            "attn_pruned_total": int(t[ATTN_PRUNED_TOTAL]) if ATTN_PRUNED_TOTAL in t else None,
+            "ff_pruned": count(t.get(FF_PRUNED)),
+            "attn_pruned": count(t.get(ATTN_PRUNED)),
+            "ff_pruned_total": count(t.get(FF_PRUNED_TOTAL)),
+            "attn_pruned_total": count(t.get(ATTN_PRUNED_TOTAL)),
             "weights_sha256": t.get(WEIGHTS_SHA),
             "config_sha256": t.get(CONFIG_SHA),
             "metrics": metrics_from_tags(t),
@@ -266,29 +298,66 @@ class Hop:
         }
 
 
+# A decision's time, as the gate writes it: UTC, to the microsecond (to the second in older records), so times sort as
+# text in the order they were made.
+RECORD_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z")
+# verdict of the record ``prune``/``materialize --alias`` write when they move an alias to the version they made
+REGISTERED = "registered"
+ALIAS = re.compile(r"[\w\-]{1,255}")  # what MLflow accepts as an alias name
+_RECORD_TEXT = ("verdict", "user", "alias_requested", "alias_not_moved", "attestation_sha256", "record_sha256")
+
+
+def parse_gate_record(key: str, value: str) -> dict:
+    """The decision record in tag ``key``, every field it is read for checked for its type; ``ValueError`` says
+    what is wrong. A tag is written by anyone with EDIT, so nothing in it is trusted before this."""
+    try:
+        record = json.loads(value)
+    except (ValueError, RecursionError):
+        raise ValueError("is not a JSON record") from None
+    if not isinstance(record, dict):
+        raise ValueError("is not a JSON record")
+    if not isinstance(record.get("time"), str) or not RECORD_TIME.fullmatch(record["time"]):
+        raise ValueError(f"is malformed: its time is {short(record.get('time'))}, not YYYY-MM-DDTHH:MM:SS[.ffffff]Z")
+    for name in ("verdict",) + tuple(n for n in _RECORD_TEXT if n in record):
+        if not isinstance(record.get(name), str):
+            raise ValueError(f"is malformed: its {name} is {short(record.get(name))}, not text")
+    for name in ("alias_moved", "alias_requested"):
+        if record.get(name) is not None and not (isinstance(record[name], str) and ALIAS.fullmatch(record[name])):
+            raise ValueError(f"is malformed: its {name} is {short(record[name])}, not an alias name")
+    for pair in (("attestation_artifact", "attestation_sha256"), ("record_artifact", "record_sha256")):
+        if (pair[0] in record) != (pair[1] in record):
+            raise ValueError(f"is malformed: it has one of {pair[0]} and {pair[1]} without the other")
+    if not isinstance(record.get("thresholds"), (dict, type(None))):
+        raise ValueError(f"is malformed: its thresholds are {short(record['thresholds'])}, not an object")
+    for name, suffix in (("attestation_artifact", ".dsse.json"), ("record_artifact", ".json")):
+        expected = f"{GATE_ARTIFACT_DIR}/{key}{suffix}"  # where the gate writes it, and nowhere else
+        if name in record and record[name] != expected:
+            raise ValueError(f"is malformed: its {name} is {short(record[name])}, not {expected}")
+    return record
+
+
 def gate_record_entries(tags: dict) -> list[tuple[str, dict | None]]:
     """``(tag key, record)`` of every gate decision on a version, oldest first; the record is None where the
-    tag does not hold a JSON record."""
+    tag does not hold a well-formed record (``parse_gate_record`` says why)."""
     entries = []
     for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
         try:
-            record = json.loads(tags[key])
+            entries.append((key, parse_gate_record(key, tags[key])))
         except ValueError:
-            record = None
-        entries.append((key, record if isinstance(record, dict) else None))
+            entries.append((key, None))
     return entries
 
 
 def gate_records(tags: dict) -> list[dict]:
-    """Every gate decision recorded on a version, oldest first; one that is not JSON reads as
+    """Every gate decision recorded on a version, oldest first; one that does not parse reads as
     ``{"unreadable": KEY}`` (and is a finding of ``check_gate_records``), never silently dropped."""
     return [record if record is not None else {"unreadable": key} for key, record in gate_record_entries(tags)]
 
 
 def deciding_record(tags: dict, aliases: list[str]) -> dict | None:
     """The latest decision that moved one of ``aliases`` (those now pointing at the version) there."""
-    for record in reversed(gate_records(tags)):
-        if record.get("alias_moved") and record["alias_moved"] in aliases:
+    for _, record in reversed(gate_record_entries(tags)):
+        if record is not None and record.get("alias_moved") in aliases:
             return record
     return None
 
@@ -331,7 +400,10 @@ def aliases_of(hop: Hop) -> list[str]:
 
 
 def short(value) -> str:
-    text = repr(value)
+    """A value as a finding quotes it: one line, at most 80 characters, whatever it holds."""
+    import reprlib
+
+    text = repr(value[:80]) if isinstance(value, str) else reprlib.repr(value)
     return text if len(text) <= 80 else text[:77] + "...'"
 
 

@@ -111,6 +111,10 @@ def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = Non
         dtype = check_weights(result, cache)
         if hop.kind == "unlearned":
             check_parent(result, dtype, cache)
+    except VerificationError as exc:  # the loader refuses a model whose evidence does not verify
+        result.notes.append(f"note: {hop.uri}: weights not loaded: {exc.findings[0]}")
+        if not result.findings:  # what it refused is not this version's own evidence (its parent's): say so
+            result.findings.append(f"unverifiable: {hop.uri}: {exc.findings[0]}")
     except BadInputError as exc:
         if strict:
             raise
