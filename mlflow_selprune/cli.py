@@ -606,7 +606,7 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
     for hop, row in zip(hops, rows):
         row["aliases"] = lineage.aliases_of(hop)
         row["deciding_gate"] = lineage.deciding_record(hop.tags, row["aliases"])
-        if hop.uri in audits and hop.is_unlearned and row["aliases"]:
+        if hop.uri in audits and hop.is_unlearned and row["aliases"] and hop.name is not None:
             if hop.name not in histories:
                 histories[hop.name] = evidence.alias_history(lineage.versions(hop.name)[0], trusted)
             evidence.check_aliases(audits[hop.uri], row["aliases"], histories[hop.name])

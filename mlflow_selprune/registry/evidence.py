@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from ..errors import BadInputError, VerificationError
 from .lineage import (
@@ -130,7 +131,7 @@ def _json_or_none(data):
         return None
 
 
-def _text_map(value) -> bool:
+def _text_map(value) -> TypeGuard[dict[str, str]]:
     """A JSON object of strings to strings: what a lineage record, a digest list and a manifest are."""
     return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
 
@@ -320,7 +321,7 @@ def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
 
     name = hops[0].name if hops else None
     versions = {f"models:/{name}/{hop.version}": str(hop.version) for hop in hops}
-    for run_id in sorted({run_of(hop) for hop in hops if run_of(hop)}):
+    for run_id in sorted({run_id for run_id in map(run_of, hops) if run_id}):
         for path in _gate_envelopes(run_id):
             where = f"{path} of run {run_id}"
             envelope = run_artifact(run_id, path)

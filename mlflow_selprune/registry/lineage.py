@@ -339,7 +339,7 @@ def parse_gate_record(key: str, value: str) -> dict:
 def gate_record_entries(tags: dict) -> list[tuple[str, dict | None]]:
     """``(tag key, record)`` of every gate decision on a version, oldest first; the record is None where the
     tag does not hold a well-formed record (``parse_gate_record`` says why)."""
-    entries = []
+    entries: list[tuple[str, dict | None]] = []
     for key in sorted(k for k in tags if k.startswith(GATE_RECORD_PREFIX)):
         try:
             entries.append((key, parse_gate_record(key, tags[key])))
