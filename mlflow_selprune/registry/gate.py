@@ -252,10 +252,15 @@ def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
     record like the gate's (verdict ``registered``), signed with ``signing_key`` when given, because the audit
     explains each alias on an unlearned version by the latest recorded move of it. Written only where the
     alias does point at the version; a record that cannot be written is a warning (the audit then names the
-    alias as unexplained)."""
-    resolved = resolve(model_uri)
-    name, version = resolved.registered_name, resolved.version
+    alias as unexplained). The version exists by then: anything that fails here, resolving it included, is a
+    warning that names it, never an error that would end the command after it was made."""
+    where = model_uri
     try:
+        resolved = resolve(model_uri)
+        where = resolved.canonical_uri
+        name, version = resolved.registered_name, resolved.version
+        if name is None or version is None:
+            raise ValueError("it is not a registered version")
         if str(client().get_model_version_by_alias(name, alias).version) != str(version):
             return  # the move failed, and said so: there is no move to record
         key, record = _new_record(verdict=lineage.REGISTERED, alias_requested=alias)
@@ -267,7 +272,7 @@ def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
             "alias '%s' points to %s, but the record of its move could not be written (%s); `lineage --verify` "
             "will report it until a gate moves it",
             alias,
-            resolved.canonical_uri,
+            where,
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )
 
