@@ -483,33 +483,56 @@ def publish(
     follows it is a warning naming it."""
     import mlflow
 
-    from .registry import attest, lineage, manifest, tracking
+    from .registry import lineage, manifest, tracking
 
     logger.info("logging the unlearned model to run %s", run_id)
     weights_digest = lineage.weights_sha256(loaded.model)
     phases.lap("digest")
-    delta = None
-    if plan.storage == "delta":
-        delta = {
-            "parent_uri": plan.parent.canonical_uri,
-            "parent_weights_sha256": loaded.parent_digest,
-            "weights_sha256": weights_digest,
-            "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        }
     model_info, artifacts = tracking.log_unlearned_model(
         loaded.model,
         loaded.tokenizer,
         result,
         metrics,
         extra_record=_extra_record(metrics, plan.evidence, result),
-        delta=delta,
+        delta=_delta_record(plan, loaded, weights_digest),
     )
     manifest_digest = manifest.log(run_id, model_info.model_uri)
     tables = {path: table for path, table in (tables or {}).items() if table is not None}
     for path, table in tables.items():
         mlflow.log_table(data=table, artifact_file=path)
     phases.lap("log_model")
-    tags = lineage.build_tags(
+    tags = _publish_tags(plan, loaded, result, metrics, run_id, weights_digest, artifacts, manifest_digest)
+    if plan.signer is not None:
+        tags[lineage.ATTESTATION_SHA] = _attest(plan, run_id, model_info.model_uri, tags)
+    mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
+    registered = None
+    if plan.target_name:
+        registered = _register(plan, plan.target_name, model_info, run_id, tags, metrics, result, tables)
+    phases.lap("register")
+    return UnlearnResult(
+        run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
+    )
+
+
+def _delta_record(plan: PrunePlan, loaded: Loaded, weights_digest: str) -> dict | None:
+    """What a delta keeps to be rebuilt and checked against its parent; None for a full copy."""
+    if plan.storage != "delta":
+        return None
+    return {
+        "parent_uri": plan.parent.canonical_uri,
+        "parent_weights_sha256": loaded.parent_digest,
+        "weights_sha256": weights_digest,
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+    }
+
+
+def _publish_tags(
+    plan: PrunePlan, loaded: Loaded, result, metrics: dict, run_id: str, weights_digest: str, artifacts, manifest_digest
+) -> dict:
+    """The lineage tags of the new version: what it was made from, how, and the digests of what was logged."""
+    from .registry import lineage
+
+    return lineage.build_tags(
         parent=plan.parent,
         run_id=run_id,
         forget=loaded.forget,
@@ -528,24 +551,30 @@ def publish(
         artifacts=artifacts,
         manifest_digest=manifest_digest,
     )
-    if plan.signer is not None:
-        tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
-            run_id, model_info.model_uri, tags, plan.parent.tags.get(lineage.MANIFEST_SHA), plan.signer
-        )
-    mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
-    registered = None
-    if plan.target_name:
-        description = _describe(plan, run_id, tags, metrics, result, tables, model_info.model_uri)
-        registered = tracking.register(model_info, plan.target_name, run_id, tags, plan.alias, description)
-        if plan.alias:  # recorded as a gate records its move: the audit explains each alias by such a record
-            from .registry.gate import record_registration
 
-            record_registration(registered, plan.alias, plan.signer)
-        _number_the_version(plan, registered, run_id, tags, metrics)
-    phases.lap("register")
-    return UnlearnResult(
-        run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
-    )
+
+def _attest(plan: PrunePlan, run_id: str, model_uri: str, tags: dict) -> str:
+    """Sign what the tags say, before the version exists; returns the statement's digest for its tag."""
+    from .registry import attest, lineage
+
+    return attest.log_unlearning(run_id, model_uri, tags, plan.parent.tags.get(lineage.MANIFEST_SHA), plan.signer)
+
+
+def _register(
+    plan: PrunePlan, name: str, model_info, run_id: str, tags: dict, metrics: dict, result, tables: dict
+) -> str:
+    """Describe, register a version of ``name`` (with its tags and description), record the alias move and
+    number the version: what follows the registration is a warning naming the version, never a failure."""
+    from .registry import tracking
+
+    description = _describe(plan, run_id, tags, metrics, result, tables, model_info.model_uri)
+    registered = tracking.register(model_info, name, run_id, tags, plan.alias, description)
+    if plan.alias:  # recorded as a gate records its move: the audit explains each alias by such a record
+        from .registry.gate import record_registration
+
+        record_registration(registered, plan.alias, plan.signer)
+    _number_the_version(plan, registered, run_id, tags, metrics)
+    return registered
 
 
 def _prune_with_evidence(model, forget_data, retain_data, config, evidence, accelerator, progress, on_step):
@@ -847,40 +876,17 @@ def run_materialize(
     check_alias(alias)
     check_registered_name(register_as)
     signer = attest.load_signing_key(signing_key)
-    resolved = resolve(model_uri)
-    if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
-        raise BadInputError(
-            f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are materialized"
-        )
+    resolved = _delta_version(model_uri)
     local = fetch_verified(resolved, "materialize")  # its lineage and record files are copied: never edited ones
     target = register_as or resolved.registered_name or ""  # a delta is always a registered version
     check_can_add_versions(target)
     model, tokenizer = load_components(resolved)  # rebuilt from its parent (verified first), both digests checked
     with tracking.job_run(run_name, "materialize") as run:
         mlflow.set_tag(lineage.PREFIX + "materialized_from", resolved.canonical_uri)
-        record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
-        files = {
-            name: str(local / "selprune" / file)
-            for name, file in record_files.items()
-            if (local / "selprune" / file).is_file()
-        }
-        for path in files.values():  # in this run too, where `lineage --verify` checks them against their digests
-            mlflow.log_artifact(path, artifact_path="selprune")
+        files = _log_record_files(local)
         model_info = log_model(components(model, tokenizer), name="model", pruning_files=files)
-        tags = lineage.lineage_tags(resolved.tags)
-        tags.pop(lineage.ARTIFACTS_SHA, None)
-        if files:
-            tags[lineage.ARTIFACTS_SHA] = lineage.canonical_json(lineage.artifact_digests(files))
-        tags[lineage.MANIFEST_SHA] = manifest.log(run.info.run_id, model_info.model_uri)
-        tags.update(
-            {
-                lineage.STORAGE: "full",
-                lineage.RUN_ID: run.info.run_id,
-                lineage.PREFIX + "materialized_from": resolved.canonical_uri,
-                lineage.COMPLETE: "true",
-            }
-        )
-        tags.pop(lineage.ATTESTATION_SHA, None)  # the delta's statement names the delta's files, not these
+        manifest_digest = manifest.log(run.info.run_id, model_info.model_uri)
+        tags = _materialized_tags(resolved, run.info.run_id, files, manifest_digest)
         if signer is not None:
             parent_manifest = resolve(tags[lineage.PARENT]).tags.get(lineage.MANIFEST_SHA)
             tags[lineage.ATTESTATION_SHA] = attest.log_unlearning(
@@ -894,3 +900,54 @@ def run_materialize(
 
             record_registration(registered, alias, signer)
     return UnlearnResult(run.info.run_id, registered, tags.get(lineage.PARENT, ""), {}, None, tags, alias)
+
+
+def _delta_version(model_uri: str):
+    """The version to materialize, which must be a registered delta (a full copy has nothing to rebuild)."""
+    from .registry import lineage
+    from .registry.resolve import resolve
+
+    resolved = resolve(model_uri)
+    if not resolved.is_registered or resolved.tags.get(lineage.STORAGE) != "delta":
+        raise BadInputError(
+            f"'{model_uri}' is not a delta version (selprune.storage=delta); only deltas are materialized"
+        )
+    return resolved
+
+
+def _log_record_files(local) -> dict[str, str]:
+    """Copy the delta's record, masks and scores (those it has) from its verified download into this run,
+    where `lineage --verify` checks them against their digests; returns ``{name: local path}``."""
+    import mlflow
+
+    record_files = {"record": "pruning_record.json", "masks": "masks.safetensors", "scores": "scores.safetensors"}
+    files = {
+        name: str(local / "selprune" / file)
+        for name, file in record_files.items()
+        if (local / "selprune" / file).is_file()
+    }
+    for path in files.values():
+        mlflow.log_artifact(path, artifact_path="selprune")
+    return files
+
+
+def _materialized_tags(resolved, run_id: str, files: dict[str, str], manifest_digest: str) -> dict:
+    """The delta's lineage tags, made the full version's: its own run, manifest and record digests, and the
+    delta it was made from; the delta's statement is dropped, for it names the delta's files, not these."""
+    from .registry import lineage
+
+    tags = lineage.lineage_tags(resolved.tags)
+    tags.pop(lineage.ARTIFACTS_SHA, None)
+    if files:
+        tags[lineage.ARTIFACTS_SHA] = lineage.canonical_json(lineage.artifact_digests(files))
+    tags[lineage.MANIFEST_SHA] = manifest_digest
+    tags.update(
+        {
+            lineage.STORAGE: "full",
+            lineage.RUN_ID: run_id,
+            lineage.PREFIX + "materialized_from": resolved.canonical_uri,
+            lineage.COMPLETE: "true",
+        }
+    )
+    tags.pop(lineage.ATTESTATION_SHA, None)
+    return tags
