@@ -143,3 +143,36 @@ def test_a_new_version_s_manifest_is_taken_before_upload_never_by_downloading_it
     assert [uri for uri in calls if uri.startswith("models:/m-")] == [], calls
     out = invoke("lineage", pruned, "--verify")
     assert out.exit_code == 0, out.output
+
+
+@pytest.mark.parametrize(
+    "raised, expected",
+    [
+        (
+            "403 Client Error: Forbidden for url: http://h/api/2.0/mlflow-artifacts/artifacts?path=0. "
+            "Response text: Permission denied",
+            "permission denied: the MLflow server at",
+        ),
+        ("Connection reset by peer", "cannot download 'models:/guarded/9': Connection reset by peer"),
+    ],
+)
+def test_a_download_the_artifact_proxy_refuses_is_the_permission_line(monkeypatch, raised, expected):
+    """The proxy's refusal reaches the download as a ``requests.HTTPError`` (an ``OSError``), not an
+    ``MlflowException``: it is still the one permission line, naming what the artifacts need."""
+    import requests
+
+    from mlflow_selprune.errors import BadInputError
+    from mlflow_selprune.registry import loading
+    from mlflow_selprune.registry.resolve import ResolvedModel
+
+    def refuse(**_):
+        raise requests.HTTPError(raised)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", refuse)
+    uri = "models:/guarded/9"
+    with pytest.raises(BadInputError) as refused:
+        loading.fetch(ResolvedModel(uri, uri, uri, NAME, "9"))
+    message = str(refused.value)
+    assert message.startswith(expected) and "\n" not in message, message
+    if "permission" in expected:
+        assert "mlflow-artifacts/artifacts: to read or write artifacts MLflow needs READ on the experiment" in message

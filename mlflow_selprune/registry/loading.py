@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def _download_errors(resolved: ResolvedModel):
-    """A download that fails is one line (a refusal: the permission line)."""
+    """A download that fails is one line (a refusal: the permission line). The artifact proxy's refusal comes
+    as a ``requests.HTTPError``, an ``OSError``, so that branch is asked for a refusal too."""
     from .lineage import refuse_if_denied
 
     try:
@@ -35,6 +36,7 @@ def _download_errors(resolved: ResolvedModel):
         refuse_if_denied(exc)
         raise BadInputError(f"cannot download '{resolved.uri}': {exc.message.splitlines()[0]}") from None
     except OSError as exc:
+        refuse_if_denied(exc)
         raise BadInputError(f"cannot download '{resolved.uri}': {exc}") from None
     except Exception as exc:  # noqa: BLE001 - an HTTP refusal from the artifact proxy is a permission line
         refuse_if_denied(exc)

@@ -296,8 +296,9 @@ def access_refused_message(exc: BaseException) -> str | None:
             f"the MLflow server at {uri} did not accept the credentials of {tracking_user()} (401 Unauthorized); "
             "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
         )
-    named = re.search(r"endpoint (\S+)", text)
-    endpoint = named.group(1) if named else ""
+    # MLflow's client names the endpoint; requests (the artifact proxy's refusals) names the URL
+    named = re.search(r"endpoint (\S+)|for url: \S*?(/api/[^\s?]+)", text)
+    endpoint = (named.group(1) or named.group(2)) if named else ""
     need = next(((what, needs) for fragment, what, needs in _NEEDS if fragment in endpoint), None)
     asked = f" ({endpoint}: to {need[0]} MLflow needs {need[1]})" if need else f" ({text.splitlines()[0][:200]})"
     return (
