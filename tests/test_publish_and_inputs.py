@@ -271,34 +271,45 @@ def _edited_checkpoint(tiny_tokenizer, path: Path, edit) -> str:
     return model_dir
 
 
-def test_a_checkpoint_with_a_missing_weight_is_refused_never_initialized_at_random(store, tiny_tokenizer, tmp_path):
-    def drop_head(state):
-        del state["embed_out.weight"]
-        return state
-
-    model_dir = _edited_checkpoint(tiny_tokenizer, tmp_path / "missing", drop_head)
-    _refused_everywhere(store, model_dir, "do not match GPTNeoXForCausalLM (missing: ")  # its LM head
+def _drop_head(state):
+    del state["embed_out.weight"]
+    return state
 
 
-def test_a_checkpoint_with_an_extra_weight_is_refused(store, tiny_tokenizer, tmp_path):
-    def add_weight(state):
-        state["gpt_neox.layers.0.mlp.gate.weight"] = torch.zeros(64, 32)
-        return state
+def _add_weight(state):
+    state["gpt_neox.layers.0.mlp.gate.weight"] = torch.zeros(64, 32)
+    return state
 
-    model_dir = _edited_checkpoint(tiny_tokenizer, tmp_path / "extra", add_weight)
-    _refused_everywhere(store, model_dir, "unexpected: gpt_neox.layers.0.mlp.gate.weight")
+
+def _reshape_weight(state):
+    state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] = torch.zeros(48, 32)  # the model's is 64 x 32
+    return state
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_drop_head, "do not match GPTNeoXForCausalLM (missing: "),  # its LM head
+        (_add_weight, "unexpected: gpt_neox.layers.0.mlp.gate.weight"),
+        (_reshape_weight, "of another shape: gpt_neox.layers.0.mlp.dense_h_to_4h.weight"),
+    ],
+    ids=["missing", "extra", "wrong-shape"],
+)
+def test_a_checkpoint_whose_weights_do_not_fill_its_class_is_refused_never_initialized_at_random(
+    store, tiny_tokenizer, tmp_path, edit, expected
+):
+    """A weight missing, extra or of another shape: transformers would initialize at random what it cannot
+    load, so each is one line (exit 2) with nothing written, never a model with random parts or an exit 3."""
+    model_dir = _edited_checkpoint(tiny_tokenizer, tmp_path / "edited", edit)
+    _refused_everywhere(store, model_dir, expected)
 
 
 @pytest.mark.slow(seconds=15)
-def test_the_refusal_is_one_line_on_the_console(store, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("edit", [_drop_head, _reshape_weight], ids=["missing", "wrong-shape"])
+def test_the_refusal_is_one_line_on_the_console(store, tiny_tokenizer, tmp_path, edit):
     """In a fresh process (where transformers' own load report would also reach stderr): the store line, then
     the one error line, nothing else."""
-
-    def drop_head(state):
-        del state["embed_out.weight"]
-        return state
-
-    model_dir = _edited_checkpoint(tiny_tokenizer, tmp_path / "console", drop_head)
+    model_dir = _edited_checkpoint(tiny_tokenizer, tmp_path / "console", edit)
     out = cli(
         "evaluate",
         "--model-uri",
