@@ -199,6 +199,21 @@ def _latest() -> str:
     return _uri(max(int(v.version) for v in MlflowClient().search_model_versions(f"name='{TINY_NAME}'")))
 
 
+def test_a_registration_whose_move_cannot_be_recorded_is_a_warning_naming_the_version(monkeypatch, caplog):
+    """The version and its alias exist by the time their move is recorded: a failure there, even resolving
+    the version, is a warning that names it, never an error that ends `prune --alias` after the version."""
+    from mlflow_selprune.registry import gate
+
+    def unreachable(uri):
+        raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(gate, "resolve", unreachable)
+    with caplog.at_level("WARNING", logger=gate.logger.name):
+        gate.record_registration("models:/tiny-lm/7", "canary")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and "models:/tiny-lm/7" in said[0] and "the tracking server went away" in said[0], said
+
+
 def _version(uri: str) -> str:
     return uri.rsplit("/", 1)[1]
 
