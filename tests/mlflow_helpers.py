@@ -27,19 +27,23 @@ from mlflow_selprune.registry.flavor import default_pip_requirements
 TINY_NAME = "tiny-lm"
 
 
-def tiny_model(tokenizer, seed: int = 0):
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(
+def tiny_neox_config(tokenizer, **extra) -> GPTNeoXConfig:
+    """The tiny GPT-NeoX every registry test builds (2 layers, width 32), for any head."""
+    return GPTNeoXConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,
         max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_neox_config(tokenizer, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
     return GPTNeoXForCausalLM(config).eval()
 
 
@@ -181,6 +185,18 @@ SMALL = [
     "2000",
     "--eval-tokens",
     "1000",
+    "--no-progress",
+]
+# A larger budget, for tests that compare numbers
+SMALL_DATA = [
+    "--max-length",
+    "64",
+    "--batch-size",
+    "8",
+    "--collect-tokens",
+    "3000",
+    "--eval-tokens",
+    "1500",
     "--no-progress",
 ]
 

@@ -21,21 +21,11 @@ from mlflow_selprune.config import PruneConfig
 from mlflow_selprune.config import DataOptions, SourceOptions
 from mlflow_selprune.unlearn import run_prune
 
+from mlflow_helpers import SMALL_DATA as DATA_BUDGET
 from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot
 
 
-SMALL_DATA = [
-    "--paragraphs",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "8",
-    "--collect-tokens",
-    "3000",
-    "--eval-tokens",
-    "1500",
-    "--no-progress",
-]
+SMALL_DATA = ["--paragraphs", *DATA_BUDGET]
 
 
 @pytest.fixture(scope="module")

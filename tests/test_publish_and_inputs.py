@@ -27,20 +27,18 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlflow_selprune.registry import lineage
-from mlflow_helpers import TINY_NAME, assert_complete_or_absent, cli, invoke, jsonl_retain_store, registry_snapshot
+from mlflow_helpers import (
+    SMALL_DATA,
+    tiny_neox_config,
+    TINY_NAME,
+    assert_complete_or_absent,
+    cli,
+    invoke,
+    jsonl_retain_store,
+    registry_snapshot,
+)
 
 KINDS = ("causal-lm", "masked-lm", "text-classifier", "image-classifier")
-SMALL_DATA = [
-    "--max-length",
-    "64",
-    "--batch-size",
-    "8",
-    "--collect-tokens",
-    "3000",
-    "--eval-tokens",
-    "1500",
-    "--no-progress",
-]
 
 
 @pytest.fixture(scope="module")
@@ -213,17 +211,7 @@ def test_data_specs_and_users_are_shown_never_rendered_and_cannot_forge_gate_dec
 
 
 def _neox_config(tokenizer):
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return tiny_neox_config(tokenizer)
 
 
 def _saved(model, tokenizer, path: Path) -> str:

@@ -20,20 +20,18 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.registry import lineage
 from mlflow_selprune.registry.tracking import FAILURE_TAG
 
-from mlflow_helpers import TINY_NAME, cli, invoke, jsonl_retain_store, post_json, registry_snapshot, served_model
+from mlflow_helpers import (
+    SMALL_DATA,
+    TINY_NAME,
+    cli,
+    invoke,
+    jsonl_retain_store,
+    post_json,
+    registry_snapshot,
+    served_model,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_DATA = [
-    "--max-length",
-    "64",
-    "--batch-size",
-    "8",
-    "--collect-tokens",
-    "3000",
-    "--eval-tokens",
-    "1500",
-    "--no-progress",
-]
 # the same budget as MLproject parameters
 SMALL_PARAMS = ["-P", "max_length=64", "-P", "batch_size=8", "-P", "collect_tokens=3000", "-P", "eval_tokens=1500"]
 HEAVY = ("torch", "transformers", "mlflow")
