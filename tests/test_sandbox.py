@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import secrets
 import signal
 import socket
@@ -178,6 +179,95 @@ def test_a_fork_bomb_is_bounded_by_the_process_limit(sandboxed):
         """
     )
     assert run_program(program, timeout=3) == "passed"
+
+
+def test_memory_files_are_bounded_by_the_descriptor_and_file_size_limits(sandboxed):
+    """``memfd_create`` pages are shared memory, in no tmpfs and outside ``RLIMIT_AS``: a program that keeps
+    256 of them of 2 MiB each open must stop at the descriptor limit (``EMFILE``) holding at most 64 MiB, each
+    file cut to 1 MiB (``RLIMIT_FSIZE``). It raises ``LookupError`` only then; holding them all, it passes."""
+    program = textwrap.dedent(
+        """
+        import errno, os
+        held = []
+        try:
+            for _ in range(256):
+                fd = os.memfd_create("m")
+                os.write(fd, b"x" * (2 << 20))
+                held.append(os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno == errno.EMFILE and len(held) < 64 and max(held) <= 1 << 20:
+                raise LookupError(len(held))
+            raise
+        """
+    )
+    assert run_program(program, timeout=3) == "failed: LookupError"
+
+
+# The raw ``clone`` syscall per machine, for a program that tries ``clone(CLONE_NEWUSER)`` through ``syscall``.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}
+
+
+def _refused(call: str) -> str:
+    """A program that makes the libc ``call`` and raises ``LookupError`` only if it returned -1 with ``EPERM``:
+    a call that works lets the program pass."""
+    return (
+        "import ctypes, errno, os\nlibc = ctypes.CDLL(None, use_errno=True)\nparent = os.getpid()\n"
+        f"result = {call}\n"
+        "if result == 0 and os.getpid() != parent:\n    os._exit(0)\n"  # a clone's child leaves at once
+        "if result == -1 and ctypes.get_errno() == errno.EPERM:\n    raise LookupError(result)"
+    )
+
+
+def test_a_program_cannot_make_a_namespace_of_its_own(sandboxed):
+    """A user namespace would give the program every capability in it: mount a tmpfs of any size over its
+    directory, make network and mount namespaces. ``unshare(CLONE_NEWUSER | CLONE_NEWNS)`` and a raw
+    ``clone(CLONE_NEWUSER)`` are refused with ``EPERM``."""
+    clone = _SYS_CLONE[platform.machine()]
+    programs = [
+        "libc.unshare(0x10000000 | 0x00020000)",  # CLONE_NEWUSER | CLONE_NEWNS
+        "libc.unshare(0x10000000) or libc.unshare(0x40000000 | 0x00020000)",  # then CLONE_NEWNET | CLONE_NEWNS in it
+        f"libc.syscall({clone}, 0x10000000 | 17, 0, 0, 0, 0)",  # CLONE_NEWUSER | SIGCHLD
+    ]
+    for call in programs:
+        assert run_program(_refused(call), timeout=3) == "failed: LookupError", call
+
+
+def test_kernel_objects_without_a_memory_bound_are_refused(sandboxed):
+    """System V shared memory, message queues and semaphores live in the check's IPC namespace with limits far
+    above the host's memory, and ``io_uring`` rings are a way around the syscall filter: each is refused."""
+    io_uring_setup = 425  # the same number on x86_64 and aarch64
+    assert platform.machine() in _SYS_CLONE
+    programs = [
+        "libc.shmget(0, 1 << 20, 0o1000 | 0o600)",  # IPC_PRIVATE, IPC_CREAT
+        "libc.msgget(0, 0o1000 | 0o600)",
+        "libc.semget(0, 64, 0o1000 | 0o600)",
+        f"libc.syscall({io_uring_setup}, 4, ctypes.create_string_buffer(120))",
+    ]
+    for call in programs:
+        assert run_program(_refused(call), timeout=3) == "failed: LookupError", call
+
+
+def test_only_a_program_whose_tests_ran_to_their_end_passes(sandboxed, monkeypatch):
+    """A candidate that ends the process with status 0 before its failing test line (``os._exit(0)``, from the
+    main thread or another), or that makes the runner's own handling of the failure raise ``SystemExit(0)``
+    (a replaced ``builtins.next``, an exception class whose metaclass ``__name__`` raises), does not pass; with
+    and without the sandbox."""
+    test = "\nassert add(2, 2) == 5"
+    add = "def add(a, b):\n    return a + b\n"
+    exit_now = "def leave(*args, **kwargs):\n    raise SystemExit(0)\n"
+    odd = "class Meta(type):\n    __name__ = property(leave)\nclass Odd(Exception, metaclass=Meta):\n    pass\n"
+    in_a_thread = "import os, threading\nthread = threading.Thread(target=os._exit, args=(0,))\nthread.start()\n"
+    programs = [
+        add + "import os\nos._exit(0)",
+        add + in_a_thread + "thread.join()",
+        add + exit_now + "import builtins\nbuiltins.next = leave",
+        exit_now + odd + "def add(a, b):\n    raise Odd()",
+    ]
+    expected = ["failed: error", "failed: error", "failed: AssertionError", "failed: Exception"]
+    assert [run_program(p + test, timeout=3) for p in programs] == expected
+    assert run_program(add + "assert add(2, 2) == 4", timeout=3) == "passed"
+    monkeypatch.setenv("SELPRUNE_BWRAP", "/nonexistent/bwrap")
+    assert [run_program(p + test, timeout=3, allow_unsandboxed=True) for p in programs] == expected
 
 
 def test_a_program_cannot_write_outside_its_directory_through_low_level_calls(sandboxed, tmp_path):

@@ -4,9 +4,11 @@ Each candidate program is run with its task's test lines (``candidate + "\\n" + 
 (``sandbox.py``, beside this file): a security boundary against code written to escape, not only against
 accidents. It holds against reading the caller's environment, files or memory (no host ``/proc``, nothing of
 the host's file system but the interpreter and its libraries, read-only), reaching the network, writing
-outside its private tmpfs, leaving processes behind, fork bombs, and filling the caller's memory with
-output. At most ``timeout`` seconds of CPU decide a timeout; an outcome is ``passed``, ``timed out`` or
-``failed: <built-in exception type>``, never other text of the program. Where the sandbox cannot run,
+outside its private tmpfs, leaving processes behind, fork bombs, making namespaces of its own, holding
+memory past its limits (memory files, System V shared memory), and filling the caller's memory with output.
+At most ``timeout`` seconds of CPU decide a timeout; an outcome is ``passed``, ``timed out`` or ``failed:
+<built-in exception type>``, never other text of the program, and ``passed`` only once the test lines ran to
+their end (an ``os._exit(0)`` before them is no pass). Where the sandbox cannot run,
 ``compute`` refuses unless ``allow_unsandboxed=True`` (as Hugging Face's ``HF_ALLOW_CODE_EVAL`` gates
 ``code_eval``).
 
