@@ -499,3 +499,155 @@ def test_a_malformed_tag_is_a_finding_for_its_version_and_the_table_goes_on(sign
         assert chain.exit_code == (2 if key == lineage.PARENT else 1), chain.output
         if key != lineage.PARENT:
             assert any(key in line for line in _lines(chain, f"tampered: {v3}:")), chain.stdout
+
+
+# ----------------------------------------------------------------------------- a signed decision cannot be hidden
+
+
+def _gate_dir(uri: str) -> tuple[str, Path]:
+    """``(run id, the run's selprune/gate/ as stored)`` of a version."""
+    run_id = MlflowClient().get_model_version(TINY_NAME, _version(uri)).run_id
+    return run_id, _run_dir(run_id) / lineage.GATE_ARTIFACT_DIR
+
+
+def _moved(uri: str, alias: str) -> str:
+    """The key of the latest decision record on the version that says it moved ``alias``."""
+    tags = MlflowClient().get_model_version(TINY_NAME, _version(uri)).tags
+    return [k for k, record in lineage.gate_record_entries(tags) if record and record.get("alias_moved") == alias][-1]
+
+
+def _log_as(run_id: str, name: str, data: bytes) -> None:
+    """Log ``data`` as ``selprune/gate/<name>`` in run ``run_id`` (over any file of that name): what EDIT allows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / name).write_bytes(data)
+        MlflowClient().log_artifact(run_id, str(Path(tmp) / name), artifact_path=lineage.GATE_ARTIFACT_DIR)
+
+
+HIDINGS = ["the version's attestation over it", "the older decision over it", "the record alone"]
+
+
+@pytest.mark.slow(seconds=90)
+@pytest.mark.parametrize("hiding", HIDINGS)
+def test_a_signed_decision_hidden_under_its_name_leaves_an_alias_moved_back_by_hand_unexplained(signed, hiding):
+    """A signed gate moves @production to v3; an EDIT user moves it back to v2 by hand, writes v3's record as if
+    no alias moved, and (but in the last case) logs another validly signed statement over v3's signed decision:
+    its version's attestation, or v2's decision. A signed decision binds its record key (so its file name) and
+    its version, so the file is no decision of that name: the history is unreadable, and with the record alone
+    edited the decision still stands and the record is not it. Either way the chain and the table exit 1 and
+    name @production on v2."""
+    client = MlflowClient()
+    v2, v3 = signed["v2"], signed["v3"]
+    gate = ["gate", "--max-retain-drop", "1", "--set-alias", "production", "--signing-key", signed["private"]]
+    assert invoke(*gate, "--model-uri", v3).exit_code == 0
+    key = _moved(v3, "production")
+    run3, gate3 = _gate_dir(v3)
+    genuine = (gate3 / f"{key}.dsse.json").read_bytes()
+    record = json.loads(client.get_model_version(TINY_NAME, _version(v3)).tags[key])
+    try:
+        client.set_registered_model_alias(TINY_NAME, "production", _version(v2))
+        if hiding == "the version's attestation over it":
+            _log_as(run3, f"{key}.dsse.json", (_run_dir(run3) / attest.ATTESTATION_ARTIFACT).read_bytes())
+        elif hiding == "the older decision over it":
+            _log_as(run3, f"{key}.dsse.json", (_gate_dir(v2)[1] / f"{_moved(v2, 'production')}.dsse.json").read_bytes())
+        with _tag_set(v3, key, json.dumps({**record, "alias_moved": None}, sort_keys=True)):
+            for args in (
+                ["--all", TINY_NAME, "--trusted-key", signed["public"]],
+                [f"models:/{TINY_NAME}@production", "--verify", "--trusted-key", signed["public"]],
+            ):
+                out = invoke("lineage", *args)
+                assert out.exit_code == 1, (hiding, args, out.output)
+                assert len(_lines(out, f"unexplained alias: {v2}: @production points here")) == 1, out.stdout
+            table = invoke("lineage", "--all", TINY_NAME, "--trusted-key", signed["public"])
+            assert any(key in line for line in _lines(table, f"tampered: {v3}:")), table.stdout
+    finally:
+        _log_as(run3, f"{key}.dsse.json", genuine)
+        assert invoke(*gate, "--model-uri", v2).exit_code == 0
+    assert _aliases()["production"] == _version(v2)
+    assert invoke("lineage", "--all", TINY_NAME, "--trusted-key", signed["public"]).exit_code == 0
+
+
+STRAYS = ["an older decision copied under its own name", "an attestation under a decision's name", "a text file"]
+
+
+@pytest.mark.slow(seconds=40)
+@pytest.mark.parametrize("stray", STRAYS)
+def test_any_file_in_a_runs_gate_folder_that_is_no_signed_decision_of_its_name_and_run_is_a_finding(signed, stray):
+    """In v3's run, beside its genuine decisions: v2's signed decision copied under its own name (a decision of a
+    version whose run this is not), v3's attestation under a decision's name, a text file. With a trusted key
+    the history of the model's decisions cannot be read whole, so no alias of an unlearned version is explained
+    (exit 1); once it is gone the table passes."""
+    v2, v3 = signed["v2"], signed["v3"]
+    run3, gate3 = _gate_dir(v3)
+    if stray == "an older decision copied under its own name":
+        name = f"{_moved(v2, 'production')}.dsse.json"
+        data = (_gate_dir(v2)[1] / name).read_bytes()
+    elif stray == "an attestation under a decision's name":
+        name, data = f"{KEY_OF_RECORD}.dsse.json", (_run_dir(run3) / attest.ATTESTATION_ARTIFACT).read_bytes()
+    else:
+        name, data = "notes.txt", b"nothing to see\n"
+    _log_as(run3, name, data)
+    try:
+        out = invoke("lineage", "--all", TINY_NAME, "--trusted-key", signed["public"])
+        assert out.exit_code == 1, (stray, out.output)
+        found = _lines(out, "unexplained alias:")
+        assert len(found) == 2 and all("cannot all be read" in line and name in line for line in found), found
+    finally:
+        (gate3 / name).unlink()
+    assert invoke("lineage", "--all", TINY_NAME, "--trusted-key", signed["public"]).exit_code == 0
+
+
+# ----------------------------------------------------------------------------- a parent that cannot be loaded
+
+
+def _bad_parent(kind: str, tmp: Path) -> str:
+    """A model whose config.json does not load: logged in a run of one's own, or a local directory."""
+    config = {"model_type": "gpt_neox", "hidden_size": "x"} if "hidden_size" in kind else {}
+    if kind.startswith("a local directory"):
+        (tmp / "config.json").write_text(json.dumps(config))
+        return str(tmp)
+    with mlflow.start_run(run_name="bad parent") as run:
+        mlflow.log_text(json.dumps(config), "m/config.json")
+    return f"runs:/{run.info.run_id}/m"
+
+
+BAD_PARENTS = ["a run's empty config", "a run's config with hidden_size 'x'", "a local directory's empty config"]
+
+
+@pytest.mark.slow(seconds=60)
+@pytest.mark.parametrize("anchored", [False, True], ids=["tag edited", "anchored in a run of one's own"])
+@pytest.mark.parametrize("kind", BAD_PARENTS)
+def test_a_parent_that_cannot_be_loaded_is_a_finding_for_its_version_and_the_gate_refuses(signed, kind, anchored):
+    """A version of v2's model files whose parent is a model that does not load: named in an edited parent tag
+    (v2's run), or in tags a run of one's own anchored (so they verify, and only loading the parent fails).
+    The chain and the table exit 1 (never 3) with a finding for that version, every row printed, and the gate
+    refuses in one line, writing nothing."""
+    client = MlflowClient()
+    genuine = client.get_model_version(TINY_NAME, _version(signed["v2"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        parent = _bad_parent(kind, Path(tmp))
+        tags = lineage.lineage_tags(genuine.tags)
+        tags[lineage.PARENT] = parent
+        run_id = genuine.run_id
+        if anchored:  # evidence files it cannot copy are left out: their tags with them
+            for tag in (lineage.MANIFEST_SHA, lineage.ARTIFACTS_SHA, lineage.ATTESTATION_SHA):
+                tags.pop(tag)
+            with mlflow.start_run(run_name="own parent") as run:
+                run_id = tags[lineage.RUN_ID] = run.info.run_id
+            tracking.record_lineage(run_id, tags)
+        made = client.create_model_version(TINY_NAME, genuine.source, run_id=run_id, tags=tags)
+        uri = _uri(made.version)
+        try:
+            chain = invoke("lineage", uri, "--verify")
+            assert chain.exit_code == 1, chain.output
+            assert _lines(chain, f"tampered: {uri}:" if not anchored else f"unverifiable: {uri}:"), chain.stdout
+            table = invoke("lineage", "--all", TINY_NAME)
+            assert table.exit_code == 1, table.output
+            assert set(_rows(table)) >= {"version", "1", _version(signed["v2"]), str(made.version)}, table.stdout
+            assert _lines(table, f"tampered: {signed['v2']}:") == [], table.stdout
+            before = registry_snapshot()
+            gated = invoke("gate", "--model-uri", uri, "--max-retain-drop", "1")
+            assert gated.exit_code == 1, gated.output
+            assert gated.stderr.count(f"gate FAILED for {uri}: refused, ") == 1, gated.stderr
+            assert registry_snapshot() == before
+        finally:
+            client.delete_model_version(TINY_NAME, made.version)

@@ -10,7 +10,9 @@ write an in-toto Statement v1 in a DSSE envelope signed with it:
 - predicate (``UNLEARNING_PREDICATE``): the parent (URI, manifest and
   weights digests), the forget/retain data and digests, the config digest,
   the weights digest, the run, and the metrics as tagged; for ``gate``
-  (``GATE_PREDICATE``), the decision record.
+  (``GATE_PREDICATE``), the version, the decision record and its key (the
+  envelope's name in the run is ``selprune/gate/<key>.dsse.json``, so a
+  statement logged under another name is no decision of that name).
 
 The envelope is the standard DSSE JSON (``payloadType``, base64 ``payload``,
 ``signatures`` of ``{keyid, sig}``; the signature is over DSSE's
@@ -34,6 +36,8 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 UNLEARNING_PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/unlearning/v1"
 GATE_PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/gate/v1"
+# what a signed gate decision holds of its record (each where the record has it)
+DECISION_FIELDS = ("time", "verdict", "thresholds", "failures", "user", "alias_requested")
 ATTESTATION_ARTIFACT = "selprune/attestation.dsse.json"
 SIGNING_KEY_ENV = "SELPRUNE_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "SELPRUNE_TRUSTED_KEYS"
@@ -291,17 +295,17 @@ def log_unlearning(run_id: str, subject_name: str, tags: dict, parent_manifest: 
 
 
 def log_gate_decision(run_id: str, version_uri: str, subject_digest: str, key_name: str, record: dict, key) -> dict:
-    """Sign a gate decision, log it in the version's run; returns the fields to add to the decision record."""
+    """Sign a gate decision, log it in the version's run; returns the fields to add to the decision record.
+
+    The signed predicate binds the version, the record's key ``key_name`` (and so the envelope's path, which is
+    made of it) and the decision: a copy under another name, in another version's run, or beside a record that
+    says otherwise is a finding of the audit."""
     from . import lineage
     from .resolve import client
 
-    decision = {
-        k: record[k] for k in ("time", "verdict", "thresholds", "failures", "user", "alias_requested") if k in record
-    }
-    envelope = sign(
-        statement(version_uri, subject_digest, GATE_PREDICATE, {"model_version": version_uri, "decision": decision}),
-        key,
-    )
-    path = f"{lineage.GATE_ARTIFACT_DIR}/{key_name}.dsse.json"
+    decision = {k: record[k] for k in DECISION_FIELDS if k in record}
+    predicate = {"model_version": version_uri, "record_key": key_name, "decision": decision}
+    envelope = sign(statement(version_uri, subject_digest, GATE_PREDICATE, predicate), key)
+    path = lineage.gate_envelope_path(key_name)
     client().log_text(run_id, envelope.decode(), path)
     return {"attestation_artifact": path, "attestation_sha256": envelope_sha256(envelope)}

@@ -33,6 +33,7 @@ from .lineage import (
     WEIGHTS_SHA,
     Hop,
     anchored_digest,
+    gate_envelope_path,
     gate_record_entries,
     lineage_tags,
     malformed_tags,
@@ -56,6 +57,7 @@ class Audit:
     findings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     actual_weights_sha256: str | None = None
+    anchored: dict | None = None  # the tags its run's lineage record holds, once that record matched its anchor
 
     def ok(self, check: str) -> None:
         if self.status[check] == NOT_APPLICABLE:
@@ -113,6 +115,7 @@ def check_tags(audit: Audit) -> None:
     if not _text_map(recorded):
         audit.tampered("tags", f"the lineage record {LINEAGE_RECORD} of run {run_id} is not a JSON object of tags")
         return
+    audit.anchored = recorded
     for key in sorted(recorded.keys() | now.keys()):
         if key not in now:
             audit.tampered("tags", f"tag {key} removed (recorded {short(recorded[key])})")
@@ -228,61 +231,103 @@ def check_files(audit: Audit) -> None:
 
 def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -> None:
     """With trusted keys: an unlearned version must carry a statement signed by one of them that says what its
-    verified tags say, and every gate decision that moved an alias must be signed the same way. A version
-    that needs neither (a root that no decision promoted) shows ``-``: nothing was signed, nothing required."""
+    verified tags say; every gate decision that moved an alias must be signed the same way, and every signed one
+    must say what its record says. A version that needs neither (a root that no decision promoted) shows ``-``:
+    nothing was signed, nothing required."""
+    if audit.hop.is_unlearned:
+        _check_statement(audit, trusted, parent_manifest)
+    for key, record in gate_record_entries(audit.hop.tags):
+        # an unreadable record: check_gate_records names it
+        if record is not None and (record.get("alias_moved") or "attestation_artifact" in record):
+            _check_decision(audit, trusted, key, record)
+
+
+def _opened(audit: Audit, trusted: dict, path: str | None, recorded_digest: str | None, what: str) -> dict | None:
+    """The statement of the envelope at ``path`` in the version's run, which must have the ``recorded_digest``
+    and open with a ``trusted`` key; None, with a finding, where it does not."""
     from . import attest
 
-    hop, run_id = audit.hop, run_of(audit.hop)
+    audit.ok("signature")  # required here: ok unless a finding below says otherwise
+    envelope = run_artifact(run_of(audit.hop), path) if path and recorded_digest else None
+    if envelope is None:
+        audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
+        return None
+    if attest.envelope_sha256(envelope) != recorded_digest:
+        audit.tampered("signature", f"{what}: its attestation {path} changed since it was recorded")
+        return None
+    try:
+        return attest.open_envelope(envelope, trusted)[0]
+    except attest.InvalidAttestation as exc:
+        audit.tampered("signature", f"{what}: {exc}")
+        return None
 
-    def opened(path: str | None, recorded_digest: str | None, what: str):
-        audit.ok("signature")  # required here: ok unless a finding below says otherwise
-        envelope = run_artifact(run_id, path) if path and recorded_digest else None
-        if envelope is None:
-            audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
-            return None
-        if attest.envelope_sha256(envelope) != recorded_digest:
-            audit.tampered("signature", f"{what}: its attestation {path} changed since it was recorded")
-            return None
-        try:
-            return attest.open_envelope(envelope, trusted)[0]
-        except attest.InvalidAttestation as exc:
-            audit.tampered("signature", f"{what}: {exc}")
-            return None
 
-    claim = attest.claim
-    if hop.is_unlearned:
-        signed = opened(attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
-        if signed is not None:
-            expected = attest.unlearning_predicate(hop.tags, parent_manifest)
-            claims = {
-                "predicate type": (claim(signed, "predicateType"), attest.UNLEARNING_PREDICATE),
-                "subject": (claim(signed, "subject", 0, "digest", "sha256"), hop.tags.get(MANIFEST_SHA)),
-                "run": (claim(signed, "predicate", "run_id"), run_id),
-                "parent manifest": (claim(signed, "predicate", "parent", "manifest_sha256"), parent_manifest),
-                "lineage": (claim(signed, "predicate", "lineage_tags"), expected["lineage_tags"]),
-            }
-            for name, (said, now) in claims.items():
-                if said != now:
-                    audit.tampered(
-                        "signature",
-                        f"the signed statement's {name} is not the version's ({short(said)} signed, {short(now)} now)",
-                    )
-    for key, record in gate_record_entries(hop.tags):
-        if record is None or not record.get("alias_moved"):  # an unreadable one: check_gate_records names it
-            continue
-        what = f"gate decision {key} (moved @{record['alias_moved']})"
-        signed = opened(record.get("attestation_artifact"), record.get("attestation_sha256"), what)
-        if signed is None:
-            continue
-        decision = claim(signed, "predicate", "decision")
-        if (
-            claim(signed, "predicateType") != attest.GATE_PREDICATE
-            or claim(signed, "predicate", "model_version") != hop.uri
-            or not isinstance(decision, dict)
-            or decision.get("alias_requested") != record["alias_moved"]
-            or any(decision.get(k) != record.get(k) for k in ("time", "verdict", "thresholds", "user"))
-        ):
-            audit.tampered("signature", f"{what}: the signed decision is not the recorded one")
+def _check_statement(audit: Audit, trusted: dict, parent_manifest: str | None) -> None:
+    """The version's signed statement against its verified tags, its run and its parent's manifest."""
+    from . import attest
+
+    hop, claim = audit.hop, attest.claim
+    signed = _opened(audit, trusted, attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
+    if signed is None:
+        return
+    expected = attest.unlearning_predicate(hop.tags, parent_manifest)
+    claims = {
+        "predicate type": (claim(signed, "predicateType"), attest.UNLEARNING_PREDICATE),
+        "subject": (claim(signed, "subject", 0, "digest", "sha256"), hop.tags.get(MANIFEST_SHA)),
+        "run": (claim(signed, "predicate", "run_id"), run_of(hop)),
+        "parent manifest": (claim(signed, "predicate", "parent", "manifest_sha256"), parent_manifest),
+        "lineage": (claim(signed, "predicate", "lineage_tags"), expected["lineage_tags"]),
+    }
+    for name, (said, now) in claims.items():
+        if said != now:
+            audit.tampered(
+                "signature",
+                f"the signed statement's {name} is not the version's ({short(said)} signed, {short(now)} now)",
+            )
+
+
+def _check_decision(audit: Audit, trusted: dict, key: str, record: dict) -> None:
+    """A gate decision record against its signed decision: the same version, record key and decision, and a
+    record that says no alias moved where the signed decision passed and asked for one must say why."""
+    from . import attest
+
+    moved, claim = record.get("alias_moved"), attest.claim
+    what = f"gate decision {key}" + (f" (moved @{moved})" if moved else "")
+    signed = _opened(audit, trusted, record.get("attestation_artifact"), record.get("attestation_sha256"), what)
+    if signed is None:
+        return
+    decision, whole = claim(signed, "predicate", "decision"), _whole_record(audit, record)
+    if (
+        claim(signed, "predicateType") != attest.GATE_PREDICATE
+        or claim(signed, "predicate", "model_version") != audit.hop.uri
+        or claim(signed, "predicate", "record_key") != key
+        or not isinstance(decision, dict)
+        or any(decision.get(k) != whole.get(k) for k in attest.DECISION_FIELDS)
+        or (moved is not None and moved != decision.get("alias_requested"))
+    ):
+        audit.tampered("signature", f"{what}: the signed decision is not the recorded one")
+        return
+    asked = decision.get("alias_requested")
+    failed = record.get("alias_not_moved")  # written by the gate where the move failed: "ALIAS: why"
+    if asked and moved is None and decision.get("verdict") in ("pass", REGISTERED):
+        if not (isinstance(failed, str) and failed.startswith(f"{asked}: ")):
+            audit.tampered(
+                "signature",
+                f"{what}: the signed decision passed and moved @{asked}, but the record says no alias moved "
+                "and names no failed move",
+            )
+
+
+def _whole_record(audit: Audit, record: dict) -> dict:
+    """The decision as recorded: the tag's record, or the whole record it names where it was too long for a tag
+    (its digest is ``check_gate_records``'s to check; where it does not match, the tag's fields alone)."""
+    if "record_sha256" not in record:
+        return record
+    stored = run_artifact(run_of(audit.hop), record["record_artifact"])
+    if stored is None or hashlib.sha256(stored).hexdigest() != record["record_sha256"]:
+        return record
+    whole = _json_or_none(stored)
+    return whole if isinstance(whole, dict) else record
 
 
 # ----------------------------------------------------------------------------- aliases only the gate moves
@@ -307,9 +352,11 @@ def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
 
     Without keys, the decision records in its versions' tags: anyone with EDIT can write one, so this tells an
     alias moved by hand from one the tool moved, not a forger. With ``trusted`` keys, the signed decisions in
-    its versions' runs (``selprune/gate/*.dsse.json``), read from the runs and not through the records that
-    name them, so an edited or emptied record cannot hide a later move; an envelope there that does not open
-    with a trusted key is unreadable, and then no alias of the model is explained."""
+    its versions' runs (``selprune/gate/``), read from the runs and not through the records that name them, so
+    an edited or emptied record cannot hide a later move. Fail closed: each file there (but the whole records
+    the gate keeps, ``KEY.json``) must be a gate decision signed by a trusted key, named after the record key it
+    signs, on a version of this model made by that run; anything else leaves the history unreadable, and then
+    no alias of the model is explained."""
     history = AliasHistory(signed=trusted is not None)
     if trusted is None:
         for hop in hops:
@@ -319,40 +366,53 @@ def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
         return history
     from . import attest
 
-    name = hops[0].name if hops else None
-    versions = {f"models:/{name}/{hop.version}": str(hop.version) for hop in hops}
-    for run_id in sorted({run_id for run_id in map(run_of, hops) if run_id}):
-        for path in _gate_envelopes(run_id):
-            where = f"{path} of run {run_id}"
-            envelope = run_artifact(run_id, path)
+    versions = {hop.uri: (str(hop.version), run_of(hop)) for hop in hops}
+    for run_id in sorted({run_id for _, run_id in versions.values() if run_id}):
+        for path in _gate_files(run_id):
+            where = f"{path if path.isprintable() else short(path)} of run {run_id}"
             try:
-                if envelope is None:
-                    raise attest.InvalidAttestation("it cannot be read")
-                signed = attest.open_envelope(envelope, trusted)[0]
+                alias, time, version, verdict = _signed_decision(run_id, path, trusted, versions)
             except attest.InvalidAttestation as exc:
-                history.unreadable.append(f"the signed decision {where}: {exc}")
+                history.unreadable.append(f"{where}: {exc}")
                 continue
-            if attest.claim(signed, "predicateType") != attest.GATE_PREDICATE:
-                continue  # not a decision
-            decision = attest.claim(signed, "predicate", "decision")
-            if not isinstance(decision, dict):
-                history.unreadable.append(f"the signed decision {where} holds no decision")
-                continue
-            alias, time = decision.get("alias_requested"), decision.get("time")
-            version = versions.get(attest.claim(signed, "predicate", "model_version"))
-            if alias is None or version is None:
-                continue  # no alias asked for, or a version of another model (a copy): it moved none of these
-            if not (isinstance(alias, str) and ALIAS.fullmatch(alias)):
-                history.unreadable.append(f"the signed decision {where} names no alias: {short(alias)}")
-            elif not (isinstance(time, str) and RECORD_TIME.fullmatch(time)):
-                history.unreadable.append(f"the signed decision {where} has no time: {short(time)}")
-            elif decision.get("verdict") in ("pass", REGISTERED):
+            if alias is not None and verdict in ("pass", REGISTERED):
                 history.moved(alias, time, version, where)
     return history
 
 
-def _gate_envelopes(run_id: str) -> list[str]:
-    """The signed decisions kept in run ``run_id`` (none where the run is gone)."""
+def _signed_decision(run_id: str, path: str, trusted: dict, versions: dict) -> tuple:
+    """``(alias requested or None, time, version, verdict)`` of the signed gate decision at ``path`` of run
+    ``run_id``; ``InvalidAttestation`` says why it is not one. ``versions``: the model's versions' URIs, each
+    to ``(version, its run)``."""
+    from .attest import GATE_PREDICATE, InvalidAttestation, claim, open_envelope
+
+    if not path.endswith(".dsse.json"):
+        raise InvalidAttestation("it is no signed decision (the gate writes only KEY.dsse.json and KEY.json there)")
+    envelope = run_artifact(run_id, path)
+    if envelope is None:
+        raise InvalidAttestation("it cannot be read")
+    signed = open_envelope(envelope, trusted)[0]
+    kind, key = claim(signed, "predicateType"), claim(signed, "predicate", "record_key")
+    version_uri, decision = claim(signed, "predicate", "model_version"), claim(signed, "predicate", "decision")
+    if kind != GATE_PREDICATE:
+        raise InvalidAttestation(f"it is a signed statement of another kind ({short(kind)}), not a gate decision")
+    if not isinstance(key, str) or gate_envelope_path(key) != path:
+        raise InvalidAttestation(f"it signs the decision of record {short(key)}, not the one its name says")
+    if not isinstance(version_uri, str) or versions.get(version_uri, (None, None))[1] != run_id:
+        raise InvalidAttestation(f"it is a decision on {short(version_uri)}, no version of this model from this run")
+    if not isinstance(decision, dict):
+        raise InvalidAttestation("it holds no decision")
+    alias, time = decision.get("alias_requested"), decision.get("time")
+    if alias is not None and not (isinstance(alias, str) and ALIAS.fullmatch(alias)):
+        raise InvalidAttestation(f"it names no alias: {short(alias)}")
+    if not (isinstance(time, str) and RECORD_TIME.fullmatch(time)):
+        raise InvalidAttestation(f"it has no time: {short(time)}")
+    return alias, time, versions[version_uri][0], decision.get("verdict")
+
+
+def _gate_files(run_id: str) -> list[str]:
+    """Every entry of run ``run_id``'s ``selprune/gate/`` but the whole records kept there (``KEY.json``, each
+    checked against the digest in its tag): what must be signed decisions (none where the run is gone)."""
     from mlflow.exceptions import MlflowException
 
     from .resolve import client
@@ -362,7 +422,12 @@ def _gate_envelopes(run_id: str) -> list[str]:
     except MlflowException as exc:
         refuse_if_denied(exc)
         return []
-    return sorted(f.path for f in listed if not f.is_dir and f.path.endswith(".dsse.json"))
+
+    def whole_record(path: str) -> bool:
+        name = path.rsplit("/", 1)[-1]
+        return name.startswith(GATE_RECORD_PREFIX) and name.endswith(".json") and not name.endswith(".dsse.json")
+
+    return sorted(f.path for f in listed if f.is_dir or not whole_record(f.path))
 
 
 def check_aliases(audit: Audit, aliases: list[str], history: AliasHistory) -> None:

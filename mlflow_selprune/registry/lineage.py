@@ -59,7 +59,8 @@ ATTESTATION_SHA = PREFIX + "attestation_sha256"  # the signed statement's envelo
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
 # The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
 LINEAGE_RECORD = "selprune/lineage.json"
-GATE_ARTIFACT_DIR = "selprune/gate"  # gate records too long for a tag, whole, with their digest in the tag
+# signed gate decisions (KEY.dsse.json), and gate records too long for a tag, whole (KEY.json, digest in the tag)
+GATE_ARTIFACT_DIR = "selprune/gate"
 LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
@@ -334,6 +335,11 @@ def parse_gate_record(key: str, value: str) -> dict:
         if name in record and record[name] != expected:
             raise ValueError(f"is malformed: its {name} is {short(record[name])}, not {expected}")
     return record
+
+
+def gate_envelope_path(key: str) -> str:
+    """Where the signed decision of record ``key`` is kept in its version's run (its name is the key)."""
+    return f"{GATE_ARTIFACT_DIR}/{key}.dsse.json"
 
 
 def gate_record_entries(tags: dict) -> list[tuple[str, dict | None]]:

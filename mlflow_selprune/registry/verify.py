@@ -95,22 +95,35 @@ def check_parent(audit: Audit, dtype: str, cache: dict) -> None:
     audit.ok("parent")
 
 
+def parent_verified(audit: Audit) -> bool:
+    """Whether the parent the version's tags name, and its digest, are the ones its run's anchored lineage record
+    holds: only then is the parent loaded (a parent tag edited, or never anchored, may name anything)."""
+    anchored, tags = audit.anchored, audit.hop.tags
+    return anchored is not None and all(anchored.get(k) == tags.get(k) for k in (PARENT, PARENT_WEIGHTS_SHA))
+
+
 @manifest.one_copy()  # the files are fetched and hashed once; the weights load from that copy
 def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = None) -> Audit:
     """Every check on one version: its recorded evidence (``evidence.recorded``), then its weights and its
-    parent's. ``cache`` holds weights digests across versions (each model loads once); ``strict``: a model that
-    cannot be loaded raises (else it is a finding, so a table of versions goes on); ``trusted``: key id ->
-    public key, whose signatures are then required (None: not checked)."""
+    parent's (the parent only where ``parent_verified``). ``cache`` holds weights digests across versions (each
+    model loads once); ``strict``: a model that cannot be loaded, as the loader says in one line, raises (else it
+    is a finding, so a table of versions goes on); anything else a model raises as it loads (a config that does
+    not parse, say) is a finding either way; ``trusted``: key id -> public key, whose signatures are then
+    required (None: not checked)."""
     result = evidence.recorded(hop, trusted)
     if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
         return result
     if result.status["files"] == evidence.CHANGED:  # files that fail their manifest are never loaded
         result.notes.append(f"note: {hop.uri}: weights not loaded: its files do not match their manifest")
         return result
+    loading = "its model"
     try:
         dtype = check_weights(result, cache)
-        if hop.kind == "unlearned":
+        if hop.kind == "unlearned" and parent_verified(result):
+            loading = f"its parent {lineage.short(hop.tags[PARENT])}"
             check_parent(result, dtype, cache)
+        elif hop.kind == "unlearned" and PARENT_WEIGHTS_SHA in hop.tags:
+            result.notes.append(f"note: {hop.uri}: parent not loaded: its parent tags do not verify")
     except VerificationError as exc:  # the loader refuses a model whose evidence does not verify
         result.notes.append(f"note: {hop.uri}: weights not loaded: {exc.findings[0]}")
         if not result.findings:  # what it refused is not this version's own evidence (its parent's): say so
@@ -119,4 +132,8 @@ def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = Non
         if strict:
             raise
         result.findings.append(f"unverifiable: {hop.uri}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # noqa: BLE001 - a model read from the store is untrusted input: a finding, never a crash
+        lineage.refuse_if_denied(exc)
+        said = "".join(c if c.isprintable() else "?" for c in (str(exc).splitlines() or [""])[0][:120])
+        result.findings.append(f"unverifiable: {hop.uri}: {loading} cannot be loaded ({type(exc).__name__}: {said})")
     return result
