@@ -233,7 +233,8 @@ def _syscall_filter() -> bytes | None:
     numbers = {**_SYSCALL_NUMBERS[machine], **_SAME_NUMBERS}
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ/JGE/JSET|K, BPF_RET|K
     # (code, jump if true, jump if false, k); a jump names its target, resolved to an offset below
-    program = [(load, 0, 0, 4), (jeq, 0, "kill", _AUDIT_ARCH[machine]), (load, 0, 0, 0)]
+    program: list[tuple[int, int | str, int | str, int]] = [(load, 0, 0, 4), (jeq, 0, "kill", _AUDIT_ARCH[machine])]
+    program.append((load, 0, 0, 0))
     program.append((jge, "refuse", 0, 0x40000000))  # x32: the same arch, numbers from __X32_SYSCALL_BIT
     refused = sorted(numbers[name] for name in numbers if name not in ("clone", "clone3"))
     program += [(jeq, "refuse", 0, number) for number in refused]
@@ -244,7 +245,7 @@ def _syscall_filter() -> bytes | None:
     program += [(ret, 0, 0, 0x7FFF0000), (ret, 0, 0, 0x00050000 | errno.EPERM)]
     program += [(ret, 0, 0, 0x00050000 | errno.ENOSYS), (ret, 0, 0, 0x80000000)]  # ALLOW, ERRNO, KILL_PROCESS
 
-    def offset(index: int, target) -> int:
+    def offset(index: int, target: int | str) -> int:
         return target if isinstance(target, int) else labels[target] - index - 1
 
     return b"".join(
