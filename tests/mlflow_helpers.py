@@ -187,6 +187,8 @@ SMALL = [
     "1000",
     "--no-progress",
 ]
+# One small step, no control: for tests about the registry's evidence, not the pruning
+ONE_STEP = [*SMALL, "--ff-frac", "0.1", "--attn-frac", "0.05", "--steps", "1", "--no-control"]
 # A larger budget, for tests that compare numbers
 SMALL_DATA = [
     "--max-length",

@@ -19,29 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_selprune.registry import attest, lineage, tracking
 
-from mlflow_helpers import TINY_NAME, invoke
+from mlflow_helpers import ONE_STEP, TINY_NAME, invoke
 
 pytestmark = pytest.mark.slow(seconds=40)
-
-SMALL = [
-    "--paragraphs",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "4",
-    "--collect-tokens",
-    "2000",
-    "--eval-tokens",
-    "1000",
-    "--no-progress",
-    "--ff-frac",
-    "0.1",
-    "--attn-frac",
-    "0.05",
-    "--steps",
-    "1",
-    "--no-control",
-]
 
 
 def _latest() -> str:
@@ -72,7 +52,7 @@ def signed(store, tmp_path_factory):
             store["forget"],
             "--retain",
             store["retain"],
-            *SMALL,
+            *ONE_STEP,
             "--signing-key",
             str(private),
         )
@@ -201,7 +181,7 @@ def test_a_bad_signing_key_is_refused_before_anything_is_written(store, signed, 
         store["forget"],
         "--retain",
         store["retain"],
-        *SMALL,
+        *ONE_STEP,
         "--signing-key",
         str(not_a_key),
     )

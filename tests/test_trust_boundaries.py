@@ -25,27 +25,8 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 
 from mlflow_selprune.registry import attest, lineage, tracking
 
-from mlflow_helpers import TINY_NAME, invoke, registry_snapshot
+from mlflow_helpers import ONE_STEP, TINY_NAME, invoke, registry_snapshot
 
-SMALL = [
-    "--paragraphs",
-    "--max-length",
-    "64",
-    "--batch-size",
-    "4",
-    "--collect-tokens",
-    "2000",
-    "--eval-tokens",
-    "1000",
-    "--no-progress",
-    "--ff-frac",
-    "0.1",
-    "--attn-frac",
-    "0.05",
-    "--steps",
-    "1",
-    "--no-control",
-]
 
 # ----------------------------------------------------------------------------- the parsers, fed every wrong shape
 
@@ -245,7 +226,7 @@ def signed(store, tmp_path_factory):
             store["forget"],
             "--retain",
             store["retain"],
-            *SMALL,
+            *ONE_STEP,
             "--signing-key",
             str(private),
             *extra,
