@@ -97,7 +97,8 @@ def run_demo(
     if checks:
         from .evaluation.functional import refuse_without_sandbox
 
-        refuse_without_sandbox(allow_unsandboxed_code)  # before the base model is registered
+        # before the base model is registered
+        refuse_without_sandbox(allow_unsandboxed_code, asked_by="the demo's Python tasks", skip="--no-code-tasks")
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
     # Under `mlflow run`, the project's run is the parent of the demo's runs.

@@ -153,3 +153,16 @@ def test_bad_demo_options_exit_2_before_anything_is_written(tmp_path, monkeypatc
     assert out.exit_code == 2, out.output
     assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert list(tmp_path.iterdir()) == []  # no store, no data, no model
+
+
+def test_the_demo_without_bubblewrap_says_how_to_install_it_or_skip_its_python_tasks(tmp_path, monkeypatch):
+    from mlflow_helpers import invoke
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("SELPRUNE_BWRAP", "/nonexistent/bwrap")  # as on a machine without bubblewrap
+    out = invoke("demo")
+    assert out.exit_code == 2, out.output
+    (line,) = out.stderr.strip().splitlines()
+    assert "the demo's Python tasks" in line and "apt-get install bubblewrap" in line and "--no-code-tasks" in line
+    assert list(tmp_path.iterdir()) == []  # nothing fetched, registered or written

@@ -44,17 +44,19 @@ class CheckedModel:
         }
 
 
-def refuse_without_sandbox(allow_unsandboxed: bool = False) -> None:
+def refuse_without_sandbox(allow_unsandboxed: bool = False, asked_by: str = "--code-tasks", skip: str = "") -> None:
     """Generated code runs only in the OS sandbox (bubblewrap), unless the user allows it without one
-    (``--allow-unsandboxed-code``): refused where it cannot start, before anything runs or is written."""
+    (``--allow-unsandboxed-code``): refused where it cannot start, before anything runs or is written.
+    ``asked_by`` names what the user typed that runs the code; ``skip``, an option that leaves it out."""
     from ..errors import BadInputError
     from .metrics.code_pass.sandbox import INSTALL, unavailable
 
     why = None if allow_unsandboxed else unavailable()
     if why is not None:
+        instead = f"pass {skip} to leave the Python tasks out, or " if skip else "or "
         raise BadInputError(
-            f"--code-tasks runs generated Python in a bubblewrap sandbox, which cannot run here ({why}): install "
-            f"it with `{INSTALL}`, or pass --allow-unsandboxed-code to run the code without one"
+            f"{asked_by} runs generated Python in a bubblewrap sandbox, which cannot run here ({why}): install "
+            f"it with `{INSTALL}`, {instead}pass --allow-unsandboxed-code to run the code without one"
         )
 
 
