@@ -40,3 +40,9 @@ def causes(exc: BaseException | None):
         seen.add(id(exc))
         yield exc
         exc = exc.__cause__ or exc.__context__
+
+
+def printable(text: str, limit: int) -> str:
+    """At most ``limit`` characters of untrusted ``text``, each printable (any other as ``?``): quoted in a
+    message, it stays one line of bounded length."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])

@@ -30,7 +30,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import BadInputError
+from ..errors import BadInputError, printable
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -162,7 +162,7 @@ def _kind(value) -> str:
 
 def _shown(text: str) -> str:
     """At most 16 printable characters of an untrusted string: a finding stays one line of bounded length."""
-    return "".join(c if c.isprintable() else "?" for c in text[:16])
+    return printable(text, 16)
 
 
 def _text(value, what: str) -> str:

@@ -13,7 +13,7 @@ A finding stops the command with exit 1 and nothing written.
 
 from __future__ import annotations
 
-from ..errors import BadInputError, VerificationError
+from ..errors import BadInputError, VerificationError, printable
 from . import evidence, lineage, manifest
 from .evidence import Audit
 from .lineage import PARENT, PARENT_WEIGHTS_SHA, WEIGHTS_SHA, Hop, weights_sha256
@@ -134,6 +134,6 @@ def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = Non
         result.findings.append(f"unverifiable: {hop.uri}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # noqa: BLE001 - a model read from the store is untrusted input: a finding, never a crash
         lineage.refuse_if_denied(exc)
-        said = "".join(c if c.isprintable() else "?" for c in (str(exc).splitlines() or [""])[0][:120])
+        said = printable((str(exc).splitlines() or [""])[0], 120)
         result.findings.append(f"unverifiable: {hop.uri}: {loading} cannot be loaded ({type(exc).__name__}: {said})")
     return result
