@@ -254,27 +254,22 @@ def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
     alias does point at the version; a record that cannot be written is a warning (the audit then names the
     alias as unexplained). The version exists by then: anything that fails here, resolving it included, is a
     warning that names it, never an error that would end the command after it was made."""
-    where = model_uri
-    try:
+    from .tracking import after_registration
+
+    def write_record() -> None:
         resolved = resolve(model_uri)
-        where = resolved.canonical_uri
         name, version = resolved.registered_name, resolved.version
         if name is None or version is None:
             raise ValueError("it is not a registered version")
-        if str(client().get_model_version_by_alias(name, alias).version) != str(version):
+        if str(client().get_registered_model(name).aliases.get(alias)) != str(version):
             return  # the move failed, and said so: there is no move to record
         key, record = _new_record(verdict=lineage.REGISTERED, alias_requested=alias)
         _sign(resolved, key, record, signing_key)
         record["alias_moved"] = alias
         client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
-    except Exception as exc:  # noqa: BLE001 - the version and its alias stand; the audit will name the alias
-        logger.warning(
-            "alias '%s' points to %s, but the record of its move could not be written (%s); `lineage --verify` "
-            "will report it until a gate moves it",
-            alias,
-            where,
-            str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
-        )
+
+    what = f"record the move of alias '{alias}' to it (`lineage --verify` reports the alias until a gate moves it)"
+    after_registration(model_uri, what, write_record)
 
 
 def _move_alias(resolved, key: str, record: dict, alias_set: str) -> None:
