@@ -157,9 +157,8 @@ class PrunePlan:
     trust_remote_code: bool = False
     signing_key: str | None = None  # an Ed25519 key's path, else $SELPRUNE_SIGNING_KEY's: a signed attestation
 
-    @property
-    def signer(self):
-        """The private key (None: no signature), read from disk each time one is made: it is never held in
+    def load_signer(self):
+        """The private key (None: no signature), read from disk only when publishing signs: it is never held in
         memory before the code checks, which run generated programs."""
         from .registry import attest
 
@@ -502,12 +501,13 @@ def publish(
         mlflow.log_table(data=table, artifact_file=path)
     phases.lap("log_model")
     tags = _publish_tags(plan, loaded, result, metrics, run_id, weights_digest, artifacts, manifest_digest)
-    if plan.signer is not None:
-        tags[lineage.ATTESTATION_SHA] = _attest(plan, run_id, model_info.model_uri, tags)
+    signer = plan.load_signer()  # read once, now that the code checks are done
+    if signer is not None:
+        tags[lineage.ATTESTATION_SHA] = _attest(plan, run_id, model_info.model_uri, tags, signer)
     mlflow.set_tags({lineage.CONFIG_SHA: tags[lineage.CONFIG_SHA], lineage.WEIGHTS_SHA: tags[lineage.WEIGHTS_SHA]})
     registered = None
     if plan.target_name:
-        registered = _register(plan, plan.target_name, model_info, run_id, tags, metrics, result, tables)
+        registered = _register(plan, plan.target_name, model_info, run_id, tags, metrics, result, tables, signer)
     phases.lap("register")
     return UnlearnResult(
         run_id, registered, plan.parent.canonical_uri, metrics, result, tags, plan.alias, phases.seconds
@@ -553,18 +553,19 @@ def _publish_tags(
     )
 
 
-def _attest(plan: PrunePlan, run_id: str, model_uri: str, tags: dict) -> str:
+def _attest(plan: PrunePlan, run_id: str, model_uri: str, tags: dict, signer) -> str:
     """Sign what the tags say, before the version exists; returns the statement's digest for its tag."""
     from .registry import attest, lineage
 
-    return attest.log_unlearning(run_id, model_uri, tags, plan.parent.tags.get(lineage.MANIFEST_SHA), plan.signer)
+    return attest.log_unlearning(run_id, model_uri, tags, plan.parent.tags.get(lineage.MANIFEST_SHA), signer)
 
 
 def _register(
-    plan: PrunePlan, name: str, model_info, run_id: str, tags: dict, metrics: dict, result, tables: dict
+    plan: PrunePlan, name: str, model_info, run_id: str, tags: dict, metrics: dict, result, tables: dict, signer
 ) -> str:
-    """Describe, register a version of ``name`` (with its tags and description), record the alias move and
-    number the version: what follows the registration is a warning naming the version, never a failure."""
+    """Describe, register a version of ``name`` (with its tags and description), record the alias move (signed
+    with ``signer`` when there is one) and number the version: what follows the registration is a warning
+    naming the version, never a failure."""
     from .registry import tracking
 
     description = _describe(plan, run_id, tags, metrics, result, tables, model_info.model_uri)
@@ -572,7 +573,7 @@ def _register(
     if plan.alias:  # recorded as a gate records its move: the audit explains each alias by such a record
         from .registry.gate import record_registration
 
-        record_registration(registered, plan.alias, plan.signer)
+        record_registration(registered, plan.alias, signer)
     _number_the_version(plan, registered, run_id, tags, metrics)
     return registered
 
