@@ -66,13 +66,20 @@ def classifier(tmp_path_factory, tiny_tokenizer):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     train = rows[:600]
     model.train()
-    for step in range(150):
-        batch = [train[(step * 16 + i) % len(train)] for i in range(16)]
-        enc = tokenizer([r["text"] for r in batch], padding=True, return_tensors="pt")
-        loss = model(**enc, labels=torch.tensor([labels.index(r["label"]) for r in batch])).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    # one thread, restored afterwards: the trained model must not depend on what ran before in this worker (an
+    # in-process demo leaves torch at its own thread count, and 2 threads train another classifier)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in range(150):
+            batch = [train[(step * 16 + i) % len(train)] for i in range(16)]
+            enc = tokenizer([r["text"] for r in batch], padding=True, return_tensors="pt")
+            loss = model(**enc, labels=torch.tensor([labels.index(r["label"]) for r in batch])).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     held_out = rows[600:]
     with torch.no_grad():
