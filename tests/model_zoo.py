@@ -122,18 +122,60 @@ FAMILIES = {
 }
 
 
-def wordpiece_tokenizer(texts, vocab_size: int = 400):
-    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], with [MASK] and [PAD]) trained offline on ``texts``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+def wordpiece_tokenizer(texts, vocab_size: int = 400):
+    """A BERT-style WordPiece tokenizer ([CLS] text [SEP], with [MASK] and [PAD]) trained offline on ``texts``.
+    The tokenizers library's trainer breaks ties in hash order, so its vocabulary differs from process to
+    process: where a threshold depends on the model trained on it, use ``whole_word_tokenizer``."""
+    from tokenizers import Tokenizer, models, trainers
+
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    _bert_pieces(tok)
+    tok.train_from_iterator(
+        texts,
+        trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False),
+    )
+    return _bert_tokenizer(tok)
+
+
+def whole_word_tokenizer(texts, vocab_size: int = 400):
+    """The same kind of tokenizer with a vocabulary that is the same in every process: the special tokens,
+    every character (alone and as a ``##`` continuation), then whole words by frequency, ties by spelling, up
+    to ``vocab_size``."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, models
+
+    pieces = _bert_pieces(Tokenizer(models.WordPiece(unk_token="[UNK]")))
+    counts = Counter(
+        word
+        for text in texts
+        for word, _ in pieces.pre_tokenizer.pre_tokenize_str(pieces.normalizer.normalize_str(text))
+    )
+    characters = sorted({c for word in counts for c in word})
+    vocab = SPECIAL_TOKENS + characters + ["##" + c for c in characters]
+    words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece(vocab={token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+    return _bert_tokenizer(_bert_pieces(tok))
+
+
+def _bert_pieces(tok):
+    """BERT's lower-casing normalizer, pre-tokenizer and WordPiece decoder on ``tok``."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(
-        texts, trainer=trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-    )
+    return tok
+
+
+def _bert_tokenizer(tok):
+    """``tok`` as a transformers tokenizer with BERT's special tokens and [CLS] ... [SEP] template."""
+    from tokenizers import processors
+
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

@@ -24,7 +24,7 @@ from mlflow_selprune import PruneConfig, prune
 from mlflow_selprune.engine import randomly_pruned
 from trained_model import full_batches, lm_loss, top1_accuracy, trained_model
 
-# training the shared model takes ~20 s on two idle cores (once per session)
+# training the shared model takes ~20 s on two idle cores (once per test run: trained_model.py)
 pytestmark = pytest.mark.slow
 
 FF_FRAC, STEPS = 0.05, 3

@@ -8,13 +8,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from mlflow_helpers import TINY_NAME, cli, registry_snapshot
+from mlflow_helpers import TINY_NAME, cli, invoke, registry_snapshot
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 # Sums are float64 all-reduced in a different order than one process adds them: equal to ~1e-12.
@@ -87,10 +88,8 @@ SMALL = [
 ]
 
 
-@pytest.mark.slow(seconds=35)
-def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store):
-    client = MlflowClient()
-    base = [
+def _prune_args(store) -> list[str]:
+    return [
         "prune",
         "--model-uri",
         f"models:/{TINY_NAME}@base",
@@ -100,17 +99,40 @@ def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store
         store["retain"],
         *SMALL,
     ]
-    one = cli(*base, "--no-register", env=store["env"])
-    assert one.returncode == 0, one.stderr[-3000:]
+
+
+def _run_ids(client) -> set[str]:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {r.info.run_id for r in client.search_runs(experiments)}
+
+
+@pytest.fixture(scope="module")
+def one_process_run(store) -> str:
+    """The run id of the one-process reference both launches are compared with: the same ``prune`` with
+    ``--no-register``, made once per module through the CLI's own code in this process (click's runner; what is
+    tested is the launches, not this run's process). The environment is put back afterwards: ``--no-progress``
+    sets progress variables that processes started later would otherwise inherit."""
+    client = MlflowClient()
+    runs_before = _run_ids(client)
+    with mock.patch.dict(os.environ):
+        one = invoke(*_prune_args(store), "--no-register")
+    assert one.exit_code == 0, one.output[-3000:]
+    (run_id,) = _run_ids(client) - runs_before
+    return run_id
+
+
+@pytest.mark.slow(seconds=35)
+def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store, one_process_run):
+    client = MlflowClient()
     before = set(registry_snapshot()[TINY_NAME]["versions"])
-    two = cli(*base, "--num-processes", "2", env=store["env"])
+    two = cli(*_prune_args(store), "--num-processes", "2", env=store["env"])
     assert two.returncode == 0, two.stderr[-3000:]
     after = set(registry_snapshot()[TINY_NAME]["versions"])
     assert len(after - before) == 1, "exactly one version from a 2-process prune"
     version = (after - before).pop()
     mv = client.get_model_version(TINY_NAME, version)
-    runs = client.search_runs([client.get_run(mv.run_id).info.experiment_id], order_by=["attributes.start_time DESC"])
-    one_run = next(r for r in runs if r.info.run_id != mv.run_id and r.data.params.get("forget") == store["forget"])
+    one_run = client.get_run(one_process_run)
+    assert one_run.info.run_id != mv.run_id and one_run.data.params.get("forget") == store["forget"]
     masks = {}
     for label, run_id in (("one", one_run.info.run_id), ("two", mv.run_id)):
         path = client.download_artifacts(run_id, "selprune/masks.safetensors", str(store["root"] / label))
@@ -120,11 +142,6 @@ def test_cli_with_two_processes_registers_one_version_equal_to_one_process(store
     one_metrics, two_metrics = one_run.data.metrics, client.get_run(mv.run_id).data.metrics
     for key in ("forget_top1", "retain_top1", "forget_loss", "retain_loss"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], rel=METRIC_TOL, abs=METRIC_TOL)
-
-
-def _run_ids(client) -> set[str]:
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    return {r.info.run_id for r in client.search_runs(experiments)}
 
 
 def _nodes(command: list[str], env: dict, cwd: Path, timeout: float) -> list[tuple[int, str, str]]:
@@ -217,27 +234,14 @@ def _nodes(command: list[str], env: dict, cwd: Path, timeout: float) -> list[tup
 
 
 @pytest.mark.slow(seconds=40)
-def test_cli_on_two_nodes_registers_one_version_equal_to_one_process(store):
+def test_cli_on_two_nodes_registers_one_version_equal_to_one_process(store, one_process_run):
     """The same ``prune`` on 2 "nodes" x 1 process (two torchrun agents, c10d rendezvous on 127.0.0.1, one
     sqlite store and the same data paths) gives the masks and metrics of one process and ONE registered version:
     only global rank 0 writes to MLflow, whichever node it lands on."""
     client = MlflowClient()
-    base = [
-        "prune",
-        "--model-uri",
-        f"models:/{TINY_NAME}@base",
-        "--forget",
-        store["forget"],
-        "--retain",
-        store["retain"],
-        *SMALL,
-    ]
-    runs_before = _run_ids(client)
-    one = cli(*base, "--no-register", env=store["env"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    (one_run_id,) = _run_ids(client) - runs_before
+    one_run_id = one_process_run
     before, runs_before = set(registry_snapshot()[TINY_NAME]["versions"]), _run_ids(client)
-    nodes = _nodes(base, store["env"], store["root"], timeout=240)
+    nodes = _nodes(_prune_args(store), store["env"], store["root"], timeout=240)
     for rank, (code, _, err) in enumerate(nodes):
         assert code == 0, f"node {rank}: {err[-3000:]}"
     after = set(registry_snapshot()[TINY_NAME]["versions"])

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from mlflow_helpers import SMALL, invoke, registry_snapshot, tiny_model
+from mlflow_helpers import SMALL, invoke, registry_snapshot, sqlite_store, tiny_model
 
 NAME = "guarded"
 ROOT = f"models:/{NAME}/1"
@@ -34,15 +34,38 @@ def _prune(store, *extra: str) -> str:
     return f"models:/{NAME}/{max(int(v.version) for v in versions)}"
 
 
+@pytest.fixture(scope="session")
+def _guarded_store(tmp_path_factory, tiny_tokenizer):
+    """The store with `guarded` v1 and its delta v2, built once per test process. Under xdist a worker can leave
+    this module for another and come back, which sets up its module fixtures again: ``store`` only makes this
+    store the current one again, as the module's tests left it, as when they run one after another."""
+    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as store:
+        directory = tmp_path_factory.mktemp("hf-model")
+        tiny_model(tiny_tokenizer).save_pretrained(directory)
+        tiny_tokenizer.save_pretrained(directory)
+        out = invoke("register", str(directory), "--name", NAME)
+        assert out.exit_code == 0, out.output
+        return {"store": store, "chain": (ROOT, _prune(store, "--storage", "delta"))}
+
+
 @pytest.fixture(scope="module")
-def chain(store, tiny_tokenizer, tmp_path_factory):
+def store(_guarded_store):
+    """The sqlite store (see ``sqlite_store``) as this process's tracking store, its root the working directory."""
+    store = _guarded_store["store"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store["root"])
+        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        mlflow.set_tracking_uri(store["uri"])
+        try:
+            yield store
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def chain(store, _guarded_store):
     """``(root, delta)``: the root registered with its manifest, and a delta of it."""
-    directory = tmp_path_factory.mktemp("hf-model")
-    tiny_model(tiny_tokenizer).save_pretrained(directory)
-    tiny_tokenizer.save_pretrained(directory)
-    out = invoke("register", str(directory), "--name", NAME)
-    assert out.exit_code == 0, out.output
-    return ROOT, _prune(store, "--storage", "delta")
+    return _guarded_store["chain"]
 
 
 def _stored_config(uri: str) -> Path:

@@ -22,6 +22,7 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
 
+import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -41,10 +42,26 @@ from mlflow_helpers import (
 KINDS = ("causal-lm", "masked-lm", "text-classifier", "image-classifier")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, tiny_tokenizer):
+@pytest.fixture(scope="session")
+def _publish_store(tmp_path_factory, tiny_tokenizer):
+    """The store, built once per test process. Under xdist a worker can leave this module for another and come
+    back, which sets up its module fixtures again: ``store`` only makes this store the current one again, as
+    the module's tests left it, as when they run one after another."""
     with jsonl_retain_store(tmp_path_factory.mktemp("publish"), tiny_tokenizer) as s:
-        yield s
+        return s
+
+
+@pytest.fixture(scope="module")
+def store(_publish_store):
+    """The store (see ``jsonl_retain_store``) as this process's tracking store, its root the working directory."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(_publish_store["root"])
+        mp.setenv("MLFLOW_TRACKING_URI", _publish_store["uri"])
+        mlflow.set_tracking_uri(_publish_store["uri"])
+        try:
+            yield _publish_store
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def _prune(store, *extra, forget=None, model_uri=f"models:/{TINY_NAME}@base"):

@@ -59,6 +59,12 @@ def chain(store):
     return [store["base"], v2, v3]
 
 
+@pytest.fixture(scope="module")
+def delta(store, chain):
+    """A delta of v3 (``--storage delta``), pruned once for the tests that build on one."""
+    return _prune(store, chain[2], "--storage", "delta")
+
+
 def _version(uri: str) -> str:
     return uri.rsplit("/", 1)[1]
 
@@ -186,9 +192,9 @@ def test_verify_names_each_of_9_tampering_cases(chain):
 
 
 @pytest.mark.slow(seconds=15)
-def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions(store, chain):
+def test_lineage_all_tables_root_full_delta_materialized_and_incomplete_versions(chain, delta):
     root, v2, v3 = chain
-    v4 = _prune(store, v3, "--storage", "delta")
+    v4 = delta
     out = invoke("materialize", v4)
     assert out.exit_code == 0, out.stderr
     v5 = _latest()
@@ -343,11 +349,10 @@ def _all_runs() -> set[str]:
 
 
 @pytest.mark.slow(seconds=30)
-def test_every_command_that_builds_on_a_version_verifies_it_first(store, chain):
+def test_every_command_that_builds_on_a_version_verifies_it_first(store, chain, delta):
     """Tags edited before `materialize`, `prune` from an unlearned parent, `evaluate`, and a delta's rebuild:
     each refuses with exit 1 and the finding, and writes nothing (no run, no version). Untouched, each works."""
     _, v2, v3 = chain
-    delta = _prune(store, v3, "--storage", "delta")
     edited = lineage.FORGET_DATA
     commands = {
         "materialize": ["materialize", delta],

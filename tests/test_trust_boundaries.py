@@ -25,7 +25,7 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 
 from mlflow_selprune.registry import attest, lineage, tracking
 
-from mlflow_helpers import ONE_STEP, TINY_NAME, invoke, registry_snapshot
+from mlflow_helpers import ONE_STEP, TINY_NAME, invoke, registry_snapshot, sqlite_store
 
 
 # ----------------------------------------------------------------------------- the parsers, fed every wrong shape
@@ -211,8 +211,31 @@ def _lines(out, prefix: str) -> list[str]:
     return [line for line in out.stdout.splitlines() if line.startswith(prefix)]
 
 
+@pytest.fixture(scope="session")
+def _signed_store(tmp_path_factory, tiny_tokenizer):
+    """The store with its signed chain, built once per test process. Under xdist a worker can leave this module
+    for another and come back, which sets up its module fixtures again: ``signed`` only makes this store the
+    current one again, as the module's tests left it, as when they run one after another."""
+    with sqlite_store(tmp_path_factory.mktemp("store"), tiny_tokenizer) as store:
+        return {"store": store, **_sign_chain(store, tmp_path_factory)}
+
+
 @pytest.fixture(scope="module")
-def signed(store, tmp_path_factory):
+def signed(_signed_store):
+    """v2 (@production, by a signed gate) and v3 (@canary) pruned from v1 and signed; the store is this process's
+    tracking store, and its root the working directory, while the module's tests run."""
+    store = _signed_store["store"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store["root"])
+        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        mlflow.set_tracking_uri(store["uri"])
+        try:
+            yield {k: v for k, v in _signed_store.items() if k != "store"}
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def _sign_chain(store, tmp_path_factory) -> dict:
     keys = tmp_path_factory.mktemp("keys")
     assert invoke("keygen", str(keys)).exit_code == 0
     private, public = keys / "signing_key.pem", keys / "signing_key.pub.pem"

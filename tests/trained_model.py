@@ -19,6 +19,7 @@ each test loads a fresh copy with ``TrainedModel.load()`` (``from_pretrained``).
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -148,9 +149,26 @@ _CACHE: dict[str, TrainedModel] = {}
 
 
 def trained_model(tmp_path_factory) -> TrainedModel:
-    """The session's trained two-source model (trained on the first call, cached after)."""
-    if "model" not in _CACHE:
+    """The test run's trained two-source model: trained once per run, cached in each process after. Under
+    pytest-xdist the first worker to ask trains it into the run's shared temporary directory under a file lock
+    and saves what it made; the others wait for the lock and load that copy instead of training it again."""
+    if "model" in _CACHE:
+        return _CACHE["model"]
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         _CACHE["model"] = train_tiny_model(tmp_path_factory.mktemp("trained-counting-vs-words"))
+        return _CACHE["model"]
+    import pickle
+
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp().parent / "trained-counting-vs-words"  # one per run, for all workers
+    saved = shared / "trained.pickle"
+    with FileLock(f"{shared}.lock"):
+        if saved.exists():
+            _CACHE["model"] = pickle.loads(saved.read_bytes())
+        else:
+            _CACHE["model"] = train_tiny_model(shared)
+            saved.write_bytes(pickle.dumps(_CACHE["model"]))
     return _CACHE["model"]
 
 
