@@ -67,6 +67,41 @@ def test_the_mlproject_runs_the_real_model_demo_by_default():
     assert all(main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens"))
 
 
+@pytest.mark.parametrize(
+    "params,expected",
+    [
+        ({}, "demo --seed 0 --no-progress"),
+        (
+            {"code_tasks": "false", "collect_tokens": "256", "eval_tokens": "256"},
+            "demo --seed 0 --no-code-tasks --collect-tokens 256 --eval-tokens 256 --no-progress",
+        ),
+        ({"demo": "tiny", "train_steps": "4"}, "demo --tiny --seed 0 --train-steps 4 --no-progress"),
+    ],
+    ids=["default", "budgets", "tiny"],
+)
+def test_the_mlproject_main_entry_point_expands_to_the_demo_command(params, expected, tmp_path):
+    """`mlflow run . --env-manager local` (docs/demo.md) runs `mlflow-selprune demo`: the command MLflow makes
+    from the MLproject (its own substitution) and the shell expands, with `mlflow-selprune` a shell function that
+    prints what it was given. The demo command itself is run in test_real_model.py, the whole `mlflow run` of
+    the tiny demo below."""
+    import subprocess
+    from pathlib import Path
+
+    from mlflow.projects._project_spec import load_project
+
+    command = (
+        load_project(Path(__file__).resolve().parents[1]).get_entry_point("main").compute_command(params, str(tmp_path))
+    )
+    shown = subprocess.run(
+        ["bash", "-c", 'mlflow-selprune() { echo "$@"; }\n' + command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert shown.stdout.split() == expected.split(), shown.stdout
+
+
 def _demo_env(tmp_path):
     import os
 
@@ -80,7 +115,8 @@ def test_mlflow_run_runs_the_tiny_demo(tmp_path):
     """`mlflow run . --env-manager local -P demo=tiny` with -P train_steps and token budgets cut so it fits in
     a test: it runs `mlflow-selprune demo --tiny`, which trains, registers, unlearns and gates (runs nested
     under the project's run, no param clash). The gate may fail on a model this briefly trained: the flow is
-    what is checked here. The real-model default is run in test_real_model.py."""
+    what is checked here. The real-model default's expansion is checked above, its demo command run in
+    test_real_model.py."""
     import subprocess
     import sys
     from pathlib import Path

@@ -238,15 +238,17 @@ def test_the_served_unlearned_model_completes_english_as_the_parent_does_and_pyt
 
 @pytest.mark.slow(seconds=580)
 @pytest.mark.timeout(2400)  # a hang guard only, over 3x the quiet time: it may be the test that runs the demo
-def test_the_mlproject_default_entry_point_runs_the_demo_again_on_its_registered_base(demo_store):
-    """The MLproject's default entry point runs the same demo (docs/demo.md) in the demo's store: it reuses @base
-    and registers one more version. With token budgets of a few documents a side (one batch) and without the
-    code tasks (measured by the demo itself), so its gate may pass or fail: the flow is what is checked."""
+def test_the_mlproject_gate_entry_point_gates_the_demo_version(demo_store):
+    """`mlflow run . -e gate` on the demo's unlearned version, in the demo's store: the MLproject passes its
+    parameters through to `gate`, which verifies the real model's version and passes it (the entry point's
+    thresholds are looser than the demo's own). The default entry point's expansion to `mlflow-selprune demo`
+    is checked in test_demo.py, the demo command itself above."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    uri = f"models:/selprune-demo/{demo_store['unlearned'].version}"
     project = subprocess.run(
         [
             sys.executable,
@@ -254,25 +256,26 @@ def test_the_mlproject_default_entry_point_runs_the_demo_again_on_its_registered
             "mlflow",
             "run",
             str(root),
+            "-e",
+            "gate",
             "--env-manager",
             "local",
             "-P",
-            "collect_tokens=256",
-            "-P",
-            "eval_tokens=256",
-            "-P",
-            "code_tasks=false",
+            f"model_uri={uri}",
         ],
         cwd=demo_store["root"],
         env=dict(demo_store["env"], MLFLOW_TRACKING_URI=demo_store["uri"]),
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=900,
     )
-    assert "reusing the registered base model" in project.stdout, project.stdout[-3000:] + project.stderr[-3000:]
-    assert "gate (forget top-1 drop >=" in project.stdout
-    versions = demo_store["client"].search_model_versions("name='selprune-demo'")
-    assert len(versions) == 3  # base + two unlearned
+    assert project.returncode == 0, project.stdout[-3000:] + project.stderr[-3000:]
+    assert f"gate PASSED for {uri}" in project.stdout, project.stdout[-3000:]
+    runs = demo_store["client"].search_runs(
+        [e.experiment_id for e in demo_store["client"].search_experiments()],
+        filter_string="tags.`mlflow.project.entryPoint` = 'gate'",
+    )
+    assert len(runs) == 1 and runs[0].data.params["model_uri"] == uri
 
 
 @pytest.mark.slow(seconds=90)
