@@ -241,6 +241,23 @@ def assert_complete_or_absent(before: dict, name: str = TINY_NAME, aliases_uncha
     return new
 
 
+@contextlib.contextmanager
+def current_store(store: dict):
+    """``store`` as this process's tracking store, its root the working directory, until the block ends. A store
+    built once per process (a session fixture) is made current again this way by each module fixture that uses
+    it: under xdist a worker can leave a module and come back, which sets its module fixtures up again."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(store["root"])
+        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        mlflow.set_tracking_uri(store["uri"])
+        try:
+            yield store
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
 def cli(*args, env=None, cwd=None, timeout=600) -> subprocess.CompletedProcess:
     """Run the real console entry point in a fresh process."""
     full_env = dict(os.environ)

@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.utils.file_utils import local_file_uri_to_path
 
-from mlflow_helpers import SMALL, invoke, registry_snapshot, sqlite_store, tiny_model
+from mlflow_helpers import SMALL, current_store, invoke, registry_snapshot, sqlite_store, tiny_model
 
 NAME = "guarded"
 ROOT = f"models:/{NAME}/1"
@@ -51,15 +51,8 @@ def _guarded_store(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def store(_guarded_store):
     """The sqlite store (see ``sqlite_store``) as this process's tracking store, its root the working directory."""
-    store = _guarded_store["store"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(store["root"])
-        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
-        mlflow.set_tracking_uri(store["uri"])
-        try:
-            yield store
-        finally:
-            mlflow.set_tracking_uri(None)
+    with current_store(_guarded_store["store"]) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
 
-import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -34,6 +33,7 @@ from mlflow_helpers import (
     TINY_NAME,
     assert_complete_or_absent,
     cli,
+    current_store,
     invoke,
     jsonl_retain_store,
     registry_snapshot,
@@ -54,14 +54,8 @@ def _publish_store(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def store(_publish_store):
     """The store (see ``jsonl_retain_store``) as this process's tracking store, its root the working directory."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(_publish_store["root"])
-        mp.setenv("MLFLOW_TRACKING_URI", _publish_store["uri"])
-        mlflow.set_tracking_uri(_publish_store["uri"])
-        try:
-            yield _publish_store
-        finally:
-            mlflow.set_tracking_uri(None)
+    with current_store(_publish_store) as store:
+        yield store
 
 
 def _prune(store, *extra, forget=None, model_uri=f"models:/{TINY_NAME}@base"):

@@ -25,7 +25,7 @@ from mlflow.utils.file_utils import local_file_uri_to_path
 
 from mlflow_selprune.registry import attest, lineage, tracking
 
-from mlflow_helpers import ONE_STEP, TINY_NAME, invoke, registry_snapshot, sqlite_store
+from mlflow_helpers import ONE_STEP, TINY_NAME, current_store, invoke, registry_snapshot, sqlite_store
 
 
 # ----------------------------------------------------------------------------- the parsers, fed every wrong shape
@@ -224,15 +224,8 @@ def _signed_store(tmp_path_factory, tiny_tokenizer):
 def signed(_signed_store):
     """v2 (@production, by a signed gate) and v3 (@canary) pruned from v1 and signed; the store is this process's
     tracking store, and its root the working directory, while the module's tests run."""
-    store = _signed_store["store"]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(store["root"])
-        mp.setenv("MLFLOW_TRACKING_URI", store["uri"])
-        mlflow.set_tracking_uri(store["uri"])
-        try:
-            yield {k: v for k, v in _signed_store.items() if k != "store"}
-        finally:
-            mlflow.set_tracking_uri(None)
+    with current_store(_signed_store["store"]):
+        yield {k: v for k, v in _signed_store.items() if k != "store"}
 
 
 def _sign_chain(store, tmp_path_factory) -> dict:
