@@ -408,7 +408,9 @@ def prune(**kw):
 @click.option("--forget", required=True)
 @click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes).")
 @click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
-@config_options(EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks", "allow_unsandboxed_code"))
+@config_options(
+    EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks", "quantized_check", "allow_unsandboxed_code")
+)
 @config_options(PruneConfig, only=("seed",))
 @data_options
 @handle_errors
@@ -472,6 +474,13 @@ def evaluate(**kw):
     "e.g. 0.5.",
 )
 @click.option(
+    "--max-quantized-recovery",
+    type=float,
+    default=None,
+    help="Highest acceptable share of the forget top-1 drop that a GGUF round trip takes back, in every format "
+    "measured (prune --quantized-check), e.g. 0.1.",
+)
+@click.option(
     "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
 )
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
@@ -491,6 +500,7 @@ def gate(
     min_selectivity,
     max_relearn_recovery,
     max_code_pass_rate,
+    max_quantized_recovery,
     metric,
     set_alias,
     dry_run,
@@ -504,7 +514,13 @@ def gate(
     from .registry.gate import check_thresholds
 
     check_thresholds(
-        max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias or None, max_code_pass_rate
+        max_retain_drop,
+        min_forget_drop,
+        min_selectivity,
+        max_relearn_recovery,
+        set_alias or None,
+        max_code_pass_rate,
+        max_quantized_recovery,
     )
     _announce_store(require_existing=True)  # every option checked first; then a missing store answers at once
     from .registry.gate import gate as run_gate
@@ -516,6 +532,7 @@ def gate(
         min_selectivity=min_selectivity,
         max_relearn_recovery=max_relearn_recovery,
         max_code_pass_rate=max_code_pass_rate,
+        max_quantized_recovery=max_quantized_recovery,
         metric=metric,
         set_alias=set_alias or None,
         dry_run=dry_run,

@@ -29,6 +29,8 @@ SCORING_ALIASES = {"rand": "random"}
 SELECTIONS = ("global", "per-layer")
 BUDGET_METRICS = ("top1", "top10", "skip50_top1")
 DEFAULT_EPS = {FF: 1e-3, ATTN: 1e-4}
+# --quantized-check: the check's names of GGUF's block formats (evaluation.quantized)
+QUANTIZED_FORMATS = {"int8": "Q8_0", "int4": "Q4_0"}
 
 
 def option(default, help: str, *, flag: str | None = None, type=None, choices=None, is_flag: bool = False):
@@ -304,6 +306,11 @@ class EvidenceOptions:
         "the unlearned model and the control.",
         flag="--code-tasks/--no-code-tasks",
     )
+    quantized_check: str = option(
+        "",
+        "Also measure the parent, the unlearned model and the control after a round trip of their Linear weights "
+        "through GGUF block formats, comma-separated: int8 (Q8_0), int4 (Q4_0); e.g. int8,int4 (empty: off).",
+    )
     allow_unsandboxed_code: bool = option(
         False,
         "With --code-tasks where bubblewrap (the sandbox of generated code) is not available: run the generated "
@@ -312,6 +319,7 @@ class EvidenceOptions:
     )
 
     def validate(self) -> "EvidenceOptions":
+        self.quantized_formats()
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:
             raise ConfigError(f"--relearn-steps must be an integer >= 0, got {self.relearn_steps}")
         if not _fraction(self.relearn_lr) or not 0 < self.relearn_lr < 1:
@@ -325,6 +333,20 @@ class EvidenceOptions:
                     f"--{name.replace('_', '-')} must be an integer >= {0 if name == 'samples' else 1}, got {value}"
                 )
         return self
+
+    def quantized_formats(self) -> tuple[str, ...]:
+        """``--quantized-check`` as format names, in the order given, each once."""
+        text = self.quantized_check or ""
+        if not isinstance(text, str):
+            raise ConfigError(f"--quantized-check must be a comma-separated list such as int8,int4, got {text!r}")
+        names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+        unknown = [name for name in names if name not in QUANTIZED_FORMATS]
+        if unknown:
+            raise ConfigError(
+                f"--quantized-check: unknown format {unknown[0]!r}; choose from {', '.join(QUANTIZED_FORMATS)} "
+                "(comma-separated, e.g. int8,int4)"
+            )
+        return names
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -44,9 +44,11 @@ class RealModelRecipe:
         )
     )
     # the samples table: 4 prompts a side, 16 tokens each (on a CPU, generation is the slow part of it); the 40
-    # Python tasks and 40 English cloze prompts for the parent, the unlearned model and the control
+    # Python tasks and 40 English cloze prompts for the parent, the unlearned model and the control; the three
+    # measured again after a GGUF Q4_0 round trip of their Linear weights (4 bits: where unlearning by
+    # fine-tuning loses most of its effect; int8 keeps all of it, docs/robustness.md)
     evidence: EvidenceOptions = field(
-        default_factory=lambda: EvidenceOptions(samples=4, sample_tokens=16, code_tasks=True)
+        default_factory=lambda: EvidenceOptions(samples=4, sample_tokens=16, code_tasks=True, quantized_check="int4")
     )
 
 
@@ -60,6 +62,9 @@ MAX_RETAIN_DROP = 0.06
 MIN_SELECTIVITY = None
 # The share of the 40 Python tasks the unlearned model may still pass (the parent passes 30); docs/demo.md.
 MAX_CODE_PASS_RATE = 0.25
+# The share of the forget top-1 drop a GGUF Q4_0 round trip may take back (quantized_int4_recovery): the target
+# docs/robustness.md sets (int4 keeps >= 90% of the float drop); measured -0.18 to ... over split seeds 0, 1, 2.
+MAX_QUANTIZED_RECOVERY = 0.1
 
 
 def run_demo(
@@ -125,6 +130,7 @@ def run_demo(
             max_retain_drop=MAX_RETAIN_DROP,
             min_selectivity=MIN_SELECTIVITY,
             max_code_pass_rate=MAX_CODE_PASS_RATE if checks else None,
+            max_quantized_recovery=MAX_QUANTIZED_RECOVERY,
             start=start,
         )
 
@@ -201,6 +207,7 @@ def summarize_and_gate(
     min_selectivity: float | None,
     start: float,
     max_code_pass_rate: float | None = None,
+    max_quantized_recovery: float | None = None,
 ) -> int:
     """Print a demo's summary, gate its unlearned version (moving ``@unlearned`` only on a pass) and say
     what to look at next; returns the exit code (0 when the gate passed)."""
@@ -216,6 +223,7 @@ def summarize_and_gate(
         min_forget_drop=min_forget_drop,
         min_selectivity=min_selectivity,
         max_code_pass_rate=max_code_pass_rate,
+        max_quantized_recovery=max_quantized_recovery,
         set_alias=UNLEARNED_ALIAS,
     )
     outcome = (
@@ -228,6 +236,8 @@ def summarize_and_gate(
         thresholds.append(f"selectivity >= {min_selectivity}")
     if max_code_pass_rate is not None:
         thresholds.append(f"Python tasks passed <= {max_code_pass_rate:.0%}")
+    if max_quantized_recovery is not None:
+        thresholds.append(f"forget drop taken back by int4 <= {max_quantized_recovery:.0%}")
     print(f"gate ({', '.join(thresholds)}): {outcome}")
     print(f"lineage:  mlflow-selprune lineage {result.model_uri}")
     print(f"browse:   mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")

@@ -31,6 +31,7 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
                 else:
                     row += f"{'n/a':>16}"
             lines.append(row)
+    lines += _quantized_lines(m, has_control)
     if "selectivity" in m:
         line = f"selectivity (forget top-1 drop / max(retain top-1 drop, 1%)): {_number(m['selectivity'])}"
         if "control_selectivity" in m:
@@ -49,6 +50,32 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
     if model_uri:
         lines.append(f"registered: {model_uri} (run {run_id})")
     return "\n".join(lines)
+
+
+def _quantized_lines(m: dict, has_control: bool) -> list[str]:
+    """``--quantized-check``: one row per format and side (the parent quantized the same way), then the share
+    of the forget drop each format keeps."""
+    from .config import QUANTIZED_FORMATS
+
+    lines, kept = [], []
+    for fmt in QUANTIZED_FORMATS:
+        prefix = f"quantized_{fmt}_"
+        for side in ("forget", "retain"):
+            if f"{prefix}{side}_top1" not in m:
+                continue
+            before, after = m.get(f"{prefix}parent_{side}_top1"), m[f"{prefix}{side}_top1"]
+            parent_cell = "" if before is None else f"{before:.4f}"
+            row = f"{side + '_top1 ' + fmt:<22}{parent_cell:>10}{after:>11.4f}{format_change(before, after):>12}"
+            control = m.get(f"{prefix}control_{side}_top1_drop")
+            if has_control:
+                row += f"{-control:>+15.1%} " if control is not None and not math.isnan(control) else f"{'n/a':>16}"
+            lines.append(row)
+        recovery = m.get(f"{prefix}recovery")
+        if recovery is not None and not math.isnan(recovery):
+            kept.append(f"{fmt} keeps {1 - recovery:.0%}")
+    if kept:
+        lines.append(f"quantized (GGUF round trip of the Linear weights): of the forget drop, {', '.join(kept)}")
+    return lines
 
 
 def _number(value: float, spec: str = ".2f") -> str:

@@ -17,6 +17,7 @@ description) is a warning naming it, and the job succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -614,6 +615,16 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
         say("the random control: as many neurons per kind and layer, at random, measured on the eval data")
         with randomly_pruned(model, result, seed=config.seed):
             metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
+    if evidence.quantized_formats():
+        from .evaluation.quantized import quantized_metrics
+
+        views = {
+            "unlearned": (model, contextlib.nullcontext),
+            "parent": (model, lambda: parent_restored(model, result)),
+        }
+        if evidence.control:
+            views["control"] = (model, lambda: randomly_pruned(model, result, seed=config.seed))
+        metrics.update(quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views))
     if evidence.relearn_steps:
         say(f"relearning check: {evidence.relearn_steps} steps on the unlearned model, then on the parent")
         forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
@@ -642,7 +653,7 @@ def _extra_record(metrics: dict, evidence: EvidenceOptions, result) -> dict:
     record: dict[str, dict] = {
         "evidence": {
             "options": evidence.to_dict(),
-            "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_"))},
+            "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_", "quantized_"))},
         }
     }
     if result.select_metrics is not None:
@@ -783,11 +794,7 @@ def run_evaluate(
                 retain=retain_data,
                 params=_params(resolved, forget, retain, full_config, model),
             )
-        metrics = evaluate_fn(model)
-        if parent is not None:
-            from .evaluation.drops import summary_metrics
-
-            metrics = summary_metrics(evaluate_fn(parent_model), metrics)
+        metrics = _measured(model, parent_model, evaluate_fn, evidence)
         if evidence.relearn_steps:
             metrics.update(
                 _relearn_only(
@@ -798,6 +805,21 @@ def run_evaluate(
             metrics.update(_code_tasks_only(model, parent_model, tokenizer, evidence) if evidence.code_tasks else {})
             mlflow.log_metrics(tracking.finite(metrics))
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
+
+
+def _measured(model, parent_model, evaluate_fn, evidence: EvidenceOptions) -> dict:
+    """``evaluate``'s metrics of the model (with drops against the parent when there is one) and, with
+    ``--quantized-check``, of both again after each round trip."""
+    from .evaluation.drops import summary_metrics
+    from .evaluation.quantized import quantized_metrics
+
+    metrics = evaluate_fn(model)
+    if parent_model is not None:
+        metrics = summary_metrics(evaluate_fn(parent_model), metrics)
+    views = {"unlearned": (model, contextlib.nullcontext)}
+    if parent_model is not None:
+        views["parent"] = (parent_model, contextlib.nullcontext)
+    return metrics | quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views)
 
 
 def _code_tasks_only(model, parent_model, tokenizer, evidence: EvidenceOptions) -> dict:

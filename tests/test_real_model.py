@@ -182,7 +182,7 @@ def demo_store(smollm2, tmp_path_factory):
 def test_the_readme_demo_command_unlearns_python_passes_its_gate_and_names_the_result_unlearned(demo_store):
     """`mlflow-selprune demo` (the fixture) registered SmolLM2 as @base, unlearned Python, passed its gate (exit
     0) and pointed @unlearned at the result, whose recorded metrics meet the demo's gate."""
-    from mlflow_selprune.demo import MAX_CODE_PASS_RATE, MAX_RETAIN_DROP, MIN_FORGET_DROP
+    from mlflow_selprune.demo import MAX_CODE_PASS_RATE, MAX_QUANTIZED_RECOVERY, MAX_RETAIN_DROP, MIN_FORGET_DROP
 
     unlearned, base = demo_store["unlearned"], demo_store["base"]
     assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= MIN_FORGET_DROP
@@ -194,6 +194,10 @@ def test_the_readme_demo_command_unlearns_python_passes_its_gate_and_names_the_r
     assert code["control_"] >= code[""] + 0.25, code  # the random control keeps much of the Python
     cloze = {p: float(unlearned.tags[f"selprune.metric.{p}retain_cloze_accuracy"]) for p in ("parent_", "")}
     assert cloze[""] >= cloze["parent_"] - 0.15, cloze
+    # the Q4_0 round trip (docs/robustness.md): the drop survives it, and the version page shows it beside the control
+    assert float(unlearned.tags["selprune.metric.quantized_int4_recovery"]) <= MAX_QUANTIZED_RECOVERY
+    assert float(unlearned.tags["selprune.metric.quantized_int4_forget_top1_drop"]) >= MIN_FORGET_DROP
+    assert "| forget top-1, weights int4 (GGUF Q4_0) |" in unlearned.description
     assert (
         base.tags["selprune.source.gguf_sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     )

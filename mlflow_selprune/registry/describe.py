@@ -86,6 +86,38 @@ def _task_row(key: str, label: str, metrics: dict) -> str:
     return f"| {label} | {_of_tasks(parent)} | {_of_tasks(ours)} | {_change(ours_change)} | {_change(control_change)} |"
 
 
+def _quantized_rows(metrics: dict) -> list[str]:
+    """``--quantized-check``: forget and retain top-1 of the three models after each format's round trip."""
+    from ..config import QUANTIZED_FORMATS
+
+    rows = []
+    for fmt, gguf_name in QUANTIZED_FORMATS.items():
+        prefix = f"quantized_{fmt}_"
+        for side in ("forget", "retain"):
+            if f"{prefix}{side}_top1" not in metrics:
+                continue
+            cells = (
+                _number(metrics.get(f"{prefix}parent_{side}_top1")),
+                _number(metrics[f"{prefix}{side}_top1"]),
+                _change(metrics.get(f"{prefix}{side}_top1_drop")),
+                _change(metrics.get(f"{prefix}control_{side}_top1_drop")),
+            )
+            rows.append(f"| {side} top-1, weights {fmt} (GGUF {gguf_name}) | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _quantized_evidence(metrics: dict) -> list[str]:
+    """How much of the forget drop each format keeps, from its recovery."""
+    from ..config import QUANTIZED_FORMATS
+
+    kept = []
+    for fmt in QUANTIZED_FORMATS:
+        recovery = metrics.get(f"quantized_{fmt}_recovery")
+        if recovery is not None and not math.isnan(recovery):
+            kept.append(f"{fmt} weights keep {1 - recovery:.0%} of the forget drop")
+    return kept
+
+
 def _change(drop) -> str:
     """A relative drop as the change a reader expects: -33.3% for a drop of 0.333."""
     return "–" if drop is None or (isinstance(drop, float) and math.isnan(drop)) else f"{-drop:+.1%}"
@@ -141,12 +173,14 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
             + " |"
         )
     lines += [_task_row(key, label, metrics) for key, label in FUNCTIONAL_ROWS if key in metrics]
+    lines += _quantized_rows(metrics)
     lines.append("")
     evidence = [f"Selectivity (forget drop / retain drop): {_number(metrics.get('selectivity'))}"]
     if "control_selectivity" in metrics:
         evidence.append(f"the random control's: {_number(metrics.get('control_selectivity'))}")
     if "relearn_recovery" in metrics:
         evidence.append(f"relearning brings back {_change(-metrics['relearn_recovery'])} of the forgotten top-1")
+    evidence += _quantized_evidence(metrics)
     lines += [
         "; ".join(evidence) + ".",
         "",

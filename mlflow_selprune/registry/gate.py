@@ -59,11 +59,13 @@ def gate(
     dry_run: bool = False,
     signing_key=None,
     max_code_pass_rate: float | None = None,
+    max_quantized_recovery: float | None = None,
 ) -> GateResult:
     """Pass if ``retain_<metric>_drop <= max_retain_drop``, ``forget_<metric>_drop >= min_forget_drop``,
     the selectivity *of that metric* ``>= min_selectivity``, ``relearn_recovery <= max_relearn_recovery``
-    and ``forget_code_pass_rate <= max_code_pass_rate`` (an absolute share of the Python tasks the unlearned
-    model still solves; each only when given).
+    ``forget_code_pass_rate <= max_code_pass_rate`` (an absolute share of the Python tasks the unlearned
+    model still solves) and ``quantized_<format>_recovery <= max_quantized_recovery`` for every format the
+    version was measured in (``prune --quantized-check``); each only when given.
 
     Every decision is appended to the version as its own tag (time, thresholds,
     verdict, failures, user, alias moved); none is ever overwritten, so a
@@ -72,18 +74,17 @@ def gate(
     ``attest.load_signing_key``): the decision is also signed (``registry.attest``), its envelope in the version's
     run and its digest in the record.
     """
-    check_thresholds(
-        max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias, max_code_pass_rate
-    )
-    resolved = _gated_version(model_uri)
-    thresholds = {
+    thresholds: dict = {
         "max_retain_drop": max_retain_drop,
         "min_forget_drop": min_forget_drop,
         "min_selectivity": min_selectivity,
         "max_relearn_recovery": max_relearn_recovery,
         "max_code_pass_rate": max_code_pass_rate,
-        "metric": metric,
+        "max_quantized_recovery": max_quantized_recovery,
     }
+    check_thresholds(set_alias=set_alias, **thresholds)
+    thresholds = {**thresholds, "metric": metric}
+    resolved = _gated_version(model_uri)
     typed_in = any(key.startswith(lineage.METRIC_PREFIX) for key in resolved.tags)
     if lineage.PARENT not in resolved.tags and typed_in:  # no unlearning run recorded them: whoever tagged did
         refusals = [
@@ -96,7 +97,7 @@ def gate(
     if refusals:  # nothing is decided on, or written to, a version that does not verify
         return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
     metrics = lineage.metrics_from_tags(resolved.tags)  # the very tags just verified
-    wanted = _metric_thresholds(thresholds)
+    wanted = _metric_thresholds(thresholds, metrics)
     missing = [name for name in wanted if name not in metrics]
     if missing:
         raise BadInputError(
@@ -104,6 +105,7 @@ def gate(
             "a relative change of a value under 0.01); gate a version registered by `mlflow-selprune prune`"
             + (" with --relearn-steps" if "relearn_recovery" in missing else "")
             + (" with --code-tasks" if "forget_code_pass_rate" in missing else "")
+            + (" with --quantized-check" if QUANTIZED_ANY in missing else "")
         )
     failures: list[str] = []
     try:
@@ -118,7 +120,13 @@ def gate(
 
 
 def check_thresholds(
-    max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, set_alias, max_code_pass_rate=None
+    max_retain_drop,
+    min_forget_drop,
+    min_selectivity,
+    max_relearn_recovery,
+    set_alias,
+    max_code_pass_rate=None,
+    max_quantized_recovery=None,
 ) -> None:
     """Every option of ``gate`` in range, before the store is touched (the CLI calls it first)."""
     _check_fraction("--max-retain-drop", max_retain_drop)
@@ -131,11 +139,25 @@ def check_thresholds(
         raise BadInputError(
             f"--max-code-pass-rate must be a share of the tasks in [0, 1] (e.g. 0.3), got {max_code_pass_rate}"
         )
-    given = (max_retain_drop, min_forget_drop, min_selectivity, max_relearn_recovery, max_code_pass_rate)
+    if max_quantized_recovery is not None and (
+        math.isnan(max_quantized_recovery) or not 0 <= max_quantized_recovery <= 1
+    ):
+        raise BadInputError(
+            "--max-quantized-recovery must be a share of the forget drop in [0, 1] (e.g. 0.1), got "
+            f"{max_quantized_recovery}"
+        )
+    given = (
+        max_retain_drop,
+        min_forget_drop,
+        min_selectivity,
+        max_relearn_recovery,
+        max_code_pass_rate,
+        max_quantized_recovery,
+    )
     if all(t is None for t in given):
         raise BadInputError(
             "give at least one threshold: --max-retain-drop, --min-forget-drop, --min-selectivity, "
-            "--max-relearn-recovery or --max-code-pass-rate"
+            "--max-relearn-recovery, --max-code-pass-rate or --max-quantized-recovery"
         )
     check_alias(set_alias, "--set-alias")
 
@@ -150,8 +172,13 @@ def _gated_version(model_uri: str):
     return resolved
 
 
-def _metric_thresholds(thresholds: dict) -> dict[str, MetricThreshold]:
-    """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names."""
+# The name a --max-quantized-recovery asks for when the version was measured in no format.
+QUANTIZED_ANY = "quantized_<format>_recovery"
+
+
+def _metric_thresholds(thresholds: dict, recorded: dict | None = None) -> dict[str, MetricThreshold]:
+    """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names (``recorded``: the
+    version's metrics, which say the formats a quantized recovery was measured in)."""
     from ..evaluation.drops import selectivity_key
 
     metric = thresholds["metric"]
@@ -176,6 +203,12 @@ def _metric_thresholds(thresholds: dict) -> dict[str, MetricThreshold]:
         wanted["forget_code_pass_rate"] = MetricThreshold(
             threshold=thresholds["max_code_pass_rate"], greater_is_better=False
         )
+    if thresholds.get("max_quantized_recovery") is not None:
+        from ..config import QUANTIZED_FORMATS
+
+        names = [f"quantized_{fmt}_recovery" for fmt in QUANTIZED_FORMATS]
+        for name in [n for n in names if n in (recorded or {})] or [QUANTIZED_ANY]:
+            wanted[name] = MetricThreshold(threshold=thresholds["max_quantized_recovery"], greater_is_better=False)
     return wanted
 
 

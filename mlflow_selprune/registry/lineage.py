@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import QUANTIZED_FORMATS
 from ..errors import BadInputError, causes
 
 PREFIX = "selprune."
@@ -98,6 +99,12 @@ HEADLINE_METRICS = (
     "retain_cloze_accuracy",
     "parent_retain_cloze_accuracy",
     "control_retain_cloze_accuracy",
+    # --quantized-check (evaluation.quantized), per format
+    *(
+        f"quantized_{fmt}_{name}"
+        for fmt in QUANTIZED_FORMATS
+        for name in ("forget_top1_drop", "retain_top1_drop", "control_forget_top1_drop", "recovery")
+    ),
     # image classifiers
     "forget_top5",
     "retain_top5",
