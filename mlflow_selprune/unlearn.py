@@ -380,7 +380,7 @@ def _views(plan: PrunePlan, loaded: Loaded, result) -> dict:
 
 def check_code_tasks(evidence: EvidenceOptions, model) -> None:
     """``--code-tasks`` needs a model that writes text, and the sandbox its code runs in (unless the user allows
-    it without one): refused, before any run, otherwise."""
+    it without one); ``--quantized-check``, a weight GGUF would quantize: refused, before any run, otherwise."""
     from .evaluation.functional import refuse_without_sandbox
     from .kinds import kind_of
 
@@ -392,6 +392,15 @@ def check_code_tasks(evidence: EvidenceOptions, model) -> None:
         )
     if evidence.code_tasks:
         refuse_without_sandbox(evidence.allow_unsandboxed_code)
+    if evidence.quantized_formats():
+        from .evaluation.quantized import quantizable_weights
+
+        if not quantizable_weights(model):
+            raise BadInputError(
+                f"--quantized-check: no Linear weight of this {type(model).__name__} has rows a multiple of 32 long, "
+                "so a GGUF file would keep them all unquantized and the check would measure nothing: drop "
+                "--quantized-check"
+            )
 
 
 def functional_evidence(plan: PrunePlan, loaded: Loaded, result) -> tuple[dict, dict]:

@@ -200,3 +200,39 @@ def test_the_gate_fails_a_version_whose_forget_drop_is_gone_once_quantized(tmp_p
         assert "gate FAILED" in gated.output
         base = invoke("gate", "--model-uri", "models:/two-sources/2", "--max-quantized-recovery", "1.5")
         assert base.exit_code == 2 and "--max-quantized-recovery must be a share" in base.output
+
+
+@pytest.mark.slow(seconds=8)
+def test_a_model_with_no_weight_gguf_would_quantize_is_refused_before_anything_is_written(store, tiny_tokenizer):
+    """Rows of 24 and 48 weights: a GGUF file keeps every matrix unquantized, and the check would measure nothing."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_helpers import invoke, registry_snapshot, tiny_neox_config
+
+    from mlflow_selprune.registry.flavor import default_pip_requirements
+
+    torch.manual_seed(0)
+    config = tiny_neox_config(tiny_tokenizer)
+    config.hidden_size, config.intermediate_size = 24, 48
+    narrow = T.GPTNeoXForCausalLM(config).eval()
+    with mlflow.start_run(run_name="register narrow"):
+        info = mlflow.transformers.log_model(
+            {"model": narrow, "tokenizer": tiny_tokenizer},
+            name="model",
+            task="text-generation",
+            pip_requirements=default_pip_requirements(),
+        )
+    mlflow.register_model(info.model_uri, "narrow-lm")
+    client = MlflowClient()
+    before, runs = registry_snapshot(), len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
+    with mock.patch.dict("os.environ"):
+        refused = invoke(
+            "prune", "--model-uri", "models:/narrow-lm/1", "--forget", store["forget"], "--retain", store["retain"],
+            "--quantized-check", "int4", "--no-progress",
+        )  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    (line,) = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert "--quantized-check: no Linear weight of this GPTNeoXForCausalLM has rows a multiple of 32" in line
+    assert registry_snapshot() == before
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs

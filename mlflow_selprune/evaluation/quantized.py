@@ -84,9 +84,11 @@ def quantized(model, fmt: str):
     import torch
 
     saved = []
+    weights = quantizable_weights(model)
+    logger.debug(f"{fmt}: {len(weights)} weights, {sum(w.numel() for w, _ in weights):,} parameters, quantized")
     try:
         with torch.no_grad():
-            for weight, transposed in quantizable_weights(model):
+            for weight, transposed in weights:
                 saved.append((weight, weight.detach().to("cpu", copy=True)))
                 matrix = weight.t() if transposed else weight
                 trip = round_trip(matrix, fmt)
