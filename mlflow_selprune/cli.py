@@ -787,6 +787,42 @@ def materialize(model_uri, register_as, alias, signing_key):
 
 
 @main.command()
+@click.argument("model_uri")
+@click.argument("out", metavar="OUT.gguf")
+@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True, help="File format.")
+@click.option(
+    "--quantization",
+    type=click.Choice(["Q8_0", "Q4_0", "F16"]),
+    default="Q8_0",
+    show_default=True,
+    help="How the matrices are stored (Q8_0/Q4_0: the quantization check's int8/int4).",
+)
+@click.option(
+    "--signing-key",
+    default=None,
+    metavar="KEY.pem",
+    help="Sign the export's record with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
+)
+@no_progress_option
+@handle_errors
+def export(model_uri, out, fmt, quantization, signing_key):
+    """Write a verified version as one GGUF file (llama.cpp, Ollama), logged to its run with a record that
+    lineage --verify checks."""
+    from .registry.attest import load_signing_key
+    from .registry.exports import check_request
+
+    _say_store()
+    check_request(out, fmt, quantization)
+    key = load_signing_key(signing_key)
+    _announce_store(require_existing=True)
+    from .registry.exports import export as export_version
+
+    result = export_version(model_uri, out, fmt, quantization, signing_key=key)
+    click.echo(f"wrote {result.path} ({result.size:,} bytes, {quantization}, sha256 {result.sha256[:16]})")
+    click.echo(f"logged as {result.artifact} with the record {result.record_key}")
+
+
+@main.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @handle_errors
 def keygen(directory):

@@ -266,7 +266,7 @@ def _new_record(**fields) -> tuple[str, dict]:
     """``(tag key, record)`` of a new decision, made now, that has moved no alias yet."""
     # microseconds in the key: two decisions within one second still sort in the order they were made
     now = datetime.datetime.now(datetime.timezone.utc)
-    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "user": _user(), "alias_moved": None, **fields}
+    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "user": acting_user(), "alias_moved": None, **fields}
     return f"{lineage.GATE_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}", record
 
 
@@ -363,7 +363,7 @@ def _tag_value(resolved, key: str, record: dict) -> str:
     return json.dumps(summary, sort_keys=True)
 
 
-def _user() -> str:
+def acting_user() -> str:
     """Who decided: the tracking user when the server authenticates, else the OS user."""
     import getpass
     import os

@@ -62,6 +62,8 @@ RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors",
 LINEAGE_RECORD = "selprune/lineage.json"
 # signed gate decisions (KEY.dsse.json), and gate records too long for a tag, whole (KEY.json, digest in the tag)
 GATE_ARTIFACT_DIR = "selprune/gate"
+# One tag per file `mlflow-selprune export` made of the version, never overwritten (registry.exports).
+EXPORT_RECORD_PREFIX = PREFIX + "export."
 LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
@@ -143,8 +145,13 @@ def canonical_json(value) -> str:
 
 
 def lineage_tags(tags: dict) -> dict[str, str]:
-    """The tags a lineage record covers: every ``selprune.*`` tag but the gate records, appended later by design."""
-    return {k: v for k, v in tags.items() if k.startswith(PREFIX) and not k.startswith(GATE_RECORD_PREFIX)}
+    """The tags a lineage record covers: every ``selprune.*`` tag but the gate and export records, appended later
+    by design."""
+    return {
+        k: v
+        for k, v in tags.items()
+        if k.startswith(PREFIX) and not k.startswith((GATE_RECORD_PREFIX, EXPORT_RECORD_PREFIX))
+    }
 
 
 def lineage_record(tags: dict) -> bytes:

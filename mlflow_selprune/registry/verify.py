@@ -14,7 +14,7 @@ A finding stops the command with exit 1 and nothing written.
 from __future__ import annotations
 
 from ..errors import BadInputError, VerificationError, printable
-from . import evidence, lineage, manifest
+from . import evidence, exports, lineage, manifest
 from .evidence import Audit
 from .lineage import PARENT, PARENT_WEIGHTS_SHA, WEIGHTS_SHA, Hop, weights_sha256
 
@@ -111,6 +111,7 @@ def audit(hop: Hop, cache: dict, strict: bool = True, trusted: dict | None = Non
     not parse, say) is a finding either way; ``trusted``: key id -> public key, whose signatures are then
     required (None: not checked)."""
     result = evidence.recorded(hop, trusted)
+    exports.check_exports(result, trusted)
     if hop.kind == "incomplete" or (hop.kind == "root" and WEIGHTS_SHA not in hop.tags):
         return result
     if result.status["files"] == evidence.CHANGED:  # files that fail their manifest are never loaded

@@ -1,0 +1,220 @@
+"""``mlflow-selprune export``: a registered version written as one GGUF file, and the record that vouches for it.
+
+The version is verified first (its recorded evidence, every file, its weights against their digest), and the
+file is written from what was verified (``gguf_export``). The file is then logged to the version's run under
+``selprune/exports/`` and an export record is appended to the version as its own tag
+(``selprune.export.<UTC time>-<random>``, never overwritten): the file's path in the run, its sha256 and size,
+the format and quantization, the verified weights digest it was made from, when and by whom. With a signing
+key the record is signed too (an in-toto statement whose subject is the file's digest), its envelope in the
+run. ``lineage --verify`` checks every export record against the file in the run; with ``--trusted-key`` it
+requires each to be signed by a trusted key and to say what the signed statement says, so a user with EDIT
+who replaces a file and its record alike is still found out.
+
+The version's manifest, anchored when the version was made, does not change: an export made later has its
+own record, checked the same way.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import BadInputError
+from . import lineage
+
+logger = logging.getLogger(__name__)
+
+EXPORT_ARTIFACT_DIR = "selprune/exports"
+EXPORT_PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/export/v1"
+FORMATS = ("gguf",)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sha256: str
+    size: int
+    artifact: str
+    record_key: str
+
+
+def check_request(out: str, fmt: str, quantization: str) -> Path:
+    """Every option in range and the output path free, before anything is loaded or written."""
+    from ..gguf_export import QUANTIZATIONS
+
+    if fmt not in FORMATS:
+        raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if quantization not in QUANTIZATIONS:
+        raise BadInputError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    path = Path(out)
+    if path.suffix != ".gguf":
+        raise BadInputError(f"OUT must be a .gguf file path, got '{out}'")
+    if path.exists():
+        raise BadInputError(f"OUT '{out}' exists: give a new path, or remove it first")
+    if not path.parent.is_dir():
+        raise BadInputError(f"OUT '{out}': its directory does not exist")
+    return path
+
+
+def export(model_uri: str, out: str, fmt: str = "gguf", quantization: str = "Q8_0", signing_key=None):
+    """Write the verified version ``model_uri`` to ``out``, log it to the version's run and record it there."""
+    from ..gguf_export import unsupported, write_gguf
+    from . import loading, verify
+    from .resolve import check_edit_permission, resolve
+
+    path = check_request(out, fmt, quantization)
+    resolved = resolve(model_uri)
+    if not resolved.is_registered:
+        raise BadInputError(f"'{model_uri}' is not a registered model version; export works on models:/NAME/VERSION")
+    check_edit_permission(
+        resolved.registered_name,
+        "record an export on",
+        "ask an admin, or a user with MANAGE on the model, to grant EDIT",
+    )
+    loading.fetch_verified(resolved, "export")
+    model, tokenizer = loading.load_components(resolved)
+    weights = lineage.weights_sha256(model)
+    verify.require_weights(resolved, weights, "export")
+    why = unsupported(model, tokenizer)
+    if why is not None:
+        raise BadInputError(f"{resolved.canonical_uri} cannot be exported as GGUF: {why}")
+    logger.info(f"writing {path} ({quantization})")
+    try:
+        write_gguf(model, tokenizer, path, quantization, name=resolved.canonical_uri)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return _record(resolved, path, fmt, quantization, weights, signing_key)
+
+
+def _record(resolved, path: Path, fmt: str, quantization: str, weights: str, signing_key) -> ExportResult:
+    """Log the file to the version's run and append its record (signed with ``signing_key`` when given)."""
+    from .gate import acting_user
+    from .resolve import client
+
+    digest, size = lineage.file_sha256(path), path.stat().st_size
+    artifact = f"{EXPORT_ARTIFACT_DIR}/{path.name}"
+    logger.info(f"logging {path.name} to run {resolved.run_id}")
+    client().log_artifact(resolved.run_id, str(path), EXPORT_ARTIFACT_DIR)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    key = f"{lineage.EXPORT_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+    record = {
+        "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "user": acting_user(),
+        "format": fmt,
+        "quantization": quantization,
+        "artifact": artifact,
+        "sha256": digest,
+        "bytes": size,
+        "weights_sha256": weights,
+    }
+    if signing_key is not None:
+        record.update(_sign(resolved, key, record, signing_key))
+    client().set_model_version_tag(resolved.registered_name, resolved.version, key, json.dumps(record, sort_keys=True))
+    return ExportResult(path, digest, size, artifact, key)
+
+
+def _sign(resolved, key: str, record: dict, signing_key) -> dict:
+    """The export's signed statement (subject: the file's digest), logged beside it; the record's fields for it."""
+    from . import attest
+    from .resolve import client
+
+    predicate = {"model_version": resolved.canonical_uri, "record_key": key, "export": _signed_fields(record)}
+    envelope = attest.sign(
+        attest.statement(record["artifact"], record["sha256"], EXPORT_PREDICATE, predicate), signing_key
+    )
+    path = f"{EXPORT_ARTIFACT_DIR}/{key}.dsse.json"
+    client().log_text(resolved.run_id, envelope.decode(), path)
+    return {"attestation_artifact": path, "attestation_sha256": attest.envelope_sha256(envelope)}
+
+
+def _signed_fields(record: dict) -> dict:
+    return {k: record.get(k) for k in ("format", "quantization", "artifact", "sha256", "weights_sha256")}
+
+
+def parse_record(value: str) -> dict:
+    """An export record as a tag holds it, each field it is read for checked; ``ValueError`` says what is wrong."""
+    try:
+        record = json.loads(value)
+    except (ValueError, RecursionError):
+        raise ValueError("is not a JSON record") from None
+    if not isinstance(record, dict):
+        raise ValueError("is not a JSON record")
+    artifact = record.get("artifact")
+    if not isinstance(artifact, str) or not artifact.startswith(EXPORT_ARTIFACT_DIR + "/") or ".." in artifact:
+        raise ValueError(f"names no file under {EXPORT_ARTIFACT_DIR}/: {lineage.short(artifact)}")
+    if not isinstance(record.get("sha256"), str) or not _SHA256.fullmatch(record["sha256"]):
+        raise ValueError(f"holds no sha256: {lineage.short(record.get('sha256'))}")
+    return record
+
+
+def check_exports(audit, trusted: dict | None) -> None:
+    """``lineage --verify``: every export record parses and its file in the run has its digest; with ``trusted``
+    keys, each is signed by one of them and its signed statement says what the record says."""
+    from . import attest
+    from .evidence import run_of
+
+    hop = audit.hop
+    for key in sorted(k for k in hop.tags if k.startswith(lineage.EXPORT_RECORD_PREFIX)):
+        try:
+            record = parse_record(hop.tags[key])
+        except ValueError as exc:
+            audit.tampered("artifacts", f"export record {key} {exc}")
+            continue
+        stored = _file_sha256(run_of(hop), record["artifact"])
+        if stored is None:
+            audit.tampered("artifacts", f"export {record['artifact']} (record {key}) is missing from its run")
+        elif stored != record["sha256"]:
+            audit.tampered(
+                "artifacts",
+                f"export {record['artifact']} changed: sha256 {stored[:16]}, recorded {record['sha256'][:16]}",
+            )
+        else:
+            audit.ok("artifacts")
+        if trusted is None:
+            continue
+        what = f"export record {key}"
+        envelope_path = record.get("attestation_artifact")
+        envelope = lineage.run_artifact(run_of(hop), envelope_path) if isinstance(envelope_path, str) else None
+        audit.ok("signature")
+        if envelope is None:
+            audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
+            continue
+        if attest.envelope_sha256(envelope) != record.get("attestation_sha256"):
+            audit.tampered("signature", f"{what}: its attestation {envelope_path} changed since it was recorded")
+            continue
+        try:
+            signed = attest.open_envelope(envelope, trusted)[0]
+        except attest.InvalidAttestation as exc:
+            audit.tampered("signature", f"{what}: {exc}")
+            continue
+        if (
+            attest.claim(signed, "predicateType") != EXPORT_PREDICATE
+            or attest.claim(signed, "subject", 0, "digest", "sha256") != record["sha256"]
+            or attest.claim(signed, "predicate", "model_version") != hop.uri
+            or attest.claim(signed, "predicate", "record_key") != key
+            or attest.claim(signed, "predicate", "export") != _signed_fields(record)
+        ):
+            audit.tampered("signature", f"{what}: the signed statement is not the recorded export")
+
+
+def _file_sha256(run_id: str | None, artifact: str) -> str | None:
+    """The sha256 of a run's (possibly large) artifact, downloaded to a temporary directory; None when gone."""
+    import tempfile
+
+    import mlflow
+
+    if not run_id:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
+        except Exception:  # noqa: BLE001 - whatever the store says, the file cannot be had
+            return None
+        return lineage.file_sha256(local) if Path(local).is_file() else None
