@@ -809,13 +809,13 @@ def export(model_uri, out, fmt, quantization, signing_key):
     """Write a verified version as one GGUF file (llama.cpp, Ollama), logged to its run with a record that
     lineage --verify checks."""
     from .registry.attest import load_signing_key
-    from .registry.exports import check_request
+    from .export import check_request
 
     _say_store()
     check_request(out, fmt, quantization)
     key = load_signing_key(signing_key)
     _announce_store(require_existing=True)
-    from .registry.exports import export as export_version
+    from .export import export as export_version
 
     result = export_version(model_uri, out, fmt, quantization, signing_key=key)
     click.echo(f"wrote {result.path} ({result.size:,} bytes, {quantization}, sha256 {result.sha256[:16]})")

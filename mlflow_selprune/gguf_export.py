@@ -70,7 +70,7 @@ def write_gguf(model, tokenizer, path: Path, quantization: str, name: str = "") 
 
 def _rope_theta(config) -> float:
     parameters = getattr(config, "rope_parameters", None) or {}
-    return parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0)
+    return float(parameters.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
 
 
 def _tensors(model, quantization: str):

@@ -324,3 +324,44 @@ def test_the_readme_register_command_registers_smollm2_with_its_provenance(smoll
     )
     assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
     assert "source:  smollm2-135m (packaged, GGUF MOSTLY_Q4_1" in verified.stdout
+
+
+@pytest.mark.slow(seconds=560)
+@pytest.mark.timeout(2400)  # a hang guard only, over 3x the quiet time: it may be the test that runs the demo
+def test_the_documented_export_writes_the_demo_version_as_gguf_holding_the_int4_check_weights(demo_store):
+    """docs/robustness.md's `mlflow-selprune export` of the demo's version, as printed: a Q4_0 GGUF of SmolLM2
+    that transformers reads back as exactly the weights the demo's int4 check measured, with the same tokenizer,
+    and an export record on the version with the file's digest."""
+    import json
+    import shlex
+    from pathlib import Path
+    from unittest import mock
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_helpers import current_store, invoke
+
+    from mlflow_selprune.evaluation.quantized import quantized
+    from mlflow_selprune.registry.lineage import file_sha256
+    from mlflow_selprune.registry.loading import load_components
+    from mlflow_selprune.registry.resolve import resolve
+
+    docs = Path(__file__).parents[1] / "docs" / "robustness.md"
+    (command,) = [line for line in docs.read_text().splitlines() if line.startswith("mlflow-selprune export ")]
+    args = shlex.split(command)[1:]
+    version = args[1].rsplit("/", 1)[1]
+    assert version == demo_store["unlearned"].version, "the docs name the version the demo makes on a fresh store"
+    with current_store(demo_store), mock.patch.dict(os.environ):
+        written = invoke(*args)
+        assert written.exit_code == 0, written.output
+        out = demo_store["root"] / args[-1]
+        back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+        model, tokenizer = load_components(resolve(args[1]))
+        prompt = "def fibonacci(n):\n    # The capital of France is"
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode(), quantized(model, "int4"):
+            assert torch.equal(back(ids).logits, model(ids).logits)
+        assert AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)(prompt)["input_ids"] == ids[0].tolist()
+        tags = demo_store["client"].get_model_version("selprune-demo", version).tags
+        (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("selprune.export.")]
+        assert record["sha256"] == file_sha256(out) and record["quantization"] == "Q4_0"

@@ -1,7 +1,7 @@
-"""``mlflow-selprune export``: a registered version written as one GGUF file, and the record that vouches for it.
+"""The record of a file ``mlflow-selprune export`` made of a version (``export.py`` verifies the version and writes
+the file, ``gguf_export`` its bytes), and its check in ``lineage --verify``.
 
-The version is verified first (its recorded evidence, every file, its weights against their digest), and the
-file is written from what was verified (``gguf_export``). The file is then logged to the version's run under
+The file is logged to the version's run under
 ``selprune/exports/`` and an export record is appended to the version as its own tag
 (``selprune.export.<UTC time>-<random>``, never overwritten): the file's path in the run, its sha256 and size,
 the format and quantization, the verified weights digest it was made from, when and by whom. With a signing
@@ -24,7 +24,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInputError
 from . import lineage
 
 logger = logging.getLogger(__name__)
@@ -44,59 +43,9 @@ class ExportResult:
     record_key: str
 
 
-def check_request(out: str, fmt: str, quantization: str) -> Path:
-    """Every option in range and the output path free, before anything is loaded or written."""
-    from ..gguf_export import QUANTIZATIONS
-
-    if fmt not in FORMATS:
-        raise BadInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if quantization not in QUANTIZATIONS:
-        raise BadInputError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
-    path = Path(out)
-    if path.suffix != ".gguf":
-        raise BadInputError(f"OUT must be a .gguf file path, got '{out}'")
-    if path.exists():
-        raise BadInputError(f"OUT '{out}' exists: give a new path, or remove it first")
-    if not path.parent.is_dir():
-        raise BadInputError(f"OUT '{out}': its directory does not exist")
-    return path
-
-
-def export(model_uri: str, out: str, fmt: str = "gguf", quantization: str = "Q8_0", signing_key=None):
-    """Write the verified version ``model_uri`` to ``out``, log it to the version's run and record it there."""
-    from ..gguf_export import unsupported, write_gguf
-    from . import loading, verify
-    from .resolve import check_edit_permission, resolve
-
-    path = check_request(out, fmt, quantization)
-    resolved = resolve(model_uri)
-    if not resolved.is_registered:
-        raise BadInputError(f"'{model_uri}' is not a registered model version; export works on models:/NAME/VERSION")
-    check_edit_permission(
-        resolved.registered_name,
-        "record an export on",
-        "ask an admin, or a user with MANAGE on the model, to grant EDIT",
-    )
-    loading.fetch_verified(resolved, "export")
-    model, tokenizer = loading.load_components(resolved)
-    weights = lineage.weights_sha256(model)
-    verify.require_weights(resolved, weights, "export")
-    why = unsupported(model, tokenizer)
-    if why is not None:
-        raise BadInputError(f"{resolved.canonical_uri} cannot be exported as GGUF: {why}")
-    logger.info(f"writing {path} ({quantization})")
-    try:
-        write_gguf(model, tokenizer, path, quantization, name=resolved.canonical_uri)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return _record(resolved, path, fmt, quantization, weights, signing_key)
-
-
-def _record(resolved, path: Path, fmt: str, quantization: str, weights: str, signing_key) -> ExportResult:
+def record_export(resolved, path: Path, fmt: str, quantization: str, weights: str, signing_key) -> ExportResult:
     """Log the file to the version's run and append its record (signed with ``signing_key`` when given)."""
-    from .gate import acting_user
-    from .resolve import client
+    from .resolve import acting_user, client
 
     digest, size = lineage.file_sha256(path), path.stat().st_size
     artifact = f"{EXPORT_ARTIFACT_DIR}/{path.name}"

@@ -27,7 +27,7 @@ from mlflow.models.evaluation.validation import ModelValidationFailedException
 
 from . import describe, lineage, verify
 from ..errors import BadInputError
-from .resolve import check_alias, client, resolve
+from .resolve import acting_user, check_alias, client, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -361,14 +361,6 @@ def _tag_value(resolved, key: str, record: dict) -> str:
     }
     summary.update(record_artifact=path, record_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
     return json.dumps(summary, sort_keys=True)
-
-
-def acting_user() -> str:
-    """Who decided: the tracking user when the server authenticates, else the OS user."""
-    import getpass
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
 
 
 def mlflow_validate(thresholds: dict[str, MetricThreshold], metrics: dict) -> None:

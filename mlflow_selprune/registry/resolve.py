@@ -263,6 +263,14 @@ _NEEDS = (
 )
 
 
+def acting_user() -> str:
+    """Who decided: the tracking user when the server authenticates, else the OS user."""
+    import getpass
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
 def tracking_user() -> str:
     """The user the server sees (MLflow's own environment variable), for messages; never the password."""
     import os
