@@ -8,6 +8,7 @@ file is written from what was verified (``gguf_export``), then logged to the ver
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from .errors import BadInputError
@@ -25,6 +26,8 @@ def check_request(out: str, fmt: str, quantization: str) -> Path:
     if quantization not in QUANTIZATIONS:
         raise BadInputError(f"--quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     path = Path(out)
+    if path.is_symlink():
+        raise BadInputError(f"OUT '{out}' is a symbolic link: give the path of a new file")
     if path.suffix != ".gguf":
         raise BadInputError(f"OUT must be a .gguf file path, got '{out}'")
     if path.exists():
@@ -59,6 +62,10 @@ def export(model_uri: str, out: str, fmt: str = "gguf", quantization: str = "Q8_
     if why is not None:
         raise BadInputError(f"{resolved.canonical_uri} cannot be exported as GGUF: {why}")
     logger.info(f"writing {path} ({quantization})")
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644))
+    except FileExistsError:
+        raise BadInputError(f"OUT '{out}' exists: give a new path, or remove it first") from None
     try:
         write_gguf(model, tokenizer, path, quantization, name=resolved.canonical_uri)
     except BaseException:

@@ -4,9 +4,12 @@ Written with the ``gguf`` package: its writer, its names for each architecture's
 (``gguf.get_tensor_name_map``) and its quantizers, the same ones the quantization check uses
 (``evaluation.quantized``), so a file exported as Q8_0 or Q4_0 holds the very weights that check measured.
 Every Linear weight whose rows are a multiple of 32 long is quantized to the chosen type, a tied output head
-(the embedding matrix, written once as ``token_embd``) included; other tensors (norms, and matrices GGUF keeps
-unquantized) are float32, or float16 for an F16 file's matrices. Llama's query and key projections are stored
-with their rows reordered the way llama.cpp's own converter does (transformers undoes it on load).
+(the embedding matrix, written once as ``token_embd``) included: the weights ``evaluation.quantized`` rounds,
+no more. Other tensors (norms, untied embeddings, matrices a block cannot divide) are float32, or float16 for
+an F16 file's matrices. For a float32 model, a Q8_0 or Q4_0 file holds bit for bit what the check measured; a
+float16 or bfloat16 model is measured with the round trip rounded back to its own dtype. Llama's query and key
+projections are stored with their rows reordered the way llama.cpp's own converter does (transformers undoes it
+on load).
 
 The tokenizer goes with it: the BPE vocabulary, token types and merges of a fast tokenizer, its special tokens
 and chat template. Families: the Llama architecture (``model_type`` ``llama``, SmolLM2 among them); any other
@@ -80,9 +83,12 @@ def _tensors(model, quantization: str):
     import torch
     from gguf import quants
 
+    from .evaluation.quantized import quantizable_weights
+
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     qtype = None if quantization == "F16" else gguf.GGMLQuantizationType[quantization]
+    quantizable = {id(weight) for weight, _ in quantizable_weights(model)}  # what the quantization check rounds
     seen: set[int] = set()
     for hf_name, tensor in model.state_dict(keep_vars=True).items():
         if id(tensor) in seen:  # a tied head: the embedding matrix, already written as token_embd
@@ -99,9 +105,9 @@ def _tensors(model, quantization: str):
             yield gguf_name, np.ascontiguousarray(array), None
         elif qtype is None:
             yield gguf_name, array.astype(np.float16), None
-        elif array.shape[1] % BLOCK == 0:
+        elif id(tensor) in quantizable:
             yield gguf_name, quants.quantize(np.ascontiguousarray(array), qtype), qtype
-        else:  # rows a block cannot divide: GGUF keeps them unquantized
+        else:  # rows a block cannot divide, or untied embeddings: unquantized, as the check measured them
             yield gguf_name, np.ascontiguousarray(array), None
 
 

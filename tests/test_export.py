@@ -116,28 +116,58 @@ def test_lineage_verify_checks_each_export_and_with_trusted_keys_its_signature(l
         out = llama_store["root"] / "signed.gguf"
         signed = invoke("export", "models:/signed-llama/1", str(out), "--signing-key", str(private))
         assert signed.exit_code == 0, signed.output
+        again = llama_store["root"] / "again" / "signed.gguf"  # a second export under the same file name
+        again.parent.mkdir()
+        assert invoke("export", "models:/signed-llama/1", str(again), "--signing-key", str(private)).exit_code == 0
         clean = invoke("lineage", "models:/signed-llama/1", "--verify", "--trusted-key", str(public))
         assert clean.exit_code == 0, clean.output
-        # someone with EDIT logs a file of their own and a record that matches it, unsigned
         version = client.get_model_version("signed-llama", "1")
+        (first, _) = sorted(json.loads(v)["artifact"] for k, v in version.tags.items() if k.startswith("selprune.ex"))
+        # someone with EDIT logs a file of their own and a record that matches it, unsigned
         forged = llama_store["root"] / "forged.gguf"
         forged.write_bytes(out.read_bytes()[:-64] + bytes(64))
-        client.log_artifact(version.run_id, str(forged), "selprune/exports")
-        record = {"format": "gguf", "quantization": "Q8_0", "artifact": "selprune/exports/forged.gguf"}
+        client.log_artifact(version.run_id, str(forged), "selprune/exports/mine")
+        record = {"format": "gguf", "quantization": "Q8_0", "artifact": "selprune/exports/mine/forged.gguf"}
         record |= {"sha256": hashlib.sha256(forged.read_bytes()).hexdigest(), "time": "2026-12-04T00:00:00Z"}
+        record |= {"weights_sha256": version.tags["selprune.weights_sha256"]}
         key = "selprune.export.20261204T000000.000000Z-0"
         client.set_model_version_tag("signed-llama", "1", key, json.dumps(record))
         unsigned = invoke("lineage", "models:/signed-llama/1", "--verify", "--trusted-key", str(public))
         assert unsigned.exit_code == 1, unsigned.output
         assert f"unsigned: export record {key} has no signed attestation" in unsigned.output
+        # an export of the parent's weights (the model before unlearning) passed off as this version's
+        parents = record | {"weights_sha256": version.tags["selprune.parent_weights_sha256"]}
+        client.set_model_version_tag("signed-llama", "1", key, json.dumps(parents))
+        copied = invoke("lineage", "models:/signed-llama/1", "--verify")
+        assert copied.exit_code == 1, copied.output
+        assert f"export record {key} was made from other weights" in copied.output
+        client.set_model_version_tag("signed-llama", "1", key, json.dumps(record))
         # and the signed export's own file replaced in the run
         replaced = llama_store["root"] / "replaced" / "signed.gguf"
         replaced.parent.mkdir()
         replaced.write_bytes(forged.read_bytes())
-        client.log_artifact(version.run_id, str(replaced), "selprune/exports")
+        client.log_artifact(version.run_id, str(replaced), first.rsplit("/", 1)[0])
         changed = invoke("lineage", "models:/signed-llama/1", "--verify")
         assert changed.exit_code == 1, changed.output
-        assert "export selprune/exports/signed.gguf changed" in changed.output
+        assert f"export {first} changed" in changed.output
+
+
+def test_an_untied_model_is_written_as_the_weights_the_check_measured(tmp_path, tiny_tokenizer):
+    """Untied embeddings are not a Linear weight: the check leaves them, and so does the file."""
+    from mlflow_selprune.evaluation.quantized import quantized
+    from mlflow_selprune.gguf_export import write_gguf
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = T.LlamaForCausalLM(config).eval()
+    write_gguf(model, tiny_tokenizer, tmp_path / "untied.gguf", "Q4_0")
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="untied.gguf").eval()
+    ids = tiny_tokenizer("def add(a, b):", return_tensors="pt")["input_ids"]
+    with torch.no_grad(), quantized(model, "int4"):
+        assert torch.equal(back(ids).logits, model(ids).logits)
 
 
 def test_a_model_gguf_is_not_written_for_and_a_taken_path_are_refused_writing_nothing(llama_store, tiny_tokenizer):

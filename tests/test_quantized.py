@@ -188,10 +188,13 @@ def test_the_gate_fails_a_version_whose_forget_drop_is_gone_once_quantized(tmp_p
         mlflow.register_model(info.model_uri, "two-sources")
         pruned = invoke(
             "prune", "--model-uri", "models:/two-sources/1", "--forget", str(forget), "--retain", str(retain),
-            "--ff-frac", "0.2", "--steps", "3", "--samples", "0", "--quantized-check", "int4", "--no-progress",
+            "--ff-frac", "0.2", "--steps", "3", "--samples", "0", "--no-control", "--quantized-check", "int4",
+            "--no-progress",
         )  # fmt: skip
         assert pruned.exit_code == 0, pruned.output
         assert "forget_top1 int4" in pruned.output and "of the forget drop, int4 keeps 0%" in pruned.output
+        measured_in = mlflow.MlflowClient().get_model_version("two-sources", "2").tags["selprune.quantized_check"]
+        assert measured_in == "int4"  # the gate requires a recovery for each format the check was asked for
         floats = invoke("gate", "--model-uri", "models:/two-sources/2", "--min-forget-drop", "0.3", "--dry-run")
         assert floats.exit_code == 0, floats.output  # in floating point the version does what it says
         gated = invoke("gate", "--model-uri", "models:/two-sources/2", "--max-quantized-recovery", "0.5")

@@ -330,38 +330,54 @@ def test_the_readme_register_command_registers_smollm2_with_its_provenance(smoll
 @pytest.mark.timeout(2400)  # a hang guard only, over 3x the quiet time: it may be the test that runs the demo
 def test_the_documented_export_writes_the_demo_version_as_gguf_holding_the_int4_check_weights(demo_store):
     """docs/robustness.md's `mlflow-selprune export` of the demo's version, as printed: a Q4_0 GGUF of SmolLM2
-    that transformers reads back as exactly the weights the demo's int4 check measured, with the same tokenizer,
-    and an export record on the version with the file's digest."""
+    whose every MLP output projection is, bit for bit, the round trip the demo's int4 check measured (the pruned
+    neurons' columns zero), with the same tokenizer, and an export record on the version with the file's digest.
+    (That transformers reads such a file back as the very model the check measured is tests/test_export.py's.)"""
     import json
     import shlex
     from pathlib import Path
     from unittest import mock
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import mlflow
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
 
     from mlflow_helpers import current_store, invoke
 
-    from mlflow_selprune.evaluation.quantized import quantized
+    from mlflow_selprune.evaluation.quantized import round_trip
     from mlflow_selprune.registry.lineage import file_sha256
-    from mlflow_selprune.registry.loading import load_components
-    from mlflow_selprune.registry.resolve import resolve
 
     docs = Path(__file__).parents[1] / "docs" / "robustness.md"
     (command,) = [line for line in docs.read_text().splitlines() if line.startswith("mlflow-selprune export ")]
     args = shlex.split(command)[1:]
     version = args[1].rsplit("/", 1)[1]
-    assert version == demo_store["unlearned"].version, "the docs name the version the demo makes on a fresh store"
+    assert version == str(demo_store["unlearned"].version), "the docs name the version the demo makes on a fresh store"
     with current_store(demo_store), mock.patch.dict(os.environ):
         written = invoke(*args)
         assert written.exit_code == 0, written.output
         out = demo_store["root"] / args[-1]
-        back = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
-        model, tokenizer = load_components(resolve(args[1]))
-        prompt = "def fibonacci(n):\n    # The capital of France is"
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.inference_mode(), quantized(model, "int4"):
-            assert torch.equal(back(ids).logits, model(ids).logits)
-        assert AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)(prompt)["input_ids"] == ids[0].tolist()
-        tags = demo_store["client"].get_model_version("selprune-demo", version).tags
-        (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("selprune.export.")]
-        assert record["sha256"] == file_sha256(out) and record["quantization"] == "Q4_0"
+        files = Path(mlflow.artifacts.download_artifacts(f"models:/selprune-demo/{version}"))
+        tokenizer = AutoTokenizer.from_pretrained(files / "components" / "tokenizer")
+    tensors = {t.name: t for t in GGUFReader(out).tensors}
+    zeroed = 0
+    shards = [safe_open(shard, "pt") for shard in sorted(files.glob("model/*.safetensors"))]
+    for layer in range(30):
+        name = f"model.layers.{layer}.mlp.down_proj.weight"
+        (down,) = [shard.get_tensor(name) for shard in shards if name in shard.keys()]
+        written_down = tensors[f"blk.{layer}.ffn_down.weight"]
+        assert written_down.tensor_type == GGMLQuantizationType.Q4_0
+        dequantized = torch.from_numpy(quants.dequantize(written_down.data, GGMLQuantizationType.Q4_0))
+        assert torch.equal(dequantized.reshape(down.shape), round_trip(down, "int4")), layer
+        pruned = (down == 0).all(0)
+        assert bool((dequantized.reshape(down.shape)[:, pruned] == 0).all()), layer
+        zeroed += int(pruned.sum())
+    assert zeroed > 0, "the demo pruned FF neurons; their columns are zero in the file"
+    prompt = "def fibonacci(n):\n    # The capital of France is"
+    assert (
+        AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)(prompt)["input_ids"]
+        == tokenizer(prompt)["input_ids"]
+    )
+    tags = demo_store["client"].get_model_version("selprune-demo", version).tags
+    (record,) = [json.loads(v) for k, v in tags.items() if k.startswith("selprune.export.")]
+    assert record["sha256"] == file_sha256(out) and record["quantization"] == "Q4_0"

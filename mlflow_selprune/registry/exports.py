@@ -48,11 +48,13 @@ def record_export(resolved, path: Path, fmt: str, quantization: str, weights: st
     from .resolve import acting_user, client
 
     digest, size = lineage.file_sha256(path), path.stat().st_size
-    artifact = f"{EXPORT_ARTIFACT_DIR}/{path.name}"
-    logger.info(f"logging {path.name} to run {resolved.run_id}")
-    client().log_artifact(resolved.run_id, str(path), EXPORT_ARTIFACT_DIR)
     now = datetime.datetime.now(datetime.timezone.utc)
-    key = f"{lineage.EXPORT_RECORD_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+    stamp = f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex[:8]}"
+    key = f"{lineage.EXPORT_RECORD_PREFIX}{stamp}"
+    folder = f"{EXPORT_ARTIFACT_DIR}/{stamp}"  # one folder per export: a later file of the same name is beside it
+    artifact = f"{folder}/{path.name}"
+    logger.info(f"logging {path.name} to run {resolved.run_id}")
+    client().log_artifact(resolved.run_id, str(path), folder)
     record = {
         "time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "user": acting_user(),
@@ -74,7 +76,12 @@ def _sign(resolved, key: str, record: dict, signing_key) -> dict:
     from . import attest
     from .resolve import client
 
-    predicate = {"model_version": resolved.canonical_uri, "record_key": key, "export": _signed_fields(record)}
+    predicate = {
+        "model_version": resolved.canonical_uri,
+        "run_id": resolved.run_id,
+        "record_key": key,
+        "export": _signed_fields(record),
+    }
     envelope = attest.sign(
         attest.statement(record["artifact"], record["sha256"], EXPORT_PREDICATE, predicate), signing_key
     )
@@ -96,8 +103,15 @@ def parse_record(value: str) -> dict:
     if not isinstance(record, dict):
         raise ValueError("is not a JSON record")
     artifact = record.get("artifact")
-    if not isinstance(artifact, str) or not artifact.startswith(EXPORT_ARTIFACT_DIR + "/") or ".." in artifact:
+    parts = artifact.split("/") if isinstance(artifact, str) else []
+    if (
+        "/".join(parts[:2]) != EXPORT_ARTIFACT_DIR
+        or len(parts) < 3
+        or any(part in ("", ".", "..") or "\\" in part or "\x00" in part for part in parts)
+    ):
         raise ValueError(f"names no file under {EXPORT_ARTIFACT_DIR}/: {lineage.short(artifact)}")
+    if not isinstance(record.get("weights_sha256"), str):
+        raise ValueError(f"names no weights digest: {lineage.short(record.get('weights_sha256'))}")
     if not isinstance(record.get("sha256"), str) or not _SHA256.fullmatch(record["sha256"]):
         raise ValueError(f"holds no sha256: {lineage.short(record.get('sha256'))}")
     return record
@@ -116,6 +130,12 @@ def check_exports(audit, trusted: dict | None) -> None:
         except ValueError as exc:
             audit.tampered("artifacts", f"export record {key} {exc}")
             continue
+        if record["weights_sha256"] != hop.tags.get(lineage.WEIGHTS_SHA):
+            audit.tampered(
+                "artifacts",
+                f"export record {key} was made from other weights (sha256 {record['weights_sha256'][:16]}) than "
+                f"this version's ({str(hop.tags.get(lineage.WEIGHTS_SHA))[:16]})",
+            )
         stored = _file_sha256(run_of(hop), record["artifact"])
         if stored is None:
             audit.tampered("artifacts", f"export {record['artifact']} (record {key}) is missing from its run")
@@ -147,6 +167,7 @@ def check_exports(audit, trusted: dict | None) -> None:
             attest.claim(signed, "predicateType") != EXPORT_PREDICATE
             or attest.claim(signed, "subject", 0, "digest", "sha256") != record["sha256"]
             or attest.claim(signed, "predicate", "model_version") != hop.uri
+            or attest.claim(signed, "predicate", "run_id") != run_of(hop)
             or attest.claim(signed, "predicate", "record_key") != key
             or attest.claim(signed, "predicate", "export") != _signed_fields(record)
         ):

@@ -97,7 +97,8 @@ def gate(
     if refusals:  # nothing is decided on, or written to, a version that does not verify
         return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
     metrics = lineage.metrics_from_tags(resolved.tags)  # the very tags just verified
-    wanted = _metric_thresholds(thresholds, metrics)
+    measured = [f for f in resolved.tags.get(lineage.QUANTIZED_CHECK, "").split(",") if f]  # tags just verified
+    wanted = _metric_thresholds(thresholds, measured)
     missing = [name for name in wanted if name not in metrics]
     if missing:
         raise BadInputError(
@@ -172,13 +173,15 @@ def _gated_version(model_uri: str):
     return resolved
 
 
-# The name a --max-quantized-recovery asks for when the version was measured in no format.
+# The name a --max-quantized-recovery asks for when the version was measured in no format (prune without
+# --quantized-check).
 QUANTIZED_ANY = "quantized_<format>_recovery"
 
 
-def _metric_thresholds(thresholds: dict, recorded: dict | None = None) -> dict[str, MetricThreshold]:
-    """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names (``recorded``: the
-    version's metrics, which say the formats a quantized recovery was measured in)."""
+def _metric_thresholds(thresholds: dict, measured_formats: list[str] | None = None) -> dict[str, MetricThreshold]:
+    """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names (``measured_formats``:
+    the formats ``prune --quantized-check`` measured the version in, each of which a quantized recovery
+    threshold applies to; one whose recovery is not recorded, not meaningful, is then missing)."""
     from ..evaluation.drops import selectivity_key
 
     metric = thresholds["metric"]
@@ -204,10 +207,7 @@ def _metric_thresholds(thresholds: dict, recorded: dict | None = None) -> dict[s
             threshold=thresholds["max_code_pass_rate"], greater_is_better=False
         )
     if thresholds.get("max_quantized_recovery") is not None:
-        from ..config import QUANTIZED_FORMATS
-
-        names = [f"quantized_{fmt}_recovery" for fmt in QUANTIZED_FORMATS]
-        for name in [n for n in names if n in (recorded or {})] or [QUANTIZED_ANY]:
+        for name in [f"quantized_{fmt}_recovery" for fmt in measured_formats or ()] or [QUANTIZED_ANY]:
             wanted[name] = MetricThreshold(threshold=thresholds["max_quantized_recovery"], greater_is_better=False)
     return wanted
 

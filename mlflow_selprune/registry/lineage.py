@@ -64,6 +64,9 @@ LINEAGE_RECORD = "selprune/lineage.json"
 GATE_ARTIFACT_DIR = "selprune/gate"
 # One tag per file `mlflow-selprune export` made of the version, never overwritten (registry.exports).
 EXPORT_RECORD_PREFIX = PREFIX + "export."
+# The formats `prune --quantized-check` measured in ("int8,int4"): a gate on the quantized recovery requires
+# every one of them, so a format whose recovery could not be measured is never passed over.
+QUANTIZED_CHECK = PREFIX + "quantized_check"
 LINEAGE_PARAM = PREFIX + "lineage_sha256"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
@@ -262,6 +265,9 @@ def build_tags(
         **({MANIFEST_SHA: manifest_digest} if manifest_digest else {}),
         **metric_tags(metrics),
     }
+    quantized_check = (config.get("evidence") or {}).get("quantized_check")
+    if quantized_check:
+        tags[QUANTIZED_CHECK] = quantized_check
     tags[COMPLETE] = "true"
     return tags
 
