@@ -493,19 +493,7 @@ def evaluate(**kw):
 )
 @no_progress_option
 @handle_errors
-def gate(
-    model_uri,
-    max_retain_drop,
-    min_forget_drop,
-    min_selectivity,
-    max_relearn_recovery,
-    max_code_pass_rate,
-    max_quantized_recovery,
-    metric,
-    set_alias,
-    dry_run,
-    signing_key,
-):
+def gate(model_uri, metric, set_alias, dry_run, signing_key, **thresholds):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
     from .registry.attest import load_signing_key
 
@@ -513,30 +501,12 @@ def gate(
     key = None if dry_run else load_signing_key(signing_key)
     from .registry.gate import check_thresholds
 
-    check_thresholds(
-        max_retain_drop,
-        min_forget_drop,
-        min_selectivity,
-        max_relearn_recovery,
-        set_alias or None,
-        max_code_pass_rate,
-        max_quantized_recovery,
-    )
+    check_thresholds(set_alias=set_alias or None, **thresholds)
     _announce_store(require_existing=True)  # every option checked first; then a missing store answers at once
     from .registry.gate import gate as run_gate
 
     result = run_gate(
-        model_uri,
-        max_retain_drop=max_retain_drop,
-        min_forget_drop=min_forget_drop,
-        min_selectivity=min_selectivity,
-        max_relearn_recovery=max_relearn_recovery,
-        max_code_pass_rate=max_code_pass_rate,
-        max_quantized_recovery=max_quantized_recovery,
-        metric=metric,
-        set_alias=set_alias or None,
-        dry_run=dry_run,
-        signing_key=key,
+        model_uri, metric=metric, set_alias=set_alias or None, dry_run=dry_run, signing_key=key, **thresholds
     )
     for name, value in result.metrics.items():
         click.echo(f"{name} = {value:.4f}")

@@ -49,8 +49,13 @@ def tiny_model(tokenizer, seed: int = 0):
 
 def register_tiny(tokenizer, name: str = TINY_NAME, alias: str | None = "base") -> str:
     """Log and register a tiny GPT-NeoX; returns ``models:/NAME/VERSION``."""
-    model = tiny_model(tokenizer)
-    with mlflow.start_run(run_name="register-tiny"):
+    return register_text_model(tiny_model(tokenizer), tokenizer, name, alias)
+
+
+def register_text_model(model, tokenizer, name: str, alias: str | None = None) -> str:
+    """Log a text-generation model with the transformers flavor (as a user would) and register it as a version
+    of ``name``; returns ``models:/NAME/VERSION``."""
+    with mlflow.start_run(run_name=f"register {name}"):
         info = mlflow.transformers.log_model(
             {"model": model, "tokenizer": tokenizer},
             name="model",

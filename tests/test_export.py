@@ -17,11 +17,7 @@ pytestmark = pytest.mark.slow(seconds=40)
 @pytest.fixture(scope="module")
 def llama_store(tmp_path_factory, tiny_tokenizer):
     """A sqlite store with a tiny Llama (v1) and the version pruned from it with --quantized-check int8,int4 (v2)."""
-    import mlflow
-
-    from mlflow_helpers import SMALL, current_store, invoke, write_data_files
-
-    from mlflow_selprune.registry.flavor import default_pip_requirements
+    from mlflow_helpers import SMALL, current_store, invoke, register_text_model, write_data_files
 
     root = tmp_path_factory.mktemp("export")
     store = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
@@ -41,14 +37,7 @@ def llama_store(tmp_path_factory, tiny_tokenizer):
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     with current_store(store), mock.patch.dict("os.environ"):
-        with mlflow.start_run(run_name="register tiny llama"):
-            info = mlflow.transformers.log_model(
-                {"model": T.LlamaForCausalLM(config).eval(), "tokenizer": tiny_tokenizer},
-                name="model",
-                task="text-generation",
-                pip_requirements=default_pip_requirements(),
-            )
-        mlflow.register_model(info.model_uri, "tiny-llama")
+        register_text_model(T.LlamaForCausalLM(config).eval(), tiny_tokenizer, "tiny-llama")
         pruned = invoke(
             "prune", "--model-uri", "models:/tiny-llama/1", "--forget", str(forget), "--retain", str(retain),
             "--ff-frac", "0.1", "--samples", "0", "--quantized-check", "int8,int4", *SMALL,

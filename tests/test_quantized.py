@@ -159,9 +159,7 @@ def test_the_gate_fails_a_version_whose_forget_drop_is_gone_once_quantized(tmp_p
     so the quantized forget drop is 0 and the whole float drop is taken back (recovery 1)."""
     import mlflow
 
-    from mlflow_helpers import current_store, invoke
-
-    from mlflow_selprune.registry.flavor import default_pip_requirements
+    from mlflow_helpers import current_store, invoke, register_text_model
     from trained_model import trained_model
 
     trained = trained_model(tmp_path_factory)
@@ -178,14 +176,7 @@ def test_the_gate_fails_a_version_whose_forget_drop_is_gone_once_quantized(tmp_p
     retain.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in trained.retain_texts))
     store = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
     with current_store(store), mock.patch.dict("os.environ"):
-        with mlflow.start_run(run_name="register two sources"):
-            info = mlflow.transformers.log_model(
-                {"model": model, "tokenizer": trained.tokenizer},
-                name="model",
-                task="text-generation",
-                pip_requirements=default_pip_requirements(),
-            )
-        mlflow.register_model(info.model_uri, "two-sources")
+        register_text_model(model, trained.tokenizer, "two-sources")
         pruned = invoke(
             "prune", "--model-uri", "models:/two-sources/1", "--forget", str(forget), "--retain", str(retain),
             "--ff-frac", "0.2", "--steps", "3", "--samples", "0", "--no-control", "--quantized-check", "int4",
@@ -208,25 +199,15 @@ def test_the_gate_fails_a_version_whose_forget_drop_is_gone_once_quantized(tmp_p
 @pytest.mark.slow(seconds=8)
 def test_a_model_with_no_weight_gguf_would_quantize_is_refused_before_anything_is_written(store, tiny_tokenizer):
     """Rows of 24 and 48 weights: a GGUF file keeps every matrix unquantized, and the check would measure nothing."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
-    from mlflow_helpers import invoke, registry_snapshot, tiny_neox_config
-
-    from mlflow_selprune.registry.flavor import default_pip_requirements
+    from mlflow_helpers import invoke, register_text_model, registry_snapshot, tiny_neox_config
 
     torch.manual_seed(0)
     config = tiny_neox_config(tiny_tokenizer)
     config.hidden_size, config.intermediate_size = 24, 48
     narrow = T.GPTNeoXForCausalLM(config).eval()
-    with mlflow.start_run(run_name="register narrow"):
-        info = mlflow.transformers.log_model(
-            {"model": narrow, "tokenizer": tiny_tokenizer},
-            name="model",
-            task="text-generation",
-            pip_requirements=default_pip_requirements(),
-        )
-    mlflow.register_model(info.model_uri, "narrow-lm")
+    register_text_model(narrow, tiny_tokenizer, "narrow-lm")
     client = MlflowClient()
     before, runs = registry_snapshot(), len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     with mock.patch.dict("os.environ"):

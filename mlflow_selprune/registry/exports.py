@@ -96,12 +96,7 @@ def _signed_fields(record: dict) -> dict:
 
 def parse_record(value: str) -> dict:
     """An export record as a tag holds it, each field it is read for checked; ``ValueError`` says what is wrong."""
-    try:
-        record = json.loads(value)
-    except (ValueError, RecursionError):
-        raise ValueError("is not a JSON record") from None
-    if not isinstance(record, dict):
-        raise ValueError("is not a JSON record")
+    record = lineage.json_record(value)
     artifact = record.get("artifact")
     parts = artifact.split("/") if isinstance(artifact, str) else []
     if (

@@ -99,15 +99,7 @@ def gate(
     metrics = lineage.metrics_from_tags(resolved.tags)  # the very tags just verified
     measured = [f for f in resolved.tags.get(lineage.QUANTIZED_CHECK, "").split(",") if f]  # tags just verified
     wanted = _metric_thresholds(thresholds, measured)
-    missing = [name for name in wanted if name not in metrics]
-    if missing:
-        raise BadInputError(
-            f"{resolved.canonical_uri} has no recorded {', '.join(missing)} (not measured, or not meaningful: "
-            "a relative change of a value under 0.01); gate a version registered by `mlflow-selprune prune`"
-            + (" with --relearn-steps" if "relearn_recovery" in missing else "")
-            + (" with --code-tasks" if "forget_code_pass_rate" in missing else "")
-            + (" with --quantized-check" if QUANTIZED_ANY in missing else "")
-        )
+    _require_measured(resolved, wanted, metrics)
     failures: list[str] = []
     try:
         mlflow_validate(wanted, metrics)
@@ -118,6 +110,19 @@ def gate(
     if not dry_run:
         _record_and_move(resolved, thresholds, passed, failures, alias_set, signing_key)
     return GateResult(passed, resolved.canonical_uri, thresholds, {k: metrics[k] for k in wanted}, failures, alias_set)
+
+
+def _require_measured(resolved, wanted: dict, metrics: dict) -> None:
+    """Every metric a threshold reads must be recorded; else one line naming the option that measures it."""
+    missing = [name for name in wanted if name not in metrics]
+    if missing:
+        raise BadInputError(
+            f"{resolved.canonical_uri} has no recorded {', '.join(missing)} (not measured, or not meaningful: "
+            "a relative change of a value under 0.01); gate a version registered by `mlflow-selprune prune`"
+            + (" with --relearn-steps" if "relearn_recovery" in missing else "")
+            + (" with --code-tasks" if "forget_code_pass_rate" in missing else "")
+            + (" with --quantized-check" if QUANTIZED_ANY in missing else "")
+        )
 
 
 def check_thresholds(

@@ -328,15 +328,21 @@ ALIAS = re.compile(r"[\w\-]{1,255}")  # what MLflow accepts as an alias name
 _RECORD_TEXT = ("verdict", "user", "alias_requested", "alias_not_moved", "attestation_sha256", "record_sha256")
 
 
-def parse_gate_record(key: str, value: str) -> dict:
-    """The decision record in tag ``key``, every field it is read for checked for its type; ``ValueError`` says
-    what is wrong. A tag is written by anyone with EDIT, so nothing in it is trusted before this."""
+def json_record(value: str) -> dict:
+    """A record tag's JSON object; ``ValueError`` where the tag holds anything else (or JSON nested too deep)."""
     try:
         record = json.loads(value)
     except (ValueError, RecursionError):
         raise ValueError("is not a JSON record") from None
     if not isinstance(record, dict):
         raise ValueError("is not a JSON record")
+    return record
+
+
+def parse_gate_record(key: str, value: str) -> dict:
+    """The decision record in tag ``key``, every field it is read for checked for its type; ``ValueError`` says
+    what is wrong. A tag is written by anyone with EDIT, so nothing in it is trusted before this."""
+    record = json_record(value)
     if not isinstance(record.get("time"), str) or not RECORD_TIME.fullmatch(record["time"]):
         raise ValueError(f"is malformed: its time is {short(record.get('time'))}, not YYYY-MM-DDTHH:MM:SS[.ffffff]Z")
     for name in ("verdict",) + tuple(n for n in _RECORD_TEXT if n in record):
