@@ -63,7 +63,7 @@ MIN_SELECTIVITY = None
 # The share of the 40 Python tasks the unlearned model may still pass (the parent passes 30); docs/demo.md.
 MAX_CODE_PASS_RATE = 0.25
 # The share of the forget top-1 drop a GGUF Q4_0 round trip may take back (quantized_int4_recovery): the target
-# docs/robustness.md sets (int4 keeps >= 90% of the float drop); measured -0.18 to ... over split seeds 0, 1, 2.
+# docs/robustness.md sets (int4 keeps >= 90% of the float drop); measured -0.18 to -0.08 over split seeds 0, 1, 2.
 MAX_QUANTIZED_RECOVERY = 0.1
 
 
