@@ -319,7 +319,7 @@ class EvidenceOptions:
     )
 
     def validate(self) -> "EvidenceOptions":
-        self.quantized_formats()
+        self.quantized_check = ",".join(self.quantized_formats())  # one spelling, as recorded and gated on
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:
             raise ConfigError(f"--relearn-steps must be an integer >= 0, got {self.relearn_steps}")
         if not _fraction(self.relearn_lr) or not 0 < self.relearn_lr < 1:

@@ -367,14 +367,18 @@ def behaviour_samples(plan: PrunePlan, loaded: Loaded, result) -> dict | None:
 
 
 def _views(plan: PrunePlan, loaded: Loaded, result) -> dict:
-    """``parent_view`` and ``control_view`` (None with ``--no-control``): context managers that turn the
-    unlearned model into its parent or into the random control, for the evidence measured on all three."""
+    """``parent_view`` and ``control_view`` (None with ``--no-control``) of the plan's model: see ``model_views``."""
+    return model_views(loaded.model, result, plan.config.seed, plan.evidence.control)
+
+
+def model_views(model, result, seed: int, control: bool) -> dict:
+    """``parent_view`` and ``control_view`` (None without a control): context managers that turn the unlearned
+    ``model`` into its parent or into the random control, for the evidence measured on all three."""
     from .engine import parent_restored, randomly_pruned
 
-    model, seed = loaded.model, plan.config.seed
     return {
         "parent_view": lambda: parent_restored(model, result),
-        "control_view": (lambda: randomly_pruned(model, result, seed=seed)) if plan.evidence.control else None,
+        "control_view": (lambda: randomly_pruned(model, result, seed=seed)) if control else None,
     }
 
 
@@ -627,12 +631,10 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     if evidence.quantized_formats():
         from .evaluation.quantized import quantized_metrics
 
-        views = {
-            "unlearned": (model, contextlib.nullcontext),
-            "parent": (model, lambda: parent_restored(model, result)),
-        }
-        if evidence.control:
-            views["control"] = (model, lambda: randomly_pruned(model, result, seed=config.seed))
+        seen_as = model_views(model, result, config.seed, evidence.control)
+        views = {"unlearned": (model, contextlib.nullcontext), "parent": (model, seen_as["parent_view"])}
+        if seen_as["control_view"] is not None:
+            views["control"] = (model, seen_as["control_view"])
         metrics.update(quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views))
     if evidence.relearn_steps:
         say(f"relearning check: {evidence.relearn_steps} steps on the unlearned model, then on the parent")
@@ -823,10 +825,9 @@ def _measured(model, parent_model, evaluate_fn, evidence: EvidenceOptions) -> di
     from .evaluation.quantized import quantized_metrics
 
     metrics = evaluate_fn(model)
-    if parent_model is not None:
-        metrics = summary_metrics(evaluate_fn(parent_model), metrics)
     views = {"unlearned": (model, contextlib.nullcontext)}
     if parent_model is not None:
+        metrics = summary_metrics(evaluate_fn(parent_model), metrics)
         views["parent"] = (parent_model, contextlib.nullcontext)
     return metrics | quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views)
 

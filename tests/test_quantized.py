@@ -149,6 +149,8 @@ def test_an_unknown_format_is_refused_naming_the_flag(text):
 def test_formats_are_read_in_order_once_each():
     assert EvidenceOptions(quantized_check=" int4, int8,int4 ").quantized_formats() == ("int4", "int8")
     assert EvidenceOptions().quantized_formats() == ()
+    # recorded in one spelling (selprune.quantized_check), which the gate splits on commas
+    assert EvidenceOptions(quantized_check=" int4, int8,int4 ").validate().quantized_check == "int4,int8"
 
 
 @pytest.mark.slow(seconds=20)

@@ -242,7 +242,9 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
             _check_decision(audit, trusted, key, record)
 
 
-def _opened(audit: Audit, trusted: dict, path: str | None, recorded_digest: str | None, what: str) -> dict | None:
+def opened_statement(
+    audit: Audit, trusted: dict, path: str | None, recorded_digest: str | None, what: str
+) -> dict | None:
     """The statement of the envelope at ``path`` in the version's run, which must have the ``recorded_digest``
     and open with a ``trusted`` key; None, with a finding, where it does not."""
     from . import attest
@@ -267,7 +269,7 @@ def _check_statement(audit: Audit, trusted: dict, parent_manifest: str | None) -
     from . import attest
 
     hop, claim = audit.hop, attest.claim
-    signed = _opened(audit, trusted, attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
+    signed = opened_statement(audit, trusted, attest.ATTESTATION_ARTIFACT, hop.tags.get(ATTESTATION_SHA), "the version")
     if signed is None:
         return
     expected = attest.unlearning_predicate(hop.tags, parent_manifest)
@@ -293,7 +295,8 @@ def _check_decision(audit: Audit, trusted: dict, key: str, record: dict) -> None
 
     moved, claim = record.get("alias_moved"), attest.claim
     what = f"gate decision {key}" + (f" (moved @{moved})" if moved else "")
-    signed = _opened(audit, trusted, record.get("attestation_artifact"), record.get("attestation_sha256"), what)
+    path, digest = record.get("attestation_artifact"), record.get("attestation_sha256")
+    signed = opened_statement(audit, trusted, path, digest, what)
     if signed is None:
         return
     decision, whole = claim(signed, "predicate", "decision"), _whole_record(audit, record)

@@ -116,7 +116,7 @@ def check_exports(audit, trusted: dict | None) -> None:
     """``lineage --verify``: every export record parses and its file in the run has its digest; with ``trusted``
     keys, each is signed by one of them and its signed statement says what the record says."""
     from . import attest
-    from .evidence import run_of
+    from .evidence import opened_statement, run_of
 
     hop = audit.hop
     for key in sorted(k for k in hop.tags if k.startswith(lineage.EXPORT_RECORD_PREFIX)):
@@ -145,18 +145,9 @@ def check_exports(audit, trusted: dict | None) -> None:
             continue
         what = f"export record {key}"
         envelope_path = record.get("attestation_artifact")
-        envelope = lineage.run_artifact(run_of(hop), envelope_path) if isinstance(envelope_path, str) else None
-        audit.ok("signature")
-        if envelope is None:
-            audit.tampered("signature", f"unsigned: {what} has no signed attestation, and --trusted-key requires one")
-            continue
-        if attest.envelope_sha256(envelope) != record.get("attestation_sha256"):
-            audit.tampered("signature", f"{what}: its attestation {envelope_path} changed since it was recorded")
-            continue
-        try:
-            signed = attest.open_envelope(envelope, trusted)[0]
-        except attest.InvalidAttestation as exc:
-            audit.tampered("signature", f"{what}: {exc}")
+        path = envelope_path if isinstance(envelope_path, str) else None
+        signed = opened_statement(audit, trusted, path, record.get("attestation_sha256"), what)
+        if signed is None:
             continue
         if (
             attest.claim(signed, "predicateType") != EXPORT_PREDICATE
@@ -170,16 +161,6 @@ def check_exports(audit, trusted: dict | None) -> None:
 
 
 def _file_sha256(run_id: str | None, artifact: str) -> str | None:
-    """The sha256 of a run's (possibly large) artifact, downloaded to a temporary directory; None when gone."""
-    import tempfile
-
-    import mlflow
-
-    if not run_id:
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=tmp)
-        except Exception:  # noqa: BLE001 - whatever the store says, the file cannot be had
-            return None
-        return lineage.file_sha256(local) if Path(local).is_file() else None
+    """The sha256 of a run's (possibly large) artifact, hashed from its downloaded copy; None when gone."""
+    with lineage.downloaded_run_artifact(run_id, artifact) as local:
+        return None if local is None else lineage.file_sha256(local)

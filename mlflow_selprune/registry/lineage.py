@@ -15,6 +15,7 @@ the run's masks, scores and pruning record against theirs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -457,15 +458,18 @@ def anchored_digest(run_id: str, param: str = LINEAGE_PARAM) -> str | None:
     return client().get_run(run_id).data.params.get(param)
 
 
-def run_artifact(run_id: str | None, path: str) -> bytes | None:
-    """A run artifact's bytes as stored now (small files: records, masks, scores), or None where it is gone."""
+@contextlib.contextmanager
+def downloaded_run_artifact(run_id: str | None, path: str):
+    """Inside: the local copy of a run artifact as stored now, or None where it is gone (a refusal of the store
+    is the user's to fix: it is raised as such); the copy is removed on exit."""
     import tempfile
 
     import mlflow
     from mlflow.exceptions import MlflowException
 
     if not run_id:
-        return None
+        yield None
+        return
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp))
@@ -473,8 +477,14 @@ def run_artifact(run_id: str | None, path: str) -> bytes | None:
             refuse_if_denied(exc)
             if not isinstance(exc, (MlflowException, OSError)):
                 raise
-            return None
-        return local.read_bytes() if local.is_file() else None
+            local = None
+        yield local if local is not None and local.is_file() else None
+
+
+def run_artifact(run_id: str | None, path: str) -> bytes | None:
+    """A run artifact's bytes as stored now (small files: records, masks, scores), or None where it is gone."""
+    with downloaded_run_artifact(run_id, path) as local:
+        return None if local is None else local.read_bytes()
 
 
 def versions(name: str) -> tuple[list[Hop], dict[str, list[str]]]:
