@@ -409,7 +409,16 @@ def prune(**kw):
 @click.option("--retain", default=None, help="DATA to keep (required, except with --forget-classes).")
 @click.option("--parent-model-uri", default=None, help="Report drops (and relearning recovery) against this model.")
 @config_options(
-    EvidenceOptions, only=("relearn_steps", "relearn_lr", "code_tasks", "quantized_check", "allow_unsandboxed_code")
+    EvidenceOptions,
+    only=(
+        "relearn_steps",
+        "relearn_curve",
+        "relearn_lr",
+        "relearn_batch_size",
+        "code_tasks",
+        "quantized_check",
+        "allow_unsandboxed_code",
+    ),
 )
 @config_options(PruneConfig, only=("seed",))
 @data_options

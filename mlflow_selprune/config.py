@@ -286,11 +286,16 @@ class EvidenceOptions:
     )
     relearn_steps: int = option(
         0,
-        "Relearning check: fine-tune the unlearned model (and the parent) this many "
-        "steps on forget collect documents, then measure forget top-1 (0: off).",
+        "Relearning check: fine-tune the unlearned model, the parent and the random control this many steps on "
+        "forget collect documents (none of them in the eval split), then measure forget top-1 (0: off).",
         type=int,
     )
-    relearn_lr: float = option(1e-3, "Learning rate of the relearning check.", type=float)
+    relearn_curve: str = option(
+        "",
+        "Steps of the relearning check at which forget top-1 is measured too, comma-separated, e.g. 0,5,10,20 "
+        "(step 0, the models as they are, and the last step are always in it).",
+    )
+    relearn_lr: float = option(1e-4, "Learning rate of the relearning check (AdamW).", type=float)
     relearn_batch_size: int = option(8, "Sequences per relearning step.", type=int)
     samples: int = option(
         8,
@@ -322,6 +327,7 @@ class EvidenceOptions:
         self.quantized_check = ",".join(self.quantized_formats())  # one spelling, as recorded and gated on
         if not isinstance(self.relearn_steps, int) or isinstance(self.relearn_steps, bool) or self.relearn_steps < 0:
             raise ConfigError(f"--relearn-steps must be an integer >= 0, got {self.relearn_steps}")
+        self.relearn_curve = ",".join(str(step) for step in self.relearn_points())
         if not _fraction(self.relearn_lr) or not 0 < self.relearn_lr < 1:
             raise ConfigError(f"--relearn-lr must be in (0, 1), got {self.relearn_lr}")
         if not isinstance(self.relearn_batch_size, int) or self.relearn_batch_size < 1:
@@ -333,6 +339,29 @@ class EvidenceOptions:
                     f"--{name.replace('_', '-')} must be an integer >= {0 if name == 'samples' else 1}, got {value}"
                 )
         return self
+
+    def relearn_points(self) -> tuple[int, ...]:
+        """``--relearn-curve`` as sorted step counts, each once, from 0 to ``--relearn-steps`` (empty when off)."""
+        text = self.relearn_curve or ""
+        if not isinstance(text, str):
+            raise ConfigError(f"--relearn-curve must be comma-separated step counts such as 0,5,10,20, got {text!r}")
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        if parts and not self.relearn_steps:
+            raise ConfigError(
+                "--relearn-curve needs --relearn-steps (the last step of the curve), e.g. --relearn-steps 20"
+            )
+        if not all(part.isdigit() for part in parts):
+            raise ConfigError(
+                f"--relearn-curve must be comma-separated step counts >= 0 such as 0,5,10,20, got {text!r}"
+            )
+        points = {int(part) for part in parts}
+        beyond = [step for step in points if step > self.relearn_steps]
+        if beyond:
+            raise ConfigError(
+                f"--relearn-curve names step {max(beyond)}, beyond --relearn-steps {self.relearn_steps}; "
+                "raise --relearn-steps or drop that step"
+            )
+        return tuple(sorted(points | {0, self.relearn_steps})) if self.relearn_steps else ()
 
     def quantized_formats(self) -> tuple[str, ...]:
         """``--quantized-check`` as format names, in the order given, each once."""

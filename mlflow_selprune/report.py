@@ -38,11 +38,17 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
             line += f"; random control: {_number(m['control_selectivity'])}"
         lines.append(line)
     if "relearn_forget_top1" in m:
-        lines.append(
+        line = (
             f"relearning: forget top-1 back to {m['relearn_forget_top1']:.4f} "
-            f"(recovery {_number(m.get('relearn_recovery', math.nan), '.0%')}); "
-            f"the parent after the same fine-tuning: {m.get('relearn_parent_forget_top1', math.nan):.4f}"
+            f"(recovery {_number(m.get('relearn_recovery', math.nan), '.0%')} of the removed top-1)"
         )
+        for who in ("control", "parent"):
+            if f"relearn_{who}_forget_top1" in m:
+                line += (
+                    f"; the {who} after the same fine-tuning: {m[f'relearn_{who}_forget_top1']:.4f} "
+                    f"({_number(m.get(f'relearn_{who}_recovery', math.nan), '+.0%')} on that scale)"
+                )
+        lines.append(line)
     for key, what in (("forget_code_pass_rate", "Python tasks passed"), ("retain_cloze_accuracy", "cloze answered")):
         if key in m:
             control = f", random control {m['control_' + key]:.0%}" if "control_" + key in m else ""
@@ -124,6 +130,31 @@ def plot_pruning(result, metrics: dict, path: Path) -> Path:
     return plot_forget_vs_retain(result.select_metrics["baseline"], result.steps, path)
 
 
+def plot_relearning(curve: dict, path: Path) -> Path:
+    """Forget top-1 of the unlearned model, the parent and the random control along the relearning check's
+    fine-tuning (``evaluation.relearning``): the same steps on the same documents for all three."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = {"unlearned": ("o-", "tab:red"), "parent": ("s-", "tab:gray"), "control": ("x--", "tab:green")}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curve["forget_top1"].items():
+        marker, color = styles[name]
+        label = "random control" if name == "control" else name
+        ax.plot(curve["steps"], values, marker, color=color, label=label)  # type: ignore[arg-type]
+    ax.set_xlabel("fine-tuning step on forget documents")
+    ax.set_ylabel("forget top-1 accuracy")
+    ax.set_title("Relearning: does the capability come back?")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def markdown_html(text: str) -> str:
     """The description's Markdown (paragraphs, **bold**, `code`, one table, headings, list items) as HTML.
 
@@ -190,10 +221,18 @@ def _cell(value) -> str:
 
 
 def html_report(
-    *, title: str, description: str, plot_png: bytes, samples: dict | None, chain: list[str], checks: dict | None = None
+    *,
+    title: str,
+    description: str,
+    plot_png: bytes,
+    samples: dict | None,
+    chain: list[str],
+    checks: dict | None = None,
+    relearning_png: bytes | None = None,
 ) -> str:
-    """A self-contained page (no external assets): the description, the frontier plot, the samples table, the
-    code and cloze outcomes (``--code-tasks``) and the lineage chain. MLflow's artifact viewer renders it."""
+    """A self-contained page (no external assets): the description, the frontier plot, the relearning curves
+    (``--relearn-steps``), the samples table, the code and cloze outcomes (``--code-tasks``) and the lineage
+    chain. MLflow's artifact viewer renders it."""
     import base64
     import html
 
@@ -203,6 +242,11 @@ def html_report(
         "<h2>Forget and retain, step by step</h2>",
         f'<img alt="forget vs retain" src="data:image/png;base64,{base64.b64encode(plot_png).decode()}">',
     ]
+    if relearning_png is not None:
+        parts += [
+            "<h2>Relearning: the unlearned model, the parent and the random control, fine-tuned alike</h2>",
+            f'<img alt="relearning" src="data:image/png;base64,{base64.b64encode(relearning_png).decode()}">',
+        ]
     for heading, table in (
         ("What the models say", samples),
         ("Python tasks and English cloze prompts: each model's outcome", checks),

@@ -470,10 +470,13 @@ def _log_report(title: str, description: str, result, metrics: dict, tables: dic
 
     import mlflow
 
-    from .report import html_report, plot_pruning
+    from .report import html_report, plot_pruning, plot_relearning
 
     with tempfile.TemporaryDirectory() as tmp:
         plot = plot_pruning(result, metrics, Path(tmp) / "plot.png").read_bytes()
+        relearning = None
+        if result.relearn_curve is not None:
+            relearning = plot_relearning(result.relearn_curve, Path(tmp) / "relearning.png").read_bytes()
     mlflow.log_text(
         html_report(
             title=title,
@@ -481,6 +484,7 @@ def _log_report(title: str, description: str, result, metrics: dict, tables: dic
             plot_png=plot,
             samples=tables.get(SAMPLES_ARTIFACT),
             checks=tables.get(CHECKS_ARTIFACT),
+            relearning_png=relearning,
             chain=[uri for i, uri in enumerate(chain) if uri not in chain[:i]],
         ),
         "selprune/report.html",
@@ -509,6 +513,8 @@ def publish(
         extra_record=_extra_record(metrics, plan.evidence, result),
         delta=_delta_record(plan, loaded, weights_digest),
     )
+    if result.relearn_curve is not None:
+        tracking.log_relearn_curve(result.relearn_curve)
     manifest_digest = manifest.log(run_id, model_info.model_uri)
     tables = {path: table for path, table in (tables or {}).items() if table is not None}
     for path, table in tables.items():
@@ -598,8 +604,9 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     A budget run stops on the select parts; its reported metrics (parent and result alike) are then
     measured on the eval parts, which no choice has seen.
     """
-    from .engine import parent_restored, prune, randomly_pruned, relearn
-    from .evaluation.drops import control_metrics, relearn_recovery, summary_metrics
+    from .engine import parent_restored, prune, randomly_pruned
+    from .evaluation.drops import control_metrics, summary_metrics
+    from .evaluation.relearning import curve_metrics
 
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     stop_fn = (
@@ -624,38 +631,27 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
             result.baseline_metrics = evaluate_fn(model)
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
     say = logger.info if _is_main(accelerator) else logger.debug
+    start = {"unlearned": metrics["forget_top1"], "parent": metrics["parent_forget_top1"]}
     if evidence.control:
         say("the random control: as many neurons per kind and layer, at random, measured on the eval data")
         with randomly_pruned(model, result, seed=config.seed):
-            metrics.update(control_metrics(result.baseline_metrics, evaluate_fn(model)))
+            control = evaluate_fn(model)
+        metrics.update(control_metrics(result.baseline_metrics, control))
+        start["control"] = control["forget_top1"]
+    seen_as = model_views(model, result, config.seed, evidence.control)
+    views = {"unlearned": (model, contextlib.nullcontext), "parent": (model, seen_as["parent_view"])}
+    if seen_as["control_view"] is not None:
+        views["control"] = (model, seen_as["control_view"])
     if evidence.quantized_formats():
         from .evaluation.quantized import quantized_metrics
 
-        seen_as = model_views(model, result, config.seed, evidence.control)
-        views = {"unlearned": (model, contextlib.nullcontext), "parent": (model, seen_as["parent_view"])}
-        if seen_as["control_view"] is not None:
-            views["control"] = (model, seen_as["control_view"])
         metrics.update(quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views))
     if evidence.relearn_steps:
-        say(f"relearning check: {evidence.relearn_steps} steps on the unlearned model, then on the parent")
-        forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
-        settings = dict(
-            steps=evidence.relearn_steps,
-            lr=evidence.relearn_lr,
-            seed=config.seed,
-            masking=getattr(forget_data, "masking", None),
-            batch_size=evidence.relearn_batch_size,
+        say(f"relearning check: {evidence.relearn_steps} fine-tuning steps on each of the {', '.join(views)}")
+        result.relearn_curve = relearning_check(
+            views, start, forget_data, retain_data, evidence, config.seed, accelerator, progress
         )
-        relearned = relearn(model, forget_data.collect_batches, **settings)
-        metrics["relearn_forget_top1"] = forget_only(relearned)["forget_top1"]
-        del relearned
-        with parent_restored(model, result):
-            relearned_parent = relearn(model, forget_data.collect_batches, **settings)
-        metrics["relearn_parent_forget_top1"] = forget_only(relearned_parent)["forget_top1"]
-        del relearned_parent
-        metrics["relearn_recovery"] = relearn_recovery(
-            metrics["parent_forget_top1"], metrics["forget_top1"], metrics["relearn_forget_top1"]
-        )
+        metrics.update(curve_metrics(result.relearn_curve))
     return result, metrics
 
 
@@ -667,6 +663,8 @@ def _extra_record(metrics: dict, evidence: EvidenceOptions, result) -> dict:
             "metrics": {k: v for k, v in metrics.items() if k.startswith(("control_", "relearn_", "quantized_"))},
         }
     }
+    if result.relearn_curve is not None:
+        record["evidence"]["relearn_curve"] = result.relearn_curve
     if result.select_metrics is not None:
         record["splits"] = {
             "steps": "select",
@@ -806,15 +804,23 @@ def run_evaluate(
                 params=_params(resolved, forget, retain, full_config, model),
             )
         metrics = _measured(model, parent_model, evaluate_fn, evidence)
+        curve = None
         if evidence.relearn_steps:
-            metrics.update(
-                _relearn_only(
-                    model, parent_model, forget_data, retain_data, evidence, seed, metrics, accelerator, progress
-                )
-            )
+            from .evaluation.relearning import curve_metrics
+
+            models = {"unlearned": (model, contextlib.nullcontext)}
+            start = {"unlearned": metrics["forget_top1"]}
+            if parent_model is not None:
+                models["parent"] = (parent_model, contextlib.nullcontext)
+                start["parent"] = metrics["parent_forget_top1"]
+            curve = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
+            metrics.update(curve_metrics(curve))
         if run is not None:
             metrics.update(_code_tasks_only(model, parent_model, tokenizer, evidence) if evidence.code_tasks else {})
             mlflow.log_metrics(tracking.finite(metrics))
+            if curve is not None:
+                tracking.log_relearn_curve(curve)
+                mlflow.log_dict(curve, "selprune/relearning.json")
     return UnlearnResult(run.info.run_id if run is not None else None, None, resolved.canonical_uri, metrics)
 
 
@@ -862,9 +868,10 @@ def _load_verified(version, device, dtype, trust_remote_code, accelerator):
     return model, preprocessor
 
 
-def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed, metrics, accelerator, progress):
-    from .engine import relearn
-    from .evaluation.drops import relearn_recovery
+def relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress) -> dict:
+    """The relearning curve (``evaluation.relearning``) of ``models`` on the forget collect documents, measured
+    on the forget eval split."""
+    from .evaluation.relearning import relearning_curve
 
     forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
     settings = dict(
@@ -874,15 +881,9 @@ def _relearn_only(model, parent_model, forget_data, retain_data, evidence, seed,
         masking=getattr(forget_data, "masking", None),
         batch_size=evidence.relearn_batch_size,
     )
-    out = {"relearn_forget_top1": forget_only(relearn(model, forget_data.collect_batches, **settings))["forget_top1"]}
-    if parent_model is not None:
-        out["relearn_parent_forget_top1"] = forget_only(relearn(parent_model, forget_data.collect_batches, **settings))[
-            "forget_top1"
-        ]
-        out["relearn_recovery"] = relearn_recovery(
-            metrics["parent_forget_top1"], metrics["forget_top1"], out["relearn_forget_top1"]
-        )
-    return out
+    return relearning_curve(
+        forget_only, models, forget_data.collect_batches, start, evidence.relearn_points(), settings
+    )
 
 
 def run_materialize(

@@ -98,10 +98,21 @@ def rebatched(batches: list[dict], batch_size: int) -> list[dict]:
 
 
 def relearn(
-    model, batches: list[dict], *, steps: int, lr: float, seed: int, masking=None, batch_size: int | None = None
+    model,
+    batches: list[dict],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    masking=None,
+    batch_size: int | None = None,
+    measure_at: tuple[int, ...] = (),
+    measure=None,
 ):
     """A copy of ``model`` fine-tuned for ``steps`` AdamW steps on ``batches`` (cycled in a seeded order),
-    regrouped into ``batch_size`` rows a step when given (``--relearn-batch-size``).
+    regrouped into ``batch_size`` rows a step when given (``--relearn-batch-size``). After each step count in
+    ``measure_at`` (0: before the first), ``measure(step, tuned)`` sees the copy in eval mode: a curve costs
+    no more fine-tuning than its last point.
 
     The model's own training loss, as its kind defines it (``ModelKind.training_batch``): on ``labels`` for
     classifiers, on seeded masked tokens for a masked LM (``masking``: ``PreparedData.masking``), on the
@@ -122,7 +133,13 @@ def relearn(
     optimizer = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=0.0)
     order: list[int] = []
     rng = random.Random(seed)
-    for step in range(steps):
+    for step in range(steps + 1):
+        if step in measure_at and measure is not None:
+            tuned.eval()
+            measure(step, tuned)
+            tuned.train()
+        if step == steps:
+            break
         if not order:
             order = list(range(len(batches)))
             rng.shuffle(order)

@@ -43,6 +43,9 @@ class PruneResult:
     # a budget run: its baseline and final metrics on the select split it stopped on (the fields above then hold
     # the eval split's, measured after the loop)
     select_metrics: dict | None = None
+    # --relearn-steps: forget top-1 of the unlearned model, parent and control along the fine-tuning
+    # (evaluation.relearning); saved in the record's evidence, never here
+    relearn_curve: dict | None = field(default=None, compare=False)
 
     @property
     def ff_pruned(self) -> int:

@@ -179,7 +179,14 @@ def version_markdown(uri: str, tags: dict, metrics: dict, config: dict) -> str:
     if "control_selectivity" in metrics:
         evidence.append(f"the random control's: {_number(metrics.get('control_selectivity'))}")
     if "relearn_recovery" in metrics:
-        evidence.append(f"relearning brings back {_change(-metrics['relearn_recovery'])} of the forgotten top-1")
+        line = (
+            f"fine-tuning on forget documents brings back {_change(-metrics['relearn_recovery'])} of the removed top-1"
+        )
+        if "relearn_control_recovery" in metrics:
+            line += (
+                f" (the random control, fine-tuned alike, gains {_change(-metrics['relearn_control_recovery'])} of it)"
+            )
+        evidence.append(line)
     evidence += _quantized_evidence(metrics)
     lines += [
         "; ".join(evidence) + ".",

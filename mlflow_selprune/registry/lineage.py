@@ -98,6 +98,8 @@ HEADLINE_METRICS = (
     "relearn_forget_top1",
     "relearn_parent_forget_top1",
     "relearn_recovery",
+    "relearn_control_forget_top1",
+    "relearn_control_recovery",
     # --code-tasks (causal LMs)
     "forget_code_pass_rate",
     "parent_forget_code_pass_rate",

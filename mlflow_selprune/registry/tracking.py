@@ -202,6 +202,14 @@ def log_step(record: dict, prefix: str = "") -> None:
     mlflow.log_metrics(finite(metrics), step=record["step"])
 
 
+def log_relearn_curve(curve: dict) -> None:
+    """The relearning curve as step metrics: ``relearn_curve_*``, one point per measured step."""
+    from ..evaluation.relearning import curve_history
+
+    for step, metrics in curve_history(curve):
+        mlflow.log_metrics(finite(metrics), step=step)
+
+
 def log_unlearned_model(model, tokenizer, result, metrics: dict, extra_record: dict, delta: dict | None = None):
     """Masks, scores, record and plot under ``selprune/``, then the model: full (transformers + selprune
     flavor) or, with ``delta`` (parent URI and digests), only what pruning changed.
