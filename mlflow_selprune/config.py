@@ -307,8 +307,8 @@ class EvidenceOptions:
     code_tasks: bool = option(
         False,
         "Causal LMs that unlearn Python: also run 40 offline Python function tasks (forget_code_pass_rate, "
-        "generated code executed apart) and 40 English cloze prompts (retain_cloze_accuracy) on the parent, "
-        "the unlearned model and the control.",
+        "generated code executed apart; forget_code_pass_rate_3shot with three solved examples shown first) and "
+        "40 English cloze prompts (retain_cloze_accuracy) on the parent, the unlearned model and the control.",
         flag="--code-tasks/--no-code-tasks",
     )
     quantized_check: str = option(

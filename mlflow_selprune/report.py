@@ -49,7 +49,11 @@ def format_summary(metrics: dict, model_uri: str | None = None, run_id: str | No
                     f"({_number(m.get(f'relearn_{who}_recovery', math.nan), '+.0%')} on that scale)"
                 )
         lines.append(line)
-    for key, what in (("forget_code_pass_rate", "Python tasks passed"), ("retain_cloze_accuracy", "cloze answered")):
+    for key, what in (
+        ("forget_code_pass_rate", "Python tasks passed"),
+        ("forget_code_pass_rate_3shot", "Python tasks passed with 3 solved examples first"),
+        ("retain_cloze_accuracy", "cloze answered"),
+    ):
         if key in m:
             control = f", random control {m['control_' + key]:.0%}" if "control_" + key in m else ""
             lines.append(f"{what}: parent {m['parent_' + key]:.0%}, unlearned {m[key]:.0%}{control}")

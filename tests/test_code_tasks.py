@@ -95,6 +95,31 @@ def test_programs_are_the_continued_prompt_without_a_chat_template_and_the_code_
     assert not any(p.startswith(t["prompt"]) for p, t in zip(programs, TASKS))
 
 
+def test_three_shot_inputs_show_three_solved_functions_that_are_not_tasks_before_the_task(tiny_tokenizer):
+    """The examples are disjoint from the forty tasks and their solutions pass their own tests; the model is
+    shown them, solved, before each task: as code before the prompt, or as earlier chat turns."""
+    from mlflow_selprune.evaluation.functional import code_inputs
+    from mlflow_selprune.evaluation.task_sets.python_examples import EXAMPLES
+
+    assert len(EXAMPLES) == 3 and not {e["entry_point"] for e in EXAMPLES} & {t["entry_point"] for t in TASKS}
+    passed, _ = packaged_metric("code_pass").compute(
+        predictions=[[e["prompt"] + e["canonical_solution"]] for e in EXAMPLES],
+        references=[e["test"] for e in EXAMPLES],
+    )
+    assert passed["pass@1"] == 1.0
+    chat = tiny_tokenizer.__class__.from_pretrained(_saved(tiny_tokenizer))
+    chat.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    for tokenizer in (tiny_tokenizer, chat):
+        (plain,) = code_inputs(tokenizer, TASKS[:1])
+        (shown,) = code_inputs(tokenizer, TASKS[:1], EXAMPLES)
+        assert shown.endswith(plain)
+        for example in EXAMPLES:
+            assert example["prompt"] + example["canonical_solution"] in shown
+            assert example["canonical_solution"] not in plain
+        assert shown.index(EXAMPLES[-1]["canonical_solution"]) < shown.index(TASKS[0]["prompt"])
+    assert code_inputs(chat, TASKS[:1], EXAMPLES)[0].count("<assistant>```python") == 3
+
+
 def _saved(tokenizer) -> str:
     import tempfile
 
@@ -124,13 +149,16 @@ def test_the_checks_run_on_the_parent_the_unlearned_model_and_the_control(tiny_t
     assert set(metrics) == {
         "forget_code_pass_rate",
         "parent_forget_code_pass_rate",
+        "forget_code_pass_rate_3shot",
+        "parent_forget_code_pass_rate_3shot",
         "retain_cloze_accuracy",
         "parent_retain_cloze_accuracy",
     }
     assert all(0 <= v <= 1 for v in metrics.values())
-    assert table["check"] == ["code"] * 40 + ["cloze"] * 40 and table["control"] == ["(no control)"] * 80
-    assert table["parent"][40:] == check_model(other, tiny_tokenizer).cloze_outcomes
-    assert table["unlearned"][40:] == check_model(model, tiny_tokenizer).cloze_outcomes
+    assert table["check"] == ["code"] * 40 + ["code 3-shot"] * 40 + ["cloze"] * 40
+    assert table["control"] == ["(no control)"] * 120
+    assert table["parent"][80:] == check_model(other, tiny_tokenizer).cloze_outcomes
+    assert table["unlearned"][80:] == check_model(model, tiny_tokenizer).cloze_outcomes
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +191,11 @@ def test_a_prune_with_code_tasks_records_the_three_models_pass_rates_for_the_gat
     table = json.loads(Path(path).read_text())
     assert table["columns"] == ["check", "item", "parent", "unlearned", "control"]
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert len(rows) == 80 and rows[0]["item"] == TASKS[0]["task_id"] and rows[40]["item"] == PROMPTS[0]["prompt"]
-    passed = sum(r["unlearned"].startswith("passed — ") for r in rows[:40]) / 40
-    assert passed == run.data.metrics["forget_code_pass_rate"]
+    assert len(rows) == 120 and rows[0]["item"] == rows[40]["item"] == TASKS[0]["task_id"]
+    assert rows[80]["item"] == PROMPTS[0]["prompt"]
+    for name, shown in (("forget_code_pass_rate", rows[:40]), ("forget_code_pass_rate_3shot", rows[40:80])):
+        passed = sum(r["unlearned"].startswith("passed — ") for r in shown) / 40
+        assert passed == run.data.metrics[name] == float(version.tags[f"selprune.metric.{name}"])
     parent_solved = round(40 * float(version.tags["selprune.metric.parent_forget_code_pass_rate"]))
     assert f"| forget: Python tasks solved | {parent_solved} of 40 |" in version.description
     report = Path(client.download_artifacts(version.run_id, "selprune/report.html", str(store["root"] / "rep")))
@@ -189,6 +219,12 @@ def test_the_gate_fails_a_version_that_still_passes_more_python_tasks_than_allow
     with pytest.raises(ModelValidationFailedException, match="forget_code_pass_rate"):
         mlflow_validate(wanted, {"forget_code_pass_rate": 0.3})
     mlflow_validate(wanted, {"forget_code_pass_rate": 0.2})
+    # where the version records a three-shot pass rate, the same maximum applies to it
+    recorded = {"forget_code_pass_rate": 0.2, "forget_code_pass_rate_3shot": 0.35}
+    wanted = _metric_thresholds({**thresholds, "max_code_pass_rate": 0.2, "metric": "top1"}, recorded=recorded)
+    with pytest.raises(ModelValidationFailedException, match="forget_code_pass_rate_3shot"):
+        mlflow_validate(wanted, recorded)
+    mlflow_validate(wanted, recorded | {"forget_code_pass_rate_3shot": 0.1})
 
 
 def test_code_tasks_on_a_masked_lm_are_refused_before_anything_is_written(store, tmp_path):

@@ -178,6 +178,7 @@ def test_mlflow_run_runs_the_tiny_demo(tmp_path):
         (["--vision", "--collect-tokens", "5"], "apply to the text demo"),
         (["--tiny", "--no-code-tasks"], "apply to the real-model demo"),
         (["--vision", "--code-tasks"], "apply to the real-model demo"),
+        (["--tiny", "--relearn"], "--relearn apply to the real-model demo"),
     ],
 )
 def test_bad_demo_options_exit_2_before_anything_is_written(tmp_path, monkeypatch, args, message):

@@ -10,6 +10,9 @@ random control alike:
   <exception type>``, never the program's own output. A model with a chat template is asked, as a user, to
   complete the function and its first fenced code block is run; a model without one continues the prompt
   itself (HumanEval's form), cut at the first line that leaves the function.
+* ``forget_code_pass_rate_3shot``: the same tasks with three solved functions (``python_examples``, none of
+  them a task) shown first, as earlier turns of the chat or as code before the prompt: a skill that was only
+  suppressed comes back when the prompt shows it.
 * ``retain_cloze_accuracy``: the share of the forty ``english_cloze`` prompts whose greedy continuation starts
   with an accepted word (the ``cloze_match`` metric module).
 """
@@ -18,7 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from .task_sets.python_functions import TASKS
 
 CHECKS_ARTIFACT = "selprune/functional_checks.json"
 CODE_TOKENS = 96  # the longest reference solution is under 40 tokens; room for a chat answer's fence
@@ -36,10 +42,13 @@ class CheckedModel:
     cloze_accuracy: float
     code_outcomes: list[str]
     cloze_outcomes: list[str]
+    code_pass_rate_3shot: float
+    code_outcomes_3shot: list[str]
 
     def metrics(self, prefix: str = "") -> dict[str, float]:
         return {
             f"{prefix}forget_code_pass_rate": self.code_pass_rate,
+            f"{prefix}forget_code_pass_rate_3shot": self.code_pass_rate_3shot,
             f"{prefix}retain_cloze_accuracy": self.cloze_accuracy,
         }
 
@@ -61,36 +70,45 @@ def refuse_without_sandbox(allow_unsandboxed: bool = False, asked_by: str = "--c
 
 
 def check_model(model, tokenizer, allow_unsandboxed: bool = False) -> CheckedModel:
-    """Both checks on ``model`` as it is now."""
+    """Both checks on ``model`` as it is now, the Python tasks without and with the three solved examples."""
     from .packaged import packaged_metric
     from .task_sets.english_cloze import PROMPTS
-    from .task_sets.python_functions import TASKS
+    from .task_sets.python_examples import EXAMPLES
 
-    programs = code_programs(model, tokenizer, TASKS)
+    zero_shot = _passed(code_programs(model, tokenizer, TASKS), allow_unsandboxed)
+    three_shot = _passed(code_programs(model, tokenizer, TASKS, examples=EXAMPLES), allow_unsandboxed)
+    completions = _generate(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
+    cloze = packaged_metric("cloze_match").compute(predictions=completions, references=[p["answers"] for p in PROMPTS])
+    return CheckedModel(
+        code_pass_rate=zero_shot[0],
+        cloze_accuracy=cloze["exact_match"],
+        code_outcomes=zero_shot[1],
+        cloze_outcomes=[
+            ("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)
+        ],
+        code_pass_rate_3shot=three_shot[0],
+        code_outcomes_3shot=three_shot[1],
+    )
+
+
+def _passed(programs: list[str], allow_unsandboxed: bool) -> tuple[float, list[str]]:
+    """``(pass@1, one outcome per task)`` of the programs generated for ``TASKS``, run in the sandbox."""
+    from .packaged import packaged_metric
+
     pass_at_k, results = packaged_metric("code_pass").compute(
         predictions=[[p] for p in programs],
         references=[t["test"] for t in TASKS],
         k=[1],
         allow_unsandboxed=allow_unsandboxed,
     )
-    completions = _generate(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
-    cloze = packaged_metric("cloze_match").compute(predictions=completions, references=[p["answers"] for p in PROMPTS])
-    return CheckedModel(
-        code_pass_rate=pass_at_k["pass@1"],
-        cloze_accuracy=cloze["exact_match"],
-        code_outcomes=[
-            f"{results[i][0][1]['result']} — {_gist(p, t)}" for i, (p, t) in enumerate(zip(programs, TASKS))
-        ],
-        cloze_outcomes=[
-            ("✓ " if ok else "✗ ") + c.strip().split("\n")[0] for ok, c in zip(cloze["matched"], completions)
-        ],
-    )
+    outcomes = [f"{results[i][0][1]['result']} — {_gist(p, t)}" for i, (p, t) in enumerate(zip(programs, TASKS))]
+    return pass_at_k["pass@1"], outcomes
 
 
 def functional_checks(
     model, tokenizer, parent_view, control_view=None, allow_unsandboxed: bool = False
 ) -> tuple[dict, dict]:
-    """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate`` and ``..retain_cloze_accuracy``, and
+    """``(metrics, table)``: ``{parent_,, control_}forget_code_pass_rate{,_3shot}`` and ``..retain_cloze_accuracy``, and
     the table of outcomes per task and prompt (check | item | parent | unlearned | control)."""
     with parent_view():
         checked = {"parent": check_model(model, tokenizer, allow_unsandboxed)}  # the table's columns in this order
@@ -111,33 +129,48 @@ def functional_checks(
 def outcomes_table(checked: dict[str, CheckedModel]) -> dict[str, list[str]]:
     """check | item | one column per model (``checked``'s keys): each task's and prompt's outcome."""
     from .task_sets.english_cloze import PROMPTS
-    from .task_sets.python_functions import TASKS
 
     table: dict[str, list[str]] = {
-        "check": ["code"] * len(TASKS) + ["cloze"] * len(PROMPTS),
-        "item": [t["task_id"] for t in TASKS] + [p["prompt"] for p in PROMPTS],
+        "check": ["code"] * len(TASKS) + ["code 3-shot"] * len(TASKS) + ["cloze"] * len(PROMPTS),
+        "item": [t["task_id"] for t in TASKS] * 2 + [p["prompt"] for p in PROMPTS],
     }
     for name, outcome in checked.items():
-        table[name] = outcome.code_outcomes + outcome.cloze_outcomes
+        table[name] = outcome.code_outcomes + outcome.code_outcomes_3shot + outcome.cloze_outcomes
     return table
 
 
-def code_programs(model, tokenizer, tasks: list[dict]) -> list[str]:
+def code_programs(model, tokenizer, tasks: list[dict], examples: Sequence[dict] = ()) -> list[str]:
     """The program each task's generated code makes: the chat form when the tokenizer has a chat template,
-    the completion form otherwise (see the module docstring)."""
+    the completion form otherwise (see the module docstring); ``examples`` as ``code_inputs`` shows them."""
+    inputs = code_inputs(tokenizer, tasks, examples)
     if getattr(tokenizer, "chat_template", None):
-        inputs = [
+        answers = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_fence_closed, special_tokens=False)
+        return [_first_code_block(answer) for answer in answers]
+    completions = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_left_function)
+    return [t["prompt"] + _cut_at_stop_line(c) for t, c in zip(tasks, completions)]
+
+
+def code_inputs(tokenizer, tasks: list[dict], examples: Sequence[dict] = ()) -> list[str]:
+    """What the model is given for each task: with a chat template, the request as a user's turn, after the
+    ``examples`` (solved tasks) as earlier turns answered in a fenced block; without one, the task's prompt
+    after the examples' code."""
+    if getattr(tokenizer, "chat_template", None):
+        shown = []
+        for example in examples:
+            answer = f"```python\n{example['prompt']}{example['canonical_solution']}```"
+            shown += [{"role": "user", "content": _request(example)}, {"role": "assistant", "content": answer}]
+        return [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"Complete this Python function:\n```python\n{t['prompt']}```"}],
-                tokenize=False,
-                add_generation_prompt=True,
+                [*shown, {"role": "user", "content": _request(t)}], tokenize=False, add_generation_prompt=True
             )
             for t in tasks
         ]
-        answers = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_fence_closed, special_tokens=False)
-        return [_first_code_block(answer) for answer in answers]
-    completions = _generate(model, tokenizer, [t["prompt"] for t in tasks], CODE_TOKENS, stop=_left_function)
-    return [t["prompt"] + _cut_at_stop_line(c) for t, c in zip(tasks, completions)]
+    before = "".join(f"{e['prompt']}{e['canonical_solution']}\n\n" for e in examples)
+    return [before + t["prompt"] for t in tasks]
+
+
+def _request(task: dict) -> str:
+    return f"Complete this Python function:\n```python\n{task['prompt']}```"
 
 
 def _gist(program: str, task: dict) -> str:

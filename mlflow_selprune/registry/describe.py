@@ -41,6 +41,7 @@ ROWS = (
 # --code-tasks: shares of the task sets (evaluation.functional), shown beside the token metrics
 FUNCTIONAL_ROWS = (
     ("forget_code_pass_rate", "forget: Python tasks solved"),
+    ("forget_code_pass_rate_3shot", "forget: Python tasks solved, 3 solved examples shown first"),
     ("retain_cloze_accuracy", "retain: English prompts answered"),
 )
 TASKS_PER_SET = 40  # evaluation.task_sets: each set has forty

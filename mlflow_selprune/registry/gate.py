@@ -98,7 +98,7 @@ def gate(
         return GateResult(False, resolved.canonical_uri, thresholds, {}, refusals)
     metrics = lineage.metrics_from_tags(resolved.tags)  # the very tags just verified
     measured = [f for f in resolved.tags.get(lineage.QUANTIZED_CHECK, "").split(",") if f]  # tags just verified
-    wanted = _metric_thresholds(thresholds, measured)
+    wanted = _metric_thresholds(thresholds, measured, recorded=metrics)
     _require_measured(resolved, wanted, metrics)
     failures: list[str] = []
     try:
@@ -183,10 +183,14 @@ def _gated_version(model_uri: str):
 QUANTIZED_ANY = "quantized_<format>_recovery"
 
 
-def _metric_thresholds(thresholds: dict, measured_formats: list[str] | None = None) -> dict[str, MetricThreshold]:
+def _metric_thresholds(
+    thresholds: dict, measured_formats: list[str] | None = None, recorded=()
+) -> dict[str, MetricThreshold]:
     """MLflow ``MetricThreshold``s of the thresholds given, on the recorded metric names (``measured_formats``:
     the formats ``prune --quantized-check`` measured the version in, each of which a quantized recovery
-    threshold applies to; one whose recovery is not recorded, not meaningful, is then missing)."""
+    threshold applies to; one whose recovery is not recorded, not meaningful, is then missing). The maximum
+    pass rate applies to the three-shot pass rate too wherever the version's verified metrics (``recorded``)
+    hold one."""
     from ..evaluation.drops import selectivity_key
 
     metric = thresholds["metric"]
@@ -208,9 +212,9 @@ def _metric_thresholds(thresholds: dict, measured_formats: list[str] | None = No
             threshold=thresholds["max_relearn_recovery"], greater_is_better=False
         )
     if thresholds["max_code_pass_rate"] is not None:
-        wanted["forget_code_pass_rate"] = MetricThreshold(
-            threshold=thresholds["max_code_pass_rate"], greater_is_better=False
-        )
+        for name in ("forget_code_pass_rate", "forget_code_pass_rate_3shot"):
+            if name == "forget_code_pass_rate" or name in recorded:
+                wanted[name] = MetricThreshold(threshold=thresholds["max_code_pass_rate"], greater_is_better=False)
     if thresholds.get("max_quantized_recovery") is not None:
         for name in [f"quantized_{fmt}_recovery" for fmt in measured_formats or ()] or [QUANTIZED_ANY]:
             wanted[name] = MetricThreshold(threshold=thresholds["max_quantized_recovery"], greater_is_better=False)

@@ -9,7 +9,7 @@ them, so a drop after unlearning is measurable. Each test is a few ``assert`` li
 from __future__ import annotations
 
 
-def _task(name: str, signature: str, doc: str, example: str, result: str, tests: str, solution: str) -> dict:
+def task(name: str, signature: str, doc: str, example: str, result: str, tests: str, solution: str) -> dict:
     prompt = f'def {name}{signature}:\n    """{doc}\n    >>> {example}\n    {result}\n    """\n'
     return {
         "task_id": f"selprune/{name}",
@@ -21,7 +21,7 @@ def _task(name: str, signature: str, doc: str, example: str, result: str, tests:
 
 
 TASKS: list[dict] = [
-    _task(
+    task(
         "add",
         "(a, b)",
         "Return the sum of a and b.",
@@ -30,7 +30,7 @@ TASKS: list[dict] = [
         "assert add(2, 3) == 5\nassert add(-1, 1) == 0\nassert add(10, 20) == 30",
         "    return a + b\n",
     ),
-    _task(
+    task(
         "subtract",
         "(a, b)",
         "Return a minus b.",
@@ -39,7 +39,7 @@ TASKS: list[dict] = [
         "assert subtract(5, 3) == 2\nassert subtract(0, 4) == -4",
         "    return a - b\n",
     ),
-    _task(
+    task(
         "multiply",
         "(a, b)",
         "Return the product of a and b.",
@@ -48,7 +48,7 @@ TASKS: list[dict] = [
         "assert multiply(3, 4) == 12\nassert multiply(-2, 5) == -10",
         "    return a * b\n",
     ),
-    _task(
+    task(
         "square",
         "(x)",
         "Return x squared.",
@@ -57,7 +57,7 @@ TASKS: list[dict] = [
         "assert square(4) == 16\nassert square(-3) == 9",
         "    return x * x\n",
     ),
-    _task(
+    task(
         "cube",
         "(x)",
         "Return x to the power of three.",
@@ -66,7 +66,7 @@ TASKS: list[dict] = [
         "assert cube(2) == 8\nassert cube(-3) == -27",
         "    return x ** 3\n",
     ),
-    _task(
+    task(
         "is_even",
         "(n)",
         "Return True if n is even, False otherwise.",
@@ -75,7 +75,7 @@ TASKS: list[dict] = [
         "assert is_even(4) is True\nassert is_even(7) is False\nassert is_even(0) is True",
         "    return n % 2 == 0\n",
     ),
-    _task(
+    task(
         "is_odd",
         "(n)",
         "Return True if n is odd, False otherwise.",
@@ -84,7 +84,7 @@ TASKS: list[dict] = [
         "assert is_odd(3) is True\nassert is_odd(8) is False",
         "    return n % 2 == 1\n",
     ),
-    _task(
+    task(
         "absolute",
         "(x)",
         "Return the absolute value of x.",
@@ -93,7 +93,7 @@ TASKS: list[dict] = [
         "assert absolute(-5) == 5\nassert absolute(3) == 3\nassert absolute(0) == 0",
         "    return abs(x)\n",
     ),
-    _task(
+    task(
         "maximum",
         "(a, b)",
         "Return the larger of a and b.",
@@ -102,7 +102,7 @@ TASKS: list[dict] = [
         "assert maximum(3, 7) == 7\nassert maximum(9, 2) == 9",
         "    return max(a, b)\n",
     ),
-    _task(
+    task(
         "minimum",
         "(a, b)",
         "Return the smaller of a and b.",
@@ -111,7 +111,7 @@ TASKS: list[dict] = [
         "assert minimum(3, 7) == 3\nassert minimum(9, 2) == 2",
         "    return min(a, b)\n",
     ),
-    _task(
+    task(
         "list_sum",
         "(numbers)",
         "Return the sum of a list of numbers.",
@@ -120,7 +120,7 @@ TASKS: list[dict] = [
         "assert list_sum([1, 2, 3]) == 6\nassert list_sum([]) == 0\nassert list_sum([5]) == 5",
         "    return sum(numbers)\n",
     ),
-    _task(
+    task(
         "list_max",
         "(numbers)",
         "Return the largest number in a non-empty list.",
@@ -129,7 +129,7 @@ TASKS: list[dict] = [
         "assert list_max([3, 9, 2]) == 9\nassert list_max([-4, -1]) == -1",
         "    return max(numbers)\n",
     ),
-    _task(
+    task(
         "list_min",
         "(numbers)",
         "Return the smallest number in a non-empty list.",
@@ -138,7 +138,7 @@ TASKS: list[dict] = [
         "assert list_min([3, 9, 2]) == 2\nassert list_min([-4, -1]) == -4",
         "    return min(numbers)\n",
     ),
-    _task(
+    task(
         "average",
         "(numbers)",
         "Return the mean of a non-empty list of numbers.",
@@ -147,7 +147,7 @@ TASKS: list[dict] = [
         "assert average([1, 2, 3]) == 2.0\nassert average([4]) == 4.0",
         "    return sum(numbers) / len(numbers)\n",
     ),
-    _task(
+    task(
         "count_items",
         "(items)",
         "Return the number of items in the list.",
@@ -156,7 +156,7 @@ TASKS: list[dict] = [
         "assert count_items([1, 2, 3]) == 3\nassert count_items([]) == 0",
         "    return len(items)\n",
     ),
-    _task(
+    task(
         "first_item",
         "(items)",
         "Return the first item of a non-empty list.",
@@ -165,7 +165,7 @@ TASKS: list[dict] = [
         "assert first_item([4, 5, 6]) == 4\nassert first_item(['a']) == 'a'",
         "    return items[0]\n",
     ),
-    _task(
+    task(
         "last_item",
         "(items)",
         "Return the last item of a non-empty list.",
@@ -174,7 +174,7 @@ TASKS: list[dict] = [
         "assert last_item([4, 5, 6]) == 6\nassert last_item(['a']) == 'a'",
         "    return items[-1]\n",
     ),
-    _task(
+    task(
         "reverse_list",
         "(items)",
         "Return a new list with the items in reverse order.",
@@ -183,7 +183,7 @@ TASKS: list[dict] = [
         "assert reverse_list([1, 2, 3]) == [3, 2, 1]\nassert reverse_list([]) == []",
         "    return items[::-1]\n",
     ),
-    _task(
+    task(
         "reverse_string",
         "(text)",
         "Return the string reversed.",
@@ -192,7 +192,7 @@ TASKS: list[dict] = [
         "assert reverse_string('abc') == 'cba'\nassert reverse_string('') == ''",
         "    return text[::-1]\n",
     ),
-    _task(
+    task(
         "to_upper",
         "(text)",
         "Return the string in upper case.",
@@ -201,7 +201,7 @@ TASKS: list[dict] = [
         "assert to_upper('hello') == 'HELLO'\nassert to_upper('aB') == 'AB'",
         "    return text.upper()\n",
     ),
-    _task(
+    task(
         "to_lower",
         "(text)",
         "Return the string in lower case.",
@@ -210,7 +210,7 @@ TASKS: list[dict] = [
         "assert to_lower('HeLLo') == 'hello'\nassert to_lower('ABC') == 'abc'",
         "    return text.lower()\n",
     ),
-    _task(
+    task(
         "string_length",
         "(text)",
         "Return the number of characters in the string.",
@@ -219,7 +219,7 @@ TASKS: list[dict] = [
         "assert string_length('hello') == 5\nassert string_length('') == 0",
         "    return len(text)\n",
     ),
-    _task(
+    task(
         "is_empty",
         "(items)",
         "Return True if the list is empty.",
@@ -228,7 +228,7 @@ TASKS: list[dict] = [
         "assert is_empty([]) is True\nassert is_empty([1]) is False",
         "    return len(items) == 0\n",
     ),
-    _task(
+    task(
         "double_all",
         "(numbers)",
         "Return a list with every number doubled.",
@@ -237,7 +237,7 @@ TASKS: list[dict] = [
         "assert double_all([1, 2, 3]) == [2, 4, 6]\nassert double_all([]) == []",
         "    return [2 * n for n in numbers]\n",
     ),
-    _task(
+    task(
         "square_all",
         "(numbers)",
         "Return a list with every number squared.",
@@ -246,7 +246,7 @@ TASKS: list[dict] = [
         "assert square_all([1, 2, 3]) == [1, 4, 9]\nassert square_all([-2]) == [4]",
         "    return [n * n for n in numbers]\n",
     ),
-    _task(
+    task(
         "only_even",
         "(numbers)",
         "Return the even numbers of the list, in order.",
@@ -255,7 +255,7 @@ TASKS: list[dict] = [
         "assert only_even([1, 2, 3, 4]) == [2, 4]\nassert only_even([1, 3]) == []",
         "    return [n for n in numbers if n % 2 == 0]\n",
     ),
-    _task(
+    task(
         "only_positive",
         "(numbers)",
         "Return the numbers greater than zero, in order.",
@@ -264,7 +264,7 @@ TASKS: list[dict] = [
         "assert only_positive([-1, 2, 0, 3]) == [2, 3]\nassert only_positive([]) == []",
         "    return [n for n in numbers if n > 0]\n",
     ),
-    _task(
+    task(
         "count_char",
         "(text, char)",
         "Return how many times char occurs in text.",
@@ -273,7 +273,7 @@ TASKS: list[dict] = [
         "assert count_char('banana', 'a') == 3\nassert count_char('xyz', 'a') == 0",
         "    return text.count(char)\n",
     ),
-    _task(
+    task(
         "contains",
         "(items, value)",
         "Return True if value is in the list.",
@@ -282,7 +282,7 @@ TASKS: list[dict] = [
         "assert contains([1, 2, 3], 2) is True\nassert contains([1, 2, 3], 5) is False",
         "    return value in items\n",
     ),
-    _task(
+    task(
         "factorial",
         "(n)",
         "Return n factorial for n >= 0.",
@@ -291,7 +291,7 @@ TASKS: list[dict] = [
         "assert factorial(5) == 120\nassert factorial(0) == 1\nassert factorial(1) == 1",
         "    return 1 if n == 0 else n * factorial(n - 1)\n",
     ),
-    _task(
+    task(
         "fibonacci",
         "(n)",
         "Return the n-th Fibonacci number, with fibonacci(0) == 0 and fibonacci(1) == 1.",
@@ -300,7 +300,7 @@ TASKS: list[dict] = [
         "assert fibonacci(10) == 55\nassert fibonacci(0) == 0\nassert fibonacci(1) == 1",
         "    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
     ),
-    _task(
+    task(
         "is_palindrome",
         "(text)",
         "Return True if the string reads the same forwards and backwards.",
@@ -309,7 +309,7 @@ TASKS: list[dict] = [
         "assert is_palindrome('level') is True\nassert is_palindrome('hello') is False",
         "    return text == text[::-1]\n",
     ),
-    _task(
+    task(
         "join_words",
         "(words)",
         "Join a list of words with single spaces.",
@@ -318,7 +318,7 @@ TASKS: list[dict] = [
         "assert join_words(['a', 'b']) == 'a b'\nassert join_words(['hi']) == 'hi'",
         "    return ' '.join(words)\n",
     ),
-    _task(
+    task(
         "split_words",
         "(text)",
         "Split a string into its words, separated by spaces.",
@@ -327,7 +327,7 @@ TASKS: list[dict] = [
         "assert split_words('a b c') == ['a', 'b', 'c']\nassert split_words('hi') == ['hi']",
         "    return text.split(' ')\n",
     ),
-    _task(
+    task(
         "celsius_to_fahrenheit",
         "(celsius)",
         "Convert a temperature from Celsius to Fahrenheit.",
@@ -336,7 +336,7 @@ TASKS: list[dict] = [
         "assert celsius_to_fahrenheit(100) == 212.0\nassert celsius_to_fahrenheit(0) == 32.0",
         "    return celsius * 9 / 5 + 32\n",
     ),
-    _task(
+    task(
         "area_of_rectangle",
         "(width, height)",
         "Return the area of a rectangle.",
@@ -345,7 +345,7 @@ TASKS: list[dict] = [
         "assert area_of_rectangle(3, 4) == 12\nassert area_of_rectangle(1, 1) == 1",
         "    return width * height\n",
     ),
-    _task(
+    task(
         "greet",
         "(name)",
         "Return a greeting of the form 'Hello, NAME!'.",
@@ -354,7 +354,7 @@ TASKS: list[dict] = [
         "assert greet('Ada') == 'Hello, Ada!'\nassert greet('Bob') == 'Hello, Bob!'",
         "    return f'Hello, {name}!'\n",
     ),
-    _task(
+    task(
         "sum_to_n",
         "(n)",
         "Return the sum of the integers from 1 to n.",
@@ -363,7 +363,7 @@ TASKS: list[dict] = [
         "assert sum_to_n(4) == 10\nassert sum_to_n(1) == 1\nassert sum_to_n(0) == 0",
         "    return n * (n + 1) // 2\n",
     ),
-    _task(
+    task(
         "remove_duplicates",
         "(items)",
         "Return the items without duplicates, keeping the first occurrence order.",
@@ -372,7 +372,7 @@ TASKS: list[dict] = [
         "assert remove_duplicates([1, 2, 1, 3]) == [1, 2, 3]\nassert remove_duplicates([]) == []",
         "    return list(dict.fromkeys(items))\n",
     ),
-    _task(
+    task(
         "dict_keys",
         "(mapping)",
         "Return the keys of a dictionary as a list.",
