@@ -6,6 +6,7 @@ batches are random ids, unless a script says otherwise.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -220,3 +221,54 @@ def plain_forward(model, batches, body: bool = False):
                 target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     return run
+
+
+def pruned_demo(directory, split_seed: int, collect_tokens: int | None = None, eval_tokens: int | None = None):
+    """``(model, tokenizer, forget, retain, result, metrics, views, start)``: the demo's recipe applied to the
+    model saved in ``directory`` at ``split_seed``, with the random control measured; ``views`` turn the pruned
+    model into the unlearned model, the parent or the control (``unlearn.model_views``), ``start`` holds their
+    forget top-1. ``metrics["prune_seconds"]``: the time the pruning took."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlflow_selprune import prepare_data, prune
+    from mlflow_selprune.demo import RECIPE
+    from mlflow_selprune.engine import randomly_pruned
+    from mlflow_selprune.evaluation.drops import control_metrics, summary_metrics
+    from mlflow_selprune.unlearn import make_evaluate_fn, model_views
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    data = dataclasses.replace(
+        RECIPE.data,
+        split_seed=split_seed,
+        collect_tokens=collect_tokens or RECIPE.data.collect_tokens,
+        eval_tokens=eval_tokens or RECIPE.data.eval_tokens,
+    )
+    forget = prepare_data(RECIPE.forget, tokenizer, data)
+    retain = prepare_data(RECIPE.retain, tokenizer, data)
+    evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    config = dataclasses.replace(RECIPE.prune, seed=split_seed)
+    began = time.perf_counter()
+    result = prune(
+        model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn, progress=False
+    )
+    metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
+    metrics["prune_seconds"] = time.perf_counter() - began
+    with randomly_pruned(model, result, seed=split_seed):
+        control = evaluate_fn(model)
+    metrics.update(control_metrics(result.baseline_metrics, control))
+    seen_as = model_views(model, result, split_seed, control=True)
+    views = {
+        "unlearned": (model, contextlib.nullcontext),
+        "parent": (model, seen_as["parent_view"]),
+        "control": (model, seen_as["control_view"]),
+    }
+    start = {
+        "unlearned": metrics["forget_top1"],
+        "parent": metrics["parent_forget_top1"],
+        "control": control["forget_top1"],
+    }
+    return model, tokenizer, forget, retain, result, metrics, views, start

@@ -13,7 +13,6 @@ top-1s, the recovery of the unlearned model and the control's gain on the same s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -22,56 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import header  # noqa: E402
-
-
-def pruned_demo(source: str, split_seed: int, collect_tokens: int | None = None, eval_tokens: int | None = None):
-    """``(model, tokenizer, forget, retain, result, metrics, views, start)``: the demo's recipe applied to the
-    parent at ``split_seed``, with the random control measured, and the three models' views for the checks."""
-    import contextlib
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mlflow_selprune import prepare_data, prune
-    from mlflow_selprune.demo import RECIPE
-    from mlflow_selprune.engine import randomly_pruned
-    from mlflow_selprune.evaluation.drops import control_metrics, summary_metrics
-    from mlflow_selprune.registry.model_sources import prepare
-    from mlflow_selprune.unlearn import make_evaluate_fn, model_views
-
-    directory = prepare(source).directory
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    data = dataclasses.replace(
-        RECIPE.data,
-        split_seed=split_seed,
-        collect_tokens=collect_tokens or RECIPE.data.collect_tokens,
-        eval_tokens=eval_tokens or RECIPE.data.eval_tokens,
-    )
-    forget = prepare_data(RECIPE.forget, tokenizer, data)
-    retain = prepare_data(RECIPE.retain, tokenizer, data)
-    evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    config = dataclasses.replace(RECIPE.prune, seed=split_seed)
-    result = prune(
-        model, forget.collect_batches, retain.collect_batches, config, evaluate_fn=evaluate_fn, progress=False
-    )
-    metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
-    with randomly_pruned(model, result, seed=split_seed):
-        control = evaluate_fn(model)
-    metrics.update(control_metrics(result.baseline_metrics, control))
-    seen_as = model_views(model, result, split_seed, control=True)
-    views = {
-        "unlearned": (model, contextlib.nullcontext),
-        "parent": (model, seen_as["parent_view"]),
-        "control": (model, seen_as["control_view"]),
-    }
-    start = {
-        "unlearned": metrics["forget_top1"],
-        "parent": metrics["parent_forget_top1"],
-        "control": control["forget_top1"],
-    }
-    return model, tokenizer, forget, retain, result, metrics, views, start
+from common import header, pruned_demo  # noqa: E402
 
 
 def main() -> None:
@@ -84,6 +34,7 @@ def main() -> None:
     parser.add_argument("--data-seed", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--source", default=RECIPE.source, help="the model SOURCE (as for `register`)")
+    parser.add_argument("--model-dir", default=None, help="a saved transformers model instead of --source")
     parser.add_argument("--collect-tokens", type=int, default=None, help="a smaller budget for a quick look")
     parser.add_argument("--eval-tokens", type=int, default=None)
     args = parser.parse_args()
@@ -95,12 +46,17 @@ def main() -> None:
     from mlflow_selprune.unlearn import relearning_check
 
     torch.set_num_threads(args.threads)
+    directory = args.model_dir
+    if directory is None:
+        from mlflow_selprune.registry.model_sources import prepare
+
+        directory = prepare(args.source).directory
     header("relearning check on a real pretrained model: learning rate and batch size", args)
     steps = max(int(part) for part in args.curve.split(","))
     print("data seed | lr | batch | step | unlearned | parent | control | recovery | control gain | parent change")
     for data_seed in args.data_seed:
         _, _, forget, retain, _, _, views, start = pruned_demo(
-            args.source, data_seed, args.collect_tokens, args.eval_tokens
+            directory, data_seed, args.collect_tokens, args.eval_tokens
         )
         for lr in args.lr:
             for batch_size in args.batch_size:
