@@ -895,7 +895,7 @@ def register(source, name, alias):
     "--relearn",
     is_flag=True,
     help="The real-model demo: also fine-tune the unlearned model, the parent and the control 20 steps on Python "
-    "and gate on how much comes back (the relearning curve; a few minutes more on 2 cores).",
+    "and show how much comes back (the relearning curve; about 5 minutes more on 2 cores).",
 )
 @NO_PROGRESS
 @handle_errors

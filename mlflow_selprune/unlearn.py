@@ -806,15 +806,8 @@ def run_evaluate(
         metrics = _measured(model, parent_model, evaluate_fn, evidence)
         curve = None
         if evidence.relearn_steps:
-            from .evaluation.relearning import curve_metrics
-
-            models = {"unlearned": (model, contextlib.nullcontext)}
-            start = {"unlearned": metrics["forget_top1"]}
-            if parent_model is not None:
-                models["parent"] = (parent_model, contextlib.nullcontext)
-                start["parent"] = metrics["parent_forget_top1"]
-            curve = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
-            metrics.update(curve_metrics(curve))
+            data_sides = (forget_data, retain_data)
+            curve = _relearned(model, parent_model, metrics, data_sides, evidence, seed, accelerator, progress)
         if run is not None:
             metrics.update(_code_tasks_only(model, parent_model, tokenizer, evidence) if evidence.code_tasks else {})
             mlflow.log_metrics(tracking.finite(metrics))
@@ -866,6 +859,22 @@ def _load_verified(version, device, dtype, trust_remote_code, accelerator):
     if dtype is None and _is_main(accelerator):
         verify.require_weights(version, weights_sha256(model), "evaluate")
     return model, preprocessor
+
+
+def _relearned(model, parent_model, metrics: dict, data: tuple, evidence, seed: int, accelerator, progress) -> dict:
+    """``evaluate --relearn-steps``: the curve of the model (and of the parent, when given), its last point
+    added to ``metrics``."""
+    from .evaluation.relearning import curve_metrics
+
+    models = {"unlearned": (model, contextlib.nullcontext)}
+    start = {"unlearned": metrics["forget_top1"]}
+    if parent_model is not None:
+        models["parent"] = (parent_model, contextlib.nullcontext)
+        start["parent"] = metrics["parent_forget_top1"]
+    forget_data, retain_data = data
+    curve = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
+    metrics.update(curve_metrics(curve))
+    return curve
 
 
 def relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress) -> dict:

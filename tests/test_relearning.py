@@ -179,3 +179,14 @@ def test_prune_logs_the_curve_as_step_metrics_records_it_and_plots_it(store):
     assert record["evidence"]["options"]["relearn_curve"] == "0,2,4"
     report = Path(client.download_artifacts(run_id, "selprune/report.html")).read_text()
     assert 'alt="relearning"' in report
+
+
+def test_demo_relearn_adds_the_check_to_the_recipes_evidence_and_nothing_else():
+    from mlflow_selprune.demo import RECIPE, _evidence
+
+    plain, relearning = (_evidence(RECIPE, True, False, relearn=flag) for flag in (False, True))
+    assert plain == RECIPE.evidence and plain.relearn_steps == 0
+    assert relearning.validate().relearn_points() == (0, 5, 10, 20)
+    assert (relearning.relearn_lr, relearning.relearn_batch_size) == (EvidenceOptions().relearn_lr, 8)
+    same = {k: v for k, v in relearning.to_dict().items() if not k.startswith("relearn_")}
+    assert same == {k: v for k, v in plain.to_dict().items() if not k.startswith("relearn_")}

@@ -169,17 +169,24 @@ def main() -> None:
 
 
 def print_functional_checks(model, tokenizer, result, seed: int, prefix: str) -> None:
-    """The demo's --code-tasks numbers: Python tasks passed and cloze prompts answered, three models."""
+    """The demo's --code-tasks numbers: Python tasks passed (0- and 3-shot) and cloze prompts answered, three
+    models, and the seconds the checks took."""
     from mlflow_selprune.engine import parent_restored, randomly_pruned
     from mlflow_selprune.evaluation.functional import functional_checks
 
+    began = time.perf_counter()
     metrics, _ = functional_checks(
         model,
         tokenizer,
         parent_view=lambda: parent_restored(model, result),
         control_view=lambda: randomly_pruned(model, result, seed=seed),
     )
-    for key, what in (("forget_code_pass_rate", "Python tasks passed"), ("retain_cloze_accuracy", "cloze answered")):
+    print(f"{prefix} | code tasks and cloze prompts of three models: {time.perf_counter() - began:.0f} s")
+    for key, what in (
+        ("forget_code_pass_rate", "Python tasks passed"),
+        ("forget_code_pass_rate_3shot", "Python tasks passed, 3 solved examples first"),
+        ("retain_cloze_accuracy", "cloze answered"),
+    ):
         print(
             f"{prefix} | {what}: parent {metrics['parent_' + key]:.1%}, selective {metrics[key]:.1%}, "
             f"control {metrics['control_' + key]:.1%}",
