@@ -106,9 +106,10 @@ class Setup:
     args: argparse.Namespace
 
 
-def measured(name: str, model, setup: Setup) -> dict:
+def measured(name: str, model, setup: Setup, parent_curve: list | None = None) -> dict:
     """One unlearned model measured as the module docstring says, beside the parent (and the control, when
-    ``setup.views`` holds it, on the relearning curve)."""
+    ``setup.views`` holds it, on the relearning curve). ``parent_curve``: the parent's relearning curve when it
+    was measured already (the same parent, documents, seed and settings give the same curve), else measured."""
     from mlflow_selprune.config import EvidenceOptions
     from mlflow_selprune.evaluation.drops import summary_metrics
     from mlflow_selprune.evaluation.functional import check_model
@@ -135,7 +136,11 @@ def measured(name: str, model, setup: Setup) -> dict:
         control, view = models["control"]
         with view():
             start["control"] = evaluate_fn(control)["forget_top1"]
+    if parent_curve is not None:
+        models.pop("parent")
     curve = relearning_check(models, start, setup.forget, setup.retain, evidence, setup.seed, None, False)
+    if parent_curve is not None:
+        curve["forget_top1"] = {"unlearned": curve["forget_top1"]["unlearned"], "parent": parent_curve}
     metrics.update(curve_metrics(curve))
     return {"name": name, "metrics": metrics, "curve": curve, "seed": setup.seed}
 
@@ -205,9 +210,8 @@ def main() -> None:
             baseline = copy.deepcopy(model)
         cost = selective["retain_top1_drop"]
         tuned = gradient_difference(baseline, forget, retain, evaluate_fn, setup.parent, cost, args)
-        theirs = measured(
-            "gradient difference", baseline, dataclasses.replace(setup, views={"parent": views["parent"]})
-        )
+        only_parent = dataclasses.replace(setup, views={"parent": views["parent"]})
+        theirs = measured("gradient difference", baseline, only_parent, ours["curve"]["forget_top1"]["parent"])
         theirs["metrics"] |= {"seconds": tuned["seconds"], "steps": tuned["steps"]}
         params = {"baseline_lr": args.baseline_lr, "batch_size": args.batch_size, "relearn_steps": args.relearn_steps}
         for row in (ours, theirs):
