@@ -35,7 +35,8 @@ EXPERIMENT = "selprune-robustness"
 
 def gradient_difference(model, forget, retain, evaluate_fn, parent: dict, max_retain_drop: float, args) -> dict:
     """Fine-tune ``model`` in place by gradient difference; returns what was kept: ``steps``, ``seconds``
-    (training only) and the checkpoints measured (step, forget drop, retain drop). The model ends as the last
+    (training steps only, not the checkpoints' evaluations) and the checkpoints measured (step, forget drop,
+    retain drop); a checkpoint every ``--every`` steps and at ``--max-steps``. The model ends as the last
     checkpoint whose retain top-1 drop is at most ``max_retain_drop`` (or the first one measured, when none)."""
     import torch
 
@@ -68,7 +69,7 @@ def gradient_difference(model, forget, retain, evaluate_fn, parent: dict, max_re
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         seconds += time.perf_counter() - began
-        if step % args.every:
+        if step % args.every and step != args.max_steps:
             continue
         model.eval()
         m = evaluate_fn(model)
@@ -205,7 +206,10 @@ def main() -> None:
         views = {name: seen_as[name] for name in ("parent", "control")}
         setup = Setup(evaluate_fn, result.baseline_metrics, views, tokenizer, forget, retain, seed, args)
         ours = measured("selective pruning", model, setup)
-        ours["metrics"]["seconds"] = selective["prune_seconds"]
+        # the step's scoring and pruning, without the evaluations prune() runs around it: as the baseline's
+        # seconds count its training steps, not its checkpoints' evaluations
+        kept = [step for step in result.steps if step.get("kept")]
+        ours["metrics"]["seconds"] = sum(step["seconds"] - step.get("seconds_evaluate", 0.0) for step in kept)
         with views["parent"][1]():
             baseline = copy.deepcopy(model)
         cost = selective["retain_top1_drop"]
