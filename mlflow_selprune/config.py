@@ -330,7 +330,8 @@ class EvidenceOptions:
         self.relearn_curve = ",".join(str(step) for step in self.relearn_points())
         if not _fraction(self.relearn_lr) or not 0 < self.relearn_lr < 1:
             raise ConfigError(f"--relearn-lr must be in (0, 1), got {self.relearn_lr}")
-        if not isinstance(self.relearn_batch_size, int) or self.relearn_batch_size < 1:
+        batch = self.relearn_batch_size
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ConfigError(f"--relearn-batch-size must be an integer >= 1, got {self.relearn_batch_size}")
         for name in ("samples", "sample_tokens"):
             value = getattr(self, name)
@@ -350,7 +351,7 @@ class EvidenceOptions:
             raise ConfigError(
                 "--relearn-curve needs --relearn-steps (the last step of the curve), e.g. --relearn-steps 20"
             )
-        if not all(part.isdigit() for part in parts):
+        if not all(part.isascii() and part.isdigit() and len(part) <= 9 for part in parts):
             raise ConfigError(
                 f"--relearn-curve must be comma-separated step counts >= 0 such as 0,5,10,20, got {text!r}"
             )

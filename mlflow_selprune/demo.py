@@ -256,7 +256,7 @@ def summarize_and_gate(
     if min_selectivity is not None:
         thresholds.append(f"selectivity >= {min_selectivity}")
     if max_code_pass_rate is not None:
-        thresholds.append(f"Python tasks passed <= {max_code_pass_rate:.0%}")
+        thresholds.append(f"Python tasks passed, with and without 3 solved examples first, <= {max_code_pass_rate:.0%}")
     if max_quantized_recovery is not None:
         thresholds.append(f"forget drop taken back by int4 <= {max_quantized_recovery:.0%}")
     print(f"gate ({', '.join(thresholds)}): {outcome}")

@@ -648,6 +648,7 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
         metrics.update(quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views))
     if evidence.relearn_steps:
         say(f"relearning check: {evidence.relearn_steps} fine-tuning steps on each of the {', '.join(views)}")
+        metrics.update(relearn_steps=evidence.relearn_steps, relearn_lr=evidence.relearn_lr)  # beside its result
         result.relearn_curve = relearning_check(
             views, start, forget_data, retain_data, evidence, config.seed, accelerator, progress
         )
@@ -873,7 +874,7 @@ def _relearned(model, parent_model, metrics: dict, data: tuple, evidence, seed: 
         start["parent"] = metrics["parent_forget_top1"]
     forget_data, retain_data = data
     curve = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
-    metrics.update(curve_metrics(curve))
+    metrics.update(curve_metrics(curve), relearn_steps=evidence.relearn_steps, relearn_lr=evidence.relearn_lr)
     return curve
 
 

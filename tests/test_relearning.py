@@ -177,6 +177,7 @@ def test_prune_logs_the_curve_as_step_metrics_records_it_and_plots_it(store):
         curve["forget_top1"]["control"][-1]
     )
     assert record["evidence"]["options"]["relearn_curve"] == "0,2,4"
+    assert float(version.tags["selprune.metric.relearn_steps"]) == 4  # the check's settings beside its result
     report = Path(client.download_artifacts(run_id, "selprune/report.html")).read_text()
     assert 'alt="relearning"' in report
 
@@ -190,3 +191,42 @@ def test_demo_relearn_adds_the_check_to_the_recipes_evidence_and_nothing_else():
     assert (relearning.relearn_lr, relearning.relearn_batch_size) == (EvidenceOptions().relearn_lr, 8)
     same = {k: v for k, v in relearning.to_dict().items() if not k.startswith("relearn_")}
     assert same == {k: v for k, v in plain.to_dict().items() if not k.startswith("relearn_")}
+
+
+@pytest.mark.parametrize(
+    "recorded, refused",
+    [
+        ({"relearn_steps": 20.0, "relearn_parent_recovery": 0.14}, None),
+        ({"relearn_steps": 50.0}, None),  # evaluate without a parent: no parent change to read
+        ({"relearn_steps": 2.0, "relearn_parent_recovery": 0.1}, "measured with 2 fine-tuning steps"),
+        ({"relearn_parent_recovery": 0.1}, "measured with an unrecorded number of fine-tuning steps"),
+        ({"relearn_steps": 20.0, "relearn_parent_recovery": -0.4}, "the parent itself lost 40% of the removed"),
+    ],
+)
+def test_the_gate_reads_a_relearning_recovery_only_from_a_check_that_was_a_real_attack(recorded, refused):
+    """Whoever runs prune chooses the check's settings: one step, or a rate that wrecks the parent too, would
+    make any version look safe. The settings are recorded (and verified) beside the result, and the gate
+    refuses a recovery measured with too few steps or at a rate the parent did not survive."""
+    from types import SimpleNamespace
+
+    from mlflow_selprune.errors import BadInputError
+    from mlflow_selprune.registry.gate import _metric_thresholds, _require_a_fair_relearning_check
+
+    version = SimpleNamespace(canonical_uri="models:/m/2")
+    thresholds = dict.fromkeys(("max_retain_drop", "min_forget_drop", "min_selectivity", "max_code_pass_rate"))
+    wanted = _metric_thresholds({**thresholds, "max_relearn_recovery": 0.5, "metric": "top1"})
+    metrics = {"relearn_recovery": 0.1, **recorded}
+    if refused is None:
+        _require_a_fair_relearning_check(version, wanted, metrics)
+    else:
+        with pytest.raises(BadInputError, match=refused) as caught:
+            _require_a_fair_relearning_check(version, wanted, metrics)
+        assert "--relearn-steps 20" in str(caught.value)
+    _require_a_fair_relearning_check(version, {}, {"relearn_steps": 1.0})  # no relearning threshold: not read
+
+
+def test_unicode_digits_in_a_curve_are_refused_as_bad_input():
+    with pytest.raises(ConfigError, match="--relearn-curve must be comma-separated step counts"):
+        EvidenceOptions(relearn_steps=20, relearn_curve="²").validate()
+    with pytest.raises(ConfigError, match="--relearn-batch-size must be an integer"):
+        EvidenceOptions(relearn_steps=20, relearn_batch_size=True).validate()

@@ -100,6 +100,7 @@ def gate(
     measured = [f for f in resolved.tags.get(lineage.QUANTIZED_CHECK, "").split(",") if f]  # tags just verified
     wanted = _metric_thresholds(thresholds, measured, recorded=metrics)
     _require_measured(resolved, wanted, metrics)
+    _require_a_fair_relearning_check(resolved, wanted, metrics)
     failures: list[str] = []
     try:
         mlflow_validate(wanted, metrics)
@@ -122,6 +123,37 @@ def _require_measured(resolved, wanted: dict, metrics: dict) -> None:
             + (" with --relearn-steps" if "relearn_recovery" in missing else "")
             + (" with --code-tasks" if "forget_code_pass_rate" in missing else "")
             + (" with --quantized-check" if QUANTIZED_ANY in missing else "")
+        )
+
+
+# A relearning recovery counts for the gate only from a check of at least this many fine-tuning steps (the
+# demo's and the docs' check; fewer steps bring back less, whatever the version) ...
+MIN_RELEARN_STEPS = 20
+# ... in which the parent itself did not lose more than this share of the removed forget top-1: a rate that
+# damages the parent measures the damage, not relearning (docs/robustness.md#relearning; the demo's parents
+# gain 6-14% on that scale at the default rate, the noise between split seeds under 5 points)
+MAX_PARENT_LOSS_IN_RELEARNING = 0.1
+
+
+def _require_a_fair_relearning_check(resolved, wanted: dict, metrics: dict) -> None:
+    """A relearning recovery measured with settings its maker chose is read only when those settings were a
+    real attack: enough steps (``relearn_steps``, recorded with the result) and a rate the parent survived."""
+    if "relearn_recovery" not in wanted:
+        return
+    steps, parent = metrics.get("relearn_steps"), metrics.get("relearn_parent_recovery")
+    reason = None
+    if steps is None or steps < MIN_RELEARN_STEPS:
+        reason = f"{'an unrecorded number of' if steps is None else int(steps)} fine-tuning steps"
+    elif parent is not None and parent < -MAX_PARENT_LOSS_IN_RELEARNING:
+        reason = (
+            f"a learning rate at which the parent itself lost {-parent:.0%} of the removed top-1 "
+            "(relearn_parent_recovery), so it measured damage, not relearning"
+        )
+    if reason:
+        raise BadInputError(
+            f"{resolved.canonical_uri}'s relearn_recovery was measured with {reason}; --max-relearn-recovery "
+            f"reads only a check of at least {MIN_RELEARN_STEPS} steps at a rate the parent survives: prune again "
+            f"with --relearn-steps {MIN_RELEARN_STEPS} (and the default --relearn-lr)"
         )
 
 

@@ -100,6 +100,9 @@ HEADLINE_METRICS = (
     "relearn_recovery",
     "relearn_control_forget_top1",
     "relearn_control_recovery",
+    "relearn_parent_recovery",
+    "relearn_steps",
+    "relearn_lr",
     # --code-tasks (causal LMs)
     "forget_code_pass_rate",
     "parent_forget_code_pass_rate",
