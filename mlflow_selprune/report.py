@@ -114,9 +114,16 @@ def plot_forget_vs_retain(baseline: dict, steps: list[dict], path: Path, metrics
         for side, color in (("forget", "tab:red"), ("retain", "tab:blue")):
             value = metrics[f"parent_{side}_top1"] * (1 - metrics[f"control_{side}_top1_drop"])
             ax.plot([xs[-1]], [value], "x", color=color, markersize=10, label=f"random control: {side}")
-    ax.set_xlabel("pruning step")
-    ax.set_ylabel("top-1 accuracy")
-    ax.set_title("Selective pruning: forget vs retain")
+    return _saved(fig, ax, ("pruning step", "top-1 accuracy", "Selective pruning: forget vs retain"), path)
+
+
+def _saved(fig, ax, labels: tuple[str, str, str], path: Path) -> Path:
+    """The figure with its axis labels and title (``labels``), a grid and a legend, written to ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2])
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -148,15 +155,12 @@ def plot_relearning(curve: dict, path: Path) -> Path:
         marker, color = styles[name]
         label = "random control" if name == "control" else name
         ax.plot(curve["steps"], values, marker, color=color, label=label)  # type: ignore[arg-type]
-    ax.set_xlabel("fine-tuning step on forget documents")
-    ax.set_ylabel("forget top-1 accuracy")
-    ax.set_title("Relearning: does the capability come back?")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    labels = (
+        "fine-tuning step on forget documents",
+        "forget top-1 accuracy",
+        "Relearning: does the capability come back?",
+    )
+    return _saved(fig, ax, labels, path)
 
 
 def markdown_html(text: str) -> str:

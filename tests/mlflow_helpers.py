@@ -27,6 +27,26 @@ from mlflow_selprune.registry.flavor import default_pip_requirements
 TINY_NAME = "tiny-lm"
 
 
+def tiny_llama_config(tokenizer):
+    """A tiny Llama (the family of SmolLM2) whose rows GGUF's 32-weight blocks divide: width 64, 2 layers, GQA,
+    tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def tiny_neox_config(tokenizer, **extra) -> GPTNeoXConfig:
     """The tiny GPT-NeoX every registry test builds (2 layers, width 32), for any head."""
     return GPTNeoXConfig(

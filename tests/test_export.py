@@ -17,25 +17,13 @@ pytestmark = pytest.mark.slow(seconds=40)
 @pytest.fixture(scope="module")
 def llama_store(tmp_path_factory, tiny_tokenizer):
     """A sqlite store with a tiny Llama (v1) and the version pruned from it with --quantized-check int8,int4 (v2)."""
-    from mlflow_helpers import SMALL, current_store, invoke, register_text_model, write_data_files
+    from mlflow_helpers import SMALL, current_store, invoke, register_text_model, tiny_llama_config, write_data_files
 
     root = tmp_path_factory.mktemp("export")
     store = {"root": root, "uri": f"sqlite:///{root / 'mlflow.db'}"}
     forget, retain = write_data_files(root / "data")
     torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tiny_tokenizer)
     with current_store(store), mock.patch.dict("os.environ"):
         register_text_model(T.LlamaForCausalLM(config).eval(), tiny_tokenizer, "tiny-llama")
         pruned = invoke(

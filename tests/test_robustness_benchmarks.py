@@ -12,6 +12,8 @@ import pytest
 import torch
 import transformers as T
 
+from mlflow_helpers import tiny_llama_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--collect-tokens", "1500", "--eval-tokens", "800", "--threads", "1"]
 pytestmark = pytest.mark.slow(seconds=40)
@@ -21,19 +23,7 @@ pytestmark = pytest.mark.slow(seconds=40)
 def tiny_llama(tmp_path_factory, tiny_tokenizer) -> Path:
     directory = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = T.LlamaConfig(
-        vocab_size=len(tiny_tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tiny_tokenizer.bos_token_id,
-        eos_token_id=tiny_tokenizer.eos_token_id,
-        pad_token_id=tiny_tokenizer.pad_token_id,
-    )
+    config = tiny_llama_config(tiny_tokenizer)
     T.LlamaForCausalLM(config).save_pretrained(directory)
     tiny_tokenizer.save_pretrained(directory)
     return directory
