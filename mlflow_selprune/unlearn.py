@@ -604,7 +604,7 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     A budget run stops on the select parts; its reported metrics (parent and result alike) are then
     measured on the eval parts, which no choice has seen.
     """
-    from .engine import parent_restored, prune, randomly_pruned
+    from .engine import parent_restored, prune
     from .evaluation.drops import control_metrics, summary_metrics
     from .evaluation.relearning import curve_metrics
 
@@ -631,17 +631,15 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
             result.baseline_metrics = evaluate_fn(model)
     metrics = summary_metrics(result.baseline_metrics, result.final_metrics)
     say = logger.info if _is_main(accelerator) else logger.debug
-    start = {"unlearned": metrics["forget_top1"], "parent": metrics["parent_forget_top1"]}
-    if evidence.control:
-        say("the random control: as many neurons per kind and layer, at random, measured on the eval data")
-        with randomly_pruned(model, result, seed=config.seed):
-            control = evaluate_fn(model)
-        metrics.update(control_metrics(result.baseline_metrics, control))
-        start["control"] = control["forget_top1"]
     seen_as = model_views(model, result, config.seed, evidence.control)
     views = {"unlearned": (model, contextlib.nullcontext), "parent": (model, seen_as["parent_view"])}
-    if seen_as["control_view"] is not None:
-        views["control"] = (model, seen_as["control_view"])
+    start = {"unlearned": metrics["forget_top1"], "parent": metrics["parent_forget_top1"]}  # before fine-tuning
+    if evidence.control:
+        say("the random control: as many neurons per kind and layer, at random, measured on the eval data")
+        with seen_as["control_view"]():
+            control = evaluate_fn(model)
+        metrics.update(control_metrics(result.baseline_metrics, control))
+        views["control"], start["control"] = (model, seen_as["control_view"]), control["forget_top1"]
     if evidence.quantized_formats():
         from .evaluation.quantized import quantized_metrics
 
