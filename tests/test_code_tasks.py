@@ -266,3 +266,30 @@ def test_evaluate_with_code_tasks_reproduces_what_the_prune_recorded(store, chec
     for key in ("forget_code_pass_rate", "retain_cloze_accuracy"):
         for prefix in ("", "parent_"):
             assert float(printed[prefix + key]) == pytest.approx(float(tags[f"selprune.metric.{prefix}{key}"]))
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_three_shot_answers_are_the_same_with_the_shared_examples_read_once(tiny_tokenizer, chat):
+    """The examples every three-shot prompt begins with are read once and reused (generation.greedy): the
+    answers are those of reading every prompt whole, and the shared part is long enough to be reused."""
+    from mlflow_helpers import tiny_model
+
+    from mlflow_selprune.evaluation.functional import CODE_TOKENS, code_inputs
+    from mlflow_selprune.evaluation.generation import MIN_SHARED_TOKENS, _common_prefix, greedy
+    from mlflow_selprune.evaluation.task_sets.python_examples import EXAMPLES
+
+    tokenizer = tiny_tokenizer
+    if chat:
+        tokenizer = tiny_tokenizer.__class__.from_pretrained(_saved(tiny_tokenizer))
+        tokenizer.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    model = tiny_model(tiny_tokenizer)
+    inputs = code_inputs(tokenizer, TASKS[:25], EXAMPLES)  # two batches, the second shorter
+    rows = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in inputs]
+    assert len(_common_prefix(rows)) >= MIN_SHARED_TOKENS
+    answers = {
+        shared: greedy(model, tokenizer, inputs, CODE_TOKENS, stop=None, special_tokens=not chat, shared=shared)
+        for shared in (True, False)
+    }
+    assert answers[True] == answers[False]
+    if not chat:  # the prompts end in different code: the rows' own tokens were read
+        assert len(set(answers[True])) > 1

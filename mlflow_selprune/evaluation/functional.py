@@ -19,17 +19,16 @@ random control alike:
 
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .generation import greedy
 from .task_sets.python_functions import TASKS
 
 CHECKS_ARTIFACT = "selprune/functional_checks.json"
 CODE_TOKENS = 96  # the longest reference solution is under 40 tokens; room for a chat answer's fence
 CLOZE_TOKENS = 6
-BATCH_SIZE = 20
 _STOP_LINES = ("\ndef ", "\nclass ", "\nif ", "\nprint", "\n#", "\n```", "\nassert")
 _FENCED = re.compile(r"```[a-zA-Z0-9_+-]*\n(.*?)(?:```|$)", re.S)
 
@@ -77,7 +76,7 @@ def check_model(model, tokenizer, allow_unsandboxed: bool = False) -> CheckedMod
 
     zero_shot = _passed(code_programs(model, tokenizer, TASKS), allow_unsandboxed)
     three_shot = _passed(code_programs(model, tokenizer, TASKS, examples=EXAMPLES), allow_unsandboxed)
-    completions = _generate(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
+    completions = greedy(model, tokenizer, [p["prompt"] for p in PROMPTS], CLOZE_TOKENS, stop=None)
     cloze = packaged_metric("cloze_match").compute(predictions=completions, references=[p["answers"] for p in PROMPTS])
     return CheckedModel(
         code_pass_rate=zero_shot[0],
@@ -143,10 +142,11 @@ def code_programs(model, tokenizer, tasks: list[dict], examples: Sequence[dict] 
     """The program each task's generated code makes: the chat form when the tokenizer has a chat template,
     the completion form otherwise (see the module docstring); ``examples`` as ``code_inputs`` shows them."""
     inputs = code_inputs(tokenizer, tasks, examples)
+    shared = bool(examples)  # the examples are the same before every task: read once (generation.greedy)
     if getattr(tokenizer, "chat_template", None):
-        answers = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_fence_closed, special_tokens=False)
+        answers = greedy(model, tokenizer, inputs, CODE_TOKENS, _fence_closed, special_tokens=False, shared=shared)
         return [_first_code_block(answer) for answer in answers]
-    completions = _generate(model, tokenizer, inputs, CODE_TOKENS, stop=_left_function)
+    completions = greedy(model, tokenizer, inputs, CODE_TOKENS, stop=_left_function, shared=shared)
     return [t["prompt"] + _cut_at_stop_line(c) for t, c in zip(tasks, completions)]
 
 
@@ -196,54 +196,3 @@ def _fence_closed(text: str) -> bool:
 
 def _left_function(text: str) -> bool:
     return any(s in text for s in _STOP_LINES)
-
-
-def _generate(model, tokenizer, texts: list[str], max_new_tokens: int, stop, special_tokens: bool = True) -> list[str]:
-    """Greedy continuations of ``texts``, in batches, each row stopping once ``stop(its text)`` holds."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Done(StoppingCriteria):
-        def __init__(self, start: int):
-            self.start = start
-
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-            return torch.tensor([stop(t) for t in texts], device=input_ids.device)
-
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = []
-    with _left_padding(tokenizer):
-        for begin in range(0, len(texts), BATCH_SIZE):
-            batch = tokenizer(
-                texts[begin : begin + BATCH_SIZE], return_tensors="pt", padding=True, add_special_tokens=special_tokens
-            ).to(device)
-            start = batch["input_ids"].shape[1]
-            criteria = StoppingCriteriaList([_Done(start)]) if stop is not None else None
-            with torch.inference_mode():
-                generated = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad,
-                    stopping_criteria=criteria,
-                )
-            out += tokenizer.batch_decode(generated[:, start:], skip_special_tokens=True)
-    return out
-
-
-@contextlib.contextmanager
-def _left_padding(tokenizer):
-    """Pad on the left (generation continues every row from its last real token), with a pad token; the
-    tokenizer is logged with the model afterwards, so both are restored."""
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if pad is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        yield
-    finally:
-        tokenizer.padding_side = side
-        if pad is None:
-            tokenizer.pad_token = pad
