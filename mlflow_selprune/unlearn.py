@@ -606,7 +606,6 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
     """
     from .engine import parent_restored, prune
     from .evaluation.drops import control_metrics, summary_metrics
-    from .evaluation.relearning import curve_metrics
 
     evaluate_fn = make_evaluate_fn(forget_data, retain_data, accelerator, progress)
     stop_fn = (
@@ -646,11 +645,10 @@ def _prune_with_evidence(model, forget_data, retain_data, config, evidence, acce
         metrics.update(quantized_metrics(evaluate_fn, evidence.quantized_formats(), metrics, views))
     if evidence.relearn_steps:
         say(f"relearning check: {evidence.relearn_steps} fine-tuning steps on each of the {', '.join(views)}")
-        metrics.update(relearn_steps=evidence.relearn_steps, relearn_lr=evidence.relearn_lr)  # beside its result
-        result.relearn_curve = relearning_check(
+        result.relearn_curve, relearned = relearning_check(
             views, start, forget_data, retain_data, evidence, config.seed, accelerator, progress
         )
-        metrics.update(curve_metrics(result.relearn_curve))
+        metrics.update(relearned)
     return result, metrics
 
 
@@ -863,23 +861,22 @@ def _load_verified(version, device, dtype, trust_remote_code, accelerator):
 def _relearned(model, parent_model, metrics: dict, data: tuple, evidence, seed: int, accelerator, progress) -> dict:
     """``evaluate --relearn-steps``: the curve of the model (and of the parent, when given), its last point
     added to ``metrics``."""
-    from .evaluation.relearning import curve_metrics
-
     models = {"unlearned": (model, contextlib.nullcontext)}
     start = {"unlearned": metrics["forget_top1"]}
     if parent_model is not None:
         models["parent"] = (parent_model, contextlib.nullcontext)
         start["parent"] = metrics["parent_forget_top1"]
     forget_data, retain_data = data
-    curve = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
-    metrics.update(curve_metrics(curve), relearn_steps=evidence.relearn_steps, relearn_lr=evidence.relearn_lr)
+    curve, relearned = relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress)
+    metrics.update(relearned)
     return curve
 
 
-def relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress) -> dict:
-    """The relearning curve (``evaluation.relearning``) of ``models`` on the forget collect documents, measured
-    on the forget eval split."""
-    from .evaluation.relearning import relearning_curve
+def relearning_check(models, start, forget_data, retain_data, evidence, seed, accelerator, progress):
+    """``(curve, metrics)``: the relearning curve (``evaluation.relearning``) of ``models`` on the forget collect
+    documents, measured on the forget eval split, and its last point with the check's steps and rate beside it
+    (``relearn_steps``, ``relearn_lr``: what the gate reads a recovery with)."""
+    from .evaluation.relearning import curve_metrics, relearning_curve
 
     forget_only = make_evaluate_fn(forget_data, retain_data, accelerator, progress, sides=("forget",))
     settings = dict(
@@ -889,9 +886,10 @@ def relearning_check(models, start, forget_data, retain_data, evidence, seed, ac
         masking=getattr(forget_data, "masking", None),
         batch_size=evidence.relearn_batch_size,
     )
-    return relearning_curve(
+    curve = relearning_curve(
         forget_only, models, forget_data.collect_batches, start, evidence.relearn_points(), settings
     )
+    return curve, curve_metrics(curve) | {"relearn_steps": evidence.relearn_steps, "relearn_lr": evidence.relearn_lr}
 
 
 def run_materialize(

@@ -230,3 +230,30 @@ def test_unicode_digits_in_a_curve_are_refused_as_bad_input():
         EvidenceOptions(relearn_steps=20, relearn_curve="²").validate()
     with pytest.raises(ConfigError, match="--relearn-batch-size must be an integer"):
         EvidenceOptions(relearn_steps=20, relearn_batch_size=True).validate()
+
+
+@pytest.mark.slow(seconds=10)
+def test_evaluate_logs_the_curve_of_the_model_and_its_parent_with_the_checks_settings(store):
+    """`evaluate --relearn-steps`: nothing is registered, so the run holds the curve whole and as step metrics,
+    and the check's settings beside its result."""
+    from mlflow.tracking import MlflowClient
+
+    from mlflow_helpers import SMALL, invoke
+
+    with mock.patch.dict("os.environ"):
+        measured = invoke(
+            "evaluate", "--model-uri", store["base"], "--parent-model-uri", store["base"], "--forget", store["forget"],
+            "--retain", store["retain"], *SMALL, "--relearn-steps", "2", "--relearn-curve", "1",
+        )  # fmt: skip
+    assert measured.exit_code == 0, measured.output
+    run_id = measured.output.strip().splitlines()[-1].removeprefix("run: ")
+    client = MlflowClient()
+    metrics = client.get_run(run_id).data.metrics
+    assert (metrics["relearn_steps"], metrics["relearn_lr"]) == (2, EvidenceOptions().relearn_lr)
+    for who in ("", "parent_"):
+        history = client.get_metric_history(run_id, f"relearn_curve_{who}forget_top1")
+        assert sorted(point.step for point in history) == [0, 1, 2]
+    curve = json.loads(Path(client.download_artifacts(run_id, "selprune/relearning.json")).read_text())
+    assert curve["steps"] == [0, 1, 2] and set(curve["forget_top1"]) == {"unlearned", "parent"}
+    assert curve["forget_top1"]["unlearned"] == curve["forget_top1"]["parent"]  # the same model, fine-tuned alike
+    assert metrics["relearn_forget_top1"] == pytest.approx(curve["forget_top1"]["unlearned"][-1])

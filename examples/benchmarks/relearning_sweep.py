@@ -64,7 +64,7 @@ def main() -> None:
                     relearn_steps=steps, relearn_curve=args.curve, relearn_lr=lr, relearn_batch_size=batch_size
                 ).validate()
                 began = time.perf_counter()
-                curve = relearning_check(views, start, forget, retain, evidence, data_seed, None, False)
+                curve, _ = relearning_check(views, start, forget, retain, evidence, data_seed, None, False)
                 seconds = time.perf_counter() - began
                 for step, m in curve_history(curve):
                     print(

@@ -100,6 +100,7 @@ class Setup:
     evaluate_fn: object
     parent: dict  # the parent's metrics
     views: dict  # {"parent": (model, view), "control": ...}: unlearn.model_views of the pruned model
+    start: dict  # forget top-1 of the parent and the control, measured with the pruning (common.pruned_demo)
     tokenizer: object
     forget: object
     retain: object
@@ -132,17 +133,14 @@ def measured(name: str, model, setup: Setup, parent_curve: list | None = None) -
         relearn_lr=args.relearn_lr if args.relearn_lr is not None else EvidenceOptions().relearn_lr,
         relearn_batch_size=args.batch_size,
     ).validate()
-    start = {"unlearned": metrics["forget_top1"], "parent": setup.parent["forget_top1"]}
-    if "control" in models:
-        control, view = models["control"]
-        with view():
-            start["control"] = evaluate_fn(control)["forget_top1"]
+    start = {**setup.start, "unlearned": metrics["forget_top1"]}
     if parent_curve is not None:
         models.pop("parent")
-    curve = relearning_check(models, start, setup.forget, setup.retain, evidence, setup.seed, None, False)
+    curve, relearned = relearning_check(models, start, setup.forget, setup.retain, evidence, setup.seed, None, False)
     if parent_curve is not None:
         curve["forget_top1"] = {"unlearned": curve["forget_top1"]["unlearned"], "parent": parent_curve}
-    metrics.update(curve_metrics(curve))
+        relearned |= curve_metrics(curve)  # the recoveries, on the scale of the parent's curve
+    metrics.update(relearned)
     return {"name": name, "metrics": metrics, "curve": curve, "seed": setup.seed}
 
 
@@ -197,14 +195,14 @@ def main() -> None:
     mlflow.set_experiment(EXPERIMENT)
     rows = []
     for seed in args.data_seed:
-        model, tokenizer, forget, retain, result, selective, seen_as, _ = pruned_demo(
+        model, tokenizer, forget, retain, result, selective, seen_as, start = pruned_demo(
             directory, seed, args.collect_tokens, args.eval_tokens
         )
         from mlflow_selprune.unlearn import make_evaluate_fn
 
         evaluate_fn = make_evaluate_fn(forget, retain, progress=False)
         views = {name: seen_as[name] for name in ("parent", "control")}
-        setup = Setup(evaluate_fn, result.baseline_metrics, views, tokenizer, forget, retain, seed, args)
+        setup = Setup(evaluate_fn, result.baseline_metrics, views, start, tokenizer, forget, retain, seed, args)
         ours = measured("selective pruning", model, setup)
         # the step's scoring and pruning, without the evaluations prune() runs around it: as the baseline's
         # seconds count its training steps, not its checkpoints' evaluations

@@ -27,7 +27,7 @@ def greedy(
     out: list[str] = []
     with _left_padding(tokenizer):
         rows = [tokenizer(t, add_special_tokens=special_tokens)["input_ids"] for t in texts] if shared else []
-        prefix = _common_prefix(rows) if shared else []
+        prefix = _common_prefix(rows)
         cache = _prefix_cache(model, prefix, device) if len(prefix) >= MIN_SHARED_TOKENS else None
         if cache is not None and not hasattr(cache[1], "batch_repeat_interleave"):
             cache = None  # a cache that cannot be copied per row (a legacy tuple): every prompt read whole

@@ -16,8 +16,6 @@ Each is NaN where unlearning removed under 5% of the parent's top-1 (``drops.REC
 
 from __future__ import annotations
 
-import contextlib
-
 from .drops import relearn_recovery
 
 # the models of the check, in the order they are fine-tuned, and the prefix of their metrics
@@ -69,8 +67,3 @@ def _at(curve: dict, i: int, prefix: str) -> dict:
                 parent, unlearned, unlearned + values[i] - values[0]
             )
     return out
-
-
-def unlearned_only(model) -> dict:
-    """``models`` for ``relearning_curve`` with the unlearned model alone (no view)."""
-    return {"unlearned": (model, contextlib.nullcontext)}
