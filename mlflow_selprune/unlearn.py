@@ -262,12 +262,14 @@ def plan_prune(
 def load_inputs(plan: PrunePlan, accelerator=None, phases: "_Phases | None" = None) -> Loaded:
     """Execute, first part: load the parent (its weights checked against its verified digest) and the data.
     Still before any run: a failure here writes nothing."""
+    from .engine.architecture import check_kinds, find_architecture
     from .registry import lineage, verify
 
     phases = phases or _Phases()
     if _is_main(accelerator):
         logger.info("loading %s", plan.parent.canonical_uri)
     model, tokenizer = _load(plan.parent, plan.device, plan.dtype, plan.trust_remote_code, accelerator)
+    check_kinds(find_architecture(model), plan.config)
     check_code_tasks(plan.evidence, model)
     phases.lap("load")
     # the parent as loaded, before pruning: every version records it, so a later change to the parent shows

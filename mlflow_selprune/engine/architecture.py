@@ -15,7 +15,13 @@ Discovery is generic, so families we never named work unchanged:
 - outside attention, the module mapping a different width back onto the model
   width is the MLP output projection.
 ``ARCHITECTURE_OVERRIDES`` pins the two paths for a family whose modules defy
-that rule.
+that rule. Convolutional families (ResNet, ConvNeXt, RegNet) are found by
+their block classes instead (``engine/convolutional.py``): they have
+feed-forward neurons only, and layers of different widths.
+
+Each kind's neurons are addressed as [n_layers, widest layer]; in a model whose
+layers differ in width, the positions past a layer's own width are not neurons
+(``Architecture.valid``) and are never scored into a choice, pruned or counted.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..config import ATTN, FF, KINDS  # noqa: F401 - re-exported for the engine
 from ..errors import BadInputError
+from .convolutional import conv_projections, is_convolutional, supported_families
 
 
 # model_type -> (MLP output path, attention output path), relative to a block.
@@ -54,7 +61,7 @@ class Projection:
 
     @property
     def transposed(self) -> bool:
-        """Conv1D stores its weight as [in, out], nn.Linear as [out, in]."""
+        """Conv1D stores its weight as [in, out], nn.Linear as [out, in] (nn.Conv2d as [out, in, kh, kw])."""
         return isinstance(self.module, Conv1D)
 
     @property
@@ -70,13 +77,19 @@ class Projection:
         return cast("torch.Tensor | None", self.module.bias)
 
     def columns(self) -> torch.Tensor:
-        """The weight viewed as [out, in], so column i belongs to neuron i."""
+        """The weight viewed as [out, in, ...], so ``columns()[:, i]`` is everything neuron i feeds (a
+        convolution's input channel: every output and kernel position)."""
         return self.weight.t() if self.transposed else self.weight
+
+    def zero_inputs(self) -> torch.Tensor:
+        """Bool [n_neurons]: the neurons whose columns are all zero."""
+        columns = self.columns()
+        return (columns.transpose(0, 1).reshape(columns.shape[1], -1) == 0).all(dim=1)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """The prunable projections of a model, per kind and layer."""
+    """The prunable projections of a model, per kind and layer (a CNN has no attention projections)."""
 
     model_class: str
     blocks_path: str
@@ -88,39 +101,70 @@ class Architecture:
     def n_layers(self) -> int:
         return len(self.ff)
 
-    @property
-    def d_mlp(self) -> int:
-        return self.ff[0].n_neurons
-
-    @property
-    def d_attn(self) -> int:
-        return self.attn[0].n_neurons
-
     def projections(self, kind: str) -> tuple[Projection, ...]:
         return self.ff if kind == FF else self.attn
 
-    def n_neurons(self, kind: str) -> int:
-        return self.projections(kind)[0].n_neurons
+    def widths(self, kind: str) -> list[int]:
+        """Each layer's neuron count."""
+        return [p.n_neurons for p in self.projections(kind)]
 
     def shape(self, kind: str) -> tuple[int, int]:
-        return (self.n_layers, self.n_neurons(kind))
+        """[n_layers, widest layer]: the shape of this kind's masks, statistics and scores."""
+        widths = self.widths(kind)
+        return (len(widths), max(widths, default=0))
+
+    def valid(self, kind: str) -> torch.Tensor:
+        """Bool ``shape(kind)``: True where a position is a neuron (all of them, when every layer is as wide)."""
+        rows, width = self.shape(kind)
+        return torch.arange(width).expand(rows, width) < torch.tensor(self.widths(kind)).reshape(rows, 1)
+
+    def n_neurons(self, kind: str) -> int:
+        """The widest layer's neuron count of ``kind`` (every layer's, in a transformer)."""
+        return self.shape(kind)[1]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_neurons(FF)
+
+    @property
+    def d_attn(self) -> int:
+        return self.n_neurons(ATTN)
 
     def describe(self) -> dict:
+        widths = {kind: self.widths(kind) for kind in KINDS}
         return {
             "model_class": self.model_class,
             "blocks": self.blocks_path,
             "n_layers": self.n_layers,
-            "d_mlp": self.d_mlp,
-            "d_attn": self.d_attn,
+            # one width when every layer has it (transformers), else each layer's (a CNN's stages)
+            "d_mlp": _one_or_each(widths[FF]),
+            "d_attn": _one_or_each(widths[ATTN]),  # None: no attention (a CNN)
             "n_heads": self.n_heads,
             "ff_projection": self.ff[0].name,
-            "attn_projection": self.attn[0].name,
+            "attn_projection": self.attn[0].name if self.attn else None,
         }
+
+
+def _one_or_each(widths: list[int]) -> int | list[int] | None:
+    if not widths:
+        return None
+    return widths[0] if len(set(widths)) == 1 else widths
+
+
+def check_kinds(arch: Architecture, config) -> None:
+    """Refuse pruning a kind of neuron the model does not have (attention neurons in a CNN), before any run."""
+    if config.attn_frac > 0 and not arch.attn:
+        raise BadInputError(
+            f"--attn-frac {config.attn_frac}: {arch.model_class} has no attention neurons (a convolutional network "
+            "prunes feed-forward neurons only); leave --attn-frac at 0"
+        )
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Conv2d):
+        return int(module.in_channels), int(module.out_channels)
     return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]  # nn.Linear's ints
 
 
@@ -192,12 +236,14 @@ def find_architecture(model: nn.Module) -> Architecture:
             "load the model with transformers (AutoModelFor...) first"
         )
     cls = type(model).__name__
+    if is_convolutional(model):
+        return _convolutional(model)
     d_model = _d_model(model)
     if d_model is None:
         raise UnsupportedArchitectureError(
-            f"{cls}: its config names no model width (hidden_size, n_embd or d_model), so it has no transformer "
-            "blocks whose MLP and attention output projections could be found; selective pruning needs a "
-            "transformer (e.g. ViT or DeiT for images)"
+            f"{cls}: its config names no model width (hidden_size, n_embd or d_model) and it is not a "
+            f"convolutional family known here ({supported_families()}), so no neurons could be found; "
+            "selective pruning needs a transformer (e.g. ViT or DeiT for images) or one of those CNNs"
         )
     blocks_path, blocks = _find_blocks(model)
     model_type = getattr(model.config, "model_type", "")
@@ -215,12 +261,23 @@ def find_architecture(model: nn.Module) -> Architecture:
             ) from None
         ff.append(Projection(layer, FF, f"{blocks_path}.{layer}.{mlp_name}", mlp_module))
         attn.append(Projection(layer, ATTN, f"{blocks_path}.{layer}.{attn_name}", attn_module))
-    for kind, projections in ((FF, ff), (ATTN, attn)):
-        widths = {p.n_neurons for p in projections}
-        if len(widths) != 1:
-            raise UnsupportedArchitectureError(
-                f"{cls}: {kind} projections differ in width across layers ({sorted(widths)}); "
-                "selective pruning needs the same width in every block"
-            )
     n_heads = _config_value(model.config, "num_attention_heads", "n_head", "num_heads")
     return Architecture(cls, blocks_path, tuple(ff), tuple(attn), n_heads)
+
+
+def _convolutional(model: nn.Module) -> Architecture:
+    """A CNN's blocks (``engine/convolutional.py``): feed-forward neurons only, one layer per block."""
+    cls = type(model).__name__
+    try:
+        found = conv_projections(model)
+    except LookupError as exc:
+        raise UnsupportedArchitectureError(
+            f"{cls}: its blocks do not have the output projection selective pruning needs ({exc}); "
+            "fix the entry for its model_type in mlflow_selprune.engine.convolutional.CONV_FAMILIES"
+        ) from None
+    ff = tuple(
+        Projection(layer, FF, f"{block}.{inner}", module) for layer, (block, inner, module) in enumerate(found)
+    )
+    # the blocks' path with their stage and block numbers as "*": "resnet.encoder.stages.*.layers.*"
+    blocks = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", found[0][0])
+    return Architecture(cls, blocks, ff, (), None)

@@ -28,9 +28,12 @@ from .result import PruneResult
 from .surgery import capture, prune_neurons
 
 
-def random_masks_like(mask: torch.Tensor, seed: int, dead: torch.Tensor | None = None) -> torch.Tensor:
+def random_masks_like(
+    mask: torch.Tensor, seed: int, dead: torch.Tensor | None = None, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """A bool mask with the same number of True per row (layer) as ``mask``, at seeded random positions among
-    the neurons not ``dead`` (already pruned in the parent), as the selective run chose among them."""
+    the neurons not ``dead`` (already pruned in the parent), as the selective run chose among them, and
+    ``valid`` (within each layer's width: ``Architecture.valid``)."""
     generator = torch.Generator().manual_seed(seed)
     out = torch.zeros_like(mask, dtype=torch.bool)
     for layer, count in enumerate(mask.sum(1).tolist()):
@@ -38,6 +41,8 @@ def random_masks_like(mask: torch.Tensor, seed: int, dead: torch.Tensor | None =
             order = torch.randperm(mask.shape[1], generator=generator)
             if dead is not None:
                 order = order[~dead[layer, order]]
+            if valid is not None:
+                order = order[valid[layer, order]]
             out[layer, order[:count]] = True
     return out
 
@@ -52,8 +57,9 @@ def parent_restored(model, result: PruneResult):
 @contextlib.contextmanager
 def randomly_pruned(model, result: PruneResult, seed: int):
     """Inside: the parent with as many random neurons per kind and layer pruned. On exit: the pruned model."""
+    arch = find_architecture(model)
     random_masks = {
-        kind: random_masks_like(mask, seed * 2 + (kind == ATTN), dead=result.dead_before(kind))
+        kind: random_masks_like(mask, seed * 2 + (kind == ATTN), dead=result.dead_before(kind), valid=arch.valid(kind))
         for kind, mask in _masks(result).items()
     }
     with _swapped(model, result, random_masks):

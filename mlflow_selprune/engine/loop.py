@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..config import ATTN, FF, KINDS, PruneConfig
 from ..errors import BadInputError
 from ..evaluation.drops import relative_drop
-from .architecture import find_architecture
+from .architecture import check_kinds, find_architecture
 from .result import PruneResult
 from .scoring import required_sums, score
 from .selection import select
@@ -140,6 +140,7 @@ def _start(model, forget_batches, retain_batches, config: PruneConfig, accelerat
     pruned again: its zero columns still show activity at the projection's input, so without this a chain
     would score and "prune" them again)."""
     arch = find_architecture(model)
+    check_kinds(arch, config)
     kinds = config.active_kinds()
     run = _Pruning(
         model,
@@ -270,7 +271,13 @@ def _prune_step(run: _Pruning, step: int):
             seed=config.seed * 1_000_003 + step * 2 + (kind == ATTN),
         ).cpu()
         step_scores[kind] = scores
-        chosen[kind] = select(scores, run.masks[kind] | run.dead[kind], config.frac(kind), selection=config.selection)
+        chosen[kind] = select(
+            scores,
+            run.masks[kind] | run.dead[kind],
+            config.frac(kind),
+            selection=config.selection,
+            valid=arch.valid(kind),
+        )
         thresholds[kind] = float(scores[chosen[kind]].min()) if chosen[kind].any() else None
         offset = None
         if kind == ATTN and config.attn_mean_offset:

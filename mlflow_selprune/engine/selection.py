@@ -25,12 +25,14 @@ def select(
     frac: float,
     *,
     selection: str = "global",
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A bool mask [n_layers, n_neurons] of the neurons to prune now.
 
-    ``k = round(frac * n_layers * n_neurons)`` across all layers (global), or
-    ``round(frac * n_neurons)`` in each layer (per-layer); already-pruned
-    neurons are never chosen again.
+    ``k = round(frac * all neurons)`` across all layers (global), or
+    ``round(frac * the layer's neurons)`` in each layer (per-layer); already-pruned
+    neurons are never chosen again. ``valid`` (``Architecture.valid``): which positions are neurons, in a model
+    whose layers differ in width; the others are never chosen or counted.
     """
     if selection not in SELECTIONS:
         raise ConfigError(f"unknown --selection '{selection}'; choose 'global' or 'per-layer'")
@@ -38,12 +40,14 @@ def select(
         raise NonFiniteActivationsError("some scores are NaN: the activation statistics are not finite")
     scores = scores.detach().to("cpu", torch.float64)
     pruned = pruned.to("cpu")
+    valid = torch.ones_like(pruned) if valid is None else valid.to("cpu")
+    available = valid & ~pruned
     chosen = torch.zeros_like(pruned)
     if selection == "global":
-        k = round(frac * scores.numel())
-        chosen.view(-1)[_top_k(scores.reshape(-1), ~pruned.reshape(-1), k)] = True
+        k = round(frac * int(valid.sum()))
+        chosen.view(-1)[_top_k(scores.reshape(-1), available.reshape(-1), k)] = True
     else:
-        k = round(frac * scores.shape[1])
         for layer in range(scores.shape[0]):
-            chosen[layer, _top_k(scores[layer], ~pruned[layer], k)] = True
+            k = round(frac * int(valid[layer].sum()))
+            chosen[layer, _top_k(scores[layer], available[layer], k)] = True
     return chosen

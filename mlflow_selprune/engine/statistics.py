@@ -107,8 +107,7 @@ class _Accumulator:
         sums = self.sums
 
         def pre_hook(module, args):
-            x = args[0]
-            x = x.reshape(-1, x.shape[-1])
+            x, per_example = _rows(module, args[0])
             weights = _weights_on(state, x.device)  # 1.0 for real tokens, 0.0 for padding; None: no padding
             if totals[sums[0]].device != x.device:  # offloaded weights: the totals follow the activations
                 for name in sums:
@@ -116,7 +115,8 @@ class _Accumulator:
 
             def add(name, values):
                 w = weights if weights is None or values.dtype == weights.dtype else weights.to(values.dtype)
-                totals[name] += values.sum(0) if w is None else w @ values
+                total = values.sum(0) if w is None else w @ values
+                totals[name] += total if per_example == 1 else total / per_example
 
             if any(name in sums for name in WIDE_SUMS):
                 wide = x.double()
@@ -137,11 +137,29 @@ class _Accumulator:
         return pre_hook
 
     def result(self, n_tokens: int) -> NeuronStatistics:
+        """[n_layers, widest layer] per sum; a narrower layer's extra positions hold 0 (``Architecture.valid``)."""
         # with a device map, layers live on different devices: gather the rows on the first one
+        if not self.totals:
+            return NeuronStatistics(n_tokens, {name: torch.zeros(0, 0, dtype=torch.float64) for name in self.sums})
         device = self.totals[0][self.sums[0]].device
-        return NeuronStatistics(
-            n_tokens, {name: torch.stack([t[name].to(device) for t in self.totals]) for name in self.sums}
-        )
+        width = max(t[self.sums[0]].shape[0] for t in self.totals)
+
+        def row(total: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(total.to(device), (0, width - total.shape[0]))
+
+        return NeuronStatistics(n_tokens, {name: torch.stack([row(t[name]) for t in self.totals]) for name in self.sums})
+
+
+def _rows(module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A projection's input as [rows, neurons], and how many rows one example gives it.
+
+    A feature map (a convolution's input [B, C, H, W], or a ConvNeXt Linear's [B, H, W, C]) counts per image:
+    each of its H x W rows weighs 1 / (H x W), so every layer's sums are over images (the count
+    ``_row_counter`` takes), whatever its resolution; a mean is then the mean over every position."""
+    if isinstance(module, torch.nn.Conv2d):
+        x = x.movedim(1, -1)
+    per_example = x.shape[1] * x.shape[2] if x.dim() == 4 else 1
+    return x.reshape(-1, x.shape[-1]), per_example
 
 
 def _home(weight: torch.Tensor) -> torch.device:
@@ -164,8 +182,8 @@ def _row_counter(state: dict):
     """A pre-hook that records how many activation rows (tokens) one forward pass feeds the first projection."""
 
     def pre_hook(module, args):
-        x = args[0]
-        state["rows"] = x.numel() // x.shape[-1]
+        x, per_example = _rows(module, args[0])
+        state["rows"] = x.shape[0] // per_example
 
     return pre_hook
 
@@ -229,7 +247,8 @@ def collect_statistics(
     ``batches``: dicts with ``input_ids`` and (optionally) ``attention_mask``,
     as a Hugging Face tokenizer returns them, or (image classifiers) with
     ``pixel_values`` [B, C, H, W]: then every patch token and the CLS token
-    count, and the count is the number of activation rows the hooks see. ``sums``: which sums to keep —
+    count, and the count is the number of activation rows the hooks see
+    (for a CNN, the number of images: ``_rows``). ``sums``: which sums to keep —
     the default is what the default importance (abs) needs; ``"all"`` keeps
     every one. With an ``accelerator`` of several processes, each process
     takes every N-th batch and the sums are all-reduced, so every process

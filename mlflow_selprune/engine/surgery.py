@@ -55,6 +55,7 @@ def prune_neurons(
                 "prune without the attention mean offset for this model"
             )
     _refuse_offloaded([p for p, m in zip(projections, mask) if m.any()])
+    _refuse_past_width(arch, kind, mask)
     entries = []
     with torch.no_grad():
         for projection, layer_mask in zip(projections, mask):
@@ -75,6 +76,12 @@ def prune_neurons(
     return Undo(entries)
 
 
+def _refuse_past_width(arch: Architecture, kind: str, mask: torch.Tensor) -> None:
+    """A mask naming a position past a layer's width (a narrower CNN stage) names no neuron: refused."""
+    if (mask.cpu() & ~arch.valid(kind)).any():
+        raise ValueError(f"{kind} mask selects positions past a layer's width {arch.widths(kind)}")
+
+
 def _refuse_offloaded(projections) -> None:
     """Weights offloaded to disk (on the meta device) can be read by a forward pass, never edited in place."""
     offloaded = [p.name for p in projections if p.module.weight.device.type == "meta"]
@@ -86,9 +93,13 @@ def _refuse_offloaded(projections) -> None:
 
 
 def pruned_columns(arch: Architecture, kind: str) -> torch.Tensor:
-    """Bool [n_layers, n_neurons]: which neurons' columns are all zero in the weights now."""
+    """Bool ``arch.shape(kind)``: which neurons' columns are all zero in the weights now (False past a layer's
+    width)."""
     _refuse_offloaded(arch.projections(kind))
-    return torch.stack([(p.columns() == 0).all(dim=0).cpu() for p in arch.projections(kind)])
+    dead = torch.zeros(arch.shape(kind), dtype=torch.bool)
+    for layer, projection in enumerate(arch.projections(kind)):
+        dead[layer, : projection.n_neurons] = projection.zero_inputs().cpu()
+    return dead
 
 
 def capture(arch: Architecture, kind: str, mask: torch.Tensor) -> Undo:
