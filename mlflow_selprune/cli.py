@@ -855,6 +855,13 @@ def register(source, name, alias):
     help="The image demo: a small ViT on handwritten digits forgets one digit (needs scikit-learn).",
 )
 @click.option(
+    "--arch",
+    type=click.Choice(["vit", "resnet", "convnext"]),
+    default=None,
+    help="--vision: the model trained and unlearned (default: vit; resnet and convnext prune convolutional "
+    "blocks' channels).",
+)
+@click.option(
     "--seed",
     type=int,
     default=0,
@@ -902,6 +909,7 @@ def register(source, name, alias):
 def demo(
     tiny,
     vision,
+    arch,
     seed,
     train_steps,
     retrain,
@@ -914,7 +922,8 @@ def demo(
 ):
     """Offline end to end: register SmolLM2-135M, unlearn Python while keeping English, gate, promote.
 
-    --tiny trains a small LM here instead; --vision a ViT that forgets one handwritten digit.
+    --tiny trains a small LM here instead; --vision a ViT (or --arch resnet/convnext) that forgets one
+    handwritten digit.
     """
     from .errors import ConfigError
 
@@ -926,12 +935,19 @@ def demo(
             "--code-tasks/--no-code-tasks, --allow-unsandboxed-code and --relearn apply to the real-model demo "
             "(mlflow-selprune demo)"
         )
+    if arch is not None and not vision:
+        raise ConfigError("--arch applies to the vision demo: mlflow-selprune demo --vision --arch " + arch)
     if vision:
         if collect_tokens is not None or eval_tokens is not None:
             raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
-        from .demo_vision import run_vision_demo
+        from .demo_vision import recipe_for, run_vision_demo
 
-        sys.exit(run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress))
+        recipe = recipe_for(arch or "vit")
+        sys.exit(
+            run_vision_demo(
+                train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress, recipe=recipe
+            )
+        )
     if tiny:
         from .demo_tiny import run_demo as run_tiny_demo
 

@@ -46,30 +46,78 @@ TORCH_THREADS = 1
 
 
 @dataclass(frozen=True)
-class VisionRecipe:
-    """The demo ViT, its training and its pruning, chosen by measurement across seeds and torch thread
-    counts (docs/vision-demo-frontier.md; examples/benchmarks/vision_demo_margins.py).
+class DigitsRecipe:
+    """What every vision demo recipe sets: the images' size, the training and the pruning. A recipe subclass
+    adds its model's own fields and ``build``; ``model_name`` and ``gate`` say where it registers and what
+    its version must pass."""
 
-    4x4 patches (4 patch tokens + CLS), one layer with a wide MLP, lr 1e-3: the recipe whose worst case
-    over 3 seeds x 3 thread counts still forgets digit 3 and keeps the others. The earlier recipe (2x2
-    patches, 4 layers, MLP 512, lr 3e-3; the same pruning) had, over the same 9 runs, a worst forget drop
-    of 6.9% and a worst retain drop of 12.0%: which seed and thread count trained it decided the outcome.
-    """
-
+    arch: str = "vit"
     image_size: int = 8
-    patch_size: int = 4
-    hidden_size: int = 64
-    num_layers: int = 1
-    num_heads: int = 4
-    intermediate_size: int = 2048
     train_steps: int = 600
     batch_size: int = 64
-    lr: float = 1e-3  # at 3e-3 some seeds hid digit 3 in shared neurons (forget drop < 40%): see the frontier
+    lr: float = 1e-3
     forget_class: str = FORGET_CLASS
     prune: PruneConfig = field(default_factory=lambda: PruneConfig(ff_frac=0.02, attn_frac=0.0, steps=4))
     data: DataOptions = field(
         default_factory=lambda: DataOptions(batch_size=64, eval_fraction=0.3, forget_classes=FORGET_CLASS)
     )
+
+    @property
+    def model_name(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def gate(self) -> tuple[float, float, float]:
+        raise NotImplementedError
+
+    def build(self, config_fields: dict):
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class VisionRecipe(DigitsRecipe):
+    """The demo ViT, its training and its pruning, chosen by measurement across seeds and torch thread
+    counts (docs/vision-demo-frontier.md; examples/benchmarks/vision_demo_margins.py).
+
+    4x4 patches (4 patch tokens + CLS), one layer with a wide MLP, lr 1e-3 (at 3e-3 some seeds hid digit 3
+    in shared neurons: forget drop < 40%): the recipe whose worst case over 3 seeds x 3 thread counts still
+    forgets digit 3 and keeps the others. The earlier recipe (2x2 patches, 4 layers, MLP 512, lr 3e-3; the
+    same pruning) had, over the same 9 runs, a worst forget drop of 6.9% and a worst retain drop of 12.0%:
+    which seed and thread count trained it decided the outcome.
+    """
+
+    patch_size: int = 4
+    hidden_size: int = 64
+    num_layers: int = 1
+    num_heads: int = 4
+    intermediate_size: int = 2048
+
+    @property
+    def model_name(self) -> str:
+        """The registered model the demo of this recipe trains and unlearns."""
+        return VISION_DEMO_MODEL
+
+    @property
+    def gate(self) -> tuple[float, float, float]:
+        """(min forget top-1 drop, max retain top-1 drop, min selectivity) the demo's version must pass."""
+        return MIN_FORGET_DROP, MAX_RETAIN_DROP, MIN_SELECTIVITY
+
+    def build(self, config_fields: dict):
+        """The untrained model (``config_fields``: the labels and channels every recipe sets)."""
+        from transformers import ViTConfig, ViTForImageClassification
+
+        config = ViTConfig(  # type: ignore[call-arg]  # PretrainedConfig takes num_labels, id2label, ...
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **config_fields,
+        )
+        return ViTForImageClassification(config)
 
 
 RECIPE = VisionRecipe()
@@ -114,7 +162,7 @@ def write_digits(directory: str | Path) -> Path:
     return directory
 
 
-def image_processor(recipe: VisionRecipe = RECIPE):
+def image_processor(recipe: DigitsRecipe = RECIPE):
     """The demo model's own preprocessing: scale to [0, 1], normalize to [-1, 1], RGB at 8x8."""
     from transformers import ViTImageProcessorPil
 
@@ -123,20 +171,20 @@ def image_processor(recipe: VisionRecipe = RECIPE):
     )
 
 
-def train_demo_vit(
+def train_demo_model(
     data_dir: str | Path,
-    recipe: VisionRecipe = RECIPE,
+    recipe: DigitsRecipe = RECIPE,
     seed: int = 0,
     steps: int | None = None,
     progress: bool = True,
     threads: int = TORCH_THREADS,
 ):
-    """(model, image processor, test accuracy): a ViT trained on the collect part of the digits only.
+    """(model, image processor, test accuracy): the recipe's model trained on the collect part of the digits
+    only.
 
     ``threads``: the torch thread count while training (restored after); the demo always uses
     ``TORCH_THREADS``, the margin benchmark varies it (examples/benchmarks/vision_demo_margins.py)."""
     import torch
-    from transformers import ViTConfig, ViTForImageClassification
 
     from .data.images import prepare_image_data
     from .training import train_image_classifier
@@ -146,27 +194,16 @@ def train_demo_vit(
     try:
         processor = image_processor(recipe)
         names = [str(i) for i in range(10)]
-        config = ViTConfig(  # type: ignore[call-arg]  # PretrainedConfig takes num_labels, id2label, ...
-            image_size=recipe.image_size,
-            patch_size=recipe.patch_size,
-            num_channels=3,
-            hidden_size=recipe.hidden_size,
-            num_hidden_layers=recipe.num_layers,
-            num_attention_heads=recipe.num_heads,
-            intermediate_size=recipe.intermediate_size,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-            num_labels=10,
-            id2label=dict(enumerate(names)),
-            label2id={n: i for i, n in enumerate(names)},
+        fields = dict(
+            num_channels=3, num_labels=10, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)}
         )
+        torch.manual_seed(seed)
+        model = recipe.build(fields)
         # all classes, split exactly as the pruning will split them: training never sees an eval image
         split = dataclasses.replace(recipe.data, forget_classes=None, collect_images=10**9, eval_images=10**9)
-        both, _ = prepare_image_data(str(data_dir), str(data_dir), processor, config, split)
+        both, _ = prepare_image_data(str(data_dir), str(data_dir), processor, model.config, split)
         train_x = torch.cat([b["pixel_values"] for b in both.collect_batches])
         train_y = torch.cat([b["labels"] for b in both.collect_batches])
-        torch.manual_seed(seed)
-        model = ViTForImageClassification(config)
         loss = train_image_classifier(
             model,
             train_x,
@@ -177,6 +214,7 @@ def train_demo_vit(
             seed=seed,
             progress=progress,
         )
+        model.eval()
         with torch.inference_mode():
             correct = sum(
                 int((model(pixel_values=b["pixel_values"]).logits.argmax(-1) == b["labels"]).sum())
@@ -191,14 +229,27 @@ def train_demo_vit(
     return model, processor, accuracy
 
 
+def recipe_for(arch: str) -> DigitsRecipe:
+    """The demo recipe of ``--arch``: the ViT here, a convolutional network from ``demo_cnn``."""
+    from .demo_cnn import CNN_RECIPES
+
+    recipes = {"vit": RECIPE, **CNN_RECIPES}
+    if arch not in recipes:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--arch {arch}: the vision demo trains one of {', '.join(recipes)}")
+    return recipes[arch]
+
+
 def run_vision_demo(
     train_steps: int | None = None,
     seed: int = 0,
     retrain: bool = False,
     progress: bool = True,
-    recipe: VisionRecipe = RECIPE,
+    recipe: DigitsRecipe = RECIPE,
 ) -> int:
-    """Run the vision demo; returns the exit code (0 when the gate passed)."""
+    """Run the vision demo of ``recipe`` (its model trained, registered, unlearned and gated); returns the exit
+    code (0 when the gate passed)."""
     steps = checked_train_steps(train_steps, recipe.train_steps)  # before anything is trained or written
     import torch
 
@@ -210,14 +261,15 @@ def run_vision_demo(
     uri = ensure_tracking_uri()
     print(f"tracking and registry: {uri}")
     data_dir = write_digits(Path(DATA_DIR).resolve())
-    with job_run("selprune-vision-demo", "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
-        base = None if retrain else _existing_base(VISION_DEMO_MODEL)
+    name = recipe.model_name
+    with job_run(name, "demo") if os.environ.get("MLFLOW_RUN_ID") else _nothing():
+        base = None if retrain else _existing_base(name)
         if base:
-            say_reused(base, VISION_DEMO_MODEL, train_steps)
+            say_reused(base, name, train_steps)
         else:
-            print(f"training the vision demo model ({steps} steps, seed {seed})...")
+            print(f"training the vision demo model, {recipe.arch} ({steps} steps, seed {seed})...")
             trained_at = time.monotonic()
-            model, processor, accuracy = train_demo_vit(data_dir, recipe, seed=seed, steps=steps, progress=progress)
+            model, processor, accuracy = train_demo_model(data_dir, recipe, seed=seed, steps=steps, progress=progress)
             training_seconds = round(time.monotonic() - trained_at, 1)
             print(f"test accuracy (held-out digits): {accuracy:.4f}")
             base = register_base_model(
@@ -225,25 +277,26 @@ def run_vision_demo(
                 processor,
                 seed,
                 steps,
-                name=VISION_DEMO_MODEL,
+                name=name,
                 extra_metrics={"demo_test_accuracy": accuracy, "training_seconds": training_seconds},
             )
-            print(f"registered {base} as {VISION_DEMO_MODEL}@{BASE_ALIAS}")
+            print(f"registered {base} as {name}@{BASE_ALIAS}")
         print(f"unlearning digit {recipe.forget_class} of {data_dir} while keeping the other digits...")
         data = dataclasses.replace(recipe.data, forget_classes=recipe.forget_class)
         result = run_prune(
-            f"models:/{VISION_DEMO_MODEL}@{BASE_ALIAS}",
+            f"models:/{name}@{BASE_ALIAS}",
             str(data_dir),
             None,
             config=dataclasses.replace(recipe.prune, seed=seed),
             data=data,
             progress=progress,
         )
+        min_forget_drop, max_retain_drop, min_selectivity = recipe.gate
         return summarize_and_gate(
             result,
-            VISION_DEMO_MODEL,
-            min_forget_drop=MIN_FORGET_DROP,
-            max_retain_drop=MAX_RETAIN_DROP,
-            min_selectivity=MIN_SELECTIVITY,
+            name,
+            min_forget_drop=min_forget_drop,
+            max_retain_drop=max_retain_drop,
+            min_selectivity=min_selectivity,
             start=start,
         )

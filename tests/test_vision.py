@@ -529,18 +529,18 @@ def test_the_samples_table_shows_each_eval_image_beside_the_three_predictions(vi
 @pytest.mark.slow
 def test_vision_demo_training_is_deterministic(tmp_path):
     """Same seed, same steps: the same weights digest (at reduced steps), whatever the caller's thread count."""
-    from mlflow_selprune.demo_vision import train_demo_vit, write_digits
+    from mlflow_selprune.demo_vision import train_demo_model, write_digits
     from mlflow_selprune.registry.lineage import weights_sha256
 
     data_dir = write_digits(tmp_path / "digits")
     digests = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        model, _, accuracy = train_demo_vit(data_dir, seed=0, steps=8, progress=False)
+        model, _, accuracy = train_demo_model(data_dir, seed=0, steps=8, progress=False)
         digests.append(weights_sha256(model))
     torch.set_num_threads(1)
     assert digests[0] == digests[1] and 0 <= accuracy <= 1
-    other, _, _ = train_demo_vit(data_dir, seed=1, steps=8, progress=False)
+    other, _, _ = train_demo_model(data_dir, seed=1, steps=8, progress=False)
     assert weights_sha256(other) != digests[0]
 
 

@@ -2,12 +2,13 @@
 
 Another CPU rounds floats differently, so the same seed trains a different model; the torch thread
 count changes the order of float reductions the same way. For every seed x thread count this trains
-the demo ViT (``train_demo_vit(..., threads=T)``), prepares the digits exactly as the demo's
+the demo model of ``--arch`` (``train_demo_model(..., threads=T)``), prepares the digits exactly as the demo's
 ``run_prune`` does (``load_datasets`` on the model's image processor and config), prunes it with the
 recipe (``mlflow_selprune.prune``, same threads) and measures the random control beside it: the
 numbers the demo's gate sees (``summary_metrics``). No MLflow, no clock: steps and seeds decide.
 
-    python examples/benchmarks/vision_demo_margins.py                      # the demo's recipe, 3 x 3 runs
+    python examples/benchmarks/vision_demo_margins.py                      # the ViT demo's recipe, 3 x 3 runs
+    python examples/benchmarks/vision_demo_margins.py --arch resnet        # the ResNet demo's
     python examples/benchmarks/vision_demo_margins.py --intermediate-size 256 --frontier-steps 8
 
 ``--frontier-steps N`` prunes N steps and prints every step's drops (a step's pruning does not depend
@@ -37,30 +38,31 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mlflow_selprune import __version__  # noqa: E402
-from mlflow_selprune.demo_vision import RECIPE, train_demo_vit, write_digits  # noqa: E402
+from mlflow_selprune.demo_vision import recipe_for, train_demo_model, write_digits  # noqa: E402
 from mlflow_selprune.evaluation.drops import RETAIN_DROP_FLOOR  # noqa: E402
+
+
+VIT_FIELDS = ("patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+CNN_FIELDS = ("image_size", "embedding_size")
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="vit", help="the demo's model: vit, resnet or convnext (its recipe's defaults)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", default="1,2,4")
-    for name in (
-        "patch_size",
-        "hidden_size",
-        "num_layers",
-        "num_heads",
-        "intermediate_size",
-        "train_steps",
-        "batch_size",
-    ):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(RECIPE, name))
-    p.add_argument("--lr", type=float, default=RECIPE.lr)
+    for name in VIT_FIELDS + CNN_FIELDS + ("train_steps", "batch_size"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
+    p.add_argument("--hidden-sizes", default=None, help="CNN: stage widths, e.g. 32,64")
+    p.add_argument("--depths", default=None, help="CNN: blocks per stage, e.g. 1,1")
+    p.add_argument("--layer-type", default=None, help="ResNet: basic or bottleneck")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--layer-scale-init-value", type=float, default=None, help="ConvNeXt")
     for name in ("ff_frac", "attn_frac", "ff_eps", "attn_eps"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(RECIPE.prune, name))
-    p.add_argument("--steps", type=int, default=RECIPE.prune.steps)
-    p.add_argument("--scoring", default=RECIPE.prune.scoring)
-    p.add_argument("--selection", default=RECIPE.prune.selection)
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--scoring", default=None)
+    p.add_argument("--selection", default=None)
     p.add_argument("--frontier-steps", type=int, default=None, help="prune this many steps, print each step")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "selprune-vision-margins"))
     p.add_argument("--data-dir", default=None, help="where the digits are written (default: under --cache)")
@@ -68,55 +70,35 @@ def parse_args():
 
 
 def recipe_from(args):
+    """The ``--arch`` demo recipe with every flag given replacing its field."""
+    recipe = recipe_for(args.arch)
+    given = lambda names: {n: getattr(args, n) for n in names if getattr(args, n) is not None}  # noqa: E731
     prune = dataclasses.replace(
-        RECIPE.prune,
-        ff_frac=args.ff_frac,
-        attn_frac=args.attn_frac,
-        ff_eps=args.ff_eps,
-        attn_eps=args.attn_eps,
-        steps=args.frontier_steps or args.steps,
-        scoring=args.scoring,
-        selection=args.selection,
+        recipe.prune, **given(("ff_frac", "attn_frac", "ff_eps", "attn_eps", "steps", "scoring", "selection"))
     )
-    return dataclasses.replace(
-        RECIPE,
-        patch_size=args.patch_size,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        num_heads=args.num_heads,
-        intermediate_size=args.intermediate_size,
-        train_steps=args.train_steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        prune=prune,
-    )
+    if args.frontier_steps:
+        prune = dataclasses.replace(prune, steps=args.frontier_steps)
+    cnn = CNN_FIELDS + ("layer_type", "layer_scale_init_value")
+    model = given(("train_steps", "batch_size", "lr") + (VIT_FIELDS if args.arch == "vit" else cnn))
+    for name in ("hidden_sizes", "depths"):
+        if getattr(args, name):
+            model[name] = tuple(int(x) for x in getattr(args, name).split(","))
+    return dataclasses.replace(recipe, prune=prune, **model)
 
 
 def trained(data_dir: Path, recipe, seed: int, threads: int, cache: Path):
-    """The demo ViT for (recipe's training, seed, threads), from the cache when it was trained before."""
-    from transformers import ViTForImageClassification
+    """The demo model for (recipe's model and training, seed, threads), from the cache when it was trained
+    before."""
+    from transformers import AutoModelForImageClassification
 
-    key = {
-        k: getattr(recipe, k)
-        for k in (
-            "image_size",
-            "patch_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "intermediate_size",
-            "train_steps",
-            "batch_size",
-            "lr",
-        )
-    }
+    key = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in ("prune", "data", "gate_thresholds")}
     key.update(seed=seed, threads=threads, torch=torch.__version__, selprune=__version__)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache / f"vit-{digest}"
+    path = cache / f"{recipe.arch}-{digest}"
     if (path / "accuracy.json").is_file():
-        model = ViTForImageClassification.from_pretrained(path).eval()
+        model = AutoModelForImageClassification.from_pretrained(path).eval()
         return model, json.loads((path / "accuracy.json").read_text())["accuracy"]
-    model, _, accuracy = train_demo_vit(data_dir, recipe, seed=seed, progress=False, threads=threads)
+    model, _, accuracy = train_demo_model(data_dir, recipe, seed=seed, progress=False, threads=threads)
     model.save_pretrained(path)
     (path / "accuracy.json").write_text(json.dumps({"accuracy": accuracy, "key": key}))
     return model, accuracy
