@@ -304,20 +304,21 @@ def vision_store(tmp_path_factory):
     mlflow.MlflowClient().set_registered_model_alias("tiny-vit", "base", mv.version)
     text = root / "text.txt"
     text.write_text("Some prose.\n\nMore prose here.\n\nAnd a third paragraph.\n")
-    # an unsupported vision architecture: a ResNet image classifier (no transformer blocks)
-    resnet = T.ResNetForImageClassification(
-        T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=N_CLASSES)
+    # an unsupported vision architecture: a MobileNetV2 image classifier (neither transformer blocks nor a
+    # convolutional family known to engine/convolutional.py)
+    mobilenet = T.MobileNetV2ForImageClassification(
+        T.MobileNetV2Config(image_size=8, depth_multiplier=0.25, num_labels=N_CLASSES)
     )
-    resnet_dir = root / "resnet"
-    resnet.save_pretrained(resnet_dir)
-    proc.save_pretrained(resnet_dir)
+    mobilenet_dir = root / "mobilenet"
+    mobilenet.save_pretrained(mobilenet_dir)
+    proc.save_pretrained(mobilenet_dir)
     yield {
         "root": root,
         "uri": uri,
         "saved": str(saved),
         "folder": str(folder),
         "text": str(text),
-        "resnet": str(resnet_dir),
+        "mobilenet": str(mobilenet_dir),
         "env": {"MLFLOW_TRACKING_URI": uri},
     }
     if previous is None:
@@ -391,9 +392,9 @@ def test_bad_vision_input_exits_2_with_one_line_and_writes_nothing(vision_store,
         "unknown-class": (vit, ["--forget", s["saved"], "--forget-classes", "seven"], "--forget-classes"),
         "every-class": (vit, ["--forget", s["saved"], "--forget-classes", "0,1,two,3"], "--forget-classes"),
         "unsupported-architecture": (
-            s["resnet"],
+            s["mobilenet"],
             ["--forget", s["saved"], "--forget-classes", "1", "--register-as", "x"],
-            "ResNetForImageClassification",
+            "MobileNetV2ForImageClassification",
         ),
     }[case]
     before = _registry_state()
