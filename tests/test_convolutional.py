@@ -313,3 +313,25 @@ def test_the_cnn_demo_commands_pass_their_gates(arch, tmp_path):
     assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= min_forget
     assert float(unlearned.tags["selprune.metric.retain_top1_drop"]) <= max_retain
     assert float(unlearned.tags["selprune.metric.selectivity"]) >= min_selectivity
+
+
+@pytest.mark.slow(seconds=15)
+def test_the_margin_benchmark_measures_a_cnn_recipe(tmp_path):
+    """examples/benchmarks/vision_demo_margins.py --arch (what the CNN gates were set from) runs and reports the
+    worst case; a short training keeps it quick."""
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "vision_demo_margins.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--arch", "convnext", "--seeds", "0", "--threads", "1", "--train-steps", "20"]
+        + ["--steps", "1", "--cache", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"arch": "convnext"' in out.stdout and '"steps": 1' in out.stdout
+    assert "worst over 1 runs: forget top-1 drop" in out.stdout
+    assert "points lost" in out.stdout

@@ -64,7 +64,9 @@ def test_the_mlproject_runs_the_real_model_demo_by_default():
     main = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())["entry_points"]["main"]
     assert main["parameters"]["demo"]["default"] == "real"
     # empty budgets and steps: the recipe's own
-    assert all(main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens"))
+    assert all(
+        main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens", "arch")
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,8 +78,9 @@ def test_the_mlproject_runs_the_real_model_demo_by_default():
             "demo --seed 0 --no-code-tasks --collect-tokens 256 --eval-tokens 256 --no-progress",
         ),
         ({"demo": "tiny", "train_steps": "4"}, "demo --tiny --seed 0 --train-steps 4 --no-progress"),
+        ({"demo": "vision", "arch": "resnet"}, "demo --vision --seed 0 --arch resnet --no-progress"),
     ],
-    ids=["default", "budgets", "tiny"],
+    ids=["default", "budgets", "tiny", "vision-resnet"],
 )
 def test_the_mlproject_main_entry_point_expands_to_the_demo_command(params, expected, tmp_path):
     """`mlflow run . --env-manager local` (docs/demo.md) runs `mlflow-selprune demo`: the command MLflow makes

@@ -143,6 +143,11 @@ def measure(data_dir: Path, recipe, seed: int, threads: int, cache: Path) -> dic
     }
 
 
+def _points(metrics: dict, drop: str, side: str) -> str:
+    """A relative top-1 drop as accuracy points lost (the CNN demos' targets are in points)."""
+    return f"{100 * metrics[drop] * metrics[f'parent_{side}_top1']:.1f}"
+
+
 def main() -> None:
     args = parse_args()
     recipe = recipe_from(args)
@@ -155,7 +160,7 @@ def main() -> None:
     print(f"torch {torch.__version__}; seeds {args.seeds}; threads {args.threads}")
     head = (
         f"{'seed':>4} {'thr':>3} {'test acc':>8} {'parent fgt':>10} {'parent ret':>10} {'fgt drop':>8} "
-        f"{'ret drop':>8} {'select.':>7} {'ctl fgt':>8} {'ctl ret':>8}"
+        f"{'ret drop':>8} {'select.':>7} {'ctl fgt':>8} {'ctl ret':>8}   points lost: retain, control forget/retain"
     )
     print(head)
     rows = []
@@ -169,7 +174,9 @@ def main() -> None:
                 f"{seed:>4} {threads:>3} {row['accuracy']:>8.4f} {m['parent_forget_top1']:>10.4f} "
                 f"{m['parent_retain_top1']:>10.4f} {m['forget_top1_drop']:>8.1%} {m['retain_top1_drop']:>8.1%} "
                 f"{m['selectivity']:>7.2f} {m['control_forget_top1_drop']:>8.1%} "
-                f"{m['control_retain_top1_drop']:>8.1%}   ({time.perf_counter() - start:.0f}s, not a result)",
+                f"{m['control_retain_top1_drop']:>8.1%}   {_points(m, 'retain_top1_drop', 'retain')} "
+                f"{_points(m, 'control_forget_top1_drop', 'forget')}/{_points(m, 'control_retain_top1_drop', 'retain')}"
+                f"   ({time.perf_counter() - start:.0f}s, not a result)",
                 flush=True,
             )
     print(f"eval images: forget {rows[0]['n_forget']}, retain {rows[0]['n_retain']}")
