@@ -938,16 +938,7 @@ def demo(
     if arch is not None and not vision:
         raise ConfigError("--arch applies to the vision demo: mlflow-selprune demo --vision --arch " + arch)
     if vision:
-        if collect_tokens is not None or eval_tokens is not None:
-            raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
-        from .demo_vision import recipe_for, run_vision_demo
-
-        recipe = recipe_for(arch or "vit")
-        sys.exit(
-            run_vision_demo(
-                train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress, recipe=recipe
-            )
-        )
+        _vision_demo(arch, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress)
     if tiny:
         from .demo_tiny import run_demo as run_tiny_demo
 
@@ -975,6 +966,19 @@ def demo(
             allow_unsandboxed_code=allow_unsandboxed_code,
             relearn=relearn,
         )
+    )
+
+
+def _vision_demo(arch, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress) -> None:
+    from .demo_cnn import recipe_for
+    from .demo_vision import run_vision_demo
+    from .errors import ConfigError
+
+    if collect_tokens is not None or eval_tokens is not None:
+        raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
+    recipe = recipe_for(arch or "vit")
+    sys.exit(
+        run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress, recipe=recipe)
     )
 
 

@@ -1,9 +1,10 @@
 """The convolutional vision demos: a small ResNet or ConvNeXt trained here on the handwritten digits forgets
 digit 3 (``mlflow-selprune demo --vision --arch resnet|convnext``).
 
-The flow, data and split are the ViT demo's (``demo_vision``); only the model differs. Its neurons are the
-input channels of each ResNet block's last convolution, or the inputs of each ConvNeXt block's second
-pointwise Linear (``engine/convolutional.py``). Each recipe and its gate were measured over 3 seeds x torch
+The flow, data and split are the ViT demo's (``demo_vision``); only the model differs, and
+``recipe_for(arch)`` gives any of the three recipes. The CNN's neurons are the input channels of each ResNet
+block's last convolution, or the inputs of each ConvNeXt block's second pointwise Linear
+(``engine/convolutional.py``). Each recipe and its gate were measured over 3 seeds x torch
 threads 1, 2 and 4 (docs/vision-demo-frontier.md; examples/benchmarks/vision_demo_margins.py --arch ...).
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .config import PruneConfig
-from .demo_vision import VISION_DEMO_MODEL, DigitsRecipe
+from .demo_vision import RECIPE, VISION_DEMO_MODEL, DigitsRecipe
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,14 @@ class CnnRecipe(DigitsRecipe):
         import transformers
 
         if self.arch == "resnet":
-            config = transformers.ResNetConfig(
+            resnet = transformers.ResNetConfig(
                 embedding_size=self.embedding_size,
                 hidden_sizes=list(self.hidden_sizes),
                 depths=list(self.depths),
                 layer_type=self.layer_type,
                 **config_fields,
             )
-            return transformers.ResNetForImageClassification(config)
+            return transformers.ResNetForImageClassification(resnet)
         config = transformers.ConvNextConfig(
             hidden_sizes=list(self.hidden_sizes),
             depths=list(self.depths),
@@ -88,3 +89,13 @@ CNN_RECIPES: dict[str, CnnRecipe] = {
         gate_thresholds=(0.40, 0.02, 20.0),
     ),
 }
+
+
+def recipe_for(arch: str) -> DigitsRecipe:
+    """The vision demo recipe of ``--arch``: the ViT (``demo_vision.RECIPE``) or one of ``CNN_RECIPES``."""
+    recipes = {"vit": RECIPE, **CNN_RECIPES}
+    if arch not in recipes:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--arch {arch}: the vision demo trains one of {', '.join(recipes)}")
+    return recipes[arch]

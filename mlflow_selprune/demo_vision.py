@@ -229,18 +229,6 @@ def train_demo_model(
     return model, processor, accuracy
 
 
-def recipe_for(arch: str) -> DigitsRecipe:
-    """The demo recipe of ``--arch``: the ViT here, a convolutional network from ``demo_cnn``."""
-    from .demo_cnn import CNN_RECIPES
-
-    recipes = {"vit": RECIPE, **CNN_RECIPES}
-    if arch not in recipes:
-        from .errors import ConfigError
-
-        raise ConfigError(f"--arch {arch}: the vision demo trains one of {', '.join(recipes)}")
-    return recipes[arch]
-
-
 def run_vision_demo(
     train_steps: int | None = None,
     seed: int = 0,

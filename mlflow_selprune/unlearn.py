@@ -399,13 +399,16 @@ def check_code_tasks(evidence: EvidenceOptions, model) -> None:
     if evidence.code_tasks:
         refuse_without_sandbox(evidence.allow_unsandboxed_code)
     if evidence.quantized_formats():
+        from .engine.architecture import find_architecture
         from .evaluation.quantized import quantizable_weights
 
-        if not quantizable_weights(model):
+        quantized = {id(weight) for weight, _ in quantizable_weights(model)}
+        arch = find_architecture(model)
+        if not any(id(p.weight) in quantized for kind in ("ff", "attn") for p in arch.projections(kind)):
             raise BadInputError(
-                f"--quantized-check: no Linear weight of this {type(model).__name__} has rows a multiple of 32 long, "
-                "so a GGUF file would keep them all unquantized and the check would measure nothing: drop "
-                "--quantized-check"
+                f"--quantized-check: no weight that pruning edits in this {type(model).__name__} would be quantized "
+                "(GGUF quantizes Linear weights whose rows are a multiple of 32 long; convolutions stay in floating "
+                "point), so the check would measure nothing of the unlearning: drop --quantized-check"
             )
 
 

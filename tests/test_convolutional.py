@@ -22,7 +22,9 @@ from mlflow_selprune.engine.statistics import collect_statistics
 from mlflow_selprune.engine.surgery import pruned_columns
 from mlflow_selprune.errors import BadInputError
 
-LABELS = dict(num_channels=3, num_labels=4, id2label={i: str(i) for i in range(4)}, label2id={str(i): i for i in range(4)})
+LABELS = dict(
+    num_channels=3, num_labels=4, id2label={i: str(i) for i in range(4)}, label2id={str(i): i for i in range(4)}
+)
 
 # family -> (the model, each block's neuron count as its config says)
 FAMILIES = {
@@ -93,7 +95,9 @@ def test_statistics_are_means_over_every_position_and_image(family):
     arch = find_architecture(model)
     batches = images(12, seed=1)
     seen = []
-    handles = [p.module.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().clone()))) for p in arch.ff]
+    handles = [
+        p.module.register_forward_pre_hook(lambda m, a: seen.append((m, a[0].detach().clone()))) for p in arch.ff
+    ]
     with torch.no_grad():
         for batch in batches:
             model(pixel_values=batch["pixel_values"])
@@ -165,6 +169,52 @@ def test_another_cnn_family_is_refused_in_one_line_naming_the_supported_ones():
     line = str(refused.value)
     assert "\n" not in line and "MobileNetV2ForImageClassification" in line
     assert all(family in line for family in ("convnext", "convnextv2", "regnet", "resnet"))
+
+
+def test_a_windowed_feature_map_counts_per_image():
+    """A transformer whose attention projection takes windows ([B x windows, h, w, C], ViTDet) counts each image
+    once, as a CNN's feature map does: the sums are per-image means over every position of every window."""
+    torch.manual_seed(0)
+    config = T.VitDetConfig(
+        image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+        window_size=2, window_block_indices=[0], pretrain_image_size=16,
+    )  # fmt: skip
+    model = T.VitDetModel(config).eval()
+    arch = find_architecture(model)
+    pixels = torch.randn(3, 3, 16, 16)
+    seen = []
+    handle = arch.attn[0].module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    with torch.no_grad():
+        model(pixel_values=pixels)
+    handle.remove()
+    assert seen[0].shape[0] > 3  # windows: more maps than images
+    rows = seen[0].reshape(-1, seen[0].shape[-1]).double()
+    stats = collect_statistics(model, [{"pixel_values": pixels}], sums="sum_abs", progress=False)
+    assert stats.attn.n_tokens == stats.ff.n_tokens == 3
+    torch.testing.assert_close(stats.attn.sums["sum_abs"][0], rows.abs().sum(0) / (rows.shape[0] // 3))
+
+
+def test_statistics_of_neurons_a_cnn_lacks_are_refused():
+    model = built("resnet-basic")
+    with pytest.raises(BadInputError, match="ResNetForImageClassification has no attn neurons"):
+        collect_statistics(model, images(4, 0), kinds=("attn",), progress=False)
+    assert collect_statistics(model, images(4, 0), progress=False).attn is None  # by default: the kinds it has
+
+
+@pytest.mark.parametrize("family,refused", [("resnet-basic", True), ("regnet", True), ("convnext", False)])
+def test_the_quantization_check_is_refused_where_no_pruned_weight_is_quantized(family, refused):
+    """GGUF quantizes Linear weights: a ResNet's pruned convolutions would stay in float and the check would
+    measure only its head. ConvNeXt's neurons feed a Linear, which is quantized when its rows are 32-multiples."""
+    from mlflow_selprune.config import EvidenceOptions
+    from mlflow_selprune.unlearn import check_code_tasks
+
+    model = built(family)
+    evidence = EvidenceOptions(quantized_check="int4")
+    if refused:
+        with pytest.raises(BadInputError, match="--quantized-check: no weight that pruning edits"):
+            check_code_tasks(evidence, model)
+    else:
+        check_code_tasks(evidence, model)
 
 
 def test_attention_neurons_of_a_cnn_are_refused_naming_the_flag():

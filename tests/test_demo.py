@@ -64,9 +64,7 @@ def test_the_mlproject_runs_the_real_model_demo_by_default():
     main = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())["entry_points"]["main"]
     assert main["parameters"]["demo"]["default"] == "real"
     # empty budgets and steps: the recipe's own
-    assert all(
-        main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens", "arch")
-    )
+    assert all(main["parameters"][p]["default"] == "" for p in ("train_steps", "collect_tokens", "eval_tokens", "arch"))
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mlflow_selprune import __version__  # noqa: E402
-from mlflow_selprune.demo_vision import recipe_for, train_demo_model, write_digits  # noqa: E402
+from mlflow_selprune.demo_cnn import recipe_for  # noqa: E402
+from mlflow_selprune.demo_vision import train_demo_model, write_digits  # noqa: E402
 from mlflow_selprune.evaluation.drops import RETAIN_DROP_FLOOR  # noqa: E402
 
 

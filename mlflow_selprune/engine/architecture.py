@@ -275,9 +275,7 @@ def _convolutional(model: nn.Module) -> Architecture:
             f"{cls}: its blocks do not have the output projection selective pruning needs ({exc}); "
             "fix the entry for its model_type in mlflow_selprune.engine.convolutional.CONV_FAMILIES"
         ) from None
-    ff = tuple(
-        Projection(layer, FF, f"{block}.{inner}", module) for layer, (block, inner, module) in enumerate(found)
-    )
+    ff = tuple(Projection(layer, FF, f"{block}.{inner}", module) for layer, (block, inner, module) in enumerate(found))
     # the blocks' path with their stage and block numbers as "*": "resnet.encoder.stages.*.layers.*"
     blocks = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", found[0][0])
     return Architecture(cls, blocks, ff, (), None)

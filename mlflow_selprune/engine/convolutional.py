@@ -62,13 +62,13 @@ def _child(module: nn.Module, name: str) -> nn.Module:
     return module.get_submodule(name)
 
 
-def conv_projections(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
+def conv_projections(model) -> list[tuple[str, str, nn.Module]]:
     """``(block name, projection's name in the block, module)`` for every block, in forward order.
 
     Raises ``LookupError`` (naming what was looked for) when the family's blocks or projections are missing, or
     when a convolution is grouped (a grouped convolution's input channel feeds only its own group)."""
     family = CONV_FAMILIES[model.config.model_type]
-    found = []
+    found: list[tuple[str, str, nn.Module]] = []
     for name, block in model.named_modules():
         if type(block).__name__ not in family.blocks:
             continue

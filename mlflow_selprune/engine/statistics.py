@@ -107,7 +107,7 @@ class _Accumulator:
         sums = self.sums
 
         def pre_hook(module, args):
-            x, per_example = _rows(module, args[0])
+            x, per_example = _rows(module, args[0], state.get("examples"))
             weights = _weights_on(state, x.device)  # 1.0 for real tokens, 0.0 for padding; None: no padding
             if totals[sums[0]].device != x.device:  # offloaded weights: the totals follow the activations
                 for name in sums:
@@ -147,19 +147,23 @@ class _Accumulator:
         def row(total: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.pad(total.to(device), (0, width - total.shape[0]))
 
-        return NeuronStatistics(n_tokens, {name: torch.stack([row(t[name]) for t in self.totals]) for name in self.sums})
+        return NeuronStatistics(
+            n_tokens, {name: torch.stack([row(t[name]) for t in self.totals]) for name in self.sums}
+        )
 
 
-def _rows(module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _rows(module, x: torch.Tensor, examples: int | None) -> tuple[torch.Tensor, int]:
     """A projection's input as [rows, neurons], and how many rows one example gives it.
 
     A feature map (a convolution's input [B, C, H, W], or a ConvNeXt Linear's [B, H, W, C]) counts per image:
-    each of its H x W rows weighs 1 / (H x W), so every layer's sums are over images (the count
-    ``_row_counter`` takes), whatever its resolution; a mean is then the mean over every position."""
+    each of its rows weighs 1 / (its rows per image), so every layer's sums are over images (the count
+    ``_row_counter`` takes), whatever its resolution or windowing ([B x windows, h, w, C]); a mean is then the
+    mean over every position. ``examples``: the batch's image count (None for text: a row is a token)."""
     if isinstance(module, torch.nn.Conv2d):
         x = x.movedim(1, -1)
-    per_example = x.shape[1] * x.shape[2] if x.dim() == 4 else 1
-    return x.reshape(-1, x.shape[-1]), per_example
+    feature_map = x.dim() == 4
+    x = x.reshape(-1, x.shape[-1])
+    return x, (x.shape[0] // examples if feature_map and examples else 1)
 
 
 def _home(weight: torch.Tensor) -> torch.device:
@@ -182,7 +186,7 @@ def _row_counter(state: dict):
     """A pre-hook that records how many activation rows (tokens) one forward pass feeds the first projection."""
 
     def pre_hook(module, args):
-        x, per_example = _rows(module, args[0])
+        x, per_example = _rows(module, args[0], state.get("examples"))
         state["rows"] = x.shape[0] // per_example
 
     return pre_hook
@@ -194,6 +198,7 @@ def _feed(body, batch: dict, state: dict, device, dtype):
         # images: every patch token and the CLS token count (no padding, no attention mask);
         # the token count is the number of activation rows the hooks see
         state["weights"] = None
+        state["examples"] = batch["pixel_values"].shape[0]
         body(pixel_values=batch["pixel_values"].to(device=device, dtype=dtype))
         return state.pop("rows")
     input_ids = batch["input_ids"].to(device)
@@ -232,12 +237,22 @@ def shard(batches: Sequence, accelerator) -> Sequence:
     return batches[accelerator.process_index :: accelerator.num_processes]
 
 
+def _kinds_of(arch: Architecture, kinds: Sequence[str] | None) -> Sequence[str]:
+    """The kinds asked for, or every kind the model has (a CNN: feed-forward only); a kind it lacks is refused."""
+    if kinds is None:
+        return tuple(kind for kind in KINDS if arch.projections(kind))
+    missing = [kind for kind in kinds if not arch.projections(kind)]
+    if missing:
+        raise BadInputError(f"{arch.model_class} has no {' or '.join(missing)} neurons to collect statistics of")
+    return kinds
+
+
 def collect_statistics(
     model,
     batches: Iterable[dict],
     *,
     sums: str | Sequence[str] = ("sum_abs",),
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] | None = None,
     accelerator=None,
     progress: bool = True,
     desc: str = "collecting",
@@ -256,6 +271,7 @@ def collect_statistics(
     """
     sums = _resolve_sums(sums)
     arch = find_architecture(model)
+    kinds = _kinds_of(arch, kinds)
     if accelerator is not None and accelerator.num_processes > 1:
         batches = shard(list(batches), accelerator)
     accumulators = {kind: _Accumulator(arch, kind, sums) for kind in kinds}
