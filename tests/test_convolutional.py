@@ -148,18 +148,44 @@ def test_pruning_zeroes_exactly_the_chosen_input_channels_and_reloads_exactly(fa
 
 
 @pytest.mark.parametrize("family", ["resnet-basic", "convnext"])
-def test_the_random_control_prunes_as_many_per_layer_within_each_width_and_restores(family):
+def test_the_random_control_prunes_as_many_per_layer_within_each_width_and_restores(family, tmp_path):
     model = built(family)
     arch = find_architecture(model)
     result = prune(model, images(8, seed=2), images(8, seed=3), PruneConfig(ff_frac=0.2, steps=1), progress=False)
     pruned = {k: v.clone() for k, v in model.state_dict().items()}
+    pixels = images(4, seed=4)[0]["pixel_values"]
     with randomly_pruned(model, result, seed=0) as masks:
         control = masks["ff"]
         assert control.sum(1).tolist() == result.ff_mask.sum(1).tolist()
         assert not (control & ~arch.valid("ff")).any()
         assert torch.equal(pruned_columns(arch, "ff"), control)
         assert not torch.equal(control, result.ff_mask)
+        with torch.no_grad():
+            logits = model(pixel_values=pixels).logits
+        model.save_pretrained(tmp_path)  # the control is a plain model too: saved and reloaded exactly
+        reloaded = type(model).from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.equal(reloaded(pixel_values=pixels).logits, logits)
     assert all(torch.equal(v, pruned[k]) for k, v in model.state_dict().items())
+
+
+def test_relearning_fine_tunes_a_copy_of_a_cnn_with_its_classification_loss():
+    """The relearning check's fine-tuning (engine.relearn) on a ResNet: batch norm in train mode, the labels'
+    cross-entropy; the model it was given is untouched."""
+    from mlflow_selprune.engine.control import relearn
+
+    model = built("resnet-basic")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = images(8, seed=5)
+    losses = []
+
+    def measure(step, tuned):
+        with torch.no_grad():
+            losses.append(float(tuned(pixel_values=batches[0]["pixel_values"], labels=batches[0]["labels"]).loss))
+
+    tuned = relearn(model, batches, steps=6, lr=1e-2, seed=0, measure_at=(0, 6), measure=measure)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not tuned.training and len(losses) == 2 and losses[1] < losses[0]
 
 
 def test_another_cnn_family_is_refused_in_one_line_naming_the_supported_ones():
