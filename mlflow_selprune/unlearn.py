@@ -157,6 +157,7 @@ class PrunePlan:
     run_name: str | None = None
     trust_remote_code: bool = False
     signing_key: str | None = None  # an Ed25519 key's path, else $SELPRUNE_SIGNING_KEY's: a signed attestation
+    policy: str | None = None  # NAME@SHA256 of the policy it is made under (registry.policy), in its lineage
 
     def load_signer(self):
         """The private key (None: no signature), read from disk only when publishing signs: it is never held in
@@ -175,12 +176,18 @@ class PrunePlan:
         return f"unlearn {source}{arrow} {forget}/{retain}"
 
     def full_config(self) -> dict:
-        return {
-            "prune": self.config.to_dict(),
-            "data": self.data.to_dict(),
-            "evidence": self.evidence.to_dict(),
-            "trust_remote_code": self.trust_remote_code,
-        }
+        return recipe_config(self.config, self.data, self.evidence, self.trust_remote_code)
+
+
+def recipe_config(config: PruneConfig, data: DataOptions, evidence: EvidenceOptions, trust_remote_code: bool) -> dict:
+    """Every setting that decides a prune's result, as its ``selprune.config_sha256`` digests them (a policy
+    recomputes it from its recipe)."""
+    return {
+        "prune": config.to_dict(),
+        "data": data.to_dict(),
+        "evidence": evidence.to_dict(),
+        "trust_remote_code": trust_remote_code,
+    }
 
 
 @dataclass
@@ -216,6 +223,7 @@ def plan_prune(
     run_name: str | None = None,
     trust_remote_code: bool = False,
     signing_key: str | None = None,
+    policy: str | None = None,
 ) -> PrunePlan:
     """Plan: every check and resolution of a prune job (options, names, key, data paths, the parent and its
     verification, the permission to register); reads the registry, writes nothing. Bad input raises here."""
@@ -256,6 +264,7 @@ def plan_prune(
         run_name,
         trust_remote_code,
         signing_key,
+        policy,
     )
 
 
@@ -575,6 +584,7 @@ def _publish_tags(
         parent_weights_digest=loaded.parent_digest,
         artifacts=artifacts,
         manifest_digest=manifest_digest,
+        policy=plan.policy,
     )
 
 

@@ -262,3 +262,23 @@ def append_gate_line(name: str, version: str, line: str) -> None:
             version,
             str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
         )
+
+
+STATUS_HEADING = "### Forget policies"
+
+
+def set_status_section(name: str, table: str) -> bool:
+    """The registered model's description ends with its policies' status table (``reconcile --fix`` writes it; the
+    text above the heading is the owner's and is kept). Written only when it changed, so a second pass writes
+    nothing; returns whether it wrote."""
+    from .resolve import client
+
+    current = client().get_registered_model(name).description or ""
+    lines = current.splitlines()
+    marks = [i for i, line in enumerate(lines) if line == STATUS_HEADING]
+    head = "\n".join(lines[: marks[-1]]) if marks else current
+    text = f"{head.rstrip()}\n\n{STATUS_HEADING}\n\n{table}\n".lstrip()
+    if text.strip() == current.strip():
+        return False
+    client().update_registered_model(name, description=text)
+    return True

@@ -26,9 +26,9 @@ from .lineage import (
     LINEAGE_PARAM,
     LINEAGE_RECORD,
     MANIFEST_SHA,
+    MOVES,
     PARENT,
     RECORD_TIME,
-    REGISTERED,
     RUN_ID,
     WEIGHTS_SHA,
     Hop,
@@ -312,7 +312,7 @@ def _check_decision(audit: Audit, trusted: dict, key: str, record: dict) -> None
         return
     asked = decision.get("alias_requested")
     failed = record.get("alias_not_moved")  # written by the gate where the move failed: "ALIAS: why"
-    if asked and moved is None and decision.get("verdict") in ("pass", REGISTERED):
+    if asked and moved is None and decision.get("verdict") in MOVES:
         if not (isinstance(failed, str) and failed.startswith(f"{asked}: ")):
             audit.tampered(
                 "signature",
@@ -364,7 +364,7 @@ def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
     if trusted is None:
         for hop in hops:
             for key, record in gate_record_entries(hop.tags):
-                if record is not None and record.get("alias_moved") and record["verdict"] in ("pass", REGISTERED):
+                if record is not None and record.get("alias_moved") and record["verdict"] in MOVES:
                     history.moved(record["alias_moved"], record["time"], str(hop.version), f"record {key}")
         return history
     from . import attest
@@ -378,7 +378,7 @@ def alias_history(hops: list[Hop], trusted: dict | None = None) -> AliasHistory:
             except attest.InvalidAttestation as exc:
                 history.unreadable.append(f"{where}: {exc}")
                 continue
-            if alias is not None and verdict in ("pass", REGISTERED):
+            if alias is not None and verdict in MOVES:
                 history.moved(alias, time, version, where)
     return history
 

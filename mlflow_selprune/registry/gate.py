@@ -346,6 +346,31 @@ def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
     after_registration(model_uri, what, write_record)
 
 
+def move_alias_recorded(resolved, alias: str, verdict: str, signing_key=None, **fields) -> None:
+    """Move ``alias`` to ``resolved`` as the gate moves one: the permission checked first, then a decision record
+    of ``verdict`` (``fields``: e.g. the policy and the reason) saying the move is requested, then the move, then
+    the record saying it moved. ``reconcile`` moves protected aliases this way."""
+    from .resolve import check_edit_permission
+
+    check_edit_permission(
+        resolved.registered_name,
+        f"move alias '{alias}' of",
+        "ask an admin, or a user with MANAGE on the model, to grant EDIT, or run without --fix",
+    )
+    key, record = _new_record(verdict=verdict, alias_requested=alias, **fields)
+    _sign(resolved, key, record, signing_key)
+    client().set_model_version_tag(resolved.registered_name, resolved.version, key, _tag_value(resolved, key, record))
+    _move_alias(resolved, key, record, alias)
+
+
+def record_observation(resolved, alias: str, seen_by: str, signing_key=None) -> None:
+    """Record that ``alias`` was found on ``resolved`` where no recorded move put it (a move by hand, seen by a
+    webhook delivery or by ``reconcile``): the alias history keeps it; it never explains the alias."""
+    key, record = _new_record(verdict=lineage.OBSERVED, alias_seen=alias, seen_by=seen_by)
+    _sign(resolved, key, record, signing_key)
+    client().set_model_version_tag(resolved.registered_name, resolved.version, key, _tag_value(resolved, key, record))
+
+
 def _move_alias(resolved, key: str, record: dict, alias_set: str) -> None:
     """Move the alias, then update the decision record to say it moved; a refused move is said in the record
     where it can still be written, and in one permission line."""

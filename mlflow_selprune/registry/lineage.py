@@ -69,6 +69,8 @@ EXPORT_RECORD_PREFIX = PREFIX + "export."
 # every one of them, so a format whose recovery could not be measured is never passed over.
 QUANTIZED_CHECK = PREFIX + "quantized_check"
 LINEAGE_PARAM = PREFIX + "lineage_sha256"
+# NAME@SHA256 of the policy (registry.policy) a version was unlearned under by `reconcile`
+POLICY = PREFIX + "policy"
 
 # The metrics kept as version tags: what a gate or an auditor reads without opening the run.
 HEADLINE_METRICS = (
@@ -248,6 +250,7 @@ def build_tags(
     parent_weights_digest: str | None = None,
     artifacts: dict | None = None,
     manifest_digest: str | None = None,
+    policy: str | None = None,
 ) -> dict[str, str]:
     """The full tag set of a new unlearned version (``parent``: a ``registry.ResolvedModel``; ``artifacts``:
     ``artifact_digests`` of the run's masks, scores and record)."""
@@ -272,6 +275,7 @@ def build_tags(
         **({PARENT_WEIGHTS_SHA: parent_weights_digest} if parent_weights_digest else {}),
         **({ARTIFACTS_SHA: canonical_json(artifacts)} if artifacts else {}),
         **({MANIFEST_SHA: manifest_digest} if manifest_digest else {}),
+        **({POLICY: policy} if policy else {}),
         **metric_tags(metrics),
     }
     quantized_check = (config.get("evidence") or {}).get("quantized_check")
@@ -333,8 +337,24 @@ class Hop:
 RECORD_TIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{6})?Z")
 # verdict of the record ``prune``/``materialize --alias`` write when they move an alias to the version they made
 REGISTERED = "registered"
+# verdict of the record `reconcile --fix` writes when it moves (or keeps) a protected alias on a compliant version
+RECONCILED = "reconcile"
+# verdict of a record that an alias was found where no recorded move put it (by hand): never explains the alias
+OBSERVED = "observed"
+# the verdicts whose records move an alias (and so explain it)
+MOVES = ("pass", REGISTERED, RECONCILED)
 ALIAS = re.compile(r"[\w\-]{1,255}")  # what MLflow accepts as an alias name
-_RECORD_TEXT = ("verdict", "user", "alias_requested", "alias_not_moved", "attestation_sha256", "record_sha256")
+_RECORD_TEXT = (
+    "verdict",
+    "user",
+    "alias_requested",
+    "alias_not_moved",
+    "attestation_sha256",
+    "record_sha256",
+    "seen_by",
+    "policy",
+    "reason",
+)
 
 
 def json_record(value: str) -> dict:
@@ -357,7 +377,7 @@ def parse_gate_record(key: str, value: str) -> dict:
     for name in ("verdict",) + tuple(n for n in _RECORD_TEXT if n in record):
         if not isinstance(record.get(name), str):
             raise ValueError(f"is malformed: its {name} is {short(record.get(name))}, not text")
-    for name in ("alias_moved", "alias_requested"):
+    for name in ("alias_moved", "alias_requested", "alias_seen"):
         if record.get(name) is not None and not (isinstance(record[name], str) and ALIAS.fullmatch(record[name])):
             raise ValueError(f"is malformed: its {name} is {short(record[name])}, not an alias name")
     for pair in (("attestation_artifact", "attestation_sha256"), ("record_artifact", "record_sha256")):

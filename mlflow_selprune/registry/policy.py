@@ -1,0 +1,407 @@
+"""Standing forget requests (policies): what every version of a registered model must have removed.
+
+A policy names a registered model, the forget and retain DATA (with the sha256 of their documents as read when
+it was made), the recipe (``PruneConfig``, ``DataOptions``, ``EvidenceOptions``, storage), the gate's
+thresholds, the aliases it protects and, optionally, the public keys whose signatures it requires. Its body is
+canonical JSON; its sha256 is its identity, which every version unlearned under it carries in its anchored
+lineage (``selprune.policy`` = ``NAME@SHA256``).
+
+Where it lives, in what MLflow already stores:
+
+- each revision is a run of the experiment ``selprune-policies``: the body as ``selprune/policy.json``, its
+  sha256 as the run's param ``selprune.policy_sha256`` (a param cannot be changed), and, signed, the body's
+  in-toto statement as ``selprune/policy.dsse.json``;
+- the registered model carries one tag per policy, ``selprune.policy.<NAME>``, naming its latest revision
+  (what the MLflow UI shows).
+
+Revisions form a chain (each body holds its predecessor's sha256); retiring writes a last revision that says
+so, so nothing is ever lost. Readers take the body from the run, check it against the param, the chain and
+the tag, and, where the policy names keys, its signature by one of the keys its predecessor named (the
+first revision by one of its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
+from ..errors import BadInputError
+from . import lineage
+
+EXPERIMENT = "selprune-policies"
+TAG_PREFIX = "selprune.policy."  # on the registered model: selprune.policy.<NAME> -> the latest revision
+BODY_ARTIFACT = "selprune/policy.json"
+ENVELOPE_ARTIFACT = "selprune/policy.dsse.json"
+BODY_PARAM = "selprune.policy_sha256"
+PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/policy/v1"
+RUN_MODEL_TAG = "selprune.policy_model"  # run tags that find a model's revisions (a search, never trusted alone)
+RUN_NAME_TAG = "selprune.policy_name"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+THRESHOLDS = (
+    "max_retain_drop",
+    "min_forget_drop",
+    "min_selectivity",
+    "max_relearn_recovery",
+    "max_code_pass_rate",
+    "max_quantized_recovery",
+)
+
+
+class PolicyError(BadInputError):
+    """A policy that cannot be made, found, or trusted; the message says which and what to do."""
+
+
+@dataclass
+class Policy:
+    """One revision of a policy, as its body says (``sha256``: of that body, the policy's identity)."""
+
+    body: dict
+    sha256: str
+    run_id: str | None = None
+    findings: list[str] = field(default_factory=list)  # why it cannot be trusted; empty when it verifies
+    notes: list[str] = field(default_factory=list)  # what is off but decides nothing (the UI's tag, say)
+
+    name = property(lambda self: self.body["name"])
+    model = property(lambda self: self.body["model"])
+    revision = property(lambda self: self.body["revision"])
+    retired = property(lambda self: bool(self.body.get("retired")))
+    protect = property(lambda self: list(self.body.get("protect") or []))
+    thresholds = property(lambda self: dict(self.body["gate"]))
+
+    @property
+    def ref(self) -> str:
+        """What a version unlearned under this revision carries in its lineage."""
+        return f"{self.name}@{self.sha256}"
+
+    def recipe(self) -> tuple[PruneConfig, DataOptions, EvidenceOptions]:
+        """The recipe's config objects, validated as ``prune`` validates them."""
+        recipe = self.body["recipe"]
+        data = DataOptions(**{k: v for k, v in recipe["data"].items() if k in _fields(DataOptions)})
+        for side in ("source", "forget_source", "retain_source"):  # asdict made them dicts
+            setattr(data, side, SourceOptions(**(recipe["data"].get(side) or {})))
+        return (
+            PruneConfig(**recipe["prune"]).validate(),
+            data.validate(),
+            EvidenceOptions(**recipe["evidence"]).validate(),
+        )
+
+    def config_sha256(self) -> str:
+        """The ``selprune.config_sha256`` a version pruned with this recipe carries (``PrunePlan.full_config``)."""
+        from ..unlearn import recipe_config
+
+        return lineage.config_sha256(recipe_config(*self.recipe(), trust_remote_code=False))
+
+    def trusted_keys(self) -> dict:
+        """``{key id: public key}`` of the keys this revision requires signatures by (empty: none required)."""
+        return _public_keys(self.body.get("trusted_keys") or {})
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _public_keys(pems: dict) -> dict:
+    from cryptography.hazmat.primitives import serialization
+
+    from .attest import key_id
+
+    keys = {}
+    for pem in pems.values():
+        key = serialization.load_pem_public_key(pem.encode())
+        keys[key_id(key)] = key
+    return keys
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise PolicyError(
+            f"--name {name!r} cannot name a policy: use 1-64 letters, digits, '_', '.' or '-', starting with a "
+            "letter or digit"
+        )
+
+
+def documents_sha256(spec: str, source: SourceOptions) -> str:
+    """The sha256 of the documents a DATA spec reads now (each one length-prefixed, in order): what a policy pins,
+    independent of any model's tokenizer."""
+    from ..data.sources import iter_texts, load_documents
+
+    digest = hashlib.sha256()
+    count = 0
+    for text in iter_texts(load_documents(spec, source)):
+        data = text.encode("utf-8")
+        digest.update(len(data).to_bytes(8, "big"))
+        digest.update(data)
+        count += 1
+    if count == 0:
+        raise PolicyError(f"DATA {spec!r} holds no documents; a policy needs documents to forget and to keep")
+    return digest.hexdigest()
+
+
+def make_body(
+    *,
+    name: str,
+    model: str,
+    forget: str,
+    retain: str | None,
+    config: PruneConfig,
+    data: DataOptions,
+    evidence: EvidenceOptions,
+    storage: str,
+    thresholds: dict,
+    protect: list[str],
+    trusted_keys: dict,
+    user: str,
+) -> dict:
+    """A first revision's body; every input already checked (``create`` checks the model and its aliases)."""
+    check_name(name)
+    sources = {side: data.source_for(side) for side in ("forget", "retain")}
+    return {
+        "schema": 1,
+        "name": name,
+        "model": model,
+        "revision": 1,
+        "previous_sha256": None,
+        "retired": False,
+        "forget": {"data": forget, "documents_sha256": documents_sha256(forget, sources["forget"])},
+        "retain": {"data": retain, "documents_sha256": documents_sha256(retain, sources["retain"]) if retain else None},
+        "recipe": {
+            "prune": config.to_dict(),
+            "data": data.to_dict(),
+            "evidence": evidence.to_dict(),
+            "storage": storage,
+        },
+        "gate": {**{k: thresholds.get(k) for k in THRESHOLDS}, "metric": thresholds.get("metric", "top1")},
+        "protect": sorted(set(protect)),
+        "trusted_keys": trusted_keys,
+        "created": _now(),
+        "user": user,
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def body_bytes(body: dict) -> bytes:
+    return lineage.canonical_json(body).encode()
+
+
+def body_sha256(body: dict) -> str:
+    return hashlib.sha256(body_bytes(body)).hexdigest()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def check_model_and_aliases(model: str, protect: list[str]) -> None:
+    """The model must exist and every protected alias must point at one of its versions now."""
+    from mlflow.exceptions import MlflowException
+
+    from .resolve import check_alias, client, did_you_mean
+
+    for alias in protect:
+        check_alias(alias, "--protect")
+    try:
+        registered = client().get_registered_model(model)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise
+        raise PolicyError(f"--model: registered model '{model}' does not exist{did_you_mean(model)}") from None
+    missing = [a for a in protect if a not in (registered.aliases or {})]
+    if missing:
+        raise PolicyError(
+            f"--protect: registered model '{model}' has no alias {', '.join('@' + a for a in missing)}; point it at a "
+            "version first (a policy protects aliases that exist)"
+        )
+
+
+def write(body: dict, signing_key=None) -> Policy:
+    """Log a revision (its body, anchored by a param; signed with ``signing_key`` when given), then point the
+    model's tag at it. Where the process dies in between, the revision is in the run and the tag still names its
+    predecessor: ``policies`` reads the run (the chain's newest), and the next write of the tag catches up."""
+    from . import attest
+    from .resolve import client
+
+    data = body_bytes(body)
+    digest = hashlib.sha256(data).hexdigest()
+    experiment = _experiment_id()
+    run = client().create_run(
+        experiment,
+        run_name=f"policy {body['name']} r{body['revision']} of {body['model']}",
+        tags={
+            RUN_MODEL_TAG: body["model"],
+            RUN_NAME_TAG: body["name"],
+            "selprune.policy_revision": str(body["revision"]),
+        },
+    )
+    run_id = run.info.run_id
+    client().log_text(run_id, data.decode(), BODY_ARTIFACT)
+    if signing_key is not None:
+        envelope = attest.sign(
+            attest.statement(f"policy:{body['model']}/{body['name']}", digest, PREDICATE, {"policy": body}), signing_key
+        )
+        client().log_text(run_id, envelope.decode(), ENVELOPE_ARTIFACT)
+    client().log_param(run_id, BODY_PARAM, digest)
+    client().set_terminated(run_id)
+    pointer = {"revision": body["revision"], "sha256": digest, "run_id": run_id, "retired": bool(body["retired"])}
+    client().set_registered_model_tag(body["model"], TAG_PREFIX + body["name"], json.dumps(pointer, sort_keys=True))
+    return Policy(body, digest, run_id)
+
+
+def _experiment_id() -> str:
+    """The policies' experiment, made on first use (the active experiment of the caller is left alone)."""
+    from mlflow.exceptions import MlflowException
+
+    from .resolve import client
+
+    found = client().get_experiment_by_name(EXPERIMENT)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client().create_experiment(EXPERIMENT)
+    except MlflowException:  # made meanwhile by another writer
+        return client().get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def next_revision(current: Policy, user: str, **changes) -> dict:
+    """The body of the revision after ``current`` (``changes``: e.g. ``retired=True``)."""
+    body = json.loads(json.dumps(current.body))
+    body.update(changes, revision=current.revision + 1, previous_sha256=current.sha256, created=_now(), user=user)
+    return body
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _revision_runs(model: str) -> list:
+    from .resolve import client
+
+    experiment = client().get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    runs, token = [], None
+    while True:
+        page = client().search_runs(
+            [experiment.experiment_id], f"tags.`{RUN_MODEL_TAG}` = '{model}'", max_results=1000, page_token=token
+        )
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _read_revision(run) -> Policy | None:
+    """The revision a run holds, checked against its param; None where the run holds none that matches."""
+    digest = run.data.params.get(BODY_PARAM)
+    if digest is None:
+        return None  # a write that died before its anchor: no revision
+    stored = lineage.run_artifact(run.info.run_id, BODY_ARTIFACT)
+    if stored is None or hashlib.sha256(stored).hexdigest() != digest:
+        return Policy(
+            {"name": run.data.tags.get(RUN_NAME_TAG), "revision": 0},
+            digest,
+            run.info.run_id,
+            [f"policy run {run.info.run_id}: its body {BODY_ARTIFACT} is missing or changed since it was anchored"],
+        )
+    body = json.loads(stored)
+    return Policy(body, digest, run.info.run_id)
+
+
+def policies(model: str, include_retired: bool = False) -> list[Policy]:
+    """The latest revision of each policy of ``model``, verified (each with its findings; empty: trusted)."""
+    return [p for chain in chains(model).values() if (p := chain[-1]).findings or include_retired or not p.retired]
+
+
+def chains(model: str) -> dict[str, list[Policy]]:
+    """Every revision of each policy of ``model``, oldest first, the newest carrying every finding of the chain."""
+    from .resolve import client
+
+    by_name: dict[str, list[Policy]] = {}
+    for run in _revision_runs(model):
+        revision = _read_revision(run)
+        if revision is not None:
+            by_name.setdefault(str(revision.body.get("name")), []).append(revision)
+    tags = client().get_registered_model(model).tags or {}
+    for tag in tags:  # a policy the UI shows that no run holds: its runs were deleted, or the tag made up
+        name = tag[len(TAG_PREFIX) :]
+        if tag.startswith(TAG_PREFIX) and name not in by_name:
+            finding = f"policy {name}: the model's tag {tag} names a revision that no policy run holds"
+            by_name[name] = [Policy({"name": name, "model": model, "revision": 0}, "", None, [finding])]
+    chains_ = {}
+    for name, revisions in sorted(by_name.items()):
+        revisions.sort(key=lambda p: (p.revision if isinstance(p.revision, int) else -1, p.sha256))
+        newest = revisions[-1]
+        newest.findings = [*newest.findings, *_chain_findings(model, name, revisions)]
+        pointer = _json(tags.get(TAG_PREFIX + name))
+        if not isinstance(pointer, dict) or pointer.get("sha256") != newest.sha256:
+            newest.notes.append(
+                f"note: policy {name}: the model's tag {TAG_PREFIX}{name} does not name its latest revision "
+                f"(r{newest.revision}, sha256 {newest.sha256[:16]}): edited, or its write did not finish; the "
+                "revision runs decide, and the next `policy create` or `retire` rewrites it"
+            )
+        chains_[name] = revisions
+    return chains_
+
+
+def _chain_findings(model: str, name: str, revisions: list[Policy]) -> list[str]:
+    """What is wrong with a policy's revisions: a broken chain, a body of another model or name, a signature a
+    required key did not make."""
+    found = [line for p in revisions[:-1] for line in p.findings]
+    previous = None
+    for number, p in enumerate(revisions, start=1):
+        if p.findings and p is not revisions[-1]:
+            continue
+        body = p.body
+        if body.get("model") != model or body.get("name") != name or body.get("revision") != number:
+            found.append(
+                f"policy {name}: revision run {p.run_id} holds {lineage.short(body.get('name'))} revision "
+                f"{lineage.short(body.get('revision'))} of {lineage.short(body.get('model'))}, not revision {number}"
+            )
+        elif body.get("previous_sha256") != (previous.sha256 if previous else None):
+            found.append(
+                f"policy {name}: revision {number} does not follow revision {number - 1} (its previous_sha256 differs)"
+            )
+        required = (previous or p).trusted_keys() if not p.findings else {}
+        if required:
+            found += _signature_findings(name, p, required)
+        previous = p
+    return found
+
+
+def _signature_findings(name: str, p: Policy, required: dict) -> list[str]:
+    from . import attest
+
+    envelope = lineage.run_artifact(p.run_id, ENVELOPE_ARTIFACT)
+    if envelope is None:
+        return [f"policy {name}: revision {p.revision} is unsigned, and the policy requires a signature"]
+    try:
+        signed, _ = attest.open_envelope(envelope, required)
+    except attest.InvalidAttestation as exc:
+        return [f"policy {name}: revision {p.revision}: {exc}"]
+    if (
+        attest.claim(signed, "subject", 0, "digest", "sha256") != p.sha256
+        or attest.claim(signed, "predicateType") != PREDICATE
+    ):
+        return [f"policy {name}: revision {p.revision}: its signed statement is of another body"]
+    return []
+
+
+def _json(text):
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def get(model: str, name: str) -> Policy:
+    """The latest revision of policy ``name`` of ``model`` (retired or not), or one line saying what exists."""
+    found = chains(model)
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise PolicyError(f"--name: registered model '{model}' has no policy '{name}' (its policies: {known})")
+    return found[name][-1]
