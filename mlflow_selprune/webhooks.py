@@ -153,7 +153,17 @@ class Reconciler:
             return self.finished.wait_for(lambda: not self.running, timeout)
 
 
-def make_server(host: str, port: int, secret: str, reconciler: Reconciler, max_age: float = DEFAULT_MAX_AGE):
+def make_server(
+    host: str,
+    port: int,
+    secret: str,
+    reconciler: Reconciler,
+    max_age: float = DEFAULT_MAX_AGE,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+):
+    """The receiver (not yet serving); with ``certfile`` (and ``keyfile``) it speaks HTTPS, which MLflow requires
+    of a webhook URL unless the server allows http (``MLFLOW_WEBHOOK_ALLOWED_SCHEMES``, not for production)."""
     guard = ReplayGuard(max_age)
 
     class Handler(BaseHTTPRequestHandler):
@@ -190,7 +200,18 @@ def make_server(host: str, port: int, secret: str, reconciler: Reconciler, max_a
             reconciler.submit(model, seen_by)
             return self._answer(202, {"reconciling": model})
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    if certfile:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(certfile, keyfile)
+        except (OSError, ssl.SSLError) as exc:
+            server.server_close()
+            raise BadInputError(f"--certfile/--keyfile: cannot load a certificate and key ({exc})") from None
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    return server
 
 
 def install(url: str, secret: str, name: str = "selprune-reconcile"):

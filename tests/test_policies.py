@@ -1,16 +1,32 @@
-"""Standing policies: create, reconcile (report and --fix), status, history, on a real sqlite store."""
+"""Standing policies: create, reconcile (report and --fix), status, history; the webhook receiver on a real
+`mlflow server` with webhooks; reconcile and the receiver killed at random points. Real stores, real models."""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_helpers import TINY_NAME, invoke, register_tiny
+from mlflow_selprune.registry import lineage
+from mlflow_selprune.webhooks import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
+
+from mlflow_helpers import TINY_NAME, MlflowServer, free_port, invoke, register_tiny, server_store
 
 SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000", "--eval-tokens", "1000"]
 RECIPE = ["--ff-frac", "0.1", "--steps", "1", "--no-control", *SMALL]
 GATE = ["--max-retain-drop", "1"]  # any result passes: these tests check the mechanics, not the model
+SECRET = "a-shared-secret-for-tests-only"
 
 
 def versions() -> dict[str, dict]:
@@ -18,60 +34,327 @@ def versions() -> dict[str, dict]:
 
 
 def alias(name: str) -> str | None:
-    return MlflowClient().get_registered_model(TINY_NAME).aliases.get(name)
+    found = MlflowClient().get_registered_model(TINY_NAME).aliases.get(name)
+    return None if found is None else str(found)
 
 
-def create_policy(store, *extra):
-    return invoke(
-        "policy",
-        "create",
-        "--model",
-        TINY_NAME,
-        "--name",
-        "no-code",
-        "--forget",
-        store["forget"],
-        "--retain",
-        store["retain"],
-        *RECIPE,
-        *GATE,
-        "--protect",
-        "production",
-        *extra,
-    )
+def children_of(base: str) -> list[str]:
+    """The versions unlearned from ``base`` under a policy."""
+    return sorted((v for v, t in versions().items() if t.get(lineage.PARENT) == base and lineage.POLICY in t), key=int)
+
+
+def decision_keys() -> set[tuple[str, str]]:
+    return {(v, k) for v, t in versions().items() for k in t if k.startswith(lineage.GATE_RECORD_PREFIX)}
+
+
+def written() -> tuple:
+    """What a command could have written: versions and their tags, the model's tags, the policies' runs."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("selprune-policies")
+    runs = [] if experiment is None else client.search_runs([experiment.experiment_id])
+    return versions(), dict(client.get_registered_model(TINY_NAME).tags), sorted(r.info.run_id for r in runs)
+
+
+def policy_args(store, *extra) -> list[str]:
+    return [
+        "policy", "create", "--model", TINY_NAME, "--name", "no-code", "--forget", store["forget"],
+        "--retain", store["retain"], *RECIPE, *GATE, "--protect", "production", *extra,
+    ]  # fmt: skip
 
 
 def test_a_policy_follows_every_base_version_and_keeps_its_alias_on_a_compliant_one(store, tiny_tokenizer):
+    """Reconcile run directly (no webhook): report, fix, a second pass that writes nothing, a new base version
+    followed, a move by hand to a raw base found and undone, and the history and status that tell it."""
     client = MlflowClient()
     client.set_registered_model_alias(TINY_NAME, "production", "1")
-    out = create_policy(store)
+    out = invoke(*policy_args(store))
     assert out.exit_code == 0, out.output
     assert "policy no-code r1" in out.stdout
     report = invoke("reconcile", "--model", TINY_NAME)
     assert report.exit_code == 1, report.output
-    assert "v1 is a base version" in report.stdout
+    assert "v1 is a base version" in report.stdout and versions().keys() == {"1"}  # a report writes nothing
     fixed = invoke("reconcile", "--model", TINY_NAME, "--fix", "--no-progress")
     assert fixed.exit_code == 0, fixed.output
+    first = children_of(f"models:/{TINY_NAME}/1")
+    assert len(first) == 1 and alias("production") == first[0]
     tags = versions()
-    children = [v for v, t in tags.items() if t.get("selprune.parent_model_uri") == f"models:/{TINY_NAME}/1"]
-    assert len(children) == 1 and str(alias("production")) == children[0]
+    assert tags[first[0]][lineage.POLICY].startswith("no-code@")
+    description = client.get_registered_model(TINY_NAME).description
     again = invoke("reconcile", "--model", TINY_NAME, "--fix", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["actions"] == []
-    assert versions() == tags  # nothing written the second time
+    assert versions() == tags and client.get_registered_model(TINY_NAME).description == description
 
     base = register_tiny(tiny_tokenizer, alias=None)
     assert invoke("reconcile", "--model", TINY_NAME, "--fix", "--no-progress").exit_code == 0
-    new_children = [v for v, t in versions().items() if t.get("selprune.parent_model_uri") == base]
-    assert len(new_children) == 1
+    second = children_of(base)
+    assert len(second) == 1 and alias("production") == first[0]  # a compliant alias is not moved
 
     client.set_registered_model_alias(TINY_NAME, "production", base.rsplit("/", 1)[1])  # by hand, to the raw base
     seen = invoke("reconcile", "--model", TINY_NAME)
     assert seen.exit_code == 1 and "is a base version" in seen.stdout
     assert invoke("reconcile", "--model", TINY_NAME, "--fix").exit_code == 0
-    assert str(alias("production")) == new_children[0]
+    assert alias("production") == second[0]  # the newest compliant version
+
     history = invoke("history", f"models:/{TINY_NAME}@production")
     assert history.exit_code == 0, history.output
-    print(history.stdout)
+    lines = history.stdout.splitlines()
+    assert [line.split()[2] for line in lines[1:-1]] == ["moved", "reconcile", "moved", "reconcile"]
+    assert "seen by reconcile" in lines[3] and f"to v{second[0]}" in lines[4]
+    assert lines[-1] == f"now: models:/{TINY_NAME}@production -> version {second[0]}"
     status = invoke("status", "--model", TINY_NAME)
-    print(status.stdout)
-    assert status.exit_code == 0
+    assert status.exit_code == 0 and "2 of 2 base versions followed" in status.stdout
+    assert "### Forget policies" in client.get_registered_model(TINY_NAME).description
+    assert invoke("lineage", "--all", TINY_NAME).exit_code == 0  # every alias move explained, every record sound
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(store):
+    before = written()
+    cases = {
+        "--model": policy_args(store)[:3] + ["nope"] + policy_args(store)[4:],
+        "--protect": policy_args(store)[:-1] + ["no-such-alias"],
+        "--max-retain-drop": [*policy_args(store), "--max-retain-drop", "2"],
+        "--name": policy_args(store)[:5] + ["bad name!"] + policy_args(store)[6:],
+        "--forget": policy_args(store)[:7] + ["/no/such/file.txt"] + policy_args(store)[8:],
+    }
+    for flag, args in cases.items():
+        out = invoke(*args)
+        assert out.exit_code == 2, (flag, out.output)
+        error = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and flag in error[0], (flag, out.stderr)
+    for args, flag in (
+        (["reconcile", "--model", "nope"], "--model"),
+        (["status", "--model", "nope"], "--model"),
+        (["history", "tiny-lm@production"], "models:/NAME@ALIAS"),
+        (["webhooks", "serve", "--secret", "short"], "--secret"),
+        (["webhooks", "install", "--url", "ftp://x", "--secret", SECRET], "--url"),
+    ):
+        out = invoke(*args)
+        assert out.exit_code == 2 and flag in out.stderr, (args, out.output)
+    assert written() == before
+
+
+def _post(url: str, body: bytes, headers: dict) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_receiver_refuses_unsigned_stale_and_replayed_deliveries():
+    import threading
+
+    from mlflow_selprune.webhooks import Reconciler, make_server
+
+    reconciler = Reconciler(command=[sys.executable, "-c", "import sys; sys.exit(0)"])
+    server = make_server("127.0.0.1", 0, SECRET, reconciler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "m", "version": "1"}}).encode()
+    now = str(int(time.time()))
+
+    def headers(delivery="d-1", timestamp=now, secret=SECRET, payload=body):
+        return {
+            DELIVERY_ID_HEADER: delivery,
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: signature(secret, delivery, timestamp, payload),
+        }
+
+    try:
+        assert _post(url, body, {}) == 401  # unsigned
+        assert _post(url, body, headers(secret="another-secret-entirely")) == 401
+        assert _post(url, body.replace(b'"1"', b'"2"'), headers()) == 401  # body changed after signing
+        old = str(int(time.time()) - 3600)
+        assert _post(url, body, headers(timestamp=old)) == 401
+        assert reconciler.runs == [] and not reconciler.running  # nothing refused woke a job
+        assert _post(url, body, headers()) == 202
+        assert _post(url, body, headers()) == 409  # the same delivery again: a replay
+        assert reconciler.idle(60) and reconciler.runs == [("m", 0)]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------- end to end through a real server
+
+
+def _self_signed(directory: Path) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key: MLflow posts webhooks over https only."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "receiver.pem", directory / "receiver.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return str(cert_path), str(key_path)
+
+
+class Receiver:
+    """``mlflow-selprune webhooks serve`` in its own process group (killed with what it started)."""
+
+    def __init__(self, root: Path, env: dict, cert: str | None, key: str | None):
+        self.port = free_port()
+        self.url = f"{'https' if cert else 'http'}://127.0.0.1:{self.port}/"
+        self.log = root / f"receiver-{self.port}.log"
+        command = [sys.executable, "-m", "mlflow_selprune", "webhooks", "serve", "--port", str(self.port)]
+        command += ["--certfile", cert, "--keyfile", key] if cert else []
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True
+            )
+        context = ssl.create_default_context(cafile=cert) if cert else None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()
+            try:
+                with urllib.request.urlopen(f"{self.url}health", timeout=2, context=context):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"the receiver did not start: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+
+def _until(condition, what: str, timeout: float = 420):
+    """Wait for ``condition()`` (a deadline for a failure to show, never what decides the result)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _compliant() -> bool:
+    return invoke("reconcile", "--model", TINY_NAME).exit_code == 0
+
+
+@pytest.mark.slow
+def test_webhooks_wake_reconcile_on_a_real_server_with_a_sql_store(tmp_path, tiny_tokenizer):
+    """A real `mlflow server` (SQL store) with webhooks posting to the receiver over https on loopback: a new base
+    version gets its unlearned child, gated with the policy's digest; a move by hand of the protected alias to the
+    raw base is seen through the webhook and undone; history shows all of it."""
+    cert, key = _self_signed(tmp_path / "tls")
+    server_env = {
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "REQUESTS_CA_BUNDLE": cert,
+        "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    }
+    with MlflowServer(tmp_path / "srv", extra_env=server_env) as srv, server_store(srv, tiny_tokenizer) as store:
+        client = MlflowClient()
+        client.set_registered_model_alias(TINY_NAME, "production", "1")
+        env = {**store["env"], "SELPRUNE_WEBHOOK_SECRET": SECRET}
+        receiver = Receiver(tmp_path, env, cert, key)
+        try:
+            installed = invoke("webhooks", "install", "--url", receiver.url, "--secret", SECRET)
+            assert installed.exit_code == 0, installed.output
+            assert invoke(*policy_args(store)).exit_code == 0
+            time.sleep(2)  # the server's webhook list is cached for a second
+            base = register_tiny(tiny_tokenizer, alias=None)  # model_version.created -> the receiver reconciles
+            _until(lambda: _compliant() and children_of(base), "the receiver to unlearn the new base version")
+            child = children_of(base)[0]
+            tags = versions()[child]
+            assert tags[lineage.POLICY].startswith("no-code@")
+            passed = [r for _, r in lineage.gate_record_entries(tags) if r and r["verdict"] == "pass"]
+            assert passed and passed[-1]["thresholds"]["max_retain_drop"] == 1
+            assert alias("production") in children_of(f"models:/{TINY_NAME}/1") + [child]
+
+            client.set_registered_model_alias(TINY_NAME, "production", base.rsplit("/", 1)[1])  # by hand
+            _until(lambda: alias("production") == child and _compliant(), "the receiver to move @production back")
+            history = invoke("history", f"models:/{TINY_NAME}@production")
+            assert "moved by hand (seen by webhook)" in history.stdout, history.stdout
+            assert f"moved from v{base.rsplit('/', 1)[1]}" in history.stdout
+            assert len(children_of(base)) == 1  # however many deliveries came, one child
+        finally:
+            receiver.kill()
+        assert "reconcile tiny-lm exited 0" in receiver.log.read_text()
+
+
+def _signed_delivery(url: str, model: str) -> int:
+    body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": model}}).encode()
+    delivery, timestamp = f"d-{random.random()}", str(int(time.time()))
+    headers = {
+        DELIVERY_ID_HEADER: delivery,
+        TIMESTAMP_HEADER: timestamp,
+        SIGNATURE_HEADER: signature(SECRET, delivery, timestamp, body),
+    }
+    return _post(url, body, headers)
+
+
+@pytest.mark.slow
+def test_reconcile_and_the_receiver_killed_at_random_points_leave_no_half_state(tmp_path, tiny_tokenizer):
+    """SIGKILL `reconcile --fix`, and a receiver running one, at seeded random moments, then run it to the end:
+    one child per base, the protected alias on a compliant version, no decision record lost."""
+    from mlflow_helpers import sqlite_store
+
+    with sqlite_store(tmp_path, tiny_tokenizer) as store:
+        client = MlflowClient()
+        client.set_registered_model_alias(TINY_NAME, "production", "1")
+        assert invoke(*policy_args(store)).exit_code == 0
+        register_tiny(tiny_tokenizer, alias=None)
+        env = {**os.environ, **store["env"], "SELPRUNE_WEBHOOK_SECRET": SECRET}
+        draw = random.Random(31)
+        recorded: set = set()
+        command = [sys.executable, "-m", "mlflow_selprune", "reconcile", "--model", TINY_NAME, "--fix", "--no-progress"]
+        for attempt in range(5):
+            if attempt == 3:  # a new base, and the receiver (woken by a signed delivery) killed while it works
+                register_tiny(tiny_tokenizer, alias=None)
+            if attempt < 3:
+                process = subprocess.Popen(command, env=env, start_new_session=True,
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                try:
+                    process.wait(timeout=draw.uniform(3, 20))
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+            else:
+                receiver = Receiver(tmp_path, env, cert=None, key=None)
+                try:
+                    assert _signed_delivery(receiver.url, TINY_NAME) == 202
+                    time.sleep(draw.uniform(3, 20))
+                finally:
+                    receiver.kill()
+            now = decision_keys()
+            assert recorded <= now, "a decision record was lost"
+            recorded = now
+            if attempt == 1:  # a move by hand between kills
+                client.set_registered_model_alias(TINY_NAME, "production", "2")
+        final = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert final.returncode == 0, final.stdout + final.stderr
+        bases = [v for v, t in versions().items() if lineage.PARENT not in t]
+        assert len(bases) == 3
+        for base in bases:
+            assert len(children_of(f"models:/{TINY_NAME}/{base}")) == 1, versions()
+        assert recorded <= decision_keys()
+        assert alias("production") in [c for b in bases for c in children_of(f"models:/{TINY_NAME}/{b}")]
+        second = json.loads(invoke("reconcile", "--model", TINY_NAME, "--fix", "--json").stdout)
+        assert second["actions"] == [] and second["problems"] == []
+        assert invoke("lineage", "--all", TINY_NAME).exit_code == 0

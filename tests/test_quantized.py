@@ -219,6 +219,7 @@ def test_a_model_with_no_weight_gguf_would_quantize_is_refused_before_anything_i
         )  # fmt: skip
     assert refused.exit_code == 2, refused.output
     (line,) = [line for line in refused.output.splitlines() if line.startswith("error:")]
-    assert "--quantized-check: no Linear weight of this GPTNeoXForCausalLM has rows a multiple of 32" in line
+    assert "--quantized-check: no weight that pruning edits in this GPTNeoXForCausalLM would be quantized" in line
+    assert "rows are a multiple of 32" in line
     assert registry_snapshot() == before
     assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == runs

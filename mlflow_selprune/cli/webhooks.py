@@ -36,8 +36,10 @@ SECRET = click.option(
     show_default=True,
     help="Seconds a delivery's timestamp may be from now.",
 )
+@click.option("--certfile", default=None, metavar="CERT.pem", help="Serve HTTPS with this certificate (chain).")
+@click.option("--keyfile", default=None, metavar="KEY.pem", help="The certificate's private key (if not in CERT.pem).")
 @handle_errors
-def serve(host, port, secret, fix, max_age):
+def serve(host, port, secret, fix, max_age, certfile, keyfile):
     """Receive model_version.created and model_version_alias.created deliveries and run reconcile for the model
     each names, one job at a time per model."""
     import logging
@@ -48,7 +50,7 @@ def serve(host, port, secret, fix, max_age):
     _say_store()
     logging.getLogger("mlflow_selprune.webhooks").setLevel(logging.INFO)
     try:
-        server = make_server(host, port, secret, Reconciler(fix=fix), max_age)
+        server = make_server(host, port, secret, Reconciler(fix=fix), max_age, certfile, keyfile)
     except OSError as exc:
         from ..errors import BadInputError
 

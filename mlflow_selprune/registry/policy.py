@@ -159,6 +159,7 @@ def make_body(
 ) -> dict:
     """A first revision's body; every input already checked (``create`` checks the model and its aliases)."""
     check_name(name)
+    forget, retain = _absolute(forget), _absolute(retain)  # the cron job or the receiver runs elsewhere
     sources = {side: data.source_for(side) for side in ("forget", "retain")}
     return {
         "schema": 1,
@@ -181,6 +182,17 @@ def make_body(
         "created": _now(),
         "user": user,
     }
+
+
+def _absolute(spec: str | None) -> str | None:
+    """A local DATA path as an absolute path (any other spec as it is)."""
+    from pathlib import Path
+
+    from ..data.specs import looks_like_path
+
+    if spec and looks_like_path(spec) and Path(spec).expanduser().exists():
+        return str(Path(spec).expanduser().resolve())
+    return spec
 
 
 def _now() -> str:
