@@ -179,6 +179,28 @@ def test_the_receiver_refuses_unsigned_stale_and_replayed_deliveries():
 # ----------------------------------------------------------------------------- end to end through a real server
 
 
+def test_the_receiver_serves_https_with_the_certificate_given(tmp_path):
+    """``webhooks serve --certfile/--keyfile``: a delivery signed with the secret is taken over TLS."""
+    cert, key = _self_signed(tmp_path / "tls")
+    receiver = Receiver(
+        tmp_path, {"SELPRUNE_WEBHOOK_SECRET": SECRET, "MLFLOW_TRACKING_URI": "sqlite:///x.db"}, cert, key
+    )
+    try:
+        assert receiver.url.startswith("https://")
+        body = json.dumps({"entity": "registered_model", "action": "created", "data": {"name": "m"}}).encode()
+        delivery, timestamp = "d-tls", str(int(time.time()))
+        headers = {
+            DELIVERY_ID_HEADER: delivery,
+            TIMESTAMP_HEADER: timestamp,
+            SIGNATURE_HEADER: signature(SECRET, delivery, timestamp, body),
+        }
+        request = urllib.request.Request(receiver.url, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context(cafile=cert)) as answer:
+            assert answer.status == 200 and json.loads(answer.read()) == {"ignored": "registered_model.created"}
+    finally:
+        receiver.kill()
+
+
 def _self_signed(directory: Path) -> tuple[str, str]:
     """A certificate for 127.0.0.1 and its key: MLflow posts webhooks over https only."""
     import datetime
@@ -259,20 +281,23 @@ def _compliant() -> bool:
 
 @pytest.mark.slow
 def test_webhooks_wake_reconcile_on_a_real_server_with_a_sql_store(tmp_path, tiny_tokenizer):
-    """A real `mlflow server` (SQL store) with webhooks posting to the receiver over https on loopback: a new base
-    version gets its unlearned child, gated with the policy's digest; a move by hand of the protected alias to the
-    raw base is seen through the webhook and undone; history shows all of it."""
-    cert, key = _self_signed(tmp_path / "tls")
+    """A real `mlflow server` (SQL store) with webhooks posting to the receiver on loopback: a new base version
+    gets its unlearned child, gated with the policy's digest; a move by hand of the protected alias to the raw base
+    is seen through the webhook and undone; history shows all of it.
+
+    MLflow posts to https URLs only, verified against its own CA bundle (certifi's: the session ignores
+    REQUESTS_CA_BUNDLE), so a self-signed loopback receiver is reached over http here, which the server allows
+    with MLFLOW_WEBHOOK_ALLOWED_SCHEMES (not for production; ``test_the_receiver_serves_https...`` covers TLS)."""
     server_env = {
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-        "REQUESTS_CA_BUNDLE": cert,
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_CACHE_TTL": "1",
     }
     with MlflowServer(tmp_path / "srv", extra_env=server_env) as srv, server_store(srv, tiny_tokenizer) as store:
         client = MlflowClient()
         client.set_registered_model_alias(TINY_NAME, "production", "1")
         env = {**store["env"], "SELPRUNE_WEBHOOK_SECRET": SECRET}
-        receiver = Receiver(tmp_path, env, cert, key)
+        receiver = Receiver(tmp_path, env, cert=None, key=None)
         try:
             installed = invoke("webhooks", "install", "--url", receiver.url, "--secret", SECRET)
             assert installed.exit_code == 0, installed.output

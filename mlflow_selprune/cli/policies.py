@@ -17,6 +17,8 @@ from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from . import (
     EXIT_GATE_FAILED,
     EXIT_OK,
+    NO_PROGRESS,
+    _no_progress_bars,
     _announce_store,
     _say_store,
     config_from,
@@ -275,9 +277,9 @@ def list_policies(model, retired):
     help="Who saw a move by hand (the webhook receiver says webhook).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the status rows, actions and problems as JSON.")
-@no_progress_option
+@NO_PROGRESS
 @handle_errors
-def reconcile(model, fix, signing_key, seen_by, as_json):
+def reconcile(model, fix, signing_key, seen_by, as_json, no_progress):
     """One idempotent pass: is every version followed by a compliant unlearned child, and does every protected
     alias point at one? With --fix, make it so. Exit 0 when all comply, 1 when not."""
     from ..registry.attest import load_signing_key
@@ -287,7 +289,8 @@ def reconcile(model, fix, signing_key, seen_by, as_json):
     _announce_store(require_existing=True)
     from ..reconcile import reconcile as run_reconcile
 
-    report = run_reconcile(model, fix=fix, signing_key=signing_key, seen_by=seen_by)
+    progress = _no_progress_bars(no_progress)
+    report = run_reconcile(model, fix=fix, signing_key=signing_key, seen_by=seen_by, progress=progress)
     _print_report(report, as_json)
     sys.exit(EXIT_OK if report.compliant else EXIT_GATE_FAILED)
 

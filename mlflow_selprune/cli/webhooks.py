@@ -55,8 +55,10 @@ def serve(host, port, secret, fix, max_age, certfile, keyfile):
         from ..errors import BadInputError
 
         raise BadInputError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    scheme = "https" if certfile else "http"
     click.echo(
-        f"listening on http://{host}:{server.server_address[1]}/ (reconcile {'--fix' if fix else 'report only'})"
+        f"listening on {scheme}://{host}:{server.server_address[1]}/ (reconcile {'--fix' if fix else 'report only'})",
+        err=True,
     )
     try:
         server.serve_forever()
