@@ -15,6 +15,7 @@ the same policy, never a lost record. Webhooks only wake this pass; it is the gu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -81,9 +82,26 @@ def reconcile(
     if model is not None:
         check_model(model)
     report = Report()
-    for name in [model] if model else models_with_policies():
-        _reconcile_model(name, report, fix, signing_key, seen_by, progress)
+    with _project_run():
+        for name in [model] if model else models_with_policies():
+            _reconcile_model(name, report, fix, signing_key, seen_by, progress)
     return report
+
+
+@contextlib.contextmanager
+def _project_run():
+    """Under ``mlflow run . -e reconcile`` the run it made is active while the pass runs, so each prune is a run
+    nested under it (not that run itself, which holds one prune at most)."""
+    import os
+
+    import mlflow
+
+    if not os.environ.get("MLFLOW_RUN_ID") or mlflow.active_run() is not None:
+        yield
+        return
+    with mlflow.start_run():
+        mlflow.set_tag(lineage.PREFIX + "kind", "reconcile")
+        yield
 
 
 def _reconcile_model(model: str, report: Report, fix: bool, signing_key, seen_by: str, progress: bool) -> None:

@@ -59,7 +59,7 @@ def test_python_api_example_registers_a_version(store):
 
 def test_mlproject_and_examples_are_well_formed():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert {"main", "prune", "evaluate", "gate"} <= set(project["entry_points"])
+    assert {"main", "prune", "evaluate", "gate", "reconcile"} <= set(project["entry_points"])
     assert (ROOT / project["python_env"]).is_file()
     assert "NEEDS THE HUGGING FACE HUB" in (ROOT / "examples" / "paper_experiment.py").read_text()
     workflow = yaml.safe_load((ROOT / "examples" / "ci" / "unlearning-gate.yml").read_text())
