@@ -1,25 +1,34 @@
 """``reconcile``: one idempotent pass that makes the registry match its policies.
 
-For each policy (``registry.policy``) of each model: every base version without a compliant unlearned child is
-listed, and with ``fix`` pruned with the policy's recipe, gated with its thresholds and registered with the
-policy's digest in its lineage (a child already registered but not yet gated is gated, never pruned again);
-every protected alias on a version that does not comply is listed, and with ``fix`` moved to the newest
-compliant version by a recorded decision (signed with the key given). A protected alias found where no
-recorded move put it is recorded as seen (``seen_by``) before anything moves it.
+For each policy (``registry.policy``) of each model, in three steps:
 
-Each write is one step that the next pass can see done: a pass killed at any point leaves a run without a
-version (the next pass prunes again), a version without a gate decision (the next pass gates it), or a move
-record without its move (the next pass moves the alias again) -- never a second child of the same base under
-the same policy, never a lost record. Webhooks only wake this pass; it is the guarantee.
+1. every protected alias on a version that does not comply is moved back: to the compliant child of the base it
+   points at (the deployed base model stays), else to the version its latest recorded move put it on, else to
+   the newest compliant version; by a recorded decision (signed with the key given);
+2. every base version without a compliant unlearned child is pruned with the policy's recipe, gated with its
+   thresholds and registered with the policy's digest in its lineage (a child registered but not yet gated is
+   gated, never pruned again; a child that does not verify is reported, never pruned again);
+3. the aliases again, now that new children may comply.
+
+A protected alias found where no recorded move put it is recorded as seen (``seen_by``) before anything moves it;
+an alias moved by hand onto a compliant version is recorded as seen and left there (the audit still shows the
+move: only a recorded move explains an alias). Deliveries the webhook receiver saw (``seen``: alias, version) are
+recorded the same way, even when the alias has moved again since.
+
+Each write is one step the next pass can see done: a pass killed at any point leaves a run without a version (the
+next pass prunes again), a version without a gate decision (the next pass gates it), or a move record without its
+move (the next pass moves the alias again). A pass holds a lock per model on this machine (the receiver and a
+cron job on one host never overlap). Webhooks only wake this pass; it is the guarantee.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from .errors import BadInputError
+from .errors import BadInputError, VerificationError
 from .registry import compliance, lineage
 from .registry import policy as policies
 
@@ -39,19 +48,31 @@ class Report:
         return not self.problems and all(row["compliant"] for row in self.rows)
 
 
+@dataclass
+class Pass:
+    """The settings of one pass, passed whole."""
+
+    fix: bool = False
+    signing_key: str | None = None  # a path (``attest.load_signing_key``), read only when something is signed
+    seen_by: str = "reconcile"
+    progress: bool = True
+    roots: dict | None = None  # key id -> public key: only policies signed by one of them are followed
+    seen: list[tuple[str, str, int]] = field(default_factory=list)  # (alias, version, unix time) deliveries named
+
+
 def models_with_policies() -> list[str]:
-    """Every registered model that carries a policy tag (or has a policy run)."""
+    """Every registered model that carries a policy tag, or that a policy run's params name."""
     from .registry.resolve import client
 
-    names = set()
-    for model in client().search_registered_models(max_results=1000):
-        if any(tag.startswith(policies.TAG_PREFIX) for tag in (model.tags or {})):
-            names.add(model.name)
-    experiment = client().get_experiment_by_name(policies.EXPERIMENT)
-    if experiment is not None:
-        for run in client().search_runs([experiment.experiment_id], max_results=1000):
-            if run.data.tags.get(policies.RUN_MODEL_TAG):
-                names.add(run.data.tags[policies.RUN_MODEL_TAG])
+    names, token = set(), None
+    while True:
+        page = client().search_registered_models(max_results=1000, page_token=token)
+        names |= {m.name for m in page if any(t.startswith(policies.TAG_PREFIX) for t in (m.tags or {}))}
+        token = page.token
+        if not token:
+            break
+    for run in policies.all_revision_runs():
+        names.add(run.data.params[policies.RUN_MODEL_TAG])
     return sorted(names)
 
 
@@ -69,34 +90,32 @@ def check_model(model: str) -> None:
         raise BadInputError(f"--model: registered model '{model}' does not exist{did_you_mean(model)}") from None
 
 
-def reconcile(
-    model: str | None = None,
-    *,
-    fix: bool = False,
-    signing_key=None,
-    seen_by: str = "reconcile",
-    progress: bool = True,
-    write_description: bool | None = None,
-) -> Report:
+def reconcile(model: str | None = None, settings: Pass | None = None) -> Report:
     """One pass over ``model`` (None: every model with a policy); see the module's docstring."""
+    settings = settings or Pass()
     if model is not None:
         check_model(model)
     report = Report()
-    with _project_run():
+    with _project_run(settings.fix):
         for name in [model] if model else models_with_policies():
-            _reconcile_model(name, report, fix, signing_key, seen_by, progress)
+            with _model_lock(name):
+                try:
+                    _reconcile_model(name, report, settings)
+                except (BadInputError, VerificationError) as exc:  # this model's; the others still get their pass
+                    said = exc.findings[-1] if isinstance(exc, VerificationError) else str(exc).splitlines()[0]
+                    report.problems.append(f"{name}: {said}")
     return report
 
 
 @contextlib.contextmanager
-def _project_run():
-    """Under ``mlflow run . -e reconcile`` the run it made is active while the pass runs, so each prune is a run
-    nested under it (not that run itself, which holds one prune at most)."""
+def _project_run(fix: bool):
+    """Under ``mlflow run . -e reconcile`` the run it made is active while a fixing pass runs, so each prune is a
+    run nested under it (not that run itself, which holds one prune at most)."""
     import os
 
     import mlflow
 
-    if not os.environ.get("MLFLOW_RUN_ID") or mlflow.active_run() is not None:
+    if not fix or not os.environ.get("MLFLOW_RUN_ID") or mlflow.active_run() is not None:
         yield
         return
     with mlflow.start_run():
@@ -104,28 +123,71 @@ def _project_run():
         yield
 
 
-def _reconcile_model(model: str, report: Report, fix: bool, signing_key, seen_by: str, progress: bool) -> None:
+@contextlib.contextmanager
+def _model_lock(model: str):
+    """One pass per model and tracking store at a time on this machine (an exclusive lock in the user cache)."""
+    import fcntl
+    import os
+    from pathlib import Path
+
+    import mlflow
+
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow-selprune" / "locks"
+    root.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{model}".encode()).hexdigest()[:32]
+    with open(root / f"{key}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _reconcile_model(model: str, report: Report, settings: Pass) -> None:
     from .registry import describe
 
     active = policies.policies(model)
     broken = [p for p in active if p.findings]
     for p in broken:
         report.problems.append(f"{model}: policy {p.name} does not verify: {p.findings[0]}")
-    assessments = []
+    followed = []
     for p in (p for p in active if not p.findings):
+        if settings.roots is not None and not policies.signed_by(p, settings.roots):
+            report.problems.append(f"{model}: policy {p.name} is not signed by a trusted key; not followed")
+        else:
+            followed.append(p)
+    contested = _contested_aliases(followed)
+    for alias, names in sorted(contested.items()):
+        report.problems.append(
+            f"models:/{model}@{alias} is protected by {len(names)} policies ({', '.join(names)}); no version can "
+            "comply with both: retire all but one (the alias is left where it is)"
+        )
+    if settings.fix and settings.seen:
+        _record_deliveries(model, settings, report)
+    assessments = []
+    for p in followed:
         assessment = compliance.assess(p)
-        unsigned = fix and _signer_missing(p, signing_key)
+        unsigned = settings.fix and _signer_missing(p, settings.signing_key)
         if unsigned:
             report.problems.append(f"{model}: policy {p.name}: not fixed: {unsigned}")
-        elif fix:
-            assessment = _fix_versions(assessment, report, signing_key, progress)
-            assessment = _fix_aliases(assessment, report, signing_key, seen_by)
-        _report_left(assessment, report)
+        elif settings.fix:
+            assessment = _fix_aliases(assessment, report, settings, contested, final=False)
+            assessment = _fix_versions(assessment, report, settings)
+            assessment = _fix_aliases(assessment, report, settings, contested, final=True)
+        _report_left(assessment, report, contested)
         assessments.append(assessment)
     rows = compliance.status_rows(assessments, broken)
     report.rows.extend(rows)
-    if fix:
+    if settings.fix:
         describe.set_status_section(model, compliance.markdown(rows))
+
+
+def _contested_aliases(followed: list) -> dict[str, list[str]]:
+    protected: dict[str, list[str]] = {}
+    for p in followed:
+        for alias in p.protect:
+            protected.setdefault(alias, []).append(p.name)
+    return {alias: names for alias, names in protected.items() if len(names) > 1}
 
 
 def _signer_missing(policy, signing_key_path) -> str | None:
@@ -141,22 +203,27 @@ def _signer_missing(policy, signing_key_path) -> str | None:
     return None
 
 
-def _fix_versions(a: compliance.Assessment, report: Report, signing_key, progress: bool) -> compliance.Assessment:
+def _fix_versions(a: compliance.Assessment, report: Report, settings: Pass) -> compliance.Assessment:
     """Gate each ungated child, prune each base without one; returns the assessment after."""
     changed = False
     for base in a.bases():
         state, child = a.state_of_base(base)
         if state == compliance.UNGATED and child is not None:
-            _gate(a.policy, child.hop.uri, report, signing_key)
+            _gate(a.policy, child.hop.uri, report, settings.signing_key)
             changed = True
         elif state == "missing":
             problem = _data_changed(a.policy)
             if problem:
                 report.problems.append(f"{base.uri}: not pruned: {problem}")
                 continue
-            uri = _prune(a.policy, base, signing_key, progress)
+            try:
+                uri = _prune(a.policy, base, settings)
+            except (BadInputError, VerificationError) as exc:  # this base's; the others still get theirs
+                said = exc.findings[-1] if isinstance(exc, VerificationError) else str(exc).splitlines()[0]
+                report.problems.append(f"{base.uri}: not pruned under policy {a.policy.name}: {said}")
+                continue
             report.actions.append(f"pruned {base.uri} under policy {a.policy.name}: {uri}")
-            _gate(a.policy, uri, report, signing_key)
+            _gate(a.policy, uri, report, settings.signing_key)
             changed = True
     return compliance.assess(a.policy) if changed else a
 
@@ -168,7 +235,10 @@ def _data_changed(policy) -> str | None:
         pinned = policy.body[side]
         if not pinned["data"]:
             continue
-        now = policies.documents_sha256(pinned["data"], data.source_for(side))
+        try:
+            now = policies.documents_sha256(pinned["data"], data.source_for(side))
+        except BadInputError as exc:
+            return f"the {side} DATA {pinned['data']} cannot be read: {str(exc).splitlines()[0]}"
         if now != pinned["documents_sha256"]:
             return (
                 f"the {side} DATA {pinned['data']} changed since policy {policy.name} pinned it (documents sha256 "
@@ -177,7 +247,7 @@ def _data_changed(policy) -> str | None:
     return None
 
 
-def _prune(policy, base, signing_key_path, progress: bool) -> str:
+def _prune(policy, base, settings: Pass) -> str:
     from .unlearn import run_prune
 
     config, data, evidence = policy.recipe()
@@ -191,9 +261,9 @@ def _prune(policy, base, signing_key_path, progress: bool) -> str:
         register_as=policy.model,
         storage=policy.body["recipe"].get("storage", "full"),
         run_name=f"reconcile {policy.model} v{base.version} under {policy.name}",
-        signing_key=signing_key_path,
+        signing_key=settings.signing_key,
         policy=policy.ref,
-        progress=progress,
+        progress=settings.progress,
     )
     return result.model_uri
 
@@ -211,58 +281,149 @@ def _gate(policy, uri: str, report: Report, signing_key_path) -> None:
     report.actions.append(f"gated {result.model_uri} with policy {policy.name}'s thresholds: {verdict}")
 
 
-def _fix_aliases(a: compliance.Assessment, report: Report, signing_key_path, seen_by: str) -> compliance.Assessment:
-    """Record each protected alias found where no recorded move put it; move each one on a version that does not
-    comply to the newest compliant version (or record why the one it is on stays)."""
-    from .registry.attest import load_signing_key
-    from .registry.gate import move_alias_recorded, record_observation
+# ----------------------------------------------------------------------------- aliases
+
+
+def _latest_about(a: compliance.Assessment, alias: str) -> tuple[str, dict] | None:
+    """``(version, record)`` of the newest readable record that names ``alias`` (moved, requested or seen)."""
+    latest = None
+    for hop in a.hops:
+        for _, record in lineage.gate_record_entries(hop.tags):
+            if record and alias in (record.get("alias_moved"), record.get("alias_requested"), record.get("alias_seen")):
+                if latest is None or record["time"] > latest[1]["time"]:
+                    latest = (str(hop.version), record)
+    return latest
+
+
+def _fix_aliases(
+    a: compliance.Assessment, report: Report, settings: Pass, contested: dict, final: bool
+) -> compliance.Assessment:
+    """Each protected alias (not contested by another policy) on a version that does not comply is moved back;
+    one found where no recorded move put it is recorded as seen first; returns the assessment after. Before the
+    versions are fixed (``final`` false) an alias with nowhere to go yet waits for them, unreported."""
     from .registry.resolve import resolve
 
-    key = None
     changed = False
     for alias in a.policy.protect:
+        if alias in contested:
+            continue
+        if a.history is not None and a.history.unreadable:
+            if final:
+                report.problems.append(
+                    f"models:/{a.policy.model}@{alias}: not fixed: the model's decisions cannot all be read "
+                    f"({a.history.unreadable[0]})"
+                )
+            continue
         ok, why = a.alias_standing(alias)
+        version = a.aliases.get(alias)
+        latest = _latest_about(a, alias)
         if ok and a.explained(alias):
             continue
-        key = key or load_signing_key(signing_key_path)
-        version = a.aliases.get(alias)
-        if version is not None and not a.explained(alias) and not _seen_already(a, alias, version):
-            record_observation(resolve(f"models:/{a.policy.model}/{version}"), alias, seen_by, key)
-            report.actions.append(f"recorded @{alias} on v{version}, put there by no recorded move ({seen_by})")
-        target = resolve(f"models:/{a.policy.model}/{version}") if ok else None
+        if ok and latest and latest[0] == version and latest[1]["verdict"] == lineage.RECONCILED:
+            # a move of a pass that was killed before its record said it moved: this pass moves it again
+            _move(a, alias, resolve(f"models:/{a.policy.model}/{version}"), report, settings, "the move of a pass "
+                  "that was stopped before its record said so, made again")  # fmt: skip
+            changed = True
+            continue
+        seen = latest is not None and latest[0] == version and latest[1]["verdict"] == lineage.OBSERVED
+        if version is not None and not a.explained(alias) and not seen:
+            _observe(a.policy.model, alias, version, settings, report)
+            changed = True
+        if ok:
+            continue  # a move by hand onto a compliant version: recorded as seen, left there
+        target = _target(a, alias, version)
         if target is None:
-            newest = a.newest_compliant()
-            if newest is None:
-                report.problems.append(
-                    f"models:/{a.policy.model}@{alias}: {why}, and no version complies with policy {a.policy.name} "
-                    "to move it to"
-                )
+            if not final:
                 continue
-            target = resolve(newest.uri)
+            report.problems.append(
+                f"models:/{a.policy.model}@{alias}: {why}, and no version complies with policy {a.policy.name} to "
+                "move it to"
+            )
+            continue
         reason = (
-            f"kept on v{target.version}, which complies with policy {a.policy.name}: the alias was moved there by hand"
-            if ok
-            else f"moved from {'nowhere' if version is None else 'v' + version} ({why}) to v{target.version}, "
-            f"the newest version that complies with policy {a.policy.name}"
+            f"moved from {'nowhere' if version is None else 'v' + version} ({why}) to v{target.version}, which "
+            f"complies with policy {a.policy.name}"
         )
-        move_alias_recorded(target, alias, lineage.RECONCILED, key, policy=a.policy.ref, reason=reason)
-        report.actions.append(f"@{alias}: {reason}")
+        _move(a, alias, resolve(target.uri), report, settings, reason)
         changed = True
     return compliance.assess(a.policy) if changed else a
 
 
-def _seen_already(a: compliance.Assessment, alias: str, version: str) -> bool:
-    """Whether the latest record about ``alias`` is already the observation of it on ``version``."""
-    latest = None
-    for hop in a.hops:
-        for _, record in lineage.gate_record_entries(hop.tags):
-            if record and alias in (record.get("alias_moved"), record.get("alias_seen")):
-                if latest is None or record["time"] > latest[0]:
-                    latest = (record["time"], str(hop.version), record["verdict"])
-    return latest is not None and latest[1:] == (version, lineage.OBSERVED)
+def _target(a: compliance.Assessment, alias: str, version: str | None):
+    """Where a protected alias goes back to: the compliant child of the base it points at (or of the base of the
+    child it points at), else the version its latest recorded move put it on if that complies, else the newest
+    compliant version."""
+    hop = next((h for h in a.hops if str(h.version) == str(version)), None)
+    if hop is not None:
+        parent = hop.tags.get(lineage.PARENT)
+        base = hop if not hop.is_unlearned else next((h for h in a.bases() if h.uri == parent), None)
+        if base is not None:
+            state, child = a.state_of_base(base)
+            if state == compliance.COMPLIANT and child is not None:
+                return child.hop
+    latest = a.history.latest.get(alias) if a.history else None
+    if latest is not None:
+        child = a.child(latest[1])
+        if child is not None and child.state == compliance.COMPLIANT:
+            return child.hop
+    return a.newest_compliant()
 
 
-def _report_left(a: compliance.Assessment, report: Report) -> None:
+def _move(a: compliance.Assessment, alias: str, target, report: Report, settings: Pass, reason: str) -> None:
+    from .registry.attest import load_signing_key
+    from .registry.gate import move_alias_recorded
+
+    move_alias_recorded(
+        target, alias, lineage.RECONCILED, load_signing_key(settings.signing_key), policy=a.policy.ref, reason=reason
+    )
+    report.actions.append(f"@{alias}: {reason}")
+
+
+def _observe(model: str, alias: str, version: str, settings: Pass, report: Report) -> None:
+    from .registry.attest import load_signing_key
+    from .registry.gate import record_observation
+    from .registry.resolve import resolve
+
+    record_observation(
+        resolve(f"models:/{model}/{version}"), alias, settings.seen_by, load_signing_key(settings.signing_key)
+    )
+    report.actions.append(f"recorded @{alias} on v{version}, put there by no recorded move ({settings.seen_by})")
+
+
+def _record_deliveries(model: str, settings: Pass, report: Report) -> None:
+    """Each alias move a webhook delivery named, recorded as seen on the version it named, unless a record of this
+    project names that alias there from around the delivery's time (a gate or reconcile move, written just before
+    its move) or it was recorded as seen already: even a move undone since is in the history."""
+    hops, _ = lineage.versions(model)
+    by_version = {str(h.version): h for h in hops}
+    for alias, version, when in settings.seen:
+        hop = by_version.get(str(version))
+        if hop is None:
+            continue
+        around = [
+            r
+            for _, r in lineage.gate_record_entries(hop.tags)
+            if r
+            and alias in (r.get("alias_moved"), r.get("alias_requested"), r.get("alias_seen"))
+            and -DELIVERY_SLACK <= when - _epoch(r["time"]) <= DELIVERY_SLACK
+        ]
+        if not around:
+            _observe(model, alias, str(version), Pass(**{**settings.__dict__, "seen_by": "webhook"}), report)
+
+
+# how far apart a delivery's time and the record of the move it reports may be (a move is recorded just before it is
+# made; a delivery is sent just after it, with retries)
+DELIVERY_SLACK = 600
+
+
+def _epoch(record_time: str) -> int:
+    import calendar
+    import time
+
+    return calendar.timegm(time.strptime(record_time[:19], "%Y-%m-%dT%H:%M:%S"))
+
+
+def _report_left(a: compliance.Assessment, report: Report, contested: dict) -> None:
     for base in a.bases():
         state, child = a.state_of_base(base)
         if state == compliance.COMPLIANT:
@@ -271,11 +432,13 @@ def _report_left(a: compliance.Assessment, report: Report) -> None:
             "missing": "has no verified unlearned child under policy",
             compliance.UNGATED: f"has an ungated child ({child.hop.uri if child else '?'}) under policy",
             compliance.FAILED: f"has a child that failed the gate ({child.hop.uri if child else '?'}) of policy",
+            compliance.UNVERIFIED: f"has a child that does not verify ({child.hop.uri if child else '?'}; "
+            f"{child.why if child else ''}) under policy",
         }[state]
         report.problems.append(f"{base.uri} {what} {a.policy.name}")
     for alias in a.policy.protect:
         ok, why = a.alias_standing(alias)
-        if not ok:
+        if not ok and alias not in contested:
             report.problems.append(
                 f"models:/{a.policy.model}@{alias} does not comply with policy {a.policy.name}: {why}"
             )

@@ -89,7 +89,10 @@ def check_delivery(secret: str, headers, body: bytes, guard: ReplayGuard, now: f
     delivery_id, timestamp, signed = (headers.get(h) for h in (DELIVERY_ID_HEADER, TIMESTAMP_HEADER, SIGNATURE_HEADER))
     if not (delivery_id and timestamp and signed):
         raise Refused(401, "unsigned: the delivery id, timestamp or signature header is missing")
-    if not timestamp.isdigit() or abs(now - int(timestamp)) > guard.max_age:
+    if (
+        not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) < 12)
+        or abs(now - int(timestamp)) > guard.max_age
+    ):
         raise Refused(401, f"timestamp {timestamp[:20]!r} is not within {guard.max_age:.0f} s of now")
     if not hmac.compare_digest(signed.encode(), signature(secret, delivery_id, timestamp, body).encode()):
         raise Refused(401, "the signature does not match (another secret, or the body was changed)")
@@ -105,52 +108,74 @@ def check_delivery(secret: str, headers, body: bytes, guard: ReplayGuard, now: f
 
 
 class Reconciler:
-    """Runs ``reconcile --model NAME`` in a subprocess, one job at a time per model; events for a model whose job
-    is running are folded into one more run after it."""
+    """Runs ``reconcile --model NAME`` in a subprocess, one job at a time per model and at most ``max_jobs`` at once;
+    events for a model whose job is running are folded into one more run after it."""
 
-    def __init__(self, fix: bool = True, command: list[str] | None = None):
+    def __init__(
+        self, fix: bool = True, command: list[str] | None = None, max_jobs: int = 1, job_timeout: float = 3600
+    ):
         self.fix = fix
         self.command = command or [sys.executable, "-m", "mlflow_selprune"]
+        self.job_timeout = job_timeout
+        self.slots = threading.BoundedSemaphore(max_jobs)
         self.lock = threading.Lock()
-        self.running: dict[str, str | None] = {}  # model -> who saw a move by hand for the next run (None: no rerun)
+        self.pending: dict[str, list] = {}  # model -> the alias moves seen for its next run
+        self.running: set[str] = set()
         self.finished = threading.Condition(self.lock)
         self.runs: list[tuple[str, int]] = []  # (model, exit code) of every finished job, for logs and tests
 
-    def submit(self, model: str, seen_by: str) -> None:
+    def submit(self, model: str, seen: tuple[str, str, int] | None = None) -> None:
         with self.lock:
+            self.pending.setdefault(model, [])
+            if seen is not None:
+                self.pending[model].append(seen)
             if model in self.running:
-                pending = self.running[model]
-                self.running[model] = "webhook" if "webhook" in (pending, seen_by) else "reconcile"
                 return
-            self.running[model] = None
-        threading.Thread(target=self._work, args=(model, seen_by), daemon=True).start()
+            self.running.add(model)
+        threading.Thread(target=self._work, args=(model,), daemon=True).start()
 
-    def _work(self, model: str, seen_by: str) -> None:
-        while True:
-            code = self._run(model, seen_by)
+    def _work(self, model: str) -> None:
+        try:
+            while True:
+                with self.lock:
+                    if model not in self.pending:
+                        return
+                    seen = self.pending.pop(model)
+                code = -1
+                try:
+                    code = self._run(model, seen)
+                finally:
+                    with self.lock:
+                        self.runs.append((model, code))
+        finally:
             with self.lock:
-                self.runs.append((model, code))
-                again = self.running[model]
-                if again is None:
-                    del self.running[model]
-                    self.finished.notify_all()
-                    return
-                self.running[model], seen_by = None, again
+                self.running.discard(model)
+                self.finished.notify_all()
 
-    def _run(self, model: str, seen_by: str) -> int:
-        argv = [*self.command, "reconcile", "--model", model, "--seen-by", seen_by, "--no-progress"]
+    def _run(self, model: str, seen: list) -> int:
+        argv = [*self.command, "reconcile", "--model", model, "--no-progress"]
         argv += ["--fix"] if self.fix else []
-        logger.info("reconcile %s (%s)", model, "fix" if self.fix else "report only")
-        done = subprocess.run(argv, capture_output=True, text=True)
+        for alias, version, when in seen:
+            argv += ["--seen", f"{alias}={version}@{when}"]
+        with self.slots:
+            logger.info("reconcile %s (%s)", model, "fix" if self.fix else "report only")
+            try:
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=self.job_timeout)
+            except subprocess.TimeoutExpired:
+                logger.warning("reconcile %s ran past %d s and was stopped", model, self.job_timeout)
+                return 124
+            except OSError as exc:
+                logger.warning("reconcile %s could not start: %s", model, exc)
+                return 127
         for line in (done.stdout + done.stderr).splitlines():
             logger.info("  [%s] %s", model, line)
         logger.info("reconcile %s exited %d", model, done.returncode)
         return done.returncode
 
     def idle(self, timeout: float) -> bool:
-        """Wait until no job runs; whether that happened within ``timeout`` seconds."""
+        """Wait until no job runs or waits; whether that happened within ``timeout`` seconds."""
         with self.lock:
-            return self.finished.wait_for(lambda: not self.running, timeout)
+            return self.finished.wait_for(lambda: not self.running and not self.pending, timeout)
 
 
 def make_server(
@@ -167,6 +192,8 @@ def make_server(
     guard = ReplayGuard(max_age)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 30  # seconds a connection may stay silent (a slow sender holds one thread, not the server)
+
         def log_message(self, format, *args):  # noqa: A002 - the base class's name
             logger.debug("%s %s", self.address_string(), format % args)
 
@@ -182,7 +209,8 @@ def make_server(
             self._answer(200 if self.path == "/health" else 404, {"ok": self.path == "/health"})
 
         def do_POST(self):  # noqa: N802
-            length = int(self.headers.get("Content-Length") or 0)
+            given = self.headers.get("Content-Length") or "0"
+            length = int(given) if given.isascii() and given.isdigit() and len(given) < 10 else -1
             if not 0 < length <= MAX_BODY:
                 return self._answer(413 if length else 400, {"refused": "a body of 1 byte to 1 MiB is expected"})
             body = self.rfile.read(length)
@@ -192,15 +220,23 @@ def make_server(
                 logger.warning("refused a delivery from %s: %s", self.client_address[0], exc)
                 return self._answer(exc.status, {"refused": str(exc)})
             event = f"{payload.get('entity')}.{payload.get('action')}"
-            model = payload["data"].get("name")
+            data = payload["data"]
+            model = data.get("name")
             if event not in EVENTS or not isinstance(model, str) or not model:
                 return self._answer(200, {"ignored": event})
-            seen_by = "webhook" if event == "model_version_alias.created" else "reconcile"
+            seen = None
+            if event == "model_version_alias.created":
+                from .registry.lineage import ALIAS
+
+                alias, version = data.get("alias"), str(data.get("version"))
+                if not (isinstance(alias, str) and ALIAS.fullmatch(alias) and version.isascii() and version.isdigit()):
+                    return self._answer(400, {"refused": "the alias event names no alias and version"})
+                seen = (alias, version, int(self.headers[TIMESTAMP_HEADER]))
             logger.info("%s for '%s': reconciling", event, model)
-            reconciler.submit(model, seen_by)
+            reconciler.submit(model, seen)
             return self._answer(202, {"reconciling": model})
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    context = None
     if certfile:
         import ssl
 
@@ -208,10 +244,34 @@ def make_server(
         try:
             context.load_cert_chain(certfile, keyfile)
         except (OSError, ssl.SSLError) as exc:
-            server.server_close()
             raise BadInputError(f"--certfile/--keyfile: cannot load a certificate and key ({exc})") from None
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    return server
+    elif keyfile:
+        raise BadInputError("--keyfile: give the certificate too (--certfile); without both the receiver speaks http")
+    return _Server((host, port), Handler, context)
+
+
+class _Server(ThreadingHTTPServer):
+    """Each connection in its own thread, its TLS handshake there too (under the handler's timeout), so a client
+    that connects and says nothing holds one thread, never the accepting one."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, context=None):
+        self.context = context
+        super().__init__(address, handler)
+
+    def finish_request(self, request, client_address):
+        if self.context is not None:
+            request.settimeout(30)
+            try:
+                request = self.context.wrap_socket(request, server_side=True)
+            except OSError as exc:  # ssl.SSLError and timeouts are OSErrors
+                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request, client_address):
+        logger.warning("a request from %s failed: %s", client_address[0], sys.exc_info()[1])
 
 
 def install(url: str, secret: str, name: str = "selprune-reconcile"):

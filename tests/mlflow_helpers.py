@@ -228,6 +228,14 @@ SMALL_DATA = [
 ]
 
 
+def recorded_tags(name: str, version) -> dict:
+    """A version's lineage as its run's anchored record holds it (the version itself shows ``lineage.SHOWN``)."""
+    from mlflow_selprune.registry import lineage
+
+    mv = MlflowClient().get_model_version(name, str(version))
+    return lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
+
+
 def lineage_tags() -> tuple[str, ...]:
     """The tags every complete unlearned version carries."""
     from mlflow_selprune.registry import lineage
@@ -255,7 +263,7 @@ def assert_complete_or_absent(before: dict, name: str = TINY_NAME, aliases_uncha
     after = registry_snapshot()
     new = sorted(set(after[name]["versions"]) - set(before.get(name, {"versions": {}})["versions"]), key=int)
     for version in new:
-        tags = after[name]["versions"][version]
+        tags = recorded_tags(name, version)
         missing = [t for t in lineage_tags() if not tags.get(t)]
         assert not missing, f"version {version} lacks {missing}"
         run_id = tags[lineage_tags()[2]]

@@ -118,7 +118,7 @@ def test_a_forged_version_from_a_fresh_run_with_copied_tags_fails_only_with_a_tr
     statement names another run and other lineage, so the trusted key catches it."""
     client = MlflowClient()
     genuine = client.get_model_version(TINY_NAME, signed["chain"][-1].rsplit("/", 1)[1])
-    tags = lineage.lineage_tags(genuine.tags)
+    tags = lineage.lineage_tags(lineage.recorded_tags(genuine.run_id, dict(genuine.tags)))  # its run's record
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name="forged") as run:
         local = Path(client.download_artifacts(genuine.run_id, "selprune", tmp))
         for path in local.iterdir():
@@ -130,7 +130,10 @@ def test_a_forged_version_from_a_fresh_run_with_copied_tags_fails_only_with_a_tr
         TINY_NAME,
         genuine.source,
         run_id=run.info.run_id,
-        tags={**tags, **{k: v for k, v in genuine.tags.items() if k.startswith(lineage.GATE_RECORD_PREFIX)}},
+        tags={
+            **lineage.shown(tags),
+            **{k: v for k, v in genuine.tags.items() if k.startswith(lineage.GATE_RECORD_PREFIX)},
+        },
     )
     uri = f"models:/{TINY_NAME}/{forged.version}"
     try:

@@ -80,6 +80,10 @@ def test_a_policy_follows_every_base_version_and_keeps_its_alias_on_a_compliant_
     assert len(first) == 1 and alias("production") == first[0]
     tags = versions()
     assert tags[first[0]][lineage.POLICY].startswith("no-code@")
+    shown = {k for k in tags[first[0]] if not k.startswith(lineage.GATE_RECORD_PREFIX)}
+    assert shown <= set(lineage.SHOWN) and len(shown) == 6  # the rest is in the anchored record, read verified
+    decided = invoke("gate", "--model-uri", f"models:/{TINY_NAME}/{first[0]}", "--min-selectivity", "0", "--dry-run")
+    assert decided.exit_code in (0, 1) and "selectivity = " in decided.stdout, decided.output  # a metric not shown
     description = client.get_registered_model(TINY_NAME).description
     again = invoke("reconcile", "--model", TINY_NAME, "--fix", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["actions"] == []
@@ -168,7 +172,7 @@ def test_the_receiver_refuses_unsigned_stale_and_replayed_deliveries():
         assert _post(url, body.replace(b'"1"', b'"2"'), headers()) == 401  # body changed after signing
         old = str(int(time.time()) - 3600)
         assert _post(url, body, headers(timestamp=old)) == 401
-        assert reconciler.runs == [] and not reconciler.running  # nothing refused woke a job
+        assert reconciler.runs == [] and not reconciler.running and not reconciler.pending  # nothing refused woke a job
         assert _post(url, body, headers()) == 202
         assert _post(url, body, headers()) == 409  # the same delivery again: a replay
         assert reconciler.idle(60) and reconciler.runs == [("m", 0)]

@@ -109,8 +109,8 @@ def test_a_well_formed_envelope_opens_and_claims_never_raise_on_a_wrong_shape():
     assert attest.claim({"subject": "abc"}, "subject", 0) is None and attest.claim({"p": [1]}, "p", -2) is None
 
 
-KEY_OF_RECORD = lineage.GATE_RECORD_PREFIX + "20300101T000000.000000Z-fuzzfuzz"
-GOOD_RECORD = {"time": "2030-01-01T00:00:00.000000Z", "verdict": "pass", "user": "u", "alias_moved": "prod"}
+KEY_OF_RECORD = lineage.GATE_RECORD_PREFIX + "20260101T000000.000000Z-fuzzfuzz"
+GOOD_RECORD = {"time": "2026-01-01T00:00:00.000000Z", "verdict": "pass", "user": "u", "alias_moved": "prod"}
 MALFORMED_RECORDS = {
     "not JSON": '{"verdict": "pass", "alias_mo',
     "a JSON list": "[]",
@@ -119,6 +119,7 @@ MALFORMED_RECORDS = {
     "no time": json.dumps({**GOOD_RECORD, "time": None}),
     "time an int": json.dumps({**GOOD_RECORD, "time": 20300101}),
     "time that sorts after every other": json.dumps({**GOOD_RECORD, "time": "9999"}),
+    "time in the future": json.dumps({**GOOD_RECORD, "time": "2999-01-01T00:00:00Z"}),
     "verdict a list": json.dumps({**GOOD_RECORD, "verdict": ["pass"]}),
     "no verdict": json.dumps({k: v for k, v in GOOD_RECORD.items() if k != "verdict"}),
     "user a dict": json.dumps({**GOOD_RECORD, "user": {"name": "u"}}),

@@ -270,29 +270,56 @@ def list_policies(model, retired):
 @click.option("--fix", is_flag=True, help="Prune, gate and register what is missing; move protected aliases back.")
 @SIGNING_KEY
 @click.option(
-    "--seen-by",
-    type=click.Choice(["reconcile", "webhook"]),
-    default="reconcile",
+    "--trusted-key",
+    "roots",
+    multiple=True,
+    metavar="PUB.pem",
+    help="Follow only policies signed by this Ed25519 public key (repeatable); others are reported, not followed.",
+)
+@click.option(
+    "--seen",
+    multiple=True,
     hidden=True,
-    help="Who saw a move by hand (the webhook receiver says webhook).",
+    metavar="ALIAS=VERSION@UNIXTIME",
+    help="An alias move a webhook delivery reported (the receiver passes it).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the status rows, actions and problems as JSON.")
 @NO_PROGRESS
 @handle_errors
-def reconcile(model, fix, signing_key, seen_by, as_json, no_progress):
+def reconcile(model, fix, signing_key, roots, seen, as_json, no_progress):
     """One idempotent pass: is every version followed by a compliant unlearned child, and does every protected
     alias point at one? With --fix, make it so. Exit 0 when all comply, 1 when not."""
-    from ..registry.attest import load_signing_key
+    from ..registry.attest import load_signing_key, load_trusted_keys
 
     _say_store()
     load_signing_key(signing_key)  # a bad key answers before the store is touched
+    trusted = load_trusted_keys(list(roots)) if roots else None
+    deliveries = [_delivery(text) for text in seen]
     _announce_store(require_existing=True)
-    from ..reconcile import reconcile as run_reconcile
+    from ..reconcile import Pass, reconcile as run_reconcile
 
-    progress = _no_progress_bars(no_progress)
-    report = run_reconcile(model, fix=fix, signing_key=signing_key, seen_by=seen_by, progress=progress)
+    settings = Pass(
+        fix=fix,
+        signing_key=signing_key,
+        seen_by="webhook" if deliveries else "reconcile",
+        progress=_no_progress_bars(no_progress),
+        roots=trusted,
+        seen=deliveries,
+    )
+    report = run_reconcile(model, settings)
     _print_report(report, as_json)
     sys.exit(EXIT_OK if report.compliant else EXIT_GATE_FAILED)
+
+
+def _delivery(text: str) -> tuple[str, str, int]:
+    import re
+
+    from ..errors import BadInputError
+
+    match = re.fullmatch(r"([\w\-]{1,255})=(\d{1,12})@(\d{1,12})", text)
+    if match is None:
+        raise BadInputError(f"--seen {text!r}: expected ALIAS=VERSION@UNIXTIME")
+    return match[1], match[2], int(match[3])
 
 
 @main.command()
@@ -305,7 +332,7 @@ def status(model, as_json):
     _announce_store(require_existing=True)
     from ..reconcile import reconcile as run_reconcile
 
-    report = run_reconcile(model, fix=False)
+    report = run_reconcile(model)
     _print_report(report, as_json, actions=False)
     sys.exit(EXIT_OK if report.compliant else EXIT_GATE_FAILED)
 

@@ -21,7 +21,7 @@ SECRET = click.option(
 
 @webhooks.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8765, show_default=True, help="Port to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True, help="Port to listen on.")
 @SECRET
 @click.option(
     "--fix/--no-fix",
@@ -38,8 +38,18 @@ SECRET = click.option(
 )
 @click.option("--certfile", default=None, metavar="CERT.pem", help="Serve HTTPS with this certificate (chain).")
 @click.option("--keyfile", default=None, metavar="KEY.pem", help="The certificate's private key (if not in CERT.pem).")
+@click.option(
+    "--max-jobs", type=click.IntRange(1, 64), default=1, show_default=True, help="Reconcile jobs run at once."
+)
+@click.option(
+    "--job-timeout",
+    type=click.IntRange(60, 86400),
+    default=3600,
+    show_default=True,
+    help="Seconds a job may run before it is stopped (the next event or cron pass finishes its work).",
+)
 @handle_errors
-def serve(host, port, secret, fix, max_age, certfile, keyfile):
+def serve(host, port, secret, fix, max_age, certfile, keyfile, max_jobs, job_timeout):
     """Receive model_version.created and model_version_alias.created deliveries and run reconcile for the model
     each names, one job at a time per model."""
     import logging
@@ -50,7 +60,8 @@ def serve(host, port, secret, fix, max_age, certfile, keyfile):
     _say_store()
     logging.getLogger("mlflow_selprune.webhooks").setLevel(logging.INFO)
     try:
-        server = make_server(host, port, secret, Reconciler(fix=fix), max_age, certfile, keyfile)
+        reconciler = Reconciler(fix=fix, max_jobs=max_jobs, job_timeout=job_timeout)
+        server = make_server(host, port, secret, reconciler, max_age, certfile, keyfile)
     except OSError as exc:
         from ..errors import BadInputError
 

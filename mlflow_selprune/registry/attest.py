@@ -37,7 +37,18 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 UNLEARNING_PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/unlearning/v1"
 GATE_PREDICATE = "https://mlflow-selprune.readthedocs.io/attestation/gate/v1"
 # what a signed gate decision holds of its record (each where the record has it)
-DECISION_FIELDS = ("time", "verdict", "thresholds", "failures", "user", "alias_requested", "policy", "reason")
+DECISION_FIELDS = (
+    "time",
+    "verdict",
+    "thresholds",
+    "failures",
+    "user",
+    "alias_requested",
+    "policy",
+    "reason",
+    "alias_seen",
+    "seen_by",
+)
 ATTESTATION_ARTIFACT = "selprune/attestation.dsse.json"
 SIGNING_KEY_ENV = "SELPRUNE_SIGNING_KEY"
 TRUSTED_KEYS_ENV = "SELPRUNE_TRUSTED_KEYS"

@@ -35,13 +35,13 @@ class Assessment:
     history: evidence.AliasHistory | None = None
 
     def bases(self) -> list[Hop]:
-        return [hop for hop in self.hops if not hop.is_unlearned]
+        return [hop for hop in self.hops if not unlearned(hop)]
 
     def state_of_base(self, base: Hop) -> tuple[str, Child | None]:
         """``compliant`` (a compliant child exists), ``ungated``/``failed`` (the newest such child), or
         ``missing`` (none under this policy that verifies)."""
         mine = self.children.get(str(base.version), [])
-        for state in (COMPLIANT, UNGATED, FAILED):
+        for state in (COMPLIANT, UNGATED, FAILED, UNVERIFIED):  # one that does not verify is reported, not redone
             found = [c for c in mine if c.state == state]
             if found:
                 return state, found[-1]
@@ -66,7 +66,7 @@ class Assessment:
         c = self.child(version)
         if c is None:
             hop = next((h for h in self.hops if str(h.version) == version), None)
-            if hop is not None and not hop.is_unlearned:
+            if hop is not None and not unlearned(hop):
                 return False, f"v{version} is a base version: it still holds what the policy removes"
             return False, f"v{version} is not unlearned under this policy"
         if c.state != COMPLIANT:
@@ -79,6 +79,12 @@ class Assessment:
         return latest is not None and latest[1] == self.aliases.get(alias) and not self.history.unreadable
 
 
+def unlearned(hop: Hop) -> bool:
+    """An unlearned child by its run's anchored record (a parent tag typed onto a base does not make it one)."""
+    record = lineage.anchored_record(hop.run_id)
+    return lineage.PARENT in (record if record is not None else hop.tags)
+
+
 def assess(policy, hops: list[Hop] | None = None, aliases: dict | None = None) -> Assessment:
     """Every version of the policy's model against the policy (``hops``/``aliases``: read here when not given)."""
     if hops is None or aliases is None:
@@ -86,7 +92,7 @@ def assess(policy, hops: list[Hop] | None = None, aliases: dict | None = None) -
         aliases = {a: v for v, names in by_version.items() for a in names}
     trusted = policy.trusted_keys() or None
     result = Assessment(policy, hops, aliases)
-    bases = {hop.uri: str(hop.version) for hop in hops if not hop.is_unlearned}
+    bases = {hop.uri: str(hop.version) for hop in hops if not unlearned(hop)}
     config_sha = policy.config_sha256()
     for hop in hops:
         parent = hop.tags.get(lineage.PARENT)

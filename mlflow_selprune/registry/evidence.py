@@ -30,6 +30,7 @@ from .lineage import (
     PARENT,
     RECORD_TIME,
     RUN_ID,
+    SHOWN,
     WEIGHTS_SHA,
     Hop,
     anchored_digest,
@@ -111,12 +112,16 @@ def check_tags(audit: Audit) -> None:
             f"{actual[:16]}, the run param {LINEAGE_PARAM} records {anchored[:16]}",
         )
         return
-    recorded, now = _json_or_none(record), lineage_tags(hop.tags)
+    on_version = hop.version_tags if hop.version_tags is not None else hop.tags
+    recorded, now = _json_or_none(record), lineage_tags(on_version)
     if not _text_map(recorded):
         audit.tampered("tags", f"the lineage record {LINEAGE_RECORD} of run {run_id} is not a JSON object of tags")
         return
     audit.anchored = recorded
+    # the version shows only SHOWN (older versions: every tag); each one it shows must be the record's
     for key in sorted(recorded.keys() | now.keys()):
+        if key not in now and key not in SHOWN:
+            continue
         if key not in now:
             audit.tampered("tags", f"tag {key} removed (recorded {short(recorded[key])})")
         elif key not in recorded:
@@ -148,7 +153,8 @@ def _run_path(path: str) -> bool:
 def check_values(audit: Audit) -> None:
     """A lineage tag that does not hold a value of its kind (a metric that is no number) is a finding, whether or
     not its anchored record holds the same: nothing reads it as one."""
-    for phrase in malformed_tags(audit.hop.tags):
+    on_version = audit.hop.version_tags or {}
+    for phrase in malformed_tags({**on_version, **audit.hop.tags}):
         audit.tampered("tags", phrase)
 
 
@@ -493,7 +499,14 @@ def recorded(hop: Hop, trusted: dict | None = None) -> Audit:
 
 def hop_of(resolved) -> Hop:
     """A resolved registered version as a lineage hop."""
-    return Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, dict(resolved.tags))
+    return Hop(
+        resolved.canonical_uri,
+        resolved.registered_name,
+        resolved.version,
+        resolved.run_id,
+        dict(resolved.tags),
+        None if resolved.version_tags is None else dict(resolved.version_tags),
+    )
 
 
 def findings(audit: Audit) -> list[str]:

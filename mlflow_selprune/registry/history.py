@@ -93,7 +93,14 @@ def _signature(hop, key: str, record: dict, trusted: dict | None) -> str:
         signed, _ = attest.open_envelope(envelope, trusted)
     except attest.InvalidAttestation as exc:
         return f"INVALID: {exc}"
-    decision = attest.claim(signed, "predicate", "decision") or {}
-    if attest.claim(signed, "predicate", "record_key") != key or decision.get("time") != record["time"]:
+    decision = attest.claim(signed, "predicate", "decision")
+    if (
+        attest.claim(signed, "predicateType") != attest.GATE_PREDICATE
+        or attest.claim(signed, "predicate", "model_version") != hop.uri
+        or attest.claim(signed, "predicate", "record_key") != key
+        or not isinstance(decision, dict)
+        or any(decision.get(k) != record.get(k) for k in attest.DECISION_FIELDS)
+        or (record.get("alias_moved") is not None and record["alias_moved"] != decision.get("alias_requested"))
+    ):
         return "INVALID: the signed decision is not this record"
     return "valid"

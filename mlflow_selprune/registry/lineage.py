@@ -72,7 +72,22 @@ LINEAGE_PARAM = PREFIX + "lineage_sha256"
 # NAME@SHA256 of the policy (registry.policy) a version was unlearned under by `reconcile`
 POLICY = PREFIX + "policy"
 
-# The metrics kept as version tags: what a gate or an auditor reads without opening the run.
+# The tags a version shows in the MLflow UI: what a person filters or sorts by (parent, forget data, the headline
+# drops, the policy it was made under, the verified digest; a base version's source): at most 6, and one more per
+# decision recorded on it (gate, reconcile; each its own tag, never overwritten). Every other lineage tag lives only
+# in the record its run anchored (LINEAGE_RECORD), read from there, verified (``recorded_tags``), never from an
+# unverified tag.
+SHOWN = (
+    PARENT,
+    FORGET_DATA,
+    METRIC_PREFIX + "forget_top1_drop",
+    METRIC_PREFIX + "retain_top1_drop",
+    POLICY,
+    WEIGHTS_SHA,
+    SOURCE_PREFIX + "source",
+)
+
+# The headline metrics kept in the lineage record: what a gate or an auditor reads (from the verified record).
 HEADLINE_METRICS = (
     "forget_top1",
     "retain_top1",
@@ -166,6 +181,54 @@ def lineage_tags(tags: dict) -> dict[str, str]:
         for k, v in tags.items()
         if k.startswith(PREFIX) and not k.startswith((GATE_RECORD_PREFIX, EXPORT_RECORD_PREFIX))
     }
+
+
+def shown(tags: dict) -> dict[str, str]:
+    """The tags a new version is registered with (``SHOWN``); the full set goes to its anchored record."""
+    return {k: tags[k] for k in SHOWN if k in tags}
+
+
+_RECORDS: dict[str, dict] = {}  # run id -> its verified lineage record (a param never changes, so neither does it)
+
+
+def anchored_record(run_id: str | None) -> dict | None:
+    """The lineage record run ``run_id`` anchored, once its sha256 matched the run's param; None where there is none
+    that matches (a run of an older plugin, a plain run, or tampering: ``evidence.check_tags`` names it)."""
+    if not run_id:
+        return None
+    if run_id in _RECORDS:
+        return _RECORDS[run_id]
+    from mlflow.exceptions import MlflowException
+
+    try:
+        anchored = anchored_digest(run_id)
+    except MlflowException as exc:
+        refuse_if_denied(exc)
+        return None
+    stored = run_artifact(run_id, LINEAGE_RECORD) if anchored else None
+    if stored is None or hashlib.sha256(stored).hexdigest() != anchored:
+        return None
+    try:
+        record = json.loads(stored)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
+        return None
+    _RECORDS[run_id] = record
+    return record
+
+
+def recorded_tags(run_id: str | None, version_tags: dict) -> dict:
+    """A version's tags as its run's anchored lineage record holds them (every lineage tag), with the version's
+    own records (gate decisions, exports) and other tags; the version's tags as they are where no record matches
+    its anchor."""
+    if not run_id or not any(k.startswith(PREFIX) for k in version_tags):
+        return dict(version_tags)
+    record = anchored_record(run_id)
+    if record is None:
+        return dict(version_tags)
+    own = {k: v for k, v in version_tags.items() if k not in lineage_tags(version_tags)}
+    return {**own, **record}
 
 
 def lineage_record(tags: dict) -> bytes:
@@ -293,7 +356,8 @@ class Hop:
     name: str | None
     version: str | None
     run_id: str | None
-    tags: dict
+    tags: dict  # every lineage tag (from the anchored record, where it matches) and the version's records
+    version_tags: dict | None = None  # the tags on the version itself, as the registry holds them
 
     @property
     def is_unlearned(self) -> bool:
@@ -357,6 +421,14 @@ _RECORD_TEXT = (
 )
 
 
+def _latest_plausible_time() -> str:
+    """An hour from now, as a record's time is written (to the second): later is no record's time, clocks apart."""
+    import datetime
+
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)
+    return later.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def json_record(value: str) -> dict:
     """A record tag's JSON object; ``ValueError`` where the tag holds anything else (or JSON nested too deep)."""
     try:
@@ -374,6 +446,8 @@ def parse_gate_record(key: str, value: str) -> dict:
     record = json_record(value)
     if not isinstance(record.get("time"), str) or not RECORD_TIME.fullmatch(record["time"]):
         raise ValueError(f"is malformed: its time is {short(record.get('time'))}, not YYYY-MM-DDTHH:MM:SS[.ffffff]Z")
+    if record["time"][:19] > _latest_plausible_time():  # it would sort after every real one, and stay the latest
+        raise ValueError(f"is malformed: its time {short(record['time'])} is in the future")
     for name in ("verdict",) + tuple(n for n in _RECORD_TEXT if n in record):
         if not isinstance(record.get(name), str):
             raise ValueError(f"is malformed: its {name} is {short(record.get(name))}, not text")
@@ -443,7 +517,14 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
                 f"lineage of {model_uri}: the link {uri} (parent of {hops[-1].uri}) is missing: "
                 f"{str(exc).splitlines()[0]}"
             ) from None
-        hop = Hop(resolved.canonical_uri, resolved.registered_name, resolved.version, resolved.run_id, resolved.tags)
+        hop = Hop(
+            resolved.canonical_uri,
+            resolved.registered_name,
+            resolved.version,
+            resolved.run_id,
+            resolved.tags,
+            resolved.version_tags,
+        )
         if hop.is_unlearned and hop.tags.get(COMPLETE) != "true":
             raise LineageError(f"{hop.uri} is an incomplete unlearned version (no {COMPLETE} tag); do not deploy it")
         hops.append(hop)
@@ -523,7 +604,14 @@ def versions(name: str) -> tuple[list[Hop], dict[str, list[str]]]:
     if not found:
         raise BadInputError(f"registered model '{name}' has no versions{did_you_mean(name)}; check the name")
     hops = [
-        Hop(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), mv.run_id, dict(mv.tags or {}))
+        Hop(
+            f"models:/{mv.name}/{mv.version}",
+            mv.name,
+            str(mv.version),
+            mv.run_id,
+            recorded_tags(mv.run_id, dict(mv.tags or {})),
+            dict(mv.tags or {}),
+        )
         for mv in sorted(found, key=lambda mv: int(mv.version))
     ]
     aliases: dict[str, list[str]] = {}

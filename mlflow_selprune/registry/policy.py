@@ -26,6 +26,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -66,9 +67,9 @@ class Policy:
     findings: list[str] = field(default_factory=list)  # why it cannot be trusted; empty when it verifies
     notes: list[str] = field(default_factory=list)  # what is off but decides nothing (the UI's tag, say)
 
-    name = property(lambda self: self.body["name"])
-    model = property(lambda self: self.body["model"])
-    revision = property(lambda self: self.body["revision"])
+    name = property(lambda self: self.body.get("name"))
+    model = property(lambda self: self.body.get("model"))
+    revision = property(lambda self: self.body.get("revision"))
     retired = property(lambda self: bool(self.body.get("retired")))
     protect = property(lambda self: list(self.body.get("protect") or []))
     thresholds = property(lambda self: dict(self.body["gate"]))
@@ -159,6 +160,11 @@ def make_body(
 ) -> dict:
     """A first revision's body; every input already checked (``create`` checks the model and its aliases)."""
     check_name(name)
+    if data.forget_classes is not None:
+        raise PolicyError(
+            "--forget-classes: a policy pins its DATA by the sha256 of its documents' text, which does not cover "
+            "labels or images; give forget and retain DATA of documents"
+        )
     forget, retain = _absolute(forget), _absolute(retain)  # the cron job or the receiver runs elsewhere
     sources = {side: data.source_for(side) for side in ("forget", "retain")}
     return {
@@ -216,6 +222,8 @@ def check_model_and_aliases(model: str, protect: list[str]) -> None:
 
     from .resolve import check_alias, client, did_you_mean
 
+    if "'" in model or "`" in model:
+        raise PolicyError(f"--model: '{model}': a policy cannot follow a model whose name holds a quote")
     for alias in protect:
         check_alias(alias, "--protect")
     try:
@@ -236,6 +244,8 @@ def write(body: dict, signing_key=None) -> Policy:
     """Log a revision (its body, anchored by a param; signed with ``signing_key`` when given), then point the
     model's tag at it. Where the process dies in between, the revision is in the run and the tag still names its
     predecessor: ``policies`` reads the run (the chain's newest), and the next write of the tag catches up."""
+    from mlflow.entities import Param
+
     from . import attest
     from .resolve import client
 
@@ -258,7 +268,15 @@ def write(body: dict, signing_key=None) -> Policy:
             attest.statement(f"policy:{body['model']}/{body['name']}", digest, PREDICATE, {"policy": body}), signing_key
         )
         client().log_text(run_id, envelope.decode(), ENVELOPE_ARTIFACT)
-    client().log_param(run_id, BODY_PARAM, digest)
+    # the params find the revision (a search no tag edit can steer) and anchor its body; they never change
+    client().log_batch(
+        run_id,
+        params=[
+            Param(RUN_MODEL_TAG, body["model"]),
+            Param(RUN_NAME_TAG, body["name"]),
+            Param(BODY_PARAM, digest),
+        ],
+    )
     client().set_terminated(run_id)
     pointer = {"revision": body["revision"], "sha256": digest, "run_id": run_id, "retired": bool(body["retired"])}
     client().set_registered_model_tag(body["model"], TAG_PREFIX + body["name"], json.dumps(pointer, sort_keys=True))
@@ -291,36 +309,102 @@ def next_revision(current: Policy, user: str, **changes) -> dict:
 
 
 def _revision_runs(model: str) -> list:
+    """Every run, in any experiment, whose immutable params say it holds a revision of a policy of ``model`` (a run
+    cannot be moved out of sight, nor its params changed; deleting it needs MANAGE)."""
+    return _runs(f"params.`{RUN_MODEL_TAG}` = '{model}'")
+
+
+def all_revision_runs() -> list:
+    """Every policy revision run of every model."""
+    return _runs(f"params.`{RUN_MODEL_TAG}` LIKE '%'")
+
+
+def _runs(filter_string: str) -> list:
     from .resolve import client
 
-    experiment = client().get_experiment_by_name(EXPERIMENT)
-    if experiment is None:
-        return []
-    runs, token = [], None
+    experiments, token = [], None
     while True:
-        page = client().search_runs(
-            [experiment.experiment_id], f"tags.`{RUN_MODEL_TAG}` = '{model}'", max_results=1000, page_token=token
-        )
-        runs.extend(page)
+        page = client().search_experiments(max_results=1000, page_token=token)
+        experiments += [e.experiment_id for e in page]
         token = page.token
         if not token:
-            return runs
+            break
+    runs = []
+    for start in range(0, len(experiments), 100):  # a search takes at most 100 experiments
+        token = None
+        while True:
+            page = client().search_runs(
+                experiments[start : start + 100], filter_string, max_results=1000, page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+    return runs
 
 
-def _read_revision(run) -> Policy | None:
-    """The revision a run holds, checked against its param; None where the run holds none that matches."""
+def signed_by(policy: Policy, roots: dict) -> bool:
+    """Whether the policy's revision is signed by one of ``roots`` (an operator's keys, given to ``reconcile``)."""
+    return policy.run_id is not None and not _signature_findings(str(policy.name), policy, roots)
+
+
+def body_problem(body) -> str | None:
+    """Why a stored body is not a policy this code can follow, or None: a body is read from a run anyone with EDIT
+    on its experiment can write, so every field is checked before anything reads it."""
+    from .resolve import check_alias
+
+    if not isinstance(body, dict):
+        return "it is not a JSON object"
+    kinds = {"schema": int, "name": str, "model": str, "revision": int, "retired": bool, "forget": dict}
+    kinds.update(retain=dict, recipe=dict, gate=dict, protect=list, trusted_keys=dict)
+    for key, kind in kinds.items():
+        value = body.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"its {key} is {lineage.short(value)}, not a {kind.__name__}"
+    if body["schema"] != 1 or body["revision"] < 1:
+        return f"its schema {body['schema']} or revision {body['revision']} is not one this plugin reads"
+    if not isinstance(body.get("previous_sha256"), (str, type(None))):
+        return "its previous_sha256 is not text"
+    if not (isinstance(body["forget"].get("data"), str) and isinstance(body["forget"].get("documents_sha256"), str)):
+        return "its forget DATA or digest is not text"
+    if not all(isinstance(body["retain"].get(k), (str, type(None))) for k in ("data", "documents_sha256")):
+        return "its retain DATA or digest is not text"
+    if set(body["gate"]) != {*THRESHOLDS, "metric"} or not all(
+        v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        for k, v in body["gate"].items()
+        if k != "metric"
+    ):
+        return "its gate is not the gate's thresholds"
+    try:
+        for alias in body["protect"]:
+            check_alias(alias if isinstance(alias, str) else repr(alias), "protect")
+        policy = Policy(body, "")
+        policy.recipe()
+        policy.trusted_keys()
+    except Exception as exc:  # noqa: BLE001 - whatever a stored body makes the config classes or key loader raise
+        return f"its recipe, aliases or keys do not load ({type(exc).__name__}: {lineage.short(str(exc))})"
+    return None
+
+
+def _read_revision(run, model: str) -> Policy | None:
+    """The revision a run holds, checked against its param and for its shape; None where the run holds none (a
+    write that died before its anchor)."""
     digest = run.data.params.get(BODY_PARAM)
     if digest is None:
-        return None  # a write that died before its anchor: no revision
+        return None
+    placeholder = {"name": run.data.params.get(RUN_NAME_TAG) or "?", "model": model, "revision": 0}
     stored = lineage.run_artifact(run.info.run_id, BODY_ARTIFACT)
     if stored is None or hashlib.sha256(stored).hexdigest() != digest:
         return Policy(
-            {"name": run.data.tags.get(RUN_NAME_TAG), "revision": 0},
+            placeholder,
             digest,
             run.info.run_id,
             [f"policy run {run.info.run_id}: its body {BODY_ARTIFACT} is missing or changed since it was anchored"],
         )
-    body = json.loads(stored)
+    body = _json(stored)
+    problem = body_problem(body)
+    if problem is not None:
+        return Policy(placeholder, digest, run.info.run_id, [f"policy run {run.info.run_id}: its body: {problem}"])
     return Policy(body, digest, run.info.run_id)
 
 
@@ -335,7 +419,7 @@ def chains(model: str) -> dict[str, list[Policy]]:
 
     by_name: dict[str, list[Policy]] = {}
     for run in _revision_runs(model):
-        revision = _read_revision(run)
+        revision = _read_revision(run, model)
         if revision is not None:
             by_name.setdefault(str(revision.body.get("name")), []).append(revision)
     tags = client().get_registered_model(model).tags or {}
@@ -350,7 +434,22 @@ def chains(model: str) -> dict[str, list[Policy]]:
         newest = revisions[-1]
         newest.findings = [*newest.findings, *_chain_findings(model, name, revisions)]
         pointer = _json(tags.get(TAG_PREFIX + name))
-        if not isinstance(pointer, dict) or pointer.get("sha256") != newest.sha256:
+        known = {p.run_id: p.revision for p in revisions}
+        if (
+            isinstance(pointer, dict)
+            and pointer.get("sha256") != newest.sha256
+            and (
+                pointer.get("run_id") not in known
+                or not isinstance(pointer.get("revision"), int)
+                or pointer["revision"] > (newest.revision or 0)
+            )
+        ):  # the UI names a revision the runs do not hold, or a later one: revisions were hidden, or made up
+            newest.findings.append(
+                f"policy {name}: the model's tag {TAG_PREFIX}{name} names {lineage.short(pointer.get('run_id'))} "
+                f"(revision {lineage.short(pointer.get('revision'))}), which is not in the policy's revisions (newest: "
+                f"r{newest.revision})"
+            )
+        elif not isinstance(pointer, dict) or pointer.get("sha256") != newest.sha256:
             newest.notes.append(
                 f"note: policy {name}: the model's tag {TAG_PREFIX}{name} does not name its latest revision "
                 f"(r{newest.revision}, sha256 {newest.sha256[:16]}): edited, or its write did not finish; the "
@@ -406,7 +505,7 @@ def _signature_findings(name: str, p: Policy, required: dict) -> list[str]:
 def _json(text):
     try:
         return json.loads(text) if text else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

@@ -37,7 +37,8 @@ class ResolvedModel:
     version: str | None = None
     run_id: str | None = None
     model_id: str | None = None  # the LoggedModel behind a registered version, if any
-    tags: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # a registered version's: every lineage tag, from its anchored record
+    version_tags: dict | None = None  # the tags on the registered version itself (``lineage.SHOWN`` and records)
     # its files on local disk once fetched (``loading.fetch``; a ``manifest.Copy``): every later load reads this
     # copy, never a second download; ``verified``: its recorded evidence was checked in it (``fetch_verified``)
     fetched: Any = field(default=None, repr=False, compare=False)
@@ -186,6 +187,8 @@ def resolve(uri: str) -> ResolvedModel:
                 raise BadInputError(f"'{uri}': a version must be a number, 'latest', or use @alias")
             mv = model_version(name, match["version"])
         id_match = _LOGGED_MODEL_SOURCE.match(mv.source or "")
+        from .lineage import recorded_tags
+
         return ResolvedModel(
             uri=uri,
             load_uri=f"models:/{mv.name}/{mv.version}",
@@ -194,7 +197,8 @@ def resolve(uri: str) -> ResolvedModel:
             version=str(mv.version),
             run_id=mv.run_id,
             model_id=getattr(mv, "model_id", None) or (id_match["model_id"] if id_match else None),
-            tags=dict(mv.tags or {}),
+            tags=recorded_tags(mv.run_id, dict(mv.tags or {})),
+            version_tags=dict(mv.tags or {}),
         )
     if uri.startswith("runs:/"):
         run_id = uri[len("runs:/") :].split("/", 1)[0]

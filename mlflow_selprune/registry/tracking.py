@@ -345,7 +345,7 @@ def _discard(run, model_id: str | None, keep_run: bool = False) -> str:
 def existing_version(name: str, run_id: str):
     """A version this run already registered (a retried job must not register twice)."""
     for mv in client().search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-        if mv.tags.get(lineage.COMPLETE) == "true" and mv.tags.get(lineage.RUN_ID) == run_id:
+        if mv.run_id == run_id and lineage.recorded_tags(run_id, dict(mv.tags)).get(lineage.COMPLETE) == "true":
             return mv
     return None
 
@@ -400,7 +400,10 @@ def register_version(model_uri: str, name: str, tags: dict, description: str | N
             raise
     logged = model_uri.removeprefix("models:/")
     model_id = logged if model_uri.startswith("models:/m-") and "/" not in logged else None
-    mv = client().create_model_version(name, model_uri, tags=tags, description=description, model_id=model_id)
+    # the version shows a few tags; the rest are in the record its run anchored (record_lineage, before this)
+    mv = client().create_model_version(
+        name, model_uri, tags=lineage.shown(tags), description=description, model_id=model_id
+    )
     if model_id is not None:
 
         def link():
