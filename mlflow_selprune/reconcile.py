@@ -265,7 +265,7 @@ def _prune(policy, base, settings: Pass) -> str:
         policy=policy.ref,
         progress=settings.progress,
     )
-    return result.model_uri
+    return str(result.model_uri)
 
 
 def _gate(policy, uri: str, report: Report, signing_key_path) -> None:

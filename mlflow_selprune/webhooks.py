@@ -278,9 +278,8 @@ def install(url: str, secret: str, name: str = "selprune-reconcile"):
     """Register (or update) the webhook that posts both events to ``url``, signed with ``secret``."""
     from .registry.resolve import client
 
+    events: list = list(EVENTS)  # MLflow's own event names (WebhookEventStr)
     existing = [w for w in client().list_webhooks() if w.name == name]
     if existing:
-        return client().update_webhook(existing[0].webhook_id, url=url, events=list(EVENTS), secret=secret)
-    return client().create_webhook(
-        name, url, list(EVENTS), description="wakes mlflow-selprune reconcile", secret=secret
-    )
+        return client().update_webhook(existing[0].webhook_id, url=url, events=events, secret=secret)
+    return client().create_webhook(name, url, events, description="wakes mlflow-selprune reconcile", secret=secret)

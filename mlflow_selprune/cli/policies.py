@@ -14,7 +14,7 @@ import sys
 import click
 
 from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
-from . import (
+from .common import (
     EXIT_GATE_FAILED,
     EXIT_OK,
     NO_PROGRESS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from . import _announce_store, _say_store, handle_errors, main
+from .common import _announce_store, _say_store, handle_errors, main
 
 
 @main.group()

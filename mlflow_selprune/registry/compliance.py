@@ -9,10 +9,12 @@ names keys). Every version that is not itself an unlearned child is a base the p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from . import evidence, lineage
 from .lineage import Hop
+from .policy import Policy
 
 COMPLIANT, UNGATED, FAILED, UNVERIFIED, OTHER = "compliant", "ungated", "failed", "unverified", "other"
 
@@ -28,7 +30,7 @@ class Child:
 class Assessment:
     """One policy against one model's versions now."""
 
-    policy: object  # registry.policy.Policy
+    policy: Policy
     hops: list[Hop]
     aliases: dict[str, str]  # alias -> version
     children: dict[str, list[Child]] = field(default_factory=dict)  # base version -> its children, oldest first
@@ -76,7 +78,7 @@ class Assessment:
     def explained(self, alias: str) -> bool:
         """Whether the latest recorded move of ``alias`` put it where it points now."""
         latest = self.history.latest.get(alias) if self.history else None
-        return latest is not None and latest[1] == self.aliases.get(alias) and not self.history.unreadable
+        return latest is not None and latest[1] == self.aliases.get(alias) and not self.history.unreadable  # type: ignore[union-attr]
 
 
 def unlearned(hop: Hop) -> bool:
@@ -134,7 +136,7 @@ def _child_state(policy, hop: Hop, trusted, config_sha: str) -> tuple[str, str]:
 # ----------------------------------------------------------------------------- the status table
 
 
-def status_rows(assessments: list[Assessment], broken: list = ()) -> list[dict]:
+def status_rows(assessments: list[Assessment], broken: Sequence[Policy] = ()) -> list[dict]:
     """One row per protected alias of each policy (and one per policy that protects none, or does not verify)."""
     rows = []
     for policy in broken:

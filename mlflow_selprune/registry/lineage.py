@@ -28,7 +28,17 @@ import torch
 from ..config import QUANTIZED_FORMATS
 from ..errors import BadInputError, causes
 
-PREFIX = "selprune."
+from .anchor import (  # noqa: F401 - the record's names, read here as everywhere
+    EXPORT_RECORD_PREFIX,
+    GATE_RECORD_PREFIX,
+    LINEAGE_PARAM,
+    LINEAGE_RECORD,
+    PREFIX,
+    anchored_record,
+    lineage_tags,
+    recorded_tags,
+)
+
 PARENT = PREFIX + "parent_model_uri"
 ROOT = PREFIX + "root_model_uri"
 RUN_ID = PREFIX + "run_id"
@@ -47,7 +57,6 @@ PLUGIN_VERSION = PREFIX + "plugin_version"
 COMPLETE = PREFIX + "complete"
 METRIC_PREFIX = PREFIX + "metric."
 # One tag per gate decision, never overwritten: selprune.gate.<UTC time>-<random>, a JSON record.
-GATE_RECORD_PREFIX = PREFIX + "gate."
 TRUST_REMOTE_CODE = PREFIX + "trust_remote_code"
 STORAGE = PREFIX + "storage"
 PARENT_WEIGHTS_SHA = PREFIX + "parent_weights_sha256"
@@ -60,15 +69,12 @@ MANIFEST_SHA = PREFIX + "manifest_sha256"  # every file of the model directory (
 ATTESTATION_SHA = PREFIX + "attestation_sha256"  # the signed statement's envelope (registry.attest)
 RECORD_ARTIFACTS = ("selprune/masks.safetensors", "selprune/scores.safetensors", "selprune/pruning_record.json")
 # The version's tags as registered, a run artifact anchored by a run param (params cannot be changed or deleted).
-LINEAGE_RECORD = "selprune/lineage.json"
 # signed gate decisions (KEY.dsse.json), and gate records too long for a tag, whole (KEY.json, digest in the tag)
 GATE_ARTIFACT_DIR = "selprune/gate"
 # One tag per file `mlflow-selprune export` made of the version, never overwritten (registry.exports).
-EXPORT_RECORD_PREFIX = PREFIX + "export."
 # The formats `prune --quantized-check` measured in ("int8,int4"): a gate on the quantized recovery requires
 # every one of them, so a format whose recovery could not be measured is never passed over.
 QUANTIZED_CHECK = PREFIX + "quantized_check"
-LINEAGE_PARAM = PREFIX + "lineage_sha256"
 # NAME@SHA256 of the policy (registry.policy) a version was unlearned under by `reconcile`
 POLICY = PREFIX + "policy"
 
@@ -173,62 +179,9 @@ def canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def lineage_tags(tags: dict) -> dict[str, str]:
-    """The tags a lineage record covers: every ``selprune.*`` tag but the gate and export records, appended later
-    by design."""
-    return {
-        k: v
-        for k, v in tags.items()
-        if k.startswith(PREFIX) and not k.startswith((GATE_RECORD_PREFIX, EXPORT_RECORD_PREFIX))
-    }
-
-
 def shown(tags: dict) -> dict[str, str]:
     """The tags a new version is registered with (``SHOWN``); the full set goes to its anchored record."""
     return {k: tags[k] for k in SHOWN if k in tags}
-
-
-_RECORDS: dict[str, dict] = {}  # run id -> its verified lineage record (a param never changes, so neither does it)
-
-
-def anchored_record(run_id: str | None) -> dict | None:
-    """The lineage record run ``run_id`` anchored, once its sha256 matched the run's param; None where there is none
-    that matches (a run of an older plugin, a plain run, or tampering: ``evidence.check_tags`` names it)."""
-    if not run_id:
-        return None
-    if run_id in _RECORDS:
-        return _RECORDS[run_id]
-    from mlflow.exceptions import MlflowException
-
-    try:
-        anchored = anchored_digest(run_id)
-    except MlflowException as exc:
-        refuse_if_denied(exc)
-        return None
-    stored = run_artifact(run_id, LINEAGE_RECORD) if anchored else None
-    if stored is None or hashlib.sha256(stored).hexdigest() != anchored:
-        return None
-    try:
-        record = json.loads(stored)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(record, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in record.items()):
-        return None
-    _RECORDS[run_id] = record
-    return record
-
-
-def recorded_tags(run_id: str | None, version_tags: dict) -> dict:
-    """A version's tags as its run's anchored lineage record holds them (every lineage tag), with the version's
-    own records (gate decisions, exports) and other tags; the version's tags as they are where no record matches
-    its anchor."""
-    if not run_id or not any(k.startswith(PREFIX) for k in version_tags):
-        return dict(version_tags)
-    record = anchored_record(run_id)
-    if record is None:
-        return dict(version_tags)
-    own = {k: v for k, v in version_tags.items() if k not in lineage_tags(version_tags)}
-    return {**own, **record}
 
 
 def lineage_record(tags: dict) -> bytes:

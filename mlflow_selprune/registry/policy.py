@@ -165,7 +165,7 @@ def make_body(
             "--forget-classes: a policy pins its DATA by the sha256 of its documents' text, which does not cover "
             "labels or images; give forget and retain DATA of documents"
         )
-    forget, retain = _absolute(forget), _absolute(retain)  # the cron job or the receiver runs elsewhere
+    forget, retain = _absolute(forget) or forget, _absolute(retain)  # the cron job or the receiver runs elsewhere
     sources = {side: data.source_for(side) for side in ("forget", "retain")}
     return {
         "schema": 1,
@@ -295,7 +295,10 @@ def _experiment_id() -> str:
     try:
         return client().create_experiment(EXPERIMENT)
     except MlflowException:  # made meanwhile by another writer
-        return client().get_experiment_by_name(EXPERIMENT).experiment_id
+        made = client().get_experiment_by_name(EXPERIMENT)
+        if made is None:
+            raise
+        return made.experiment_id
 
 
 def next_revision(current: Policy, user: str, **changes) -> dict:
@@ -322,14 +325,15 @@ def all_revision_runs() -> list:
 def _runs(filter_string: str) -> list:
     from .resolve import client
 
-    experiments, token = [], None
+    experiments: list[str] = []
+    token = None
     while True:
-        page = client().search_experiments(max_results=1000, page_token=token)
-        experiments += [e.experiment_id for e in page]
-        token = page.token
+        listed = client().search_experiments(max_results=1000, page_token=token)
+        experiments += [e.experiment_id for e in listed]
+        token = listed.token
         if not token:
             break
-    runs = []
+    runs: list = []
     for start in range(0, len(experiments), 100):  # a search takes at most 100 experiments
         token = None
         while True:

@@ -187,7 +187,7 @@ def resolve(uri: str) -> ResolvedModel:
                 raise BadInputError(f"'{uri}': a version must be a number, 'latest', or use @alias")
             mv = model_version(name, match["version"])
         id_match = _LOGGED_MODEL_SOURCE.match(mv.source or "")
-        from .lineage import recorded_tags
+        from .anchor import recorded_tags
 
         return ResolvedModel(
             uri=uri,
