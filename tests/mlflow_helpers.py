@@ -236,6 +236,16 @@ def recorded_tags(name: str, version) -> dict:
     return lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
 
 
+def recorded_version(name: str, version):
+    """The version as the registry holds it, with its tags as its run's anchored record holds them: what the
+    plugin reads (the version itself shows ``lineage.SHOWN`` and its decision records)."""
+    from mlflow_selprune.registry import lineage
+
+    mv = MlflowClient().get_model_version(name, str(version))
+    mv._tags = lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
+    return mv
+
+
 def lineage_tags() -> tuple[str, ...]:
     """The tags every complete unlearned version carries."""
     from mlflow_selprune.registry import lineage

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from mlflow_selprune.registry import lineage
 
-from mlflow_helpers import TINY_NAME, invoke, register_tiny, registry_snapshot
+from mlflow_helpers import TINY_NAME, invoke, recorded_version, register_tiny, registry_snapshot
 
 SMALL = [
     "--paragraphs",
@@ -51,7 +51,7 @@ def pruned(store):
     assert out.exit_code == 0, out.stderr
     client = MlflowClient()
     latest = max(int(v.version) for v in client.search_model_versions(f"name='{TINY_NAME}'"))
-    return client.get_model_version(TINY_NAME, str(latest))
+    return recorded_version(TINY_NAME, latest)
 
 
 @pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "V12", "bad alias!"])
