@@ -228,22 +228,31 @@ SMALL_DATA = [
 ]
 
 
-def recorded_tags(name: str, version) -> dict:
-    """A version's lineage as its run's anchored record holds it (the version itself shows ``lineage.SHOWN``)."""
+def recorded(mv, tracking_uri: str | None = None):
+    """``mv`` (a registry ModelVersion) with its tags as its run's anchored record holds them: what the plugin reads
+    (the version itself shows ``lineage.SHOWN`` and its decision records). ``tracking_uri``: the store ``mv`` came
+    from, when it is not this process's."""
     from mlflow_selprune.registry import lineage
 
-    mv = MlflowClient().get_model_version(name, str(version))
-    return lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
+    previous = mlflow.get_tracking_uri()
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mv._tags = lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
+    finally:
+        if tracking_uri:
+            mlflow.set_tracking_uri(previous)
+    return mv
 
 
 def recorded_version(name: str, version):
-    """The version as the registry holds it, with its tags as its run's anchored record holds them: what the
-    plugin reads (the version itself shows ``lineage.SHOWN`` and its decision records)."""
-    from mlflow_selprune.registry import lineage
+    """The registered version ``name``/``version`` with its tags as its anchored record holds them (``recorded``)."""
+    return recorded(MlflowClient().get_model_version(name, str(version)))
 
-    mv = MlflowClient().get_model_version(name, str(version))
-    mv._tags = lineage.recorded_tags(mv.run_id, dict(mv.tags or {}))
-    return mv
+
+def recorded_tags(name: str, version) -> dict:
+    """A version's lineage as its run's anchored record holds it."""
+    return recorded_version(name, version).tags
 
 
 def lineage_tags() -> tuple[str, ...]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_helpers import SMALL, TINY_NAME, invoke, registry_snapshot
+from mlflow_helpers import SMALL, TINY_NAME, invoke, recorded, registry_snapshot
 from mlflow_selprune.evaluation.functional import CHECKS_ARTIFACT, check_model, code_programs, functional_checks
 from mlflow_selprune.evaluation.metrics.code_pass.code_pass import estimate_pass_at_k, run_program
 from mlflow_selprune.evaluation.packaged import packaged_metric
@@ -170,7 +170,7 @@ def checked(store):
     )  # fmt: skip
     assert out.exit_code == 0, out.output
     version = max(MlflowClient().search_model_versions(f"name='{TINY_NAME}'"), key=lambda v: int(v.version))
-    return {"uri": f"models:/{TINY_NAME}/{version.version}", "version": version}
+    return {"uri": f"models:/{TINY_NAME}/{version.version}", "version": recorded(version)}
 
 
 @pytest.mark.slow

@@ -368,6 +368,7 @@ def test_the_cnn_demo_commands_pass_their_gates(arch, tmp_path):
     directory: trains, registers, forgets digit 3, passes its gate and points @unlearned at the result."""
     from mlflow.tracking import MlflowClient
 
+    from mlflow_helpers import recorded
     from mlflow_selprune.demo_cnn import CNN_RECIPES
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
@@ -383,7 +384,7 @@ def test_the_cnn_demo_commands_pass_their_gates(arch, tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     recipe = CNN_RECIPES[arch]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    unlearned = client.get_model_version_by_alias(recipe.model_name, "unlearned")
+    unlearned = recorded(client.get_model_version_by_alias(recipe.model_name, "unlearned"), client.tracking_uri)
     min_forget, max_retain, min_selectivity = recipe.gate
     # the gate's own thresholds (from the worst case over seeds x thread counts), nothing stricter
     assert float(unlearned.tags["selprune.metric.forget_top1_drop"]) >= min_forget

@@ -15,7 +15,7 @@ from mlflow_selprune.registry import delta, lineage
 from mlflow_selprune.registry.loading import download, load_components
 from mlflow_selprune.registry.resolve import resolve
 
-from mlflow_helpers import TINY_NAME, invoke, registry_snapshot, sqlite_store
+from mlflow_helpers import TINY_NAME, invoke, recorded_tags, registry_snapshot, sqlite_store
 from model_zoo import FAMILIES
 
 SMALL = [
@@ -110,8 +110,8 @@ def test_delta_versions_register_load_chain_serve_and_materialize(store):
     as_delta = _prune(store, base, "delta")
     as_full = _prune(store, base, "full")
     client = MlflowClient()
-    tags_delta = client.get_model_version(TINY_NAME, as_delta.rsplit("/", 1)[1]).tags
-    tags_full = client.get_model_version(TINY_NAME, as_full.rsplit("/", 1)[1]).tags
+    tags_delta = recorded_tags(TINY_NAME, as_delta.rsplit("/", 1)[1])
+    tags_full = recorded_tags(TINY_NAME, as_full.rsplit("/", 1)[1])
     assert tags_delta[lineage.STORAGE] == "delta" and tags_full[lineage.STORAGE] == "full"
     # the same pruning: the same weights digest, whichever way it is stored
     assert tags_delta[lineage.WEIGHTS_SHA] == tags_full[lineage.WEIGHTS_SHA]
@@ -128,7 +128,7 @@ def test_delta_versions_register_load_chain_serve_and_materialize(store):
     chained = _prune(store, as_delta, "delta")
     assert (
         lineage.weights_sha256(load_components(resolve(chained))[0])
-        == client.get_model_version(TINY_NAME, chained.rsplit("/", 1)[1]).tags[lineage.WEIGHTS_SHA]
+        == recorded_tags(TINY_NAME, chained.rsplit("/", 1)[1])[lineage.WEIGHTS_SHA]
     )
     out = invoke("lineage", chained, "--json", "--verify")
     assert out.exit_code == 0, out.stderr
@@ -146,7 +146,7 @@ def test_delta_versions_register_load_chain_serve_and_materialize(store):
     out = invoke("materialize", as_delta)
     assert out.exit_code == 0, out.stderr
     materialized = _latest()
-    tags_m = client.get_model_version(TINY_NAME, materialized.rsplit("/", 1)[1]).tags
+    tags_m = recorded_tags(TINY_NAME, materialized.rsplit("/", 1)[1])
     assert tags_m[lineage.STORAGE] == "full" and tags_m["selprune.materialized_from"] == as_delta
     for key in (lineage.PARENT, lineage.ROOT, lineage.WEIGHTS_SHA, lineage.FORGET_DIGEST, lineage.CONFIG_SHA):
         assert tags_m[key] == tags_delta[key], key

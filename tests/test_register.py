@@ -12,7 +12,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_helpers import invoke, tiny_model
+from mlflow_helpers import invoke, recorded, tiny_model
 from mlflow_selprune.registry import lineage, model_sources
 
 
@@ -129,7 +129,8 @@ def test_a_model_directory_registers_as_a_verified_base_version(store, model_dir
     assert out.exit_code == 0, out.output
     client = MlflowClient()
     mv = client.get_model_version_by_alias("from-directory", "base")
-    tags = mv.tags
+    assert {k for k in mv.tags if k.startswith("selprune.")} == {lineage.WEIGHTS_SHA, "selprune.source.source"}
+    tags = recorded(mv).tags
     assert tags["selprune.base"] == "true"
     assert tags["selprune.source.source_kind"] == "directory"
     assert tags["selprune.source.source"] == str(model_dir.resolve())

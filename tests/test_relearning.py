@@ -147,7 +147,7 @@ def test_prune_logs_the_curve_as_step_metrics_records_it_and_plots_it(store):
     version's tags hold the summary with the control's, and report.html shows the three curves."""
     from mlflow.tracking import MlflowClient
 
-    from mlflow_helpers import ONE_STEP, invoke
+    from mlflow_helpers import ONE_STEP, invoke, recorded
 
     with mock.patch.dict("os.environ"):
         pruned = invoke(
@@ -161,7 +161,7 @@ def test_prune_logs_the_curve_as_step_metrics_records_it_and_plots_it(store):
         and "the control after the same fine-tuning" in pruned.output
     )
     client = MlflowClient()
-    version = client.get_model_version("tiny-lm", "2")
+    version = recorded(client.get_model_version("tiny-lm", "2"))
     run_id = version.run_id
     history = client.get_metric_history(run_id, "relearn_curve_forget_top1")
     assert [point.step for point in sorted(history, key=lambda p: p.step)] == [0, 2, 4]

@@ -31,6 +31,7 @@ from mlflow_helpers import (
     assert_complete_or_absent,
     free_port,
     invoke,
+    recorded,
     registry_snapshot,
     server_store,
     sqlite_store,
@@ -377,7 +378,7 @@ def test_concurrent_jobs_8_on_postgresql_4_on_sqlite_get_complete_versions_and_a
     job_versions = [re.search(rf"registered: models:/{TINY_NAME}/(\d+)", out).group(1) for i, out in enumerate(outputs)]
     assert sorted(job_versions, key=int) == new
     client = MlflowClient()
-    versions = {v: client.get_model_version(TINY_NAME, v) for v in new}
+    versions = {v: recorded(client.get_model_version(TINY_NAME, v)) for v in new}
     assert len({mv.run_id for mv in versions.values()}) == count
     for mv in versions.values():
         assert mv.tags[lineage.PARENT] == f"models:/{TINY_NAME}/1" and mv.tags[lineage.RUN_ID] == mv.run_id

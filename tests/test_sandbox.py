@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_helpers import SMALL, TINY_NAME, invoke, registry_snapshot
+from mlflow_helpers import SMALL, TINY_NAME, invoke, recorded, registry_snapshot
 from mlflow_selprune.evaluation.metrics.code_pass.code_pass import run_program
 from system_tools import missing
 
@@ -364,5 +364,5 @@ def test_prune_with_code_tasks_without_bubblewrap_is_refused_in_one_line_unless_
     allowed = invoke("prune", *args, "--code-tasks", "--allow-unsandboxed-code", "--samples", "0", *SMALL)
     assert allowed.exit_code == 0, allowed.output
     version = max(client.search_model_versions(f"name='{TINY_NAME}'"), key=lambda v: int(v.version))
-    assert "selprune.metric.forget_code_pass_rate" in version.tags
+    assert "selprune.metric.forget_code_pass_rate" in recorded(version).tags
     assert client.get_run(version.run_id).data.params["evidence_allow_unsandboxed_code"] == "True"

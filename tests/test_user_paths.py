@@ -27,6 +27,7 @@ from mlflow_helpers import (
     invoke,
     jsonl_retain_store,
     post_json,
+    recorded,
     registry_snapshot,
     served_model,
 )
@@ -128,7 +129,7 @@ def test_mlflow_run_logs_params_once_and_registers_one_version(store, entry_poin
         assert noise not in out.stderr, out.stderr[-3000:]
     new = _versions() - before
     assert len(new) == 1, new
-    mv = MlflowClient().get_model_version(TINY_NAME, new.pop())
+    mv = recorded(MlflowClient().get_model_version(TINY_NAME, new.pop()))
     run = MlflowClient().get_run(mv.run_id)
     assert run.data.tags.get("mlflow.project.entryPoint") == entry_point  # the project's run made it
     assert mv.tags[lineage.RUN_ID] == mv.run_id
@@ -591,7 +592,7 @@ def test_the_version_page_explains_itself_and_each_gate_decision_adds_one_line(s
     from mlflow_selprune.registry import describe
 
     client = MlflowClient()
-    mv = client.get_model_version(TINY_NAME, pruned["version"])
+    mv = recorded(client.get_model_version(TINY_NAME, pruned["version"]))
     text = mv.description
     tags, metrics = mv.tags, client.get_run(pruned["run_id"]).data.metrics
     assert f"From `models:/{TINY_NAME}/1`" in text and f"`{store['forget']}` (forget data, digest " in text
