@@ -311,6 +311,14 @@ def _announce_store(require_existing: bool = False) -> str:
     return uri
 
 
+SIGNING_KEY = click.option(
+    "--signing-key",
+    default=None,
+    metavar="KEY.pem",
+    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
+)
+
+
 def threshold_options(func):
     """The gate's thresholds and --metric (``gate``, and ``policy create``, which stores them)."""
     for option in reversed(_THRESHOLD_OPTIONS):

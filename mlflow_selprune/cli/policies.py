@@ -15,6 +15,7 @@ import click
 
 from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from .common import (
+    SIGNING_KEY,
     EXIT_GATE_FAILED,
     EXIT_OK,
     NO_PROGRESS,
@@ -30,12 +31,6 @@ from .common import (
     threshold_options,
 )
 
-SIGNING_KEY = click.option(
-    "--signing-key",
-    default=None,
-    metavar="KEY.pem",
-    help="Sign what is written with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
-)
 TRUSTED_KEYS = click.option(
     "--trusted-key",
     "trusted_keys",

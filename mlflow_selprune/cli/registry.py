@@ -8,6 +8,7 @@ import sys
 import click
 
 from .common import (
+    SIGNING_KEY,
     EXIT_GATE_FAILED,
     EXIT_OK,
     _announce_store,
@@ -24,12 +25,7 @@ from .common import (
 @threshold_options
 @click.option("--set-alias", default=None, help="Point this alias at the version if the gate passes.")
 @click.option("--dry-run", is_flag=True, help="Decide and print, but write nothing (no record, no alias).")
-@click.option(
-    "--signing-key",
-    default=None,
-    metavar="KEY.pem",
-    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
-)
+@SIGNING_KEY
 @no_progress_option
 @handle_errors
 def gate(model_uri, metric, set_alias, dry_run, signing_key, **thresholds):
@@ -276,12 +272,7 @@ def _print_hop(i: int, row: dict) -> None:
 @click.argument("model_uri")
 @click.option("--register-as", default=None, help="Registered model name for the full version (default: the same).")
 @click.option("--alias", default=None, help="Set this alias on the new version.")
-@click.option(
-    "--signing-key",
-    default=None,
-    metavar="KEY.pem",
-    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
-)
+@SIGNING_KEY
 @no_progress_option
 @handle_errors
 def materialize(model_uri, register_as, alias, signing_key):

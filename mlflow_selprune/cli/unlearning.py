@@ -10,6 +10,7 @@ import click
 
 from ..config import EvidenceOptions, PruneConfig
 from .common import (
+    SIGNING_KEY,
     NO_PROGRESS,
     _accelerator,
     _announce_store,
@@ -47,12 +48,7 @@ from .common import (
     show_default=True,
     help="full: the whole weights (transformers flavor); delta: only the masks, against the registered parent.",
 )
-@click.option(
-    "--signing-key",
-    default=None,
-    metavar="KEY.pem",
-    help="Sign an in-toto attestation with this Ed25519 private key (default: $SELPRUNE_SIGNING_KEY).",
-)
+@SIGNING_KEY
 @data_options
 @handle_errors
 def prune(**kw):
