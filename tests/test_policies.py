@@ -451,3 +451,27 @@ def test_what_a_user_with_edit_can_do_to_a_policy_is_seen_and_changes_nothing(tm
         rooted = invoke("reconcile", "--model", TINY_NAME, "--fix", "--trusted-key", str(keys / "signing_key.pub.pem"))
         assert rooted.exit_code == 1 and "no-code is not signed by a trusted key; not followed" in rooted.stdout
         assert written()[0] == before[0]  # no version, no decision
+
+
+def test_show_list_and_retire_read_and_write_revisions(tmp_path, tiny_tokenizer):
+    from mlflow_helpers import sqlite_store
+
+    with sqlite_store(tmp_path, tiny_tokenizer) as store:
+        MlflowClient().set_registered_model_alias(TINY_NAME, "production", "1")
+        assert invoke(*policy_args(store)).exit_code == 0
+        shown = invoke("policy", "show", "--model", TINY_NAME, "--name", "no-code", "--json")
+        assert shown.exit_code == 0, shown.output
+        body = json.loads(shown.stdout)
+        assert body["revision"] == 1 and body["findings"] == [] and body["body"]["protect"] == ["production"]
+        assert body["body"]["forget"]["data"] == str(Path(store["forget"]).resolve())
+        listed = invoke("policy", "list")
+        assert listed.exit_code == 0 and listed.stdout.split()[:3] == [TINY_NAME, "no-code", "r1"]
+        retired = invoke("policy", "retire", "--model", TINY_NAME, "--name", "no-code")
+        assert retired.exit_code == 0 and "retired (r2" in retired.stdout, retired.output
+        assert invoke("policy", "list").stdout == ""
+        assert "retired" in invoke("policy", "list", "--retired").stdout
+        again = invoke("policy", "retire", "--model", TINY_NAME, "--name", "no-code")
+        assert again.exit_code == 2 and "retired already" in again.stderr
+        assert invoke("policy", "show", "--model", TINY_NAME, "--name", "nope").exit_code == 2
+        nothing = invoke("reconcile", "--model", TINY_NAME, "--json")  # a retired policy asks for nothing
+        assert nothing.exit_code == 0 and json.loads(nothing.stdout)["rows"] == []
