@@ -28,6 +28,8 @@ SCORINGS = ("abs", "freq", "rms", "std", "sqrt", "mean", "random")
 SCORING_ALIASES = {"rand": "random"}
 SELECTIONS = ("global", "per-layer")
 BUDGET_METRICS = ("top1", "top10", "skip50_top1")
+# the metrics a gate compares (gate --metric; a policy stores one)
+GATE_METRICS = ("top1", "top5", "top10", "skip50_top1")
 DEFAULT_EPS = {FF: 1e-3, ATTN: 1e-4}
 # --quantized-check: the check's names of GGUF's block formats (evaluation.quantized)
 QUANTIZED_FORMATS = {"int8": "Q8_0", "int4": "Q4_0"}

@@ -98,13 +98,20 @@ def reconcile(model: str | None = None, settings: Pass | None = None) -> Report:
     report = Report()
     with _project_run(settings.fix):
         for name in [model] if model else models_with_policies():
-            with _model_lock(name):
+            with _model_lock(name, settings.fix):
                 try:
                     _reconcile_model(name, report, settings)
-                except (BadInputError, VerificationError) as exc:  # this model's; the others still get their pass
-                    said = exc.findings[-1] if isinstance(exc, VerificationError) else str(exc).splitlines()[0]
-                    report.problems.append(f"{name}: {said}")
+                except Exception as exc:  # noqa: BLE001 - this model's failure; the other models still get their pass
+                    report.problems.append(f"{name}: {_said(exc)}")
     return report
+
+
+def _said(exc: BaseException) -> str:
+    """One line for a failure a pass reports and goes on from."""
+    if isinstance(exc, VerificationError):
+        return exc.findings[-1]
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return first if isinstance(exc, BadInputError) else f"{type(exc).__name__}: {first[:300]}"
 
 
 @contextlib.contextmanager
@@ -124,8 +131,12 @@ def _project_run(fix: bool):
 
 
 @contextlib.contextmanager
-def _model_lock(model: str):
-    """One pass per model and tracking store at a time on this machine (an exclusive lock in the user cache)."""
+def _model_lock(model: str, fix: bool):
+    """One fixing pass per model and tracking store at a time on this machine (an exclusive lock in the user cache;
+    a pass that only reads takes none)."""
+    if not fix:
+        yield
+        return
     import fcntl
     import os
     from pathlib import Path
@@ -134,7 +145,7 @@ def _model_lock(model: str):
 
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlflow-selprune" / "locks"
     root.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(f"{mlflow.get_tracking_uri()}\n{model}".encode()).hexdigest()[:32]
+    key = hashlib.sha256(f"{mlflow.get_tracking_uri().rstrip('/')}\n{model}".encode()).hexdigest()[:32]
     with open(root / f"{key}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -147,6 +158,8 @@ def _reconcile_model(model: str, report: Report, settings: Pass) -> None:
     from .registry import describe
 
     active = policies.policies(model)
+    if not active:
+        return  # a model no policy follows: nothing to report, nothing written (a delivery names any model)
     broken = [p for p in active if p.findings]
     for p in broken:
         report.problems.append(f"{model}: policy {p.name} does not verify: {p.findings[0]}")
@@ -162,8 +175,9 @@ def _reconcile_model(model: str, report: Report, settings: Pass) -> None:
             f"models:/{model}@{alias} is protected by {len(names)} policies ({', '.join(names)}); no version can "
             "comply with both: retire all but one (the alias is left where it is)"
         )
+    protected = {alias for p in followed for alias in p.protect}
     if settings.fix and settings.seen:
-        _record_deliveries(model, settings, report)
+        _record_deliveries(model, settings, report, protected)
     assessments = []
     for p in followed:
         assessment = compliance.assess(p)
@@ -218,9 +232,8 @@ def _fix_versions(a: compliance.Assessment, report: Report, settings: Pass) -> c
                 continue
             try:
                 uri = _prune(a.policy, base, settings)
-            except (BadInputError, VerificationError) as exc:  # this base's; the others still get theirs
-                said = exc.findings[-1] if isinstance(exc, VerificationError) else str(exc).splitlines()[0]
-                report.problems.append(f"{base.uri}: not pruned under policy {a.policy.name}: {said}")
+            except Exception as exc:  # noqa: BLE001 - this base's failure; the other bases still get theirs
+                report.problems.append(f"{base.uri}: not pruned under policy {a.policy.name}: {_said(exc)}")
                 continue
             report.actions.append(f"pruned {base.uri} under policy {a.policy.name}: {uri}")
             _gate(a.policy, uri, report, settings.signing_key)
@@ -307,26 +320,31 @@ def _fix_aliases(
     for alias in a.policy.protect:
         if alias in contested:
             continue
-        if a.history is not None and a.history.unreadable:
-            if final:
-                report.problems.append(
-                    f"models:/{a.policy.model}@{alias}: not fixed: the model's decisions cannot all be read "
-                    f"({a.history.unreadable[0]})"
-                )
-            continue
         ok, why = a.alias_standing(alias)
         version = a.aliases.get(alias)
+        unreadable = a.history is not None and bool(a.history.unreadable)
+        if unreadable and final:
+            report.problems.append(
+                f"models:/{a.policy.model}@{alias}: its moves cannot all be read ({a.history.unreadable[0]}); "  # type: ignore[union-attr]
+                "a version that does not comply is still moved back, but no move is recorded as seen"
+            )
         latest = _latest_about(a, alias)
-        if ok and a.explained(alias):
+        if ok and (unreadable or a.explained(alias)):
             continue
-        if ok and latest and latest[0] == version and latest[1]["verdict"] == lineage.RECONCILED:
+        ours = (
+            latest is not None
+            and latest[1]["verdict"] == lineage.RECONCILED
+            and latest[1].get("policy") == a.policy.ref
+        )
+        signed = not a.policy.trusted_keys() or (latest is not None and "attestation_artifact" in latest[1])
+        if ok and latest and latest[0] == version and ours and signed:
             # a move of a pass that was killed before its record said it moved: this pass moves it again
             _move(a, alias, resolve(f"models:/{a.policy.model}/{version}"), report, settings, "the move of a pass "
                   "that was stopped before its record said so, made again")  # fmt: skip
             changed = True
             continue
         seen = latest is not None and latest[0] == version and latest[1]["verdict"] == lineage.OBSERVED
-        if version is not None and not a.explained(alias) and not seen:
+        if version is not None and not unreadable and not a.explained(alias) and not seen:
             _observe(a.policy.model, alias, version, settings, report)
             changed = True
         if ok:
@@ -390,14 +408,14 @@ def _observe(model: str, alias: str, version: str, settings: Pass, report: Repor
     report.actions.append(f"recorded @{alias} on v{version}, put there by no recorded move ({settings.seen_by})")
 
 
-def _record_deliveries(model: str, settings: Pass, report: Report) -> None:
+def _record_deliveries(model: str, settings: Pass, report: Report, protected: set[str]) -> None:
     """Each alias move a webhook delivery named, recorded as seen on the version it named, unless a record of this
     project names that alias there from around the delivery's time (a gate or reconcile move, written just before
     its move) or it was recorded as seen already: even a move undone since is in the history."""
     hops, _ = lineage.versions(model)
     by_version = {str(h.version): h for h in hops}
     for alias, version, when in settings.seen:
-        hop = by_version.get(str(version))
+        hop = by_version.get(str(version)) if alias in protected else None
         if hop is None:
             continue
         around = [

@@ -112,9 +112,15 @@ class Reconciler:
     events for a model whose job is running are folded into one more run after it."""
 
     def __init__(
-        self, fix: bool = True, command: list[str] | None = None, max_jobs: int = 1, job_timeout: float = 3600
+        self,
+        fix: bool = True,
+        command: list[str] | None = None,
+        max_jobs: int = 1,
+        job_timeout: float = 3600,
+        trusted_keys: tuple[str, ...] = (),
     ):
         self.fix = fix
+        self.trusted_keys = trusted_keys  # PEM paths: each job follows only the policies they signed
         self.command = command or [sys.executable, "-m", "mlflow_selprune"]
         self.job_timeout = job_timeout
         self.slots = threading.BoundedSemaphore(max_jobs)
@@ -147,6 +153,8 @@ class Reconciler:
                 finally:
                     with self.lock:
                         self.runs.append((model, code))
+                        if code not in (0, 1) and seen:  # not run to its end: its deliveries wait for the next
+                            self.pending.setdefault(model, []).extend(seen)
         finally:
             with self.lock:
                 self.running.discard(model)
@@ -157,6 +165,8 @@ class Reconciler:
         argv += ["--fix"] if self.fix else []
         for alias, version, when in seen:
             argv += ["--seen", f"{alias}={version}@{when}"]
+        for path in self.trusted_keys:
+            argv += ["--trusted-key", path]
         with self.slots:
             logger.info("reconcile %s (%s)", model, "fix" if self.fix else "report only")
             try:
@@ -255,20 +265,40 @@ class _Server(ThreadingHTTPServer):
     that connects and says nothing holds one thread, never the accepting one."""
 
     daemon_threads = True
+    max_connections = 64  # connections served at once; more wait in the listen queue
 
     def __init__(self, address, handler, context=None):
         self.context = context
+        self.connections = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, handler)
 
+    def process_request(self, request, client_address):
+        self.connections.acquire()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
     def finish_request(self, request, client_address):
-        if self.context is not None:
-            request.settimeout(30)
-            try:
-                request = self.context.wrap_socket(request, server_side=True)
-            except OSError as exc:  # ssl.SSLError and timeouts are OSErrors
-                logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
-                return
-        super().finish_request(request, client_address)
+        if self.context is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(30)
+        try:
+            secured = self.context.wrap_socket(request, server_side=True)
+        except OSError as exc:  # ssl.SSLError and timeouts are OSErrors
+            logger.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+            return None
+        try:
+            return super().finish_request(secured, client_address)
+        finally:
+            secured.close()
 
     def handle_error(self, request, client_address):
         logger.warning("a request from %s failed: %s", client_address[0], sys.exc_info()[1])

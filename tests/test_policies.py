@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_selprune.registry import lineage
 from mlflow_selprune.webhooks import DELIVERY_ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signature
 
-from mlflow_helpers import TINY_NAME, MlflowServer, free_port, invoke, register_tiny, server_store
+from mlflow_helpers import TINY_NAME, MlflowServer, cli, free_port, invoke, register_tiny, server_store
 
 SMALL = ["--paragraphs", "--max-length", "64", "--batch-size", "4", "--collect-tokens", "2000", "--eval-tokens", "1000"]
 RECIPE = ["--ff-frac", "0.1", "--steps", "1", "--no-control", *SMALL]
@@ -444,6 +444,13 @@ def test_what_a_user_with_edit_can_do_to_a_policy_is_seen_and_changes_nothing(tm
         status = invoke("status", "--model", TINY_NAME)
         assert status.exit_code == 1 and "policy junk does not verify" in status.stdout + status.stderr, status.output
 
+        # the UI's tag for a policy holding no pointer at all
+        pointer = client.get_registered_model(TINY_NAME).tags[policies.TAG_PREFIX + "no-code"]
+        client.set_registered_model_tag(TINY_NAME, policies.TAG_PREFIX + "no-code", '{"sha256": "x", "run_id": []}')
+        pointed = invoke("status", "--model", TINY_NAME)
+        assert pointed.exit_code == 1 and "tag selprune.policy.no-code names" in pointed.stdout, pointed.output
+        client.set_registered_model_tag(TINY_NAME, policies.TAG_PREFIX + "no-code", pointer)
+
         # only what the operator signed is followed
         keys = tmp_path / "keys"
         assert invoke("keygen", str(keys)).exit_code == 0
@@ -451,6 +458,16 @@ def test_what_a_user_with_edit_can_do_to_a_policy_is_seen_and_changes_nothing(tm
         rooted = invoke("reconcile", "--model", TINY_NAME, "--fix", "--trusted-key", str(keys / "signing_key.pub.pem"))
         assert rooted.exit_code == 1 and "no-code is not signed by a trusted key; not followed" in rooted.stdout
         assert written()[0] == before[0]  # no version, no decision
+
+        # a child's anchored record overwritten (EDIT on the experiment allows it): a finding, seen by a fresh
+        # process too (this one keeps records it verified), and the gate refuses the version
+        run_id = client.get_model_version(TINY_NAME, second).run_id
+        client.log_text(run_id, "{}", "selprune/lineage.json")
+        uri = f"models:/{TINY_NAME}/{second}"
+        audit = cli("lineage", uri, "--verify", env=store["env"])
+        assert audit.returncode == 1 and "the lineage record artifact changed" in audit.stdout, audit.stdout
+        refused = cli("gate", "--model-uri", uri, "--max-retain-drop", "1", "--dry-run", env=store["env"])
+        assert refused.returncode == 1 and "refused, tampered" in refused.stderr + refused.stdout, refused.stderr
 
 
 def test_show_list_and_retire_read_and_write_revisions(tmp_path, tiny_tokenizer):
@@ -473,5 +490,7 @@ def test_show_list_and_retire_read_and_write_revisions(tmp_path, tiny_tokenizer)
         again = invoke("policy", "retire", "--model", TINY_NAME, "--name", "no-code")
         assert again.exit_code == 2 and "retired already" in again.stderr
         assert invoke("policy", "show", "--model", TINY_NAME, "--name", "nope").exit_code == 2
-        nothing = invoke("reconcile", "--model", TINY_NAME, "--json")  # a retired policy asks for nothing
+        before = written()
+        nothing = invoke("reconcile", "--model", TINY_NAME, "--fix", "--json")  # a retired policy asks for nothing
         assert nothing.exit_code == 0 and json.loads(nothing.stdout)["rows"] == []
+        assert written() == before and not MlflowClient().get_registered_model(TINY_NAME).description

@@ -23,7 +23,7 @@ import sys
 import click
 
 from .._version import __version__
-from ..config import DataOptions, SourceOptions
+from ..config import GATE_METRICS, DataOptions, SourceOptions
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_BAD_INPUT, EXIT_ERROR = 0, 1, 2, 3
 logger = logging.getLogger("mlflow_selprune")
@@ -359,9 +359,7 @@ _THRESHOLD_OPTIONS = (
         help="Highest acceptable share of the forget top-1 drop that a GGUF round trip takes back, in every format "
         "measured (prune --quantized-check), e.g. 0.1.",
     ),
-    click.option(
-        "--metric", type=click.Choice(["top1", "top5", "top10", "skip50_top1"]), default="top1", show_default=True
-    ),
+    click.option("--metric", type=click.Choice(GATE_METRICS), default="top1", show_default=True),
 )
 
 

@@ -269,7 +269,8 @@ def list_policies(model, retired):
     "roots",
     multiple=True,
     metavar="PUB.pem",
-    help="Follow only policies signed by this Ed25519 public key (repeatable); others are reported, not followed.",
+    help="Follow only policies signed by this Ed25519 public key (repeatable; default: $SELPRUNE_TRUSTED_KEYS); "
+    "others are reported, not followed.",
 )
 @click.option(
     "--seen",
@@ -288,7 +289,7 @@ def reconcile(model, fix, signing_key, roots, seen, as_json, no_progress):
 
     _say_store()
     load_signing_key(signing_key)  # a bad key answers before the store is touched
-    trusted = load_trusted_keys(list(roots)) if roots else None
+    trusted = load_trusted_keys(list(roots)) or None  # none given: $SELPRUNE_TRUSTED_KEYS, if set
     deliveries = [_delivery(text) for text in seen]
     _announce_store(require_existing=True)
     from ..reconcile import Pass, reconcile as run_reconcile

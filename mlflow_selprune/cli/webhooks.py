@@ -48,8 +48,16 @@ SECRET = click.option(
     show_default=True,
     help="Seconds a job may run before it is stopped (the next event or cron pass finishes its work).",
 )
+@click.option(
+    "--trusted-key",
+    "trusted_keys",
+    multiple=True,
+    metavar="PUB.pem",
+    help="Each job follows only policies signed by this Ed25519 public key (repeatable; default: "
+    "$SELPRUNE_TRUSTED_KEYS, which the jobs read too).",
+)
 @handle_errors
-def serve(host, port, secret, fix, max_age, certfile, keyfile, max_jobs, job_timeout):
+def serve(host, port, secret, fix, max_age, certfile, keyfile, max_jobs, job_timeout, trusted_keys):
     """Receive model_version.created and model_version_alias.created deliveries and run reconcile for the model
     each names, one job at a time per model."""
     import logging
@@ -57,10 +65,13 @@ def serve(host, port, secret, fix, max_age, certfile, keyfile, max_jobs, job_tim
     from ..webhooks import Reconciler, make_server, secret_from
 
     secret = secret_from(secret)
+    from ..registry.attest import load_trusted_keys
+
+    load_trusted_keys(list(trusted_keys))  # a key that cannot be read answers now, not in every job
     _say_store()
     logging.getLogger("mlflow_selprune.webhooks").setLevel(logging.INFO)
     try:
-        reconciler = Reconciler(fix=fix, max_jobs=max_jobs, job_timeout=job_timeout)
+        reconciler = Reconciler(fix=fix, max_jobs=max_jobs, job_timeout=job_timeout, trusted_keys=tuple(trusted_keys))
         server = make_server(host, port, secret, reconciler, max_age, certfile, keyfile)
     except OSError as exc:
         from ..errors import BadInputError

@@ -82,9 +82,10 @@ class Assessment:
 
 
 def unlearned(hop: Hop) -> bool:
-    """An unlearned child by its run's anchored record (a parent tag typed onto a base does not make it one)."""
+    """An unlearned child by its run's verified anchored record only: a parent tag typed onto a version, or a
+    record that does not verify, leaves it a base the policy must follow."""
     record = lineage.anchored_record(hop.run_id)
-    return lineage.PARENT in (record if record is not None else hop.tags)
+    return record is not None and lineage.PARENT in record
 
 
 def assess(policy, hops: list[Hop] | None = None, aliases: dict | None = None) -> Assessment:

@@ -25,7 +25,7 @@ from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-from . import describe, lineage, verify
+from . import describe, evidence, lineage, verify
 from ..errors import BadInputError
 from .resolve import acting_user, check_alias, client, resolve
 
@@ -205,7 +205,7 @@ def _gated_version(model_uri: str):
     resolved = resolve(model_uri)
     if not resolved.is_registered:
         raise BadInputError(f"'{model_uri}' is not a registered model version; gate works on models:/NAME/VERSION")
-    if lineage.PARENT in resolved.tags and resolved.tags.get(lineage.COMPLETE) != "true":
+    if evidence.hop_of(resolved).kind == "incomplete":  # (a record that does not verify is refused as tampered)
         raise BadInputError(f"{resolved.canonical_uri} is an incomplete unlearned version; it cannot pass a gate")
     return resolved
 

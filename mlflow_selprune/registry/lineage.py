@@ -34,6 +34,7 @@ from .anchor import (  # noqa: F401 - the record's names, read here as everywher
     LINEAGE_PARAM,
     LINEAGE_RECORD,
     PREFIX,
+    UNVERIFIED,
     anchored_record,
     lineage_tags,
     recorded_tags,
@@ -321,7 +322,8 @@ class Hop:
         """root, unlearned, or incomplete (a parent tag without ``selprune.complete``: never deploy it)."""
         if not self.is_unlearned:
             return "root"
-        return "unlearned" if self.tags.get(COMPLETE) == "true" else "incomplete"
+        # a record that no longer matches its anchor: the audit reports it, the version is not taken as unfinished
+        return "unlearned" if self.tags.get(COMPLETE) == "true" or UNVERIFIED in self.tags else "incomplete"
 
     def to_dict(self) -> dict:
         t = self.tags
@@ -478,7 +480,7 @@ def chain(model_uri: str, max_hops: int = 100) -> list[Hop]:
             resolved.tags,
             resolved.version_tags,
         )
-        if hop.is_unlearned and hop.tags.get(COMPLETE) != "true":
+        if hop.kind == "incomplete":
             raise LineageError(f"{hop.uri} is an incomplete unlearned version (no {COMPLETE} tag); do not deploy it")
         hops.append(hop)
         uri = hop.tags.get(PARENT) if hop.is_unlearned else None

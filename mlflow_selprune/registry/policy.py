@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from ..config import DataOptions, EvidenceOptions, PruneConfig, SourceOptions
+from ..config import GATE_METRICS, DataOptions, EvidenceOptions, PruneConfig, SourceOptions
 from ..errors import BadInputError
 from . import lineage
 
@@ -111,9 +111,13 @@ def _public_keys(pems: dict) -> dict:
 
     from .attest import key_id
 
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     keys = {}
     for pem in pems.values():
         key = serialization.load_pem_public_key(pem.encode())
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"a {type(key).__name__}, not an Ed25519 public key")
         keys[key_id(key)] = key
     return keys
 
@@ -379,9 +383,15 @@ def body_problem(body) -> str | None:
         if k != "metric"
     ):
         return "its gate is not the gate's thresholds"
+    if not all(isinstance(alias, str) for alias in body["protect"]):
+        return "its protected aliases are not all names"
+    if body["gate"]["metric"] not in GATE_METRICS:
+        return f"its gate metric is {lineage.short(body['gate']['metric'])}, not one of {', '.join(GATE_METRICS)}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in body["trusted_keys"].items()):
+        return "its keys are not text"
     try:
         for alias in body["protect"]:
-            check_alias(alias if isinstance(alias, str) else repr(alias), "protect")
+            check_alias(alias, "protect")
         policy = Policy(body, "")
         policy.recipe()
         policy.trusted_keys()
@@ -438,6 +448,8 @@ def chains(model: str) -> dict[str, list[Policy]]:
         newest = revisions[-1]
         newest.findings = [*newest.findings, *_chain_findings(model, name, revisions)]
         pointer = _json(tags.get(TAG_PREFIX + name))
+        if isinstance(pointer, dict) and not all(isinstance(pointer.get(k), str) for k in ("run_id", "sha256")):
+            pointer = {"run_id": lineage.short(pointer.get("run_id")), "revision": None, "sha256": None}
         known = {p.run_id: p.revision for p in revisions}
         if (
             isinstance(pointer, dict)
