@@ -54,6 +54,14 @@ def _accelerator():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+def _job_accelerator():
+    """The job's Accelerator (None on one process); the main process says which store it uses."""
+    accelerator = _accelerator()
+    if accelerator is None or accelerator.is_main_process:
+        _announce_store()
+    return accelerator
+
+
 def _maybe_relaunch(num_processes: int) -> None:
     """With --num-processes N > 1 outside a launcher, run this very command on N processes and exit with their code."""
     if num_processes < 1:

@@ -12,8 +12,7 @@ from ..config import EvidenceOptions, PruneConfig
 from .common import (
     SIGNING_KEY,
     NO_PROGRESS,
-    _accelerator,
-    _announce_store,
+    _job_accelerator,
     _maybe_relaunch,
     _no_progress_bars,
     _say_store,
@@ -72,9 +71,7 @@ def prune(**kw):
     from ..report import format_summary
     from ..unlearn import run_prune
 
-    accelerator = _accelerator()
-    if accelerator is None or accelerator.is_main_process:
-        _announce_store()
+    accelerator = _job_accelerator()
     result = run_prune(
         kw["model_uri"],
         kw["forget"],
@@ -130,9 +127,7 @@ def evaluate(**kw):
     _maybe_relaunch(kw["num_processes"])
     from ..unlearn import run_evaluate
 
-    accelerator = _accelerator()
-    if accelerator is None or accelerator.is_main_process:
-        _announce_store()
+    accelerator = _job_accelerator()
     result = run_evaluate(
         kw["model_uri"],
         kw["forget"],
