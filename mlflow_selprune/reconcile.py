@@ -24,6 +24,7 @@ cron job on one host never overlap). Webhooks only wake this pass; it is the gua
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -62,15 +63,10 @@ class Pass:
 
 def models_with_policies() -> list[str]:
     """Every registered model that carries a policy tag, or that a policy run's params name."""
-    from .registry.resolve import client
+    from .registry.resolve import all_pages, client
 
-    names, token = set(), None
-    while True:
-        page = client().search_registered_models(max_results=1000, page_token=token)
-        names |= {m.name for m in page if any(t.startswith(policies.TAG_PREFIX) for t in (m.tags or {}))}
-        token = page.token
-        if not token:
-            break
+    models = all_pages(client().search_registered_models, max_results=1000)
+    names = {m.name for m in models if any(t.startswith(policies.TAG_PREFIX) for t in (m.tags or {}))}
     for run in policies.all_revision_runs():
         names.add(run.data.params[policies.RUN_MODEL_TAG])
     return sorted(names)
@@ -78,16 +74,9 @@ def models_with_policies() -> list[str]:
 
 def check_model(model: str) -> None:
     """``--model`` must name a registered model (one line, exit 2, nothing written)."""
-    from mlflow.exceptions import MlflowException
+    from .registry.resolve import registered_model
 
-    from .registry.resolve import client, did_you_mean
-
-    try:
-        client().get_registered_model(model)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            raise
-        raise BadInputError(f"--model: registered model '{model}' does not exist{did_you_mean(model)}") from None
+    registered_model(model)
 
 
 def reconcile(model: str | None = None, settings: Pass | None = None) -> Report:
@@ -209,10 +198,9 @@ def _signer_missing(policy, signing_key_path) -> str | None:
     keys = policy.trusted_keys()
     if not keys:
         return None
-    from .registry.attest import key_id, load_signing_key
+    from .registry.attest import load_signing_key, signs_for
 
-    key = load_signing_key(signing_key_path)
-    if key is None or key_id(key.public_key()) not in keys:
+    if not signs_for(load_signing_key(signing_key_path), keys):
         return "it requires signatures by one of its keys; give --signing-key with one of them"
     return None
 
@@ -220,13 +208,16 @@ def _signer_missing(policy, signing_key_path) -> str | None:
 def _fix_versions(a: compliance.Assessment, report: Report, settings: Pass) -> compliance.Assessment:
     """Gate each ungated child, prune each base without one; returns the assessment after."""
     changed = False
+    problem = None  # why the DATA cannot be used: read once, at the first base that needs it
+    data_checked = False
     for base in a.bases():
         state, child = a.state_of_base(base)
         if state == compliance.UNGATED and child is not None:
             _gate(a.policy, child.hop.uri, report, settings.signing_key)
             changed = True
         elif state == "missing":
-            problem = _data_changed(a.policy)
+            if not data_checked:
+                problem, data_checked = _data_changed(a.policy), True
             if problem:
                 report.problems.append(f"{base.uri}: not pruned: {problem}")
                 continue
@@ -302,7 +293,7 @@ def _latest_about(a: compliance.Assessment, alias: str) -> tuple[str, dict] | No
     latest = None
     for hop in a.hops:
         for _, record in lineage.gate_record_entries(hop.tags):
-            if record and alias in (record.get("alias_moved"), record.get("alias_requested"), record.get("alias_seen")):
+            if record and lineage.names_alias(record, alias):
                 if latest is None or record["time"] > latest[1]["time"]:
                     latest = (str(hop.version), record)
     return latest
@@ -374,7 +365,8 @@ def _target(a: compliance.Assessment, alias: str, version: str | None):
     hop = next((h for h in a.hops if str(h.version) == str(version)), None)
     if hop is not None:
         parent = hop.tags.get(lineage.PARENT)
-        base = hop if not hop.is_unlearned else next((h for h in a.bases() if h.uri == parent), None)
+        # a version is a child only by its verified record, as compliance counts it
+        base = hop if not compliance.unlearned(hop) else next((h for h in a.bases() if h.uri == parent), None)
         if base is not None:
             state, child = a.state_of_base(base)
             if state == compliance.COMPLIANT and child is not None:
@@ -421,12 +413,10 @@ def _record_deliveries(model: str, settings: Pass, report: Report, protected: se
         around = [
             r
             for _, r in lineage.gate_record_entries(hop.tags)
-            if r
-            and alias in (r.get("alias_moved"), r.get("alias_requested"), r.get("alias_seen"))
-            and -DELIVERY_SLACK <= when - _epoch(r["time"]) <= DELIVERY_SLACK
+            if r and lineage.names_alias(r, alias) and -DELIVERY_SLACK <= when - _epoch(r["time"]) <= DELIVERY_SLACK
         ]
         if not around:
-            _observe(model, alias, str(version), Pass(**{**settings.__dict__, "seen_by": "webhook"}), report)
+            _observe(model, alias, str(version), dataclasses.replace(settings, seen_by="webhook"), report)
 
 
 # how far apart a delivery's time and the record of the move it reports may be (a move is recorded just before it is

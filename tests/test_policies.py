@@ -459,6 +459,25 @@ def test_what_a_user_with_edit_can_do_to_a_policy_is_seen_and_changes_nothing(tm
         assert rooted.exit_code == 1 and "no-code is not signed by a trusted key; not followed" in rooted.stdout
         assert written()[0] == before[0]  # no version, no decision
 
+        # history checks each signed move against its record: valid, then INVALID once the record is edited
+        public, private = str(keys / "signing_key.pub.pem"), str(keys / "signing_key.pem")
+        gated = invoke(
+            "gate", "--model-uri", f"models:/{TINY_NAME}/{first}", "--max-retain-drop", "1", "--set-alias", "canary",
+            "--signing-key", private,
+        )  # fmt: skip
+        assert gated.exit_code == 0, gated.output
+        signed_history = invoke("history", f"models:/{TINY_NAME}@canary", "--trusted-key", public)
+        (row,) = [line for line in signed_history.stdout.splitlines() if " gate " in line]
+        assert " valid " in row, signed_history.stdout
+        key, record = next(
+            (k, r)
+            for k, r in lineage.gate_record_entries(client.get_model_version(TINY_NAME, first).tags)
+            if r and r.get("alias_moved") == "canary"
+        )
+        client.set_model_version_tag(TINY_NAME, first, key, json.dumps({**record, "user": "someone-else"}))
+        edited = invoke("history", f"models:/{TINY_NAME}@canary", "--trusted-key", public)
+        assert "INVALID: gate decision" in edited.stdout and "not the recorded one" in edited.stdout, edited.stdout
+
         # a child's anchored record overwritten (EDIT on the experiment allows it): a finding, seen by a fresh
         # process too (this one keeps records it verified), and the gate refuses the version
         run_id = client.get_model_version(TINY_NAME, second).run_id

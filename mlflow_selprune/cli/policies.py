@@ -142,36 +142,24 @@ def _required_keys(paths, key) -> dict:
     from ..registry import attest
 
     keys = attest.load_trusted_keys(list(paths)) if paths else {}
-    if keys and (key is None or attest.key_id(key.public_key()) not in keys):
+    if keys and not attest.signs_for(key, keys):
         raise BadInputError(
             "--trusted-key: a policy that requires signatures is itself signed by one of its keys; give --signing-key "
             "with the private key of one of them"
         )
-    from cryptography.hazmat.primitives import serialization
-
-    return {
-        kid: pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        for kid, pub in sorted(keys.items())
-    }
+    return {kid: attest.public_pem(pub) for kid, pub in sorted(keys.items())}
 
 
 def _after_current(model: str, name: str, body: dict, key) -> dict:
     """``body`` as the next revision of policy ``name`` where one exists (which must verify, and whose keys, if it
     names any, must include the one signing this revision)."""
-    from ..errors import BadInputError
-    from ..registry import attest, policy as policies
+    from ..registry import policy as policies
 
     chain = policies.chains(model).get(name)
     if not chain:
         return body
     current = chain[-1]
-    if current.findings:
-        raise BadInputError(f"policy {name} does not verify, so it cannot be revised: {current.findings[0]}")
-    keys = current.trusted_keys()
-    if keys and (key is None or attest.key_id(key.public_key()) not in keys):
-        raise BadInputError(
-            f"--signing-key: policy {name} requires its next revision signed by one of its keys; give one of them"
-        )
+    policies.check_successor(current, key, "next revision")
     changes = {k: v for k, v in body.items() if k not in ("revision", "previous_sha256", "created", "user")}
     return policies.next_revision(current, body["user"], **changes)
 
@@ -195,11 +183,7 @@ def retire(model, policy_name, signing_key):
     current = policies.get(model, policy_name)
     if current.retired:
         raise BadInputError(f"--name: policy {policy_name} of '{model}' is retired already (r{current.revision})")
-    if current.findings:
-        raise BadInputError(f"policy {policy_name} does not verify, so it cannot be retired: {current.findings[0]}")
-    keys = current.trusted_keys()
-    if keys and (key is None or attest.key_id(key.public_key()) not in keys):
-        raise BadInputError(f"--signing-key: policy {policy_name} requires its retirement signed by one of its keys")
+    policies.check_successor(current, key, "retirement")
     written = policies.write(policies.next_revision(current, acting_user(), retired=True), key)
     click.echo(f"policy {policy_name} of '{model}' retired (r{written.revision}, sha256 {written.sha256[:16]})")
 

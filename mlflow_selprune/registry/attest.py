@@ -110,9 +110,6 @@ def load_signing_key(path: str | os.PathLike | None, flag: str = "--signing-key"
 def load_trusted_keys(paths: list[str] | tuple[str, ...] = ()) -> dict:
     """``{key id: Ed25519 public key}`` from ``--trusted-key`` paths, or ``$SELPRUNE_TRUSTED_KEYS`` (paths joined
     by the OS path separator) when none is given."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     flag = "--trusted-key"
     if not paths:
         paths = [p for p in os.environ.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if p]
@@ -120,16 +117,43 @@ def load_trusted_keys(paths: list[str] | tuple[str, ...] = ()) -> dict:
     keys = {}
     for path in paths:
         try:
-            key = serialization.load_pem_public_key(Path(path).read_bytes())
+            key = public_key(Path(path).read_bytes())
+        except NotEd25519:
+            raise BadInputError(f"{flag}: {path} is not an Ed25519 public key") from None
         except (OSError, ValueError) as exc:
             raise BadInputError(
                 f"{flag}: cannot read a PEM public key from {path} "
                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
             ) from None
-        if not isinstance(key, Ed25519PublicKey):
-            raise BadInputError(f"{flag}: {path} is not an Ed25519 public key")
         keys[key_id(key)] = key
     return keys
+
+
+class NotEd25519(ValueError):
+    """A PEM public key of another kind."""
+
+
+def public_key(pem: bytes):
+    """The Ed25519 public key in ``pem``; ``ValueError`` (``NotEd25519`` for another kind of key) where it is none."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = serialization.load_pem_public_key(pem)
+    if not isinstance(key, Ed25519PublicKey):
+        raise NotEd25519(f"a {type(key).__name__}, not an Ed25519 public key")
+    return key
+
+
+def public_pem(key) -> str:
+    """``key`` (a public key) as PEM text: how a policy names the keys it requires."""
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def signs_for(private_key, keys: dict) -> bool:
+    """Whether ``private_key`` (or None) is the private half of one of ``keys`` (key id -> public key)."""
+    return private_key is not None and key_id(private_key.public_key()) in keys
 
 
 def key_id(public_key) -> str:

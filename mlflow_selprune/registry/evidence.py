@@ -245,7 +245,7 @@ def check_signatures(audit: Audit, trusted: dict, parent_manifest: str | None) -
     for key, record in gate_record_entries(audit.hop.tags):
         # an unreadable record: check_gate_records names it
         if record is not None and (record.get("alias_moved") or "attestation_artifact" in record):
-            _check_decision(audit, trusted, key, record)
+            check_decision(audit, trusted, key, record)
 
 
 def opened_statement(
@@ -294,7 +294,7 @@ def _check_statement(audit: Audit, trusted: dict, parent_manifest: str | None) -
             )
 
 
-def _check_decision(audit: Audit, trusted: dict, key: str, record: dict) -> None:
+def check_decision(audit: Audit, trusted: dict, key: str, record: dict) -> None:
     """A gate decision record against its signed decision: the same version, record key and decision, and a
     record that says no alias moved where the signed decision passed and asked for one must say why."""
     from . import attest

@@ -31,7 +31,7 @@ def alias_history(model: str, alias: str, trusted: dict | None = None) -> tuple[
             if record is None:
                 rows.append(_row("?", hop, "unreadable record", "-", f"record {key} does not parse", "-"))
                 continue
-            if alias not in (record.get("alias_moved"), record.get("alias_requested"), record.get("alias_seen")):
+            if not lineage.names_alias(record, alias):
                 continue
             rows.append(
                 _row(
@@ -79,28 +79,16 @@ def _what(record: dict, alias: str) -> str:
 
 
 def _signature(hop, key: str, record: dict, trusted: dict | None) -> str:
-    """``unsigned``, ``signed`` (not checked: no keys given), ``valid`` or ``INVALID: why``."""
+    """``unsigned``, ``signed`` (not checked: no keys given), ``valid`` or ``INVALID: why`` (the audit's own check
+    of a signed decision against its record, ``evidence.check_decision``)."""
     if "attestation_artifact" not in record:
         return "unsigned"
     if trusted is None:
         return "signed"
-    from . import attest
+    from . import evidence
 
-    envelope = lineage.run_artifact(hop.run_id, record["attestation_artifact"])
-    if envelope is None or attest.envelope_sha256(envelope) != record.get("attestation_sha256"):
-        return "INVALID: its envelope is missing or changed"
-    try:
-        signed, _ = attest.open_envelope(envelope, trusted)
-    except attest.InvalidAttestation as exc:
-        return f"INVALID: {exc}"
-    decision = attest.claim(signed, "predicate", "decision")
-    if (
-        attest.claim(signed, "predicateType") != attest.GATE_PREDICATE
-        or attest.claim(signed, "predicate", "model_version") != hop.uri
-        or attest.claim(signed, "predicate", "record_key") != key
-        or not isinstance(decision, dict)
-        or any(decision.get(k) != record.get(k) for k in attest.DECISION_FIELDS)
-        or (record.get("alias_moved") is not None and record["alias_moved"] != decision.get("alias_requested"))
-    ):
-        return "INVALID: the signed decision is not this record"
-    return "valid"
+    audit = evidence.Audit(hop)
+    evidence.check_decision(audit, trusted, key, record)
+    if not audit.findings:
+        return "valid"
+    return "INVALID: " + audit.findings[0].removeprefix(f"tampered: {hop.uri}: ")

@@ -421,6 +421,11 @@ def parse_gate_record(key: str, value: str) -> dict:
     return record
 
 
+def names_alias(record: dict, alias: str) -> bool:
+    """Whether a decision record is about ``alias``: it moved it, asked for it, or saw it."""
+    return alias in (record.get("alias_moved"), record.get("alias_requested"), record.get("alias_seen"))
+
+
 def gate_envelope_path(key: str) -> str:
     """Where the signed decision of record ``key`` is kept in its version's run (its name is the key)."""
     return f"{GATE_ARTIFACT_DIR}/{key}.dsse.json"

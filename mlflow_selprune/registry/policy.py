@@ -107,19 +107,10 @@ def _fields(cls) -> set[str]:
 
 
 def _public_keys(pems: dict) -> dict:
-    from cryptography.hazmat.primitives import serialization
+    from .attest import key_id, public_key
 
-    from .attest import key_id
-
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-    keys = {}
-    for pem in pems.values():
-        key = serialization.load_pem_public_key(pem.encode())
-        if not isinstance(key, Ed25519PublicKey):
-            raise ValueError(f"a {type(key).__name__}, not an Ed25519 public key")
-        keys[key_id(key)] = key
-    return keys
+    keys = [public_key(pem.encode()) for pem in pems.values()]
+    return {key_id(key): key for key in keys}
 
 
 def check_name(name: str) -> None:
@@ -222,20 +213,13 @@ def body_sha256(body: dict) -> str:
 
 def check_model_and_aliases(model: str, protect: list[str]) -> None:
     """The model must exist and every protected alias must point at one of its versions now."""
-    from mlflow.exceptions import MlflowException
-
-    from .resolve import check_alias, client, did_you_mean
+    from .resolve import check_alias, registered_model
 
     if "'" in model or "`" in model:
         raise PolicyError(f"--model: '{model}': a policy cannot follow a model whose name holds a quote")
     for alias in protect:
         check_alias(alias, "--protect")
-    try:
-        registered = client().get_registered_model(model)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            raise
-        raise PolicyError(f"--model: registered model '{model}' does not exist{did_you_mean(model)}") from None
+    registered = registered_model(model)
     missing = [a for a in protect if a not in (registered.aliases or {})]
     if missing:
         raise PolicyError(
@@ -305,6 +289,22 @@ def _experiment_id() -> str:
         return made.experiment_id
 
 
+def check_successor(current: Policy, signing_key, writing: str) -> None:
+    """Refuse, in one line, to write ``writing`` (a revision, a retirement) after ``current`` where it does not verify
+    or where it requires a signature by one of its keys and ``signing_key`` is none of them."""
+    from .attest import signs_for
+
+    if current.findings:
+        raise PolicyError(
+            f"policy {current.name} does not verify, so its {writing} cannot be written: {current.findings[0]}"
+        )
+    keys = current.trusted_keys()
+    if keys and not signs_for(signing_key, keys):
+        raise PolicyError(
+            f"--signing-key: policy {current.name} requires its {writing} signed by one of its keys; give one of them"
+        )
+
+
 def next_revision(current: Policy, user: str, **changes) -> dict:
     """The body of the revision after ``current`` (``changes``: e.g. ``retired=True``)."""
     body = json.loads(json.dumps(current.body))
@@ -327,27 +327,13 @@ def all_revision_runs() -> list:
 
 
 def _runs(filter_string: str) -> list:
-    from .resolve import client
+    from .resolve import all_pages, client
 
-    experiments: list[str] = []
-    token = None
-    while True:
-        listed = client().search_experiments(max_results=1000, page_token=token)
-        experiments += [e.experiment_id for e in listed]
-        token = listed.token
-        if not token:
-            break
+    experiments = [e.experiment_id for e in all_pages(client().search_experiments, max_results=1000)]
     runs: list = []
     for start in range(0, len(experiments), 100):  # a search takes at most 100 experiments
-        token = None
-        while True:
-            page = client().search_runs(
-                experiments[start : start + 100], filter_string, max_results=1000, page_token=token
-            )
-            runs.extend(page)
-            token = page.token
-            if not token:
-                break
+        batch = experiments[start : start + 100]
+        runs += all_pages(client().search_runs, experiment_ids=batch, filter_string=filter_string, max_results=1000)
     return runs
 
 

@@ -319,6 +319,28 @@ def access_refused_message(exc: BaseException) -> str | None:
     )
 
 
+def registered_model(name: str, flag: str = "--model"):
+    """The registered model ``name``, or one line naming ``flag`` and what exists (exit 2)."""
+    try:
+        return client().get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            raise
+        raise BadInputError(f"{flag}: registered model '{name}' does not exist{did_you_mean(name)}") from None
+
+
+def all_pages(search, **arguments) -> list:
+    """Every item a paged MLflow search (``search_runs``, ``search_experiments``, ...) finds, page after page."""
+    found: list = []
+    token = None
+    while True:
+        page = search(**arguments, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
 def registered_model_exists(name: str) -> bool:
     try:
         client().get_registered_model(name)
