@@ -126,13 +126,14 @@ class Reconciler:
         self.slots = threading.BoundedSemaphore(max_jobs)
         self.lock = threading.Lock()
         self.pending: dict[str, list] = {}  # model -> the alias moves seen for its next run
+        self.held: dict[str, list] = {}  # model -> the moves of a job that did not finish, for its next event
         self.running: set[str] = set()
         self.finished = threading.Condition(self.lock)
         self.runs: list[tuple[str, int]] = []  # (model, exit code) of every finished job, for logs and tests
 
     def submit(self, model: str, seen: tuple[str, str, int] | None = None) -> None:
         with self.lock:
-            self.pending.setdefault(model, [])
+            self.pending.setdefault(model, []).extend(self.held.pop(model, []))
             if seen is not None:
                 self.pending[model].append(seen)
             if model in self.running:
@@ -154,7 +155,7 @@ class Reconciler:
                     with self.lock:
                         self.runs.append((model, code))
                         if code not in (0, 1) and seen:  # not run to its end: its deliveries wait for the next
-                            self.pending.setdefault(model, []).extend(seen)
+                            self.held.setdefault(model, []).extend(seen)  # event (never a rerun at once)
         finally:
             with self.lock:
                 self.running.discard(model)

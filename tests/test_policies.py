@@ -513,3 +513,18 @@ def test_show_list_and_retire_read_and_write_revisions(tmp_path, tiny_tokenizer)
         nothing = invoke("reconcile", "--model", TINY_NAME, "--fix", "--json")  # a retired policy asks for nothing
         assert nothing.exit_code == 0 and json.loads(nothing.stdout)["rows"] == []
         assert written() == before and not MlflowClient().get_registered_model(TINY_NAME).description
+
+
+def test_a_job_that_fails_keeps_its_deliveries_for_the_next_event_and_is_not_rerun_at_once(tmp_path):
+    """A job that exits 2 runs once (no loop of reruns); the alias move it was to record goes to the next job."""
+    from mlflow_selprune.webhooks import Reconciler
+
+    calls = tmp_path / "calls.jsonl"
+    script = f"import json, sys; open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n'); sys.exit(2)"
+    reconciler = Reconciler(command=[sys.executable, "-c", script])
+    reconciler.submit("m", ("production", "3", 1700000000))
+    assert reconciler.idle(60) and reconciler.runs == [("m", 2)]
+    reconciler.submit("m")
+    assert reconciler.idle(60) and reconciler.runs == [("m", 2), ("m", 2)]
+    first, second = (json.loads(line) for line in calls.read_text().splitlines())
+    assert "production=3@1700000000" in first and "production=3@1700000000" in second
