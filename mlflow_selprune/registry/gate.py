@@ -338,9 +338,8 @@ def record_registration(model_uri: str, alias: str, signing_key=None) -> None:
         if str(client().get_registered_model(name).aliases.get(alias)) != str(version):
             return  # the move failed, and said so: there is no move to record
         key, record = _new_record(verdict=lineage.REGISTERED, alias_requested=alias)
-        _sign(resolved, key, record, signing_key)
-        record["alias_moved"] = alias
-        client().set_model_version_tag(name, version, key, _tag_value(resolved, key, record))
+        record["alias_moved"] = alias  # not among the signed fields (attest.DECISION_FIELDS)
+        _write_record(resolved, key, record, signing_key)
 
     what = f"record the move of alias '{alias}' to it (`lineage --verify` reports the alias until a gate moves it)"
     after_registration(model_uri, what, write_record)
@@ -358,8 +357,7 @@ def move_alias_recorded(resolved, alias: str, verdict: str, signing_key=None, **
         "ask an admin, or a user with MANAGE on the model, to grant EDIT, or run without --fix",
     )
     key, record = _new_record(verdict=verdict, alias_requested=alias, **fields)
-    _sign(resolved, key, record, signing_key)
-    client().set_model_version_tag(resolved.registered_name, resolved.version, key, _tag_value(resolved, key, record))
+    _write_record(resolved, key, record, signing_key)
     _move_alias(resolved, key, record, alias)
 
 
@@ -367,6 +365,11 @@ def record_observation(resolved, alias: str, seen_by: str, signing_key=None) -> 
     """Record that ``alias`` was found on ``resolved`` where no recorded move put it (a move by hand, seen by a
     webhook delivery or by ``reconcile``): the alias history keeps it; it never explains the alias."""
     key, record = _new_record(verdict=lineage.OBSERVED, alias_seen=alias, seen_by=seen_by)
+    _write_record(resolved, key, record, signing_key)
+
+
+def _write_record(resolved, key: str, record: dict, signing_key=None) -> None:
+    """Sign the decision (with a key) and write it as its own tag ``key`` on the version, never over another."""
     _sign(resolved, key, record, signing_key)
     client().set_model_version_tag(resolved.registered_name, resolved.version, key, _tag_value(resolved, key, record))
 
