@@ -366,7 +366,7 @@ def _target(a: compliance.Assessment, alias: str, version: str | None):
     if hop is not None:
         parent = hop.tags.get(lineage.PARENT)
         # a version is a child only by its verified record, as compliance counts it
-        base = hop if not compliance.unlearned(hop) else next((h for h in a.bases() if h.uri == parent), None)
+        base = hop if hop in a.bases() else next((h for h in a.bases() if h.uri == parent), None)
         if base is not None:
             state, child = a.state_of_base(base)
             if state == compliance.COMPLIANT and child is not None:

@@ -35,9 +35,10 @@ class Assessment:
     aliases: dict[str, str]  # alias -> version
     children: dict[str, list[Child]] = field(default_factory=dict)  # base version -> its children, oldest first
     history: evidence.AliasHistory | None = None
+    base_hops: list[Hop] = field(default_factory=list)  # the versions that are not verified unlearned children
 
     def bases(self) -> list[Hop]:
-        return [hop for hop in self.hops if not unlearned(hop)]
+        return self.base_hops
 
     def state_of_base(self, base: Hop) -> tuple[str, Child | None]:
         """``compliant`` (a compliant child exists), ``ungated``/``failed`` (the newest such child), or
@@ -68,7 +69,7 @@ class Assessment:
         c = self.child(version)
         if c is None:
             hop = next((h for h in self.hops if str(h.version) == version), None)
-            if hop is not None and not unlearned(hop):
+            if hop is not None and hop in self.base_hops:
                 return False, f"v{version} is a base version: it still holds what the policy removes"
             return False, f"v{version} is not unlearned under this policy"
         if c.state != COMPLIANT:
@@ -94,8 +95,8 @@ def assess(policy, hops: list[Hop] | None = None, aliases: dict | None = None) -
         hops, by_version = lineage.versions(policy.model)
         aliases = {a: v for v, names in by_version.items() for a in names}
     trusted = policy.trusted_keys() or None
-    result = Assessment(policy, hops, aliases)
-    bases = {hop.uri: str(hop.version) for hop in hops if not unlearned(hop)}
+    result = Assessment(policy, hops, aliases, base_hops=[hop for hop in hops if not unlearned(hop)])
+    bases = {hop.uri: str(hop.version) for hop in result.base_hops}
     config_sha = policy.config_sha256()
     for hop in hops:
         parent = hop.tags.get(lineage.PARENT)
