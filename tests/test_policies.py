@@ -528,3 +528,38 @@ def test_a_job_that_fails_keeps_its_deliveries_for_the_next_event_and_is_not_rer
     assert reconciler.idle(60) and reconciler.runs == [("m", 2), ("m", 2)]
     first, second = (json.loads(line) for line in calls.read_text().splitlines())
     assert "production=3@1700000000" in first and "production=3@1700000000" in second
+
+
+def _readme_commands(prefix: str) -> list[list[str]]:
+    """The README's command lines that start with ``prefix`` (continuations joined, comments dropped)."""
+    import shlex
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line, comments=True)[1:] for line in text.splitlines() if line.startswith(prefix)]
+
+
+@pytest.mark.slow
+def test_the_readme_policy_commands_run_as_printed(tmp_path, tiny_tokenizer):
+    """README's policy lines, exactly as printed, on a registered `my-lm@production` with `code.jsonl` and
+    `prose.txt` beside it: the policy is made, the pass prunes and gates the base (a tiny random model may pass the
+    README's thresholds or not: exit 0 or 1, never bad input), and status prints its table."""
+    from mlflow_helpers import register_text_model, sqlite_store, tiny_model, write_data_files
+
+    with sqlite_store(tmp_path, tiny_tokenizer):
+        register_text_model(tiny_model(tiny_tokenizer), tiny_tokenizer, "my-lm", alias="production")
+        forget, retain = write_data_files(tmp_path / "files")
+        forget.rename(tmp_path / "code.jsonl")
+        retain.rename(tmp_path / "prose.txt")
+        (create,) = _readme_commands("mlflow-selprune policy create ")
+        made = invoke(*create)
+        assert made.exit_code == 0, made.output
+        (fix,) = _readme_commands("mlflow-selprune reconcile ")
+        fixed = invoke(*fix, "--no-progress")
+        assert fixed.exit_code in (0, 1) and "did: pruned models:/my-lm/1 under policy no-python" in fixed.stdout, (
+            fixed.output
+        )
+        assert "did: gated models:/my-lm/2 with policy no-python's thresholds" in fixed.stdout
+        (status,) = _readme_commands("mlflow-selprune status ")
+        shown = invoke(*status)
+        assert shown.exit_code == fixed.exit_code, shown.output
+        assert shown.stdout.splitlines()[1].split()[:4] == ["my-lm", "no-python", "r1", "@production"], shown.stdout
